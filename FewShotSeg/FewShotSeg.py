@@ -1,0 +1,265 @@
+"""FewShotSeg: paint a structure on one slice, click once, get it through the whole volume.
+
+Thin module file (Slicer convention): Module, Widget and Test only. The work is in
+FewShotSegLogic.py (no Qt), helpers in FewShotSegSlicerLib/, the Segment Editor effect
+in FewShotSegEffect/ and the engine in the FewShotSegLib package installed beside it.
+"""
+import os
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from FewShotSegLogic import AXES, MODES, FewShotSegLogic
+
+
+class FewShotSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "FewShotSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["FewShotSeg contributors"]
+        self.parent.helpText = (
+            "Paint a structure on one slice (Segment Editor), then click Propagate: a few-shot "
+            "model fills the other slices. Also available as the 'Few-shot propagate' effect. "
+            "See <a href='https://github.com/fewshotseg/SlicerFewShotSeg'>the project page</a>.")
+        self.parent.acknowledgementText = "Models follow SSL-ALPNet / CRTPNet few-shot segmentation."
+        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+        path = os.path.join(os.path.dirname(__file__), "FewShotSegEffect",
+                            "SegmentEditorFewShotPropagateEffect.py")
+        instance.setPythonSource(path.replace("\\", "/"))
+        instance.self().register()
+
+
+@parameterNodeWrapper
+class FewShotSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    model: str = ""
+    mode: Annotated[str, Choice(list(MODES))] = "chained"
+    axis: Annotated[str, Choice(list(AXES))] = "auto"
+    device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
+
+
+class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._guiObserver = None
+
+    def setup(self):
+        from FewShotSegSlicerLib.qtsupport import TaskRunner
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/FewShotSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = FewShotSegLogic()
+        self.runner = TaskRunner(self.ui.propagateButton, self.ui.progressBar, self.ui.statusLabel)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
+        self.refreshModels()
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.runner.stop()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self.runner.stop()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(FewShotSegParameterNode(self.logic.getParameterNode()))
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.segmentation:
+            p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        if not p.model:
+            p.model = self.logic.catalog.defaultModelName()
+        if p.device not in self.logic.availableDevices():
+            p.device = self.logic.defaultDevice()
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._guiObserver)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._guiObserver = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+            self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        self.ui.segmentSelector.setCurrentNode(p.segmentation)
+        if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        index = self.ui.modelComboBox.findData(p.model)
+        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.setCurrentIndex(index)
+        for i, device in enumerate(["cpu", "cuda", "mps"]):
+            self.ui.deviceComboBox.model().item(i).setEnabled(device in self.logic.availableDevices())
+        ready = bool(p.inputVolume and p.segmentation and p.segmentId and p.model)
+        self.ui.propagateButton.enabled = ready or self.runner.running
+
+    def onSegmentChanged(self, segmentId):
+        if self._parameterNode:
+            self._parameterNode.segmentId = segmentId or ""
+
+    # -- models ------------------------------------------------------------------------
+    def refreshModels(self, select=None):
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for info in self.logic.catalog.models():
+            combo.addItem(info.label, info.name)
+        combo.blockSignals(wasBlocked)
+        if select and self._parameterNode:
+            self._parameterNode.model = select
+        self.onModelChanged()
+
+    def onModelChanged(self, index=None):
+        name = self.ui.modelComboBox.currentData
+        if not name:
+            self.ui.modelCardText.plainText = "No model installed: add a checkpoint file."
+            return
+        if self._parameterNode and self._parameterNode.model != name:
+            self._parameterNode.model = name
+        info = self.logic.catalog.find(name)
+        self.ui.downloadModelButton.enabled = not info.available and bool(info.url)
+        try:
+            self.ui.modelCardText.plainText = self.logic.catalog.cardText(info)
+        except Exception as exc:  # a broken file shows why, the panel stays usable
+            self.ui.modelCardText.plainText = f"{name}: {exc}"
+
+    def onAddModel(self):
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Add a FewShotSeg checkpoint", "",
+                                              "FewShotSeg checkpoint (*.pt)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("This file is not a usable FewShotSeg checkpoint.",
+                                                 waitCursor=True):
+                self.refreshModels(select=self.logic.catalog.addCheckpointFile(path).name)
+
+    def onDownloadModel(self):
+        info = self.logic.catalog.find(self.ui.modelComboBox.currentData)
+        self.runner.start(lambda progress, cancel: self.logic.catalog.download(info, progress, cancel),
+                          lambda path: self.refreshModels(select=info.name), self.updateGUI)
+
+    # -- propagation ---------------------------------------------------------------------
+    def onPropagateButton(self):
+        if self.runner.running:
+            self.runner.cancel()
+            return
+        from FewShotSegSlicerLib import dependencies
+
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot propagate.", waitCursor=True):
+            if not dependencies.ensureEngineDependencies(askConfirmation=True):
+                return
+            self.logic.availableDevices(refresh=True)
+            job = self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
+                                     mode=p.mode, axis=p.axis, device=p.device)
+            self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
+                              lambda result: self.onResult(job, result), self.updateGUI)
+
+    def onResult(self, job, result):
+        undo = self.editorUndo(job.segmentationNode)
+        summary = self.logic.apply(job, result, saveStateForUndo=undo)
+        self.ui.statusLabel.text = summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+
+    @staticmethod
+    def editorUndo(segmentationNode):
+        """The Segment Editor's saveStateForUndo when it edits this segmentation: Ctrl+Z works."""
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            if editor.segmentationNode() == segmentationNode:
+                return editor.saveStateForUndo
+        except AttributeError:
+            pass
+        return None
+
+
+class FewShotSegTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, or ctest); the pytest suite covers slicer-core."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_widget()
+        self.setUp()
+        self.test_propagate_synthetic()
+
+    def test_widget(self):
+        widget = slicer.util.getModuleWidget("FewShotSeg")
+        for name in ("inputVolumeSelector", "segmentSelector", "modelComboBox", "propagateButton"):
+            self.assertTrue(hasattr(widget.ui, name), name)
+
+    def test_propagate_synthetic(self):
+        """A bright ellipsoid painted on its middle slice: that slice stays, others untouched."""
+        import numpy as np
+
+        from FewShotSegSlicerLib import dependencies
+
+        logic = FewShotSegLogic()
+        if not dependencies.torchAvailable() or not logic.catalog.defaultModelName():
+            self.delayDisplay("PyTorch or the default model is missing: propagation test skipped")
+            return
+        k, j, i = np.mgrid[:24, :96, :96]
+        inside = ((k - 12) / 9.0) ** 2 + ((j - 48) / 28.0) ** 2 + ((i - 48) / 22.0) ** 2 <= 1
+        image = (inside * 800 + np.random.default_rng(0).normal(100, 20, inside.shape)).astype(np.int16)
+        volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([1.5, 1.5, 4.0, 1.0]),
+                                                name="FewShotSegTestVolume")
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segId = seg.GetSegmentation().AddEmptySegment("blob")
+        otherId = seg.GetSegmentation().AddEmptySegment("other")
+        painted = np.zeros_like(inside)
+        painted[12] = inside[12]
+        other = np.zeros_like(inside)
+        other[2:5, 5:20, 5:20] = True
+        slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), seg, segId, volume)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(other.astype(np.uint8), seg, otherId, volume)
+        summary = logic.propagate(volume, seg, segId, axis="axial")
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segId, volume) > 0
+        self.assertTrue(np.array_equal(result[12], painted[12]))
+        self.assertTrue(np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, otherId, volume) > 0,
+                                       other))
+        self.delayDisplay(summary.statusText())

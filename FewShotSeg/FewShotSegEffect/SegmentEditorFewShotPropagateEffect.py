@@ -1,0 +1,212 @@
+"""Segment Editor effect "Few-shot propagate": the painted slices of the selected segment
+are the support; one click fills the rest of the structure into the same segment.
+
+Why an effect besides the module panel: users paint in the Segment Editor, and the
+editor's masking (editable area, overwrite mode) and undo must apply as for every other
+effect. So the result goes through modifySelectedSegmentByLabelmap (Set mode) after one
+saveStateForUndo(); the work itself is FewShotSegLogic's, on a worker thread. The labelmap
+is built on the source volume's own grid, so painting in any slice view works.
+"""
+import os
+
+import qt
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLogic import AXES, MODES, FewShotSegLogic
+from FewShotSegSlicerLib import dependencies, geometry
+from FewShotSegSlicerLib.qtsupport import TaskRunner
+
+PREVIEW_NAME = "FewShotSeg preview"
+
+
+class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "Few-shot propagate"
+        try:
+            scriptedEffect.title = "Few-shot propagate"
+        except AttributeError:  # Slicer before the translatable effect titles
+            pass
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.logic = None
+        self.previewNode = None
+        self.pending = None  # (job, result) shown as preview, not yet applied
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorFewShotPropagateEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return ("<html>Paint the selected segment on one (or a few) slices, then click "
+                "<b>Propagate</b>: a few-shot model fills the other slices of the same segment. "
+                "Masking and overwrite settings apply; Undo restores the painted state.</html>")
+
+    # -- options panel --------------------------------------------------------------------
+    def setupOptionsFrame(self):
+        self.logic = FewShotSegLogic()
+        self.modelComboBox = qt.QComboBox()
+        self.modeComboBox = qt.QComboBox()
+        self.modeComboBox.addItems(list(MODES))
+        self.axisComboBox = qt.QComboBox()
+        self.axisComboBox.addItems(list(AXES))
+        self.deviceComboBox = qt.QComboBox()
+        self.deviceComboBox.addItem("cpu")  # cuda / mps added on activate(): no torch import here
+        self.previewCheckBox = qt.QCheckBox("Preview before applying")
+        self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Axis:", self.axisComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
+        self.scriptedEffect.addOptionsWidget(self.previewCheckBox)
+
+        self.propagateButton = qt.QPushButton("Propagate")
+        self.propagateButton.objectName = self.__class__.__name__ + "Propagate"
+        self.progressBar = qt.QProgressBar()
+        self.statusLabel = qt.QLabel("Paint one slice of the selected segment, then click Propagate.")
+        self.statusLabel.wordWrap = True
+        self.applyButton = qt.QPushButton("Apply preview")
+        self.discardButton = qt.QPushButton("Discard preview")
+        previewButtons = qt.QHBoxLayout()
+        previewButtons.addWidget(self.applyButton)
+        previewButtons.addWidget(self.discardButton)
+        for widget in (self.propagateButton, self.progressBar, self.statusLabel):
+            self.scriptedEffect.addOptionsWidget(widget)
+        self.scriptedEffect.addOptionsWidget(previewButtons)
+        self.runner = TaskRunner(self.propagateButton, self.progressBar, self.statusLabel)
+
+        for info in self.logic.catalog.models():
+            if info.available:  # downloads happen in the module panel
+                self.modelComboBox.addItem(info.name)
+        for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
+            combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.previewCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.propagateButton.connect("clicked()", self.onPropagate)
+        self.applyButton.connect("clicked()", self.onApplyPreview)
+        self.discardButton.connect("clicked()", self.discardPreview)
+        self.updatePreviewButtons()
+
+    def createCursor(self, widget):
+        return slicer.util.mainWindow().cursor
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Model", FewShotSegLogic().catalog.defaultModelName())
+        self.scriptedEffect.setParameterDefault("Mode", "chained")
+        self.scriptedEffect.setParameterDefault("Axis", "auto")
+        self.scriptedEffect.setParameterDefault("Device", "cpu")
+        self.scriptedEffect.setParameterDefault("Preview", 0)
+
+    def updateGUIFromMRML(self):
+        pairs = ((self.modelComboBox, "Model"), (self.modeComboBox, "Mode"),
+                 (self.axisComboBox, "Axis"), (self.deviceComboBox, "Device"))
+        for combo, name in pairs:
+            wasBlocked = combo.blockSignals(True)
+            index = combo.findText(self.scriptedEffect.parameter(name))
+            combo.setCurrentIndex(max(index, 0))
+            combo.blockSignals(wasBlocked)
+        wasBlocked = self.previewCheckBox.blockSignals(True)
+        self.previewCheckBox.checked = self.scriptedEffect.integerParameter("Preview") != 0
+        self.previewCheckBox.blockSignals(wasBlocked)
+
+    def updateMRMLFromGUI(self, *args):
+        self.scriptedEffect.setParameter("Model", self.modelComboBox.currentText)
+        self.scriptedEffect.setParameter("Mode", self.modeComboBox.currentText)
+        self.scriptedEffect.setParameter("Axis", self.axisComboBox.currentText)
+        self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentText)
+        self.scriptedEffect.setParameter("Preview", 1 if self.previewCheckBox.checked else 0)
+
+    def activate(self):
+        """List the GPU devices once the user picks this effect (imports PyTorch if present)."""
+        if dependencies.torchAvailable() and self.deviceComboBox.count == 1:
+            wasBlocked = self.deviceComboBox.blockSignals(True)
+            for device in self.logic.availableDevices()[1:]:
+                self.deviceComboBox.addItem(device)
+            self.deviceComboBox.blockSignals(wasBlocked)
+            self.updateGUIFromMRML()
+
+    def deactivate(self):
+        self.runner.stop()
+        self.discardPreview()
+
+    # -- propagation ----------------------------------------------------------------------
+    def _inputs(self):
+        node = self.scriptedEffect.parameterSetNode()
+        volume = node.GetSourceVolumeNode() if hasattr(node, "GetSourceVolumeNode") else node.GetMasterVolumeNode()
+        return volume, node.GetSegmentationNode(), node.GetSelectedSegmentID()
+
+    def onPropagate(self):
+        if self.runner.running:
+            self.runner.cancel()
+            return
+        self.discardPreview()
+        with slicer.util.tryWithErrorDisplay("Cannot propagate.", waitCursor=True):
+            if not dependencies.ensureEngineDependencies(askConfirmation=True):
+                return
+            volume, segmentation, segmentId = self._inputs()
+            p = self.scriptedEffect.parameter
+            job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
+                                     mode=p("Mode"), axis=p("Axis"), device=p("Device"))
+            self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
+                              lambda result: self.onResult(job, result))
+
+    def onResult(self, job, result):
+        if self.scriptedEffect.integerParameter("Preview"):
+            self.showPreview(job, result)
+        else:
+            self.applyResult(job, result)
+
+    def applyResult(self, job, result):
+        """One undo state, then Set mode through the editor (masking and overwrite apply)."""
+        if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
+            raise FewShotSegError("the selected segment changed while propagating; nothing was written")
+        self.logic.checkUnchanged(job)
+        modifier = self.logic.resultAsOrientedImage(job, result)
+        self.scriptedEffect.saveStateForUndo()
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(
+            modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
+        self.statusLabel.text = summary.statusText()
+
+    # -- preview ----------------------------------------------------------------------------
+    def showPreview(self, job, result):
+        scene = job.volumeNode.GetScene()
+        self.previewNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NAME)
+        self.previewNode.SetHideFromEditors(True)
+        self.previewNode.CreateDefaultDisplayNodes()
+        self.previewNode.SetReferenceImageGeometryParameterFromVolumeNode(job.volumeNode)
+        source = job.segmentationNode.GetSegmentation().GetSegment(job.segmentId)
+        previewId = self.previewNode.GetSegmentation().AddEmptySegment("preview", "preview", source.GetColor())
+        geometry.writeSegment(self.previewNode, previewId, self.logic.finalMask(job, result), job.volumeNode)
+        display = self.previewNode.GetDisplayNode()
+        display.SetOpacity2DFill(0.35)
+        display.SetOpacity2DOutline(1.0)
+        self.pending = (job, result)
+        self.statusLabel.text = f"Preview: {result.slices_done} slices computed. Apply or discard."
+        self.updatePreviewButtons()
+
+    def onApplyPreview(self):
+        if self.pending is None:
+            return
+        job, result = self.pending
+        with slicer.util.tryWithErrorDisplay("Could not apply the preview.", waitCursor=True):
+            self.applyResult(job, result)
+        self.discardPreview()
+
+    def discardPreview(self):
+        if self.previewNode is not None and self.previewNode.GetScene() is not None:
+            self.previewNode.GetScene().RemoveNode(self.previewNode)
+        self.previewNode, self.pending = None, None
+        if hasattr(self, "applyButton"):
+            self.updatePreviewButtons()
+
+    def updatePreviewButtons(self):
+        self.applyButton.visible = self.pending is not None
+        self.discardButton.visible = self.pending is not None

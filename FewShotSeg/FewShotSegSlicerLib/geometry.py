@@ -1,0 +1,185 @@
+"""Volume and segment <-> numpy / SimpleITK, always on the volume's own voxel grid.
+
+Why this file exists: the engine wants arrays in SimpleITK order ``(k, j, i)`` with the
+geometry in a ``SimpleITK.Image`` (LPS), while Slicer keeps geometry in the node's
+IJKToRAS matrix (RAS) and may reverse the k axis of a file on load (it forces a
+right-handed IJK). Deriving everything from the node itself, never from the file, keeps
+painted voxels, image voxels and the written result on one grid in every orientation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+
+from FewShotSegLib.errors import FewShotSegError
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ijkToRasArray(volumeNode) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of the node (its own, parent transforms not applied)."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def sitkGeometry(volumeNode) -> tuple[tuple, tuple, tuple]:
+    """(origin, spacing, direction) in LPS as SimpleITK expects them."""
+    m = ijkToRasArray(volumeNode)
+    columns = m[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise FewShotSegError(f"volume '{volumeNode.GetName()}' has a zero voxel spacing")
+    direction = RAS_TO_LPS @ (columns / spacing)
+    origin = RAS_TO_LPS @ m[:3, 3]
+    return tuple(float(v) for v in origin), tuple(float(v) for v in spacing), \
+        tuple(float(v) for v in direction.ravel())
+
+
+def checkScalarVolume(volumeNode) -> None:
+    """The engine reads one 3D scalar channel; say so before anything is computed."""
+    if volumeNode is None:
+        raise FewShotSegError("no input volume: select the volume the segment was painted on")
+    name = volumeNode.GetName()
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise FewShotSegError(f"'{name}' is not a scalar image volume ({volumeNode.GetClassName()})")
+    image = volumeNode.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise FewShotSegError(f"volume '{name}' holds no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise FewShotSegError(f"volume '{name}' has {image.GetNumberOfScalarComponents()} components; "
+                              "a single-channel (grayscale) volume is needed")
+
+
+def volumeToSitk(volumeNode):
+    """SimpleITK image with the node's voxels and geometry (copied: safe to use off-thread)."""
+    import SimpleITK as sitk
+
+    checkScalarVolume(volumeNode)
+    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FewShotSegError(f"volume '{volumeNode.GetName()}' contains NaN or infinite voxels")
+    image = sitk.GetImageFromArray(array)
+    origin, spacing, direction = sitkGeometry(volumeNode)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
+def _segmentName(segmentationNode, segmentId) -> str:
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    return segment.GetName() if segment else str(segmentId)
+
+
+def checkSegment(segmentationNode, segmentId) -> None:
+    if segmentationNode is None:
+        raise FewShotSegError("no segmentation: select the segmentation that holds the painted segment")
+    if not segmentId:
+        raise FewShotSegError(f"no segment selected in '{segmentationNode.GetName()}'")
+    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        raise FewShotSegError(f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'")
+
+
+def segmentHasVoxels(segmentationNode, segmentId) -> bool:
+    """Whether the segment has any voxel in its own (segmentation) geometry.
+
+    The internal labelmap may be shared by several segments: count this segment's value.
+    """
+    from vtk.util import numpy_support
+
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        return False
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    return bool((values == label).any())
+
+
+def _tempLabelmap(volumeNode):
+    """A hidden labelmap node on the volume's grid and transform, removed by the caller."""
+    scene = volumeNode.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__FewShotSeg_temp__")
+    node.SetHideFromEditors(True)
+    node.CopyOrientation(volumeNode)
+    node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    return node
+
+
+def _colorTableIds(scene) -> set:
+    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def _removeTemp(node, colorTablesBefore=None) -> None:
+    """Remove the temporary node, its display node and any color table the export made."""
+    scene = node.GetScene()
+    if scene is None:
+        return
+    display = node.GetDisplayNode()
+    if display is not None:
+        scene.RemoveNode(display)
+    scene.RemoveNode(node)
+    if colorTablesBefore is not None:
+        for nodeId in _colorTableIds(scene) - colorTablesBefore:
+            scene.RemoveNode(scene.GetNodeByID(nodeId))
+
+
+def segmentToArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
+    """The segment as a bool array on the volume's grid (resampled if the geometries differ)."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    colorTablesBefore = _colorTableIds(volumeNode.GetScene())
+    labelmap = _tempLabelmap(volumeNode)
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, volumeNode)
+        if not ok:
+            raise FewShotSegError(f"could not export segment '{_segmentName(segmentationNode, segmentId)}' "
+                                  f"onto the grid of volume '{volumeNode.GetName()}'")
+        array = slicer.util.arrayFromVolume(labelmap) > 0
+        expected = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
+        if array.shape != expected:  # never seen: the reference volume fixes the extent
+            raise FewShotSegError(f"segment export gave shape {array.shape}, volume is {expected}")
+        return array.copy()
+    finally:
+        _removeTemp(labelmap, colorTablesBefore)
+
+
+def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None):
+    """A uint8 vtkOrientedImageData on the volume's grid, in the segmentation's coordinates
+    (what modifySelectedSegmentByLabelmap expects); parent transforms are accounted for."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    from vtk.util import numpy_support
+
+    target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(mask.shape)
+    target[:] = mask
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    volumeToSegmentation = vtk.vtkMatrix4x4()
+    segmentationTransform = segmentationNode.GetParentTransformNode() if segmentationNode else None
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            volumeNode.GetParentTransformNode(), segmentationTransform, volumeToSegmentation):
+        raise FewShotSegError(f"volume '{volumeNode.GetName()}' or its segmentation is under a "
+                              "non-linear transform; harden the transform first")
+    vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, matrix, matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
+def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> None:
+    """Replace one segment's content by ``mask`` (volume grid); other segments are not touched.
+
+    Goes through vtkOrientedImageData + SetBinaryLabelmapToSegment (what editor effects
+    use) rather than a temporary labelmap node: with a transformed volume, importing a
+    transformed labelmap node into an empty segmentation applies the transform twice.
+    """
+    image = arrayToOrientedImage(mask, volumeNode, segmentationNode)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
+        raise FewShotSegError(f"could not write the result into segment "
+                              f"'{_segmentName(segmentationNode, segmentId)}'")

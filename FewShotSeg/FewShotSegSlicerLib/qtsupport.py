@@ -1,0 +1,92 @@
+"""GUI-side glue shared by the module widget and the Segment Editor effect (needs Qt).
+
+Why: both run the same Logic on a worker thread and show the same progress bar, Cancel
+button and status line; keeping that here keeps FewShotSeg.py and the effect thin. The
+Logic never imports this file, so it stays usable without Qt.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import qt
+import slicer
+
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegSlicerLib.tasks import BackgroundTask
+
+POLL_MSEC = 100
+
+
+class TaskRunner:
+    """Runs one BackgroundTask at a time; its button reads Cancel while the task runs."""
+
+    def __init__(self, button, progressBar, statusLabel, startText: str = "Propagate"):
+        self.button, self.progressBar, self.statusLabel = button, progressBar, statusLabel
+        self.startText = startText
+        self.task: Optional[BackgroundTask] = None
+        self._onSuccess: Optional[Callable] = None
+        self._onEnd: Optional[Callable] = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MSEC)
+        self.timer.connect("timeout()", self._poll)
+        self.progressBar.setVisible(False)
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None
+
+    def start(self, function, onSuccess: Callable, onEnd: Optional[Callable] = None) -> None:
+        if self.running:
+            raise FewShotSegError("a task is already running: wait for it or cancel it")
+        self.task, self._onSuccess, self._onEnd = BackgroundTask(function).start(), onSuccess, onEnd
+        self.button.text = "Cancel"
+        self.button.enabled = True
+        self.progressBar.setValue(0)
+        self.progressBar.setVisible(True)
+        self.timer.start()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.statusLabel.text = "Cancelling..."
+
+    def _poll(self) -> None:
+        if self.task is None:
+            self.timer.stop()
+            return
+        fraction, message = self.task.status()
+        self.progressBar.setValue(int(round(100 * fraction)))
+        if message and not self.task.cancelRequested:
+            self.statusLabel.text = message
+        if self.task.finished:
+            self._finish()
+
+    def _finish(self) -> None:
+        task, onSuccess, onEnd = self.task, self._onSuccess, self._onEnd
+        self.task = None
+        self.timer.stop()
+        self.progressBar.setVisible(False)
+        self.button.text = self.startText
+        try:
+            if task.error is None:
+                with slicer.util.tryWithErrorDisplay("Could not write the result.", waitCursor=True):
+                    onSuccess(task.result)
+            elif type(task.error).__name__ == "PropagationCancelled" or task.cancelRequested:
+                self.statusLabel.text = "Cancelled: the segmentation was not changed."
+            elif isinstance(task.error, FewShotSegError):
+                self.statusLabel.text = str(task.error)
+                slicer.util.errorDisplay(str(task.error))
+            else:
+                logging.error(task.errorTrace)
+                self.statusLabel.text = f"Failed: {task.error}"
+                slicer.util.errorDisplay(f"Failed: {task.error}", detailedText=task.errorTrace)
+        finally:
+            if onEnd is not None:
+                onEnd()
+
+    def stop(self) -> None:
+        """Module closed or scene cleared: cancel and forget the result."""
+        if self.task is not None:
+            self.task.cancel()
+            self._onSuccess = lambda result: None

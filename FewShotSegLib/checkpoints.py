@@ -1,0 +1,164 @@
+"""One checkpoint file per model: weights, how to rebuild it, how to feed it, where it came from.
+
+A checkpoint is a plain dict of tensors and Python containers so that it loads with
+``torch.load(weights_only=True)`` (no pickled code can run). It is validated before the
+weights touch a model, and every failure names the file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FewShotSegError
+from .preprocessing import PreprocessConfig
+
+FORMAT = "fewshotseg-checkpoint"
+FORMAT_VERSION = 1
+KINDS = ("fewshot", "refiner")
+_REQUIRED = ("format", "format_version", "kind", "model_name", "model_config",
+             "preprocess", "state_dict", "provenance")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A ready-to-run model and everything recorded with it."""
+
+    model: torch.nn.Module
+    name: str
+    kind: str
+    config: dict
+    preprocess: PreprocessConfig
+    provenance: dict
+    card: dict
+    path: Path
+    extra: dict = field(default_factory=dict)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model: torch.nn.Module, *, kind: str = "fewshot",
+                    preprocess: PreprocessConfig, provenance: dict,
+                    card: dict | None = None, half: bool = True,
+                    extra: dict | None = None) -> Path:
+    """Save a release checkpoint; floating weights in float16 by default (halves the size)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    path = Path(path)
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value.contiguous()
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model_name": model.name,
+        "model_config": dict(model.config),
+        "preprocess": preprocess.to_dict(),
+        "state_dict": state,
+        "provenance": dict(provenance),
+        "card": dict(card or {}),
+        "extra": dict(extra or {}),
+    }
+    _atomic_torch_save(payload, path)
+    return path
+
+
+def read_checkpoint_dict(path) -> dict:
+    """Load and validate the raw dict (no model built): for `fewshotseg models` and checks."""
+    path = Path(path)
+    if not path.is_file():
+        raise FewShotSegError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, pickled code...
+        raise FewShotSegError(f"{path} is not a readable FewShotSeg checkpoint "
+                              f"(corrupt, truncated or unsafe): {type(exc).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FewShotSegError(f"{path} is not a FewShotSeg checkpoint")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise FewShotSegError(f"{path} is an incomplete checkpoint (missing {', '.join(missing)})")
+    version = payload["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FewShotSegError(f"{path} has checkpoint format {version}, newer than this "
+                              f"FewShotSeg supports ({FORMAT_VERSION}); update FewShotSeg")
+    if payload["kind"] not in KINDS:
+        raise FewShotSegError(f"{path} holds an unknown kind of model '{payload['kind']}'")
+    return payload
+
+
+def _build_for(payload: dict, path: Path) -> torch.nn.Module:
+    name, kind = payload["model_name"], payload["kind"]
+    if kind == "fewshot":
+        from .models import available_models, build_model
+    else:
+        from .refinement import available_refiners as available_models, build_refiner as build_model
+    if name not in available_models():
+        raise FewShotSegError(f"{path} holds model '{name}', which this FewShotSeg does not know "
+                              f"(known: {', '.join(available_models())})")
+    config = dict(payload["model_config"])
+    config["pretrained"] = False  # the checkpoint's weights replace any initialisation
+    return build_model(name, **config)
+
+
+def load_checkpoint(path, *, expect_kind: str = "fewshot", device: str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model from a validated checkpoint, in eval mode, float32 on ``device``."""
+    path = Path(path)
+    payload = read_checkpoint_dict(path)
+    if payload["kind"] != expect_kind:
+        wanted = "a few-shot model" if expect_kind == "fewshot" else "a refiner"
+        raise FewShotSegError(f"{path} holds a {payload['kind']} model ('{payload['model_name']}'), "
+                              f"but {wanted} is needed here")
+    model = _build_for(payload, path)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FewShotSegError(
+            f"{path} does not match model '{payload['model_name']}' "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected weights)")
+    model.to(device).eval()
+    try:
+        preprocess = PreprocessConfig.from_dict(payload["preprocess"])
+    except Exception as exc:
+        raise FewShotSegError(f"{path} has invalid pre-processing settings: {exc}") from None
+    return LoadedCheckpoint(model=model, name=payload["model_name"], kind=payload["kind"],
+                            config=dict(payload["model_config"]), preprocess=preprocess,
+                            provenance=dict(payload["provenance"]), card=dict(payload.get("card", {})),
+                            path=path, extra=dict(payload.get("extra", {})))
+
+
+def save_training_state(path, state: dict) -> Path:
+    """Everything --resume needs (model, optimiser, scheduler, scaler, step, RNG), atomically."""
+    path = Path(path)
+    _atomic_torch_save(state, path)
+    return path
+
+
+def load_training_state(path) -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FewShotSegError(f"training state not found: {path}") from None
+    except Exception as exc:
+        raise FewShotSegError(f"{path} is not a readable training state: {type(exc).__name__}") from None

@@ -1,0 +1,182 @@
+"""The `fewshotseg` command: propagate, evaluate, models, train, demo.
+
+Every user error ends as one line on stderr and exit status 2; nothing is written unless
+the whole job succeeded (outputs are written atomically at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FewShotSegError
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm bar driven by the engine's (fraction, message) callback."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=100, unit="%", leave=False, file=sys.stderr)
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * fraction))
+        bar.set_description(message)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_propagate(args) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+    from .checkpoints import load_checkpoint
+    from .imageio import label_image_like, read_image, read_mask_like, select_label, write_image
+    from .model_store import resolve_model_path
+    from .propagation import PropagationOptions, propagate
+
+    inputs = [args.image, args.support]
+    out_paths = [p for p in (args.output, args.probability) if p]
+    _refuse_overwriting_inputs(out_paths, inputs)
+    image = read_image(args.image)
+    support_img = read_mask_like(args.support, image)
+    support = select_label(sitk.GetArrayViewFromImage(support_img), args.label)
+    model = None
+    if args.mode != "registration":
+        model = load_checkpoint(resolve_model_path(args.model), device="cpu")
+    options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
+                                 batch_size=args.batch_size, num_threads=args.threads)
+    update, close = _progress_bar(not args.quiet)
+    try:
+        result = propagate(image, support, model, options, progress=update)
+    finally:
+        close()
+    value = args.label if args.label else 1
+    write_image(label_image_like(result.mask * np.uint8(value), image), args.output, inputs=inputs)
+    if args.probability:
+        prob = sitk.GetImageFromArray(result.probability)
+        prob.CopyInformation(image)
+        write_image(prob, args.probability, inputs=inputs)
+    print(f"{result.slices_done} slices propagated in {result.seconds:.2f} s -> {args.output}")
+    return 0
+
+
+def _refuse_overwriting_inputs(outputs, inputs) -> None:
+    resolved = {Path(p).resolve() for p in inputs if p}
+    for out in outputs:
+        if Path(out).resolve() in resolved:
+            raise FewShotSegError(f"output path {out} is also an input; choose another file name")
+
+
+def cmd_evaluate(args) -> int:
+    import SimpleITK as sitk
+    from .imageio import read_image, read_mask_like
+    from .metrics import evaluate_labels
+
+    truth = read_image(args.label, label=True)
+    pred = read_mask_like(args.prediction, truth)
+    pa, ta = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth)
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    scores = evaluate_labels(pa, ta, spacing=truth.GetSpacing()[::-1], labels=labels)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        print(f"{'label':>6} {'Dice':>7} {'IoU':>7} {'HD95 mm':>8}")
+        for value, s in scores.items():
+            print(f"{value:>6} {s['dice']:7.4f} {s['iou']:7.4f} {s['hd95']:8.2f}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .checkpoints import read_checkpoint_dict
+    from .model_store import list_model_files, model_dirs
+
+    entries = list_model_files()
+    if not entries:
+        print("no checkpoints found in: " + ", ".join(str(d) for d in model_dirs()))
+        return 0
+    for entry in entries:
+        try:
+            payload = read_checkpoint_dict(entry.path)
+        except FewShotSegError as exc:
+            print(f"{entry.name}: unusable ({exc})")
+            continue
+        card = payload.get("card", {})
+        print(f"{entry.name}  [{payload['kind']}: {payload['model_name']}]  {entry.path}")
+        for key in ("description", "training", "measured"):
+            if card.get(key):
+                print(f"    {key}: {card[key]}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from Training.train import main as train_main
+    return train_main(args.train_args) or 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(data_dir=args.data, case=args.case, organ=args.organ, model=args.model,
+             mode=args.mode, out_dir=Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewshotseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("propagate", help="propagate painted slice(s) through a volume")
+    p.add_argument("image", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--support", required=True, help="label file with the painted slice(s)")
+    p.add_argument("--label", type=int, default=None, help="label value to propagate")
+    p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
+    p.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--probability", default=None, help="also write the foreground probability")
+    p.add_argument("-o", "--output", required=True, help="output label file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_propagate)
+
+    e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per structure")
+    e.add_argument("prediction")
+    e.add_argument("label")
+    e.add_argument("--labels", default=None, help="comma-separated label values (default: all)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("models", help="list the available checkpoints and their cards")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a model (arguments of Training/train.py)")
+    t.add_argument("train_args", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="propagate a real CHAOS case and score it against its label")
+    d.add_argument("--data", default=None, help="folder of the shared data (default ../shared/data)")
+    d.add_argument("--case", default="1")
+    d.add_argument("--organ", default="all", help="liver, right_kidney, left_kidney, spleen or all")
+    d.add_argument("--model", default=None)
+    d.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
+    d.add_argument("--out", default="out/demo")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FewShotSegError as exc:
+        print(f"fewshotseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewshotseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Painted slice(s) -> every slice of the volume: the engine behind "paint one slice, click once".
+
+Modes
+* ``chained`` (default): walk away from each painted slice in both directions; each
+  prediction becomes a support for the next slice, the nearest painted slice always
+  stays in the support set, and the search is limited to the neighbourhood of the
+  previous slice's mask (organs move little from one slice to the next).
+* ``direct``: every slice against the painted slices only (batched, order-free).
+* ``registration``: no learning; slice-to-slice deformable registration (SimpleITK
+  demons) carries the mask along, as a non-learned comparator.
+
+In every mode the walk stops by itself where the structure ends (the predicted area
+falls below a fraction of the painted area), then the 3D result is cleaned
+(`postprocessing.clean_mask`) and the painted slices are returned exactly as painted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import FewShotSegError
+from .imageio import array_axis_for
+from .postprocessing import clean_mask
+from .preprocessing import prepare_volume
+
+ProgressCallback = Callable[[float, str], None]
+CancelCallback = Callable[[], bool]
+MODES = ("chained", "direct", "registration")
+
+
+class PropagationCancelled(FewShotSegError):
+    """The user pressed Cancel; nothing was written."""
+
+
+@dataclass
+class PropagationOptions:
+    mode: str = "chained"
+    axis: str = "axial"
+    device: str = "cpu"
+    batch_size: int = 8
+    threshold: float = 0.5
+    num_threads: Optional[int] = None
+    # chained: search radius around the previous slice's mask, in mm (None = whole slice)
+    search_margin_mm: Optional[float] = 25.0
+    # the structure has ended when a slice's area falls below this fraction of the painted area
+    min_area_fraction: float = 0.05
+    postprocess: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise FewShotSegError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
+        if self.batch_size < 1:
+            raise FewShotSegError("batch size must be at least 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise FewShotSegError("threshold must lie strictly between 0 and 1")
+        if not 0.0 <= self.min_area_fraction < 1.0:
+            raise FewShotSegError("min_area_fraction must lie in [0, 1)")
+
+
+@dataclass
+class PropagationResult:
+    mask: np.ndarray              # uint8, volume array order, 1 = structure
+    probability: np.ndarray       # float32 foreground probability, same shape
+    slices_done: int              # slices the model (or registration) was run on
+    seconds: float
+    network_seconds: float = 0.0  # time inside the network's forward passes
+    stopped_at: dict = field(default_factory=dict)  # direction -> first slice judged empty
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU; an unavailable device is a clear error."""
+    name = (name or "cpu").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FewShotSegError("device 'cuda' requested but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FewShotSegError("device 'mps' requested but Apple MPS is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FewShotSegError(f"unknown device '{name}' (use cpu, cuda, mps or auto)") from None
+
+
+def painted_slice_indices(support: np.ndarray, axis_index: int) -> list[int]:
+    moved = np.moveaxis(np.asarray(support, bool), axis_index, 0)
+    return [int(i) for i in np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))]
+
+
+def _walk_plan(painted: list[int], n: int) -> list[tuple[int, list[int]]]:
+    """For each painted slice, the slices it is responsible for, ordered outward.
+
+    Slices between two painted slices are split at the midpoint, each half chained from
+    its nearer painted slice.
+    """
+    plan = []
+    for pos, p in enumerate(painted):
+        lower = painted[pos - 1] if pos > 0 else None
+        upper = painted[pos + 1] if pos + 1 < len(painted) else None
+        down_end = (lower + p) // 2 + 1 if lower is not None else 0
+        up_end = (p + upper + 1) // 2 - 1 if upper is not None else n - 1
+        down = list(range(p - 1, down_end - 1, -1))
+        up = list(range(p + 1, up_end + 1))
+        if down:
+            plan.append((p, down))
+        if up:
+            plan.append((p, up))
+    return plan
+
+
+class _FeatureCache:
+    """Encodes slices in batches on demand and keeps what the walk still needs."""
+
+    def __init__(self, model, prepared, device, batch_size, timer):
+        self.model, self.prepared, self.device = model, prepared, device
+        self.batch_size, self.timer = batch_size, timer
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def images(self, indices: list[int]) -> torch.Tensor:
+        return self.prepared.model_slices(indices).to(self.device).unsqueeze(1)
+
+    def get(self, index: int, upcoming: list[int]) -> torch.Tensor:
+        if index not in self.cache:
+            todo = [index] + [i for i in upcoming if i not in self.cache][: self.batch_size - 1]
+            feats = self.timer(self.model.encode, self.images(todo))
+            for i, f in zip(todo, feats):
+                self.cache[i] = f
+        return self.cache[index]
+
+    def forget(self, keep: set[int]) -> None:
+        for i in list(self.cache):
+            if i not in keep:
+                del self.cache[i]
+
+
+class Propagator:
+    """Runs one propagation; a class so the steps stay small and readable."""
+
+    def __init__(self, image: sitk.Image, support: np.ndarray, model, options: PropagationOptions,
+                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None):
+        options.validate()
+        self.image, self.options = image, options
+        self.support = np.asarray(support, bool)
+        if self.support.shape != sitk.GetArrayViewFromImage(image).shape:
+            raise FewShotSegError(f"support mask shape {self.support.shape} differs from the image "
+                                  f"{sitk.GetArrayViewFromImage(image).shape}; resample it onto the image first")
+        if not self.support.any():
+            raise FewShotSegError("support mask is empty: paint the structure on at least one slice")
+        self.model = model
+        self.progress = progress or (lambda fraction, message: None)
+        self.cancel = cancel or (lambda: False)
+        self.network_seconds = 0.0
+        self.axis_index = array_axis_for(image, options.axis)
+        self.n = self.support.shape[self.axis_index]
+        if self.n < 2:
+            raise FewShotSegError(f"the volume has a single slice along the {options.axis} axis: "
+                                  "nothing to propagate to")
+        self.painted = painted_slice_indices(self.support, self.axis_index)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.network_seconds += time.perf_counter() - start
+        return out
+
+    def _check_cancel(self):
+        if self.cancel():
+            raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
+
+    def _min_area(self, painted_area: float) -> float:
+        return max(4.0, self.options.min_area_fraction * painted_area)
+
+    # -- learned modes -------------------------------------------------------------------
+    def run(self) -> PropagationResult:
+        start = time.perf_counter()
+        if self.options.num_threads:
+            torch.set_num_threads(int(self.options.num_threads))
+        self.progress(0.0, "preparing the volume")
+        if self.options.mode == "registration":
+            probs_vol, done, stops = self._run_registration()
+        else:
+            probs_vol, done, stops = self._run_model()
+        self._check_cancel()
+        self.progress(0.97, "post-processing")
+        mask = probs_vol >= self.options.threshold
+        support_moved = np.moveaxis(self.support, self.axis_index, 0)
+        prob_moved = np.moveaxis(probs_vol, self.axis_index, 0)
+        for p in self.painted:
+            prob_moved[p] = support_moved[p]
+        if self.options.postprocess:
+            mask = clean_mask(mask, self.support, self.axis_index)
+        else:
+            moved = np.moveaxis(mask, self.axis_index, 0)
+            for p in self.painted:
+                moved[p] = support_moved[p]
+        self.progress(1.0, f"{done} slices propagated")
+        return PropagationResult(mask=mask.astype(np.uint8), probability=probs_vol.astype(np.float32),
+                                 slices_done=done, seconds=time.perf_counter() - start,
+                                 network_seconds=self.network_seconds, stopped_at=stops)
+
+    def _run_model(self):
+        opts = self.options
+        device = resolve_device(opts.device)
+        model = self.model.model if hasattr(self.model, "model") else self.model
+        preprocess = self.model.preprocess
+        model.to(device).eval()
+        prepared = prepare_volume(self.image, opts.axis, preprocess)
+        size = prepared.size if hasattr(prepared, "size") else preprocess.size
+        painted_masks = prepared.mask_to_model(self.support)  # [N,size,size] float (only painted rows nonzero)
+        probs = {}
+        self._check_cancel()
+        cache = _FeatureCache(model, prepared, device, opts.batch_size, self._timed)
+        with torch.inference_mode():
+            if opts.mode == "direct":
+                done, stops = self._direct(model, cache, painted_masks, probs)
+            else:
+                done, stops = self._chained(model, cache, painted_masks, probs, prepared)
+        full = torch.zeros((self.n, size, size), dtype=torch.float32)
+        for i, p in probs.items():
+            full[i] = p
+        return prepared.probs_to_volume(full), done, stops
+
+    def _foreground(self, model, sup_feats, sup_masks, query_feats):
+        logits = self._timed(model.segment, sup_feats, sup_masks, query_feats)
+        return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
+
+    def _direct(self, model, cache, painted_masks, probs):
+        """Score every slice against all painted slices, then keep the run of slices
+        around the painted ones where the structure is present."""
+        sup_idx = self.painted
+        sup_feats = torch.stack([cache.get(i, sup_idx) for i in sup_idx])
+        sup_masks = painted_masks[sup_idx].to(sup_feats.device)
+        painted_area = float(sup_masks.sum((1, 2)).mean())
+        todo = [i for i in range(self.n) if i not in set(sup_idx)]
+        for start in range(0, len(todo), self.options.batch_size):
+            self._check_cancel()
+            batch = todo[start:start + self.options.batch_size]
+            feats = self._timed(model.encode, cache.images(batch))
+            fg = self._foreground(model, sup_feats, sup_masks, feats)
+            for i, p in zip(batch, fg):
+                probs[i] = p
+            self.progress(0.05 + 0.9 * (start + len(batch)) / max(1, len(todo)),
+                          f"{start + len(batch)} of {len(todo)} slices")
+        # the structure ends where a slice first has too little foreground, walking outward
+        stops = {}
+        for p, walk in _walk_plan(sup_idx, self.n):
+            for i in walk:
+                if float((probs[i] >= self.options.threshold).sum()) < self._min_area(painted_area):
+                    stops[f"{p}->{walk[-1]}"] = i
+                    for j in walk[walk.index(i):]:
+                        probs[j] = torch.zeros_like(probs[j])
+                    break
+        return len(todo), stops
+
+    def _chained(self, model, cache, painted_masks, probs, prepared):
+        opts = self.options
+        plan = _walk_plan(self.painted, self.n)
+        total = sum(len(w) for _, w in plan) or 1
+        done, stops = 0, {}
+        radius = self._search_radius_px(prepared)
+        for p, walk in plan:
+            p_feat = cache.get(p, walk)
+            p_mask = painted_masks[p].to(p_feat.device)
+            min_area = self._min_area(float(p_mask.sum()))
+            prev_feat, prev_mask = p_feat, p_mask
+            for k, i in enumerate(walk):
+                self._check_cancel()
+                q_feat = cache.get(i, walk[k + 1:])
+                if prev_feat is p_feat:
+                    sup_feats, sup_masks = p_feat[None], p_mask[None]
+                else:
+                    sup_feats = torch.stack([p_feat, prev_feat])
+                    sup_masks = torch.stack([p_mask, prev_mask])
+                fg = self._foreground(model, sup_feats, sup_masks, q_feat[None])[0]
+                if radius is not None:
+                    fg = fg * _dilate(prev_mask.cpu() > 0.5, radius)
+                probs[i] = fg
+                done += 1
+                mask = (fg >= opts.threshold).float()
+                cache.forget({p, i} | set(walk[k + 1:k + 1 + opts.batch_size]))
+                if float(mask.sum()) < min_area:
+                    probs[i] = torch.zeros_like(fg)
+                    stops[f"{p}->{walk[-1]}"] = i
+                    break
+                prev_feat, prev_mask = q_feat, mask.to(q_feat.device)
+                self.progress(0.05 + 0.9 * done / total, f"{done} slices propagated")
+        return done, stops
+
+    def _search_radius_px(self, prepared) -> Optional[int]:
+        if self.options.search_margin_mm is None:
+            return None
+        pixel_mm = getattr(prepared.sampler, "model_spacing", None)
+        if pixel_mm is None:
+            spacing = np.array(self.image.GetSpacing())[::-1]  # array order
+            in_plane = [s for a, s in enumerate(spacing) if a != self.axis_index]
+            shape = [d for a, d in enumerate(self.support.shape) if a != self.axis_index]
+            pixel_mm = max(shape[0] * in_plane[0], shape[1] * in_plane[1]) / prepared.slices.shape[-1]
+        return max(1, int(round(self.options.search_margin_mm / float(pixel_mm))))
+
+    # -- registration mode -----------------------------------------------------------
+    def _run_registration(self):
+        from .registration import propagate_by_registration
+        return propagate_by_registration(self, _walk_plan(self.painted, self.n))
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation by a square of half-width ``radius`` (max-pooling, fast on CPU)."""
+    m = mask.float()[None, None]
+    return F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)[0, 0]
+
+
+def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,
+              progress: Optional[ProgressCallback] = None,
+              cancel: Optional[CancelCallback] = None) -> PropagationResult:
+    """Propagate the painted ``support`` (bool, volume array order) through ``image``.
+
+    ``model`` is a `checkpoints.LoadedCheckpoint` (its pre-processing is used); not used
+    in ``registration`` mode.
+    """
+    options = options or PropagationOptions()
+    return Propagator(image, support, model, options, progress, cancel).run()

@@ -1,0 +1,506 @@
+"""FewShotSeg's Slicer Logic on real MRML (PyPI slicer-core) and real volumes.
+
+Why these tests: the Logic is the bridge between Slicer's nodes (RAS, k axis possibly
+reversed on load, segmentation geometry of its own) and the engine's arrays; a geometry
+slip or a half-written segment is silent in the GUI. Everything here uses the real
+scene, volume, segmentation and history classes; the model is a real (untrained, small)
+checkpoint unless the shipped default exists. Needs ../shared/data, skips without it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "FewShotSeg"), str(ROOT)]
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+sitk = pytest.importorskip("SimpleITK")
+pytest.importorskip("torch")
+import vtk  # noqa: E402
+
+from FewShotSegLib.errors import FewShotSegError  # noqa: E402
+from FewShotSegLogic import FewShotSegLogic, segmentationHistory  # noqa: E402
+from FewShotSegSlicerLib import geometry  # noqa: E402
+from FewShotSegSlicerLib.tasks import BackgroundTask  # noqa: E402
+
+CHAOS_CASE = 15          # 31 slices: the smallest CHAOS volume
+LIVER, SPLEEN = 1, 4     # chaos_t2/labels.json
+DICOM_LIVER = 5          # totalseg/labels_total.json
+# A trained model must beat copying the painted slice to every slice (liver ~0.45, REFERENCE §7).
+SHIPPED_LIVER_DICE_MIN = 0.6
+
+
+# -- scene ------------------------------------------------------------------------------
+class SlicerCore:
+    """Scene and module logics set up as Kitware's trame-slicer SlicerApp does (REFERENCE §6)."""
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.app = slicer.vtkSlicerApplicationLogic()
+        self.app.SetMRMLScene(self.scene)
+        self.app.GetColorLogic().SetMRMLScene(self.scene)
+        self.app.GetColorLogic().AddDefaultColorNodes()
+        self.app.SetSliceLogics(vtk.vtkCollection())
+        self.app.SetViewLogics(vtk.vtkCollection())
+        self.colors = slicer.vtkMRMLColorLogic()
+        self.colors.SetMRMLApplicationLogic(self.app)
+        self.colors.SetMRMLScene(self.scene)
+        self.app.SetModuleLogic("Colors", self.colors)
+        self.volumes = slicer.vtkSlicerVolumesLogic()
+        self.volumes.SetMRMLScene(self.scene)
+        self.volumes.SetMRMLApplicationLogic(self.app)
+        self.app.SetModuleLogic("Volumes", self.volumes)
+        # registers the labelmap/closed-surface converter rules: once per process (one scene)
+        self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+        self.segmentations.SetMRMLScene(self.scene)
+        self.segmentations.SetMRMLApplicationLogic(self.app)
+        self.app.SetModuleLogic("Segmentations", self.segmentations)
+
+    def load(self, path, labelmap: bool = False, files=()):
+        names = vtk.vtkStringArray()
+        for f in files:
+            names.InsertNextValue(str(f))
+        node = self.volumes.AddArchetypeVolume(str(path), Path(path).name, 1 if labelmap else 0, names)
+        assert node is not None, f"Slicer could not load {path}"
+        return node
+
+    def segmentation(self, reference, name="Segmentation"):
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        return node
+
+    def importLabels(self, labelNode, segmentation) -> dict:
+        """Slicer's own label import (independent of the code under test): value -> segment id."""
+        before = set(segmentIds(segmentation))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
+        assert ok
+        new = [s for s in segmentIds(segmentation) if s not in before]
+        values = [int(v) for v in np.unique(slicer.util.arrayFromVolume(labelNode)) if v]
+        return dict(zip(values, new))
+
+
+def segmentIds(segmentation) -> list[str]:
+    s = segmentation.GetSegmentation()
+    return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+
+
+def snapshot(segmentation, volume) -> dict:
+    return {sid: geometry.segmentToArray(segmentation, sid, volume) for sid in segmentIds(segmentation)}
+
+
+def assertSameSegments(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    for sid in before:
+        assert np.array_equal(before[sid], after[sid]), f"segment {sid} changed"
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture(scope="session")
+def core():
+    return SlicerCore()
+
+
+@pytest.fixture
+def scene(core):
+    core.scene.Clear(0)
+    yield core
+    core.scene.Clear(0)
+
+
+@pytest.fixture
+def data_dir(request) -> Path:
+    """Testing/conftest.py's shared_data when it exists, else ../shared/data or skip."""
+    try:
+        return Path(request.getfixturevalue("shared_data"))
+    except pytest.FixtureLookupError:
+        path = ROOT.parent / "shared" / "data"
+        if not (path / "chaos_t2").is_dir():
+            pytest.skip(f"real test volumes not found at {path} (see shared/data/README.md)")
+        return path
+
+
+@pytest.fixture(autouse=True)
+def private_model_home(tmp_path, monkeypatch):
+    """Downloads and added checkpoints go to a temporary per-user folder."""
+    monkeypatch.setenv("FEWSHOTSEG_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real, untrained checkpoint at a 64x64 model grid: fast, deterministic, not accurate."""
+    from FewShotSegLib.checkpoints import save_checkpoint
+    from FewShotSegLib.models import build_model
+    from FewShotSegLib.preprocessing import PreprocessConfig
+
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model("alpnet", pretrained=False)
+    path = tmp_path_factory.mktemp("models") / "tiny-untrained.pt"
+    save_checkpoint(path, model, preprocess=PreprocessConfig(size=64), provenance={"purpose": "tests"},
+                    card={"description": "untrained test model"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def logic():
+    return FewShotSegLogic()
+
+
+@pytest.fixture
+def chaos(scene, data_dir):
+    """CHAOS case: liver painted on its largest slice only, spleen complete as a bystander."""
+    folder = data_dir / "chaos_t2"
+    image = scene.load(folder / f"image_{CHAOS_CASE}.nii.gz")
+    labelNode = scene.load(folder / f"label_{CHAOS_CASE}.nii.gz", labelmap=True)
+    label = slicer.util.arrayFromVolume(labelNode).copy()
+    assert label.shape == slicer.util.arrayFromVolume(image).shape
+    k = int(np.argmax((label == LIVER).sum((1, 2))))
+    painted = np.zeros_like(label)
+    painted[k][label[k] == LIVER] = LIVER
+    painted[label == SPLEEN] = SPLEEN
+    slicer.util.updateVolumeFromArray(labelNode, painted)
+    seg = scene.segmentation(image)
+    ids = scene.importLabels(labelNode, seg)
+    scene.scene.RemoveNode(labelNode)
+    return SimpleNamespace(image=image, seg=seg, liver=ids[LIVER], spleen=ids[SPLEEN], label=label,
+                           k=k, painted=painted == LIVER, path=folder / f"image_{CHAOS_CASE}.nii.gz")
+
+
+def run(logic, case, model, **kwargs):
+    kwargs.setdefault("mode", "direct")
+    return logic.propagate(case.image, case.seg, case.liver, model=model, **kwargs)
+
+
+# -- results ------------------------------------------------------------------------------
+def test_liver_dice_with_shipped_model(logic, chaos):
+    name = logic.catalog.defaultModelName()
+    if not name:
+        pytest.skip("no shipped model in Resources/Models yet (fewshotseg-default.pt): Dice not measured")
+    summary = logic.propagate(chaos.image, chaos.seg, chaos.liver, mode="chained")
+    result = geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image)
+    score = dice(result, chaos.label == LIVER)
+    print(f"\nCHAOS {CHAOS_CASE} liver Dice {score:.3f} with {name}; Logic {summary.seconds:.2f} s, "
+          f"propagate() {summary.engineSeconds:.2f} s")
+    assert score >= SHIPPED_LIVER_DICE_MIN
+
+
+def test_logic_matches_engine_run_on_the_file(logic, chaos, tiny_checkpoint):
+    """Same model, same painted slice: the Logic (Slicer grid, k reversed on load) and the
+    engine on the NIfTI file give the same voxels in physical space."""
+    from FewShotSegLib.checkpoints import load_checkpoint
+    from FewShotSegLib.propagation import PropagationOptions, propagate
+
+    summary = run(logic, chaos, tiny_checkpoint)
+    assert summary.axis == "axial" and summary.paintedSlices == 1
+    result = geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image)
+    assert np.array_equal(result[chaos.k], chaos.painted[chaos.k])
+
+    fileImage = sitk.ReadImage(str(chaos.path))
+    fileLabel = sitk.GetArrayFromImage(sitk.ReadImage(str(chaos.path).replace("image_", "label_")))
+    support = np.zeros(fileLabel.shape, bool)
+    kFile = int(np.argmax((fileLabel == LIVER).sum((1, 2))))
+    support[kFile] = fileLabel[kFile] == LIVER
+    direct = propagate(fileImage, support, load_checkpoint(tiny_checkpoint),
+                       PropagationOptions(mode="direct", axis="axial")).mask > 0
+
+    slicerImage = sitk.GetImageFromArray(result.astype(np.uint8))
+    slicerImage.CopyInformation(geometry.volumeToSitk(chaos.image))
+    onFileGrid = sitk.GetArrayFromImage(sitk.Resample(slicerImage, fileImage, sitk.Transform(),
+                                                      sitk.sitkNearestNeighbor, 0)) > 0
+    assert dice(onFileGrid, direct) >= 0.99
+
+
+def sceneNodeIds(scene) -> set:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_other_segments_untouched_and_painting_kept(logic, scene, chaos, tiny_checkpoint):
+    before = snapshot(chaos.seg, chaos.image)
+    nodesBefore = sceneNodeIds(scene.scene)
+    summary = run(logic, chaos, tiny_checkpoint)
+    assert sceneNodeIds(scene.scene) == nodesBefore, "temporary nodes left in the scene"
+    after = snapshot(chaos.seg, chaos.image)
+    assert np.array_equal(after[chaos.spleen], before[chaos.spleen])
+    assert np.array_equal(after[chaos.liver][chaos.k], chaos.painted[chaos.k])
+    assert summary.slicesFilled == int(after[chaos.liver].any((1, 2)).sum()) - 1 > 0
+    assert "Filled" in summary.statusText()
+
+
+def test_undo_restores_the_painted_state(logic, chaos, tiny_checkpoint):
+    history = segmentationHistory(chaos.seg)
+    before = snapshot(chaos.seg, chaos.image)
+    saves = []
+    run(logic, chaos, tiny_checkpoint, saveStateForUndo=lambda: saves.append(history.SaveState()))
+    assert saves == [True]
+    assert not np.array_equal(snapshot(chaos.seg, chaos.image)[chaos.liver], before[chaos.liver])
+    assert history.RestorePreviousState()
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_dicom_geometry_with_flipped_label(logic, scene, data_dir, tiny_checkpoint):
+    """CT DICOM series + a label stored with y flipped (and k reversed by Slicer on load)."""
+    folder = data_dir / "totalseg" / "ct_dicom"
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    volume = scene.load(files[0], files=files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reference = reader.Execute()
+    image = geometry.volumeToSitk(volume)
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+    onReference = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, -5000)
+    assert np.array_equal(sitk.GetArrayFromImage(onReference), sitk.GetArrayFromImage(reference))
+
+    labelPath = data_dir / "totalseg" / "ct_dicom_seg.nii.gz"
+    truth = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(labelPath)), image, sitk.Transform(),
+                                                 sitk.sitkNearestNeighbor, 0)) == DICOM_LIVER
+    labelNode = scene.load(labelPath, labelmap=True)
+    seg = scene.segmentation(labelNode)  # segmentation geometry = the flipped label's
+    ids = scene.importLabels(labelNode, seg)
+    liverFull = geometry.segmentToArray(seg, ids[DICOM_LIVER], volume)
+    assert dice(liverFull, truth) > 0.999
+
+    k = int(np.argmax(truth.sum((1, 2))))
+    painted = np.zeros_like(truth)
+    painted[k] = truth[k]
+    paintedId = seg.GetSegmentation().AddEmptySegment("painted liver")
+    geometry.writeSegment(seg, paintedId, painted, volume)
+    assert np.array_equal(geometry.segmentToArray(seg, paintedId, volume), painted)
+    before = snapshot(seg, volume)
+    summary = logic.propagate(volume, seg, paintedId, model=tiny_checkpoint, mode="direct")
+    after = snapshot(seg, volume)
+    assert summary.axis == "axial"
+    assert np.array_equal(after[paintedId][k], painted[k])
+    for sid in ids.values():
+        assert np.array_equal(after[sid], before[sid])
+
+
+def test_segmentation_geometry_differs_from_volume(logic, scene, chaos, tiny_checkpoint):
+    """Segment painted in a coarser segmentation grid: resampled onto the volume, written back."""
+    coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse")
+    matrix = vtk.vtkMatrix4x4()
+    chaos.image.GetIJKToRASMatrix(matrix)
+    for r in range(3):
+        for c in range(2):
+            matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
+    coarse.SetIJKToRASMatrix(matrix)
+    small = chaos.label[:, ::2, ::2]
+    painted = np.zeros_like(small)
+    painted[chaos.k] = small[chaos.k] == LIVER
+    slicer.util.updateVolumeFromArray(coarse, painted.astype(np.uint8))
+    seg = scene.segmentation(coarse, "coarse segmentation")
+    liver = scene.importLabels(coarse, seg)[1]
+    summary = logic.propagate(chaos.image, seg, liver, model=tiny_checkpoint, mode="direct")
+    assert summary.paintedSlices == 1 and summary.slicesFilled > 0
+    written = geometry.segmentToArray(seg, liver, chaos.image)
+    assert dice(written[chaos.k], chaos.painted[chaos.k]) > 0.9
+
+
+# -- bad inputs: a clear message and the segmentation exactly as before --------------------
+@pytest.mark.parametrize("what, match", [
+    ("no volume", "no input volume"),
+    ("labelmap as volume", "not a scalar image volume"),
+    ("no segmentation", "no segmentation"),
+    ("no segment", "no segment selected"),
+    ("unknown segment", "has no segment"),
+    ("empty segment", "is empty"),
+    ("missing checkpoint", "checkpoint not found"),
+    ("bad mode", "unknown mode"),
+    ("bad device", "not available"),
+])
+def test_bad_inputs(logic, scene, chaos, tiny_checkpoint, what, match):
+    volume, seg, segmentId, model = chaos.image, chaos.seg, chaos.liver, tiny_checkpoint
+    kwargs = {}
+    if what == "no volume":
+        volume = None
+    elif what == "labelmap as volume":
+        volume = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    elif what == "no segmentation":
+        seg = None
+    elif what == "no segment":
+        segmentId = ""
+    elif what == "unknown segment":
+        segmentId = "no-such-segment"
+    elif what == "empty segment":
+        segmentId = chaos.seg.GetSegmentation().AddEmptySegment("empty")
+    elif what == "missing checkpoint":
+        model = Path(tiny_checkpoint).with_name("missing.pt")
+    elif what == "bad mode":
+        kwargs["mode"] = "sideways"
+    elif what == "bad device":
+        kwargs["device"] = "tpu"
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match=match):
+        logic.propagate(volume, seg, segmentId, model=model, **kwargs)
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_painted_only_outside_the_volume(logic, scene, chaos, tiny_checkpoint):
+    far = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "far away")
+    far.CopyOrientation(chaos.image)
+    origin = np.array(chaos.image.GetOrigin()) + 2000.0
+    far.SetOrigin(*origin)
+    slicer.util.updateVolumeFromArray(far, chaos.painted.astype(np.uint8))
+    outsideId = scene.importLabels(far, chaos.seg)[1]
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match="only outside volume"):
+        logic.propagate(chaos.image, chaos.seg, outsideId, model=tiny_checkpoint)
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_one_slice_volume(logic, scene, chaos, tiny_checkpoint):
+    """The painted slice of the CHAOS volume, cut out as a volume of its own."""
+    one = scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "one slice")
+    one.CopyOrientation(chaos.image)
+    matrix = vtk.vtkMatrix4x4()
+    chaos.image.GetIJKToRASMatrix(matrix)
+    one.SetOrigin(*matrix.MultiplyPoint((0, 0, chaos.k, 1))[:3])
+    slicer.util.updateVolumeFromArray(one, slicer.util.arrayFromVolume(chaos.image)[chaos.k:chaos.k + 1].copy())
+    seg = scene.segmentation(one)
+    segmentId = seg.GetSegmentation().AddEmptySegment("liver")
+    geometry.writeSegment(seg, segmentId, chaos.painted[chaos.k:chaos.k + 1], one)
+    before = snapshot(seg, one)
+    with pytest.raises(FewShotSegError, match="single axial slice"):
+        logic.propagate(one, seg, segmentId, model=tiny_checkpoint)
+    assertSameSegments(before, snapshot(seg, one))
+
+
+def test_checkpoint_that_fails_validation(logic, chaos, tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(os.urandom(4096))
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match="not a readable FewShotSeg checkpoint"):
+        logic.propagate(chaos.image, chaos.seg, chaos.liver, model=bad)
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+    assert not logic.isBusy
+
+
+def test_cancel_mid_run(logic, chaos, tiny_checkpoint):
+    from FewShotSegLib.propagation import PropagationCancelled
+
+    seen = []
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(PropagationCancelled, match="cancelled"):
+        run(logic, chaos, tiny_checkpoint, progress=lambda f, m: seen.append(f),
+            cancel=lambda: any(f > 0.05 for f in seen))
+    assert seen, "the engine never reported progress"
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+    assert not logic.isBusy
+
+
+def test_running_twice_at_once(logic, chaos, tiny_checkpoint):
+    """As the widget does it: compute on a worker thread; a second run is refused."""
+    started, release = threading.Event(), threading.Event()
+
+    def progress(fraction, message):
+        started.set()
+        release.wait(60)
+
+    before = snapshot(chaos.seg, chaos.image)
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct")
+    task = BackgroundTask(lambda p, cancel: logic.compute(job, progress, cancel)).start()
+    try:
+        assert started.wait(60)
+        assert logic.isBusy
+        with pytest.raises(FewShotSegError, match="already running"):
+            logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint)
+        with pytest.raises(FewShotSegError, match="already running"):
+            logic.compute(job)
+    finally:
+        task.cancel()
+        release.set()
+        assert task.wait(120)
+    assert type(task.error).__name__ == "PropagationCancelled"
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+    assert not logic.isBusy
+
+
+def fakeResult(mask):
+    """Stands in for the engine's output where only apply() is under test."""
+    return SimpleNamespace(mask=mask.astype(np.uint8), seconds=0.0, slices_done=0, network_seconds=0.0)
+
+
+def test_segment_edited_while_running_is_not_overwritten(logic, chaos, tiny_checkpoint):
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint)
+    edited = chaos.painted.copy()
+    edited[chaos.k, :10, :10] = True
+    geometry.writeSegment(chaos.seg, chaos.liver, edited, chaos.image)
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match="edited while propagating"):
+        logic.apply(job, fakeResult(np.ones_like(chaos.painted)))
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+@pytest.mark.parametrize("overwrite", ["none", "all"])
+def test_editor_masking_is_respected(logic, scene, chaos, tiny_checkpoint, overwrite):
+    box = np.zeros_like(chaos.painted)
+    box[5:20, 60:200, 60:200] = True
+    regionId = chaos.seg.GetSegmentation().AddEmptySegment("editable region")
+    geometry.writeSegment(chaos.seg, regionId, box, chaos.image)
+    editor = scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID(regionId)
+    editor.SetOverwriteMode(editor.OverwriteNone if overwrite == "none" else editor.OverwriteAllSegments)
+    before = snapshot(chaos.seg, chaos.image)
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint)
+    logic.apply(job, fakeResult(np.ones_like(chaos.painted)), editorNode=editor)
+    after = snapshot(chaos.seg, chaos.image)
+    assert np.array_equal(after[chaos.liver], box | chaos.painted)
+    spleen = before[chaos.spleen] & ~box if overwrite == "all" else before[chaos.spleen]
+    assert np.array_equal(after[chaos.spleen], spleen)
+    assert editor.GetSelectedSegmentID() in (None, "")  # the user's editor node is not changed
+
+
+def test_parameter_node_is_a_scene_singleton(logic, scene):
+    node = logic.getParameterNode(scene.scene)
+    assert node.GetModuleName() == "FewShotSeg" and node.GetSingletonTag() == "FewShotSeg"
+    assert logic.getParameterNode(scene.scene).GetID() == node.GetID()
+
+
+def test_result_image_for_the_effect_sits_on_the_volume_grid(logic, scene, chaos, tiny_checkpoint):
+    """What the Segment Editor effect hands to modifySelectedSegmentByLabelmap."""
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint)
+    mask = np.zeros_like(chaos.painted)
+    mask[chaos.k - 2:chaos.k + 3, 100:140, 90:150] = True
+    image = logic.resultAsOrientedImage(job, fakeResult(mask))
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), geometry.ijkToRasArray(chaos.image))
+    probe = scene.segmentation(chaos.image, "probe")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, probe, "result")
+    assert np.array_equal(geometry.segmentToArray(probe, segmentIds(probe)[0], chaos.image), mask | chaos.painted)
+
+
+def test_result_image_follows_parent_transforms(logic, scene, chaos, tiny_checkpoint):
+    """Volume moved by a transform, segmentation not: the result still lands on the volume."""
+    transform = scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    spacing = chaos.image.GetSpacing()
+    shift = vtk.vtkMatrix4x4()  # whole voxels, so the segmentation grid stays aligned
+    shift.SetElement(0, 3, 24 * spacing[0])
+    shift.SetElement(2, 3, -2 * spacing[2])
+    transform.SetMatrixTransformToParent(shift)
+    chaos.image.SetAndObserveTransformNodeID(transform.GetID())
+    probe = scene.segmentation(chaos.image, "probe")
+    paintedId = probe.GetSegmentation().AddEmptySegment("painted")
+    geometry.writeSegment(probe, paintedId, chaos.painted, chaos.image)
+    job = logic.prepare(chaos.image, probe, paintedId, model=tiny_checkpoint)
+    assert np.array_equal(job.support, chaos.painted)
+    mask = np.zeros_like(chaos.painted)
+    mask[chaos.k - 1:chaos.k + 2, 100:140, 90:150] = True
+    image = logic.resultAsOrientedImage(job, fakeResult(mask))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, probe, "result")
+    assert np.array_equal(geometry.segmentToArray(probe, segmentIds(probe)[-1], chaos.image), mask | chaos.painted)

@@ -1,0 +1,221 @@
+"""Self-supervised (and supervised) few-shot episodes from volumes.
+
+SSL-ALPNet's recipe: Felzenszwalb superpixels of each slice are pseudo-labels; an episode
+takes one superpixel as the "organ", and support and query are two independent random
+augmentations of the slice. Optionally the query is the neighbouring slice, with the
+superpixel there that overlaps most (adjacent-slice episodes: closer to what propagation
+asks of the model). Label files give supervised episodes the same way.
+
+Slices come from `FewShotSegLib.preprocessing.prepare_volume`, the code path inference
+uses, so the model sees in training exactly what it sees in Slicer. Every episode is a
+pure function of (seed, rank, step, index): resuming reproduces the same data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage.segmentation import felzenszwalb
+
+from FewShotSegLib.imageio import read_image
+from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
+
+SUPERPIXEL_PARAMS = {"scale": 1.0, "sigma": 1.0, "min_size": 400}
+MIN_REGION_PX = 200          # a pseudo-organ smaller than this teaches nothing useful
+CACHE_VERSION = 2
+
+
+@dataclass
+class AugmentConfig:
+    rotate_deg: float = 5.0
+    shift_px: float = 5.0
+    shear_deg: float = 5.0
+    scale: tuple = (0.9, 1.2)
+    elastic_alpha: float = 10.0
+    elastic_sigma: float = 5.0
+    gamma: tuple = (0.5, 1.5)
+
+
+def body_mask(slice2d: np.ndarray) -> np.ndarray:
+    """The patient, not the air around: threshold, largest component, holes filled."""
+    threshold = np.percentile(slice2d, 5) + 0.1 * (np.percentile(slice2d, 99) - np.percentile(slice2d, 5))
+    fg = ndimage.binary_opening(slice2d > threshold, iterations=2)
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    largest = np.argmax(ndimage.sum(fg, labels, range(1, n + 1))) + 1
+    return ndimage.binary_fill_holes(labels == largest)
+
+
+def superpixels(slice2d: np.ndarray) -> np.ndarray:
+    """Felzenszwalb superpixels of a [0,255]-scaled slice, 0 outside the body, int16."""
+    lo, hi = float(slice2d.min()), float(slice2d.max())
+    scaled = (slice2d - lo) / max(hi - lo, 1e-6) * 255.0
+    seg = felzenszwalb(scaled, **SUPERPIXEL_PARAMS).astype(np.int32) + 1
+    body = body_mask(slice2d)
+    # a superpixel belongs to the body when most of it lies inside
+    inside = ndimage.mean(body, seg, index=np.arange(1, seg.max() + 1))
+    keep = np.zeros(seg.max() + 1, bool)
+    keep[1:] = np.asarray(inside) > 0.5
+    seg[~keep[seg]] = 0
+    return seg.astype(np.int16)
+
+
+class VolumeSlices:
+    """One volume's pre-processed slices and its pseudo-labels (or labels), cached on disk."""
+
+    def __init__(self, image_path: Path, preprocess: PreprocessConfig, axis: str,
+                 cache_dir: Path | None, label_path: Path | None = None):
+        self.image_path, self.label_path = Path(image_path), label_path and Path(label_path)
+        image = read_image(self.image_path)
+        prepared = prepare_volume(image, axis, preprocess)
+        n = prepared.shape[prepared.axis_index]
+        self.slices = prepared.model_slices(list(range(n))).float().contiguous()  # [N,S,S]
+        if self.label_path is not None:
+            import SimpleITK as sitk
+            from FewShotSegLib.imageio import read_mask_like
+            label = sitk.GetArrayFromImage(read_mask_like(self.label_path, image))
+            values = [int(v) for v in np.unique(label) if v != 0]
+            maps = [prepared.mask_to_model(label == v) > 0.5 for v in values]
+            regions = torch.zeros(self.slices.shape, dtype=torch.int16)
+            for value, m in zip(values, maps):
+                regions[m] = value
+            self.regions = regions.numpy()
+        else:
+            self.regions = self._cached_superpixels(cache_dir, preprocess, axis)
+        self.valid = self._valid_slices()
+
+    def _cache_key(self, preprocess: PreprocessConfig, axis: str) -> str:
+        stat = self.image_path.stat()
+        blob = json.dumps([str(self.image_path.resolve()), stat.st_size, stat.st_mtime_ns,
+                           preprocess.to_dict(), axis, SUPERPIXEL_PARAMS, CACHE_VERSION], default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def _cached_superpixels(self, cache_dir, preprocess, axis) -> np.ndarray:
+        path = None
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"{self.image_path.name.split('.')[0]}_{self._cache_key(preprocess, axis)}.npz"
+            if path.is_file():
+                return np.load(path)["regions"]
+        regions = np.stack([superpixels(s) for s in self.slices.numpy()])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, regions=regions)
+            tmp.replace(path)
+        return regions
+
+    def _valid_slices(self) -> list[tuple[int, np.ndarray]]:
+        """(slice, region ids large enough to be an episode's organ)."""
+        out = []
+        for i, reg in enumerate(self.regions):
+            ids, counts = np.unique(reg[reg > 0], return_counts=True)
+            ids = ids[counts >= MIN_REGION_PX]
+            if ids.size:
+                out.append((i, ids))
+        return out
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def augment(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
+    """Affine + elastic + gamma; ``image [S,S]`` float, ``mask [S,S]`` float -> same shapes."""
+    size = image.shape[-1]
+
+    def uniform(lo, hi):
+        return float(lo + (hi - lo) * torch.rand((), generator=gen))
+
+    angle = math.radians(uniform(-cfg.rotate_deg, cfg.rotate_deg))
+    shear = math.radians(uniform(-cfg.shear_deg, cfg.shear_deg))
+    scale = uniform(*cfg.scale)
+    tx, ty = (uniform(-cfg.shift_px, cfg.shift_px) * 2 / size for _ in range(2))
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shr = torch.tensor([[1.0, math.tan(shear)], [0.0, 1.0]])
+    lin = (rot @ shr) / scale  # grid maps output -> input, so the inverse scale
+    theta = torch.cat([lin, torch.tensor([[tx], [ty]])], dim=1)[None]
+    grid = F.affine_grid(theta, (1, 1, size, size), align_corners=False)
+    if cfg.elastic_alpha > 0:
+        k = _gaussian_kernel(cfg.elastic_sigma)
+        noise = torch.rand((1, 2, size, size), generator=gen) * 2 - 1
+        pad = k.numel() // 2
+        noise = F.conv2d(F.pad(noise, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(2, 1, 1, 1), groups=2)
+        noise = F.conv2d(F.pad(noise, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1).repeat(2, 1, 1, 1), groups=2)
+        noise = noise / noise.abs().amax().clamp_min(1e-6)
+        grid = grid + (cfg.elastic_alpha * 2 / size) * noise.permute(0, 2, 3, 1)
+    fill = float(image.min())
+    img = F.grid_sample((image - fill)[None, None], grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)[0, 0] + fill
+    msk = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)[0, 0]
+    gamma = uniform(*cfg.gamma)
+    lo, hi = img.min(), img.max()
+    span = (hi - lo).clamp_min(1e-6)
+    img = ((img - lo) / span).clamp(0, 1).pow(gamma) * span + lo
+    return img, msk
+
+
+class EpisodeSampler:
+    """Draws episodes: deterministic in (seed, rank, step, index)."""
+
+    def __init__(self, volumes: list[VolumeSlices], augment_cfg: AugmentConfig, seed: int = 0,
+                 rank: int = 0, adjacent_probability: float = 0.0):
+        self.volumes = [v for v in volumes if v.valid]
+        if not self.volumes:
+            raise ValueError("no volume has a region large enough for an episode")
+        self.augment_cfg, self.seed, self.rank = augment_cfg, seed, rank
+        self.adjacent_probability = adjacent_probability
+
+    def _generator(self, step: int, index: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(hash((self.seed, self.rank, step, index)) & 0x7FFFFFFFFFFF)
+        return g
+
+    def episode(self, step: int, index: int = 0):
+        """(support image, support mask, query image, query mask), each ``[S,S]`` float."""
+        g = self._generator(step, index)
+        pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
+        vol = self.volumes[pick(len(self.volumes))]
+        s_idx, ids = vol.valid[pick(len(vol.valid))]
+        region = int(ids[pick(len(ids))])
+        s_img, s_mask = vol.slices[s_idx], torch.from_numpy(vol.regions[s_idx] == region).float()
+        q_idx, q_mask = s_idx, s_mask
+        if self.adjacent_probability > 0 and float(torch.rand((), generator=g)) < self.adjacent_probability:
+            q_idx, q_mask = self._adjacent(vol, s_idx, s_mask, pick(2) * 2 - 1)
+        q_img = vol.slices[q_idx]
+        s_img, s_mask = augment(s_img, s_mask, self.augment_cfg, g)
+        q_img, q_mask = augment(q_img, q_mask, self.augment_cfg, g)
+        return s_img, s_mask, q_img, q_mask
+
+    @staticmethod
+    def _adjacent(vol: VolumeSlices, index: int, mask: torch.Tensor, direction: int):
+        """The neighbouring slice's region that overlaps ``mask`` most (IoU >= 0.3), else the same slice."""
+        j = index + direction
+        if not 0 <= j < len(vol.regions):
+            return index, mask
+        reg = vol.regions[j]
+        m = mask.numpy() > 0.5
+        ids, counts = np.unique(reg[m & (reg > 0)], return_counts=True)
+        if ids.size == 0:
+            return index, mask
+        best = int(ids[np.argmax(counts)])
+        cand = reg == best
+        iou = (cand & m).sum() / max((cand | m).sum(), 1)
+        if iou < 0.3 and vol.label_path is None:
+            return index, mask
+        return j, torch.from_numpy(cand).float()
+
+    def batch(self, step: int, size: int):
+        eps = [self.episode(step, i) for i in range(size)]
+        return [torch.stack(t) for t in zip(*eps)]

@@ -1,0 +1,127 @@
+"""Speed and memory of `fewshotseg propagate` on this machine's CPU.
+
+Cases: a 256x256x40 CHAOS-T2 MRI (liver painted on its largest slice) and a 512x512x300
+CT made by resampling ../shared/data/totalseg/ct_abdomen_3mm.nii.gz onto a 512x512x300
+grid over the same field of view (liver painted). Each case runs in a fresh process so
+peak RSS is that of one propagation; the ratio of total time to the network's own
+forward time shows the engine's overhead. Writes benchmarks/results/speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"mri_256x256x40": 2.0, "ct_512x512x300": 20.0}
+
+
+def make_cases(data_dir: Path, work: Path) -> dict:
+    """Write the two benchmark volumes and their one-slice supports into ``work``."""
+    import numpy as np
+    import SimpleITK as sitk
+    from FewShotSegLib.evaluation import largest_slice_support
+    from FewShotSegLib.imageio import read_image
+
+    cases = {}
+    mri = read_image(data_dir / "chaos_t2" / "image_1.nii.gz")
+    mri_label = read_image(data_dir / "chaos_t2" / "label_1.nii.gz", label=True)
+    size = list(mri.GetSize())
+    size[2] = 40
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetOrigin(mri.GetOrigin()); ref.SetSpacing(mri.GetSpacing()); ref.SetDirection(mri.GetDirection())
+    cases["mri_256x256x40"] = (sitk.Resample(mri, ref, sitk.Transform(), sitk.sitkLinear, 0.0),
+                               sitk.Resample(mri_label, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0), 1)
+    ct = read_image(data_dir / "totalseg" / "ct_abdomen_3mm.nii.gz")
+    ct_label = read_image(data_dir / "totalseg" / "ct_abdomen_3mm_seg.nii.gz", label=True)
+    extent = np.array(ct.GetSize()) * np.array(ct.GetSpacing())
+    new_size = [512, 512, 300]
+    ref = sitk.Image(new_size, sitk.sitkFloat32)
+    ref.SetOrigin(ct.GetOrigin()); ref.SetDirection(ct.GetDirection())
+    ref.SetSpacing([float(e / n) for e, n in zip(extent, new_size)])
+    cases["ct_512x512x300"] = (sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1024.0),
+                               sitk.Resample(ct_label, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0), 5)
+    out = {}
+    for name, (image, label, value) in cases.items():
+        arr = sitk.GetArrayFromImage(label) == value
+        support, _ = largest_slice_support(arr, 0)
+        sup = sitk.GetImageFromArray(support.astype(np.uint8))
+        sup.CopyInformation(image)
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(work / f"{name}.nii.gz"))
+        sitk.WriteImage(sup, str(work / f"{name}_support.nii.gz"))
+        out[name] = {"size": list(image.GetSize()), "spacing": [round(s, 3) for s in image.GetSpacing()]}
+    return out
+
+
+def _child(image, support, model, mode, result_path):
+    """Runs inside a fresh process: one propagation, timed, with the network's share."""
+    import SimpleITK as sitk
+    from FewShotSegLib.checkpoints import load_checkpoint
+    from FewShotSegLib.imageio import read_image, read_mask_like
+    from FewShotSegLib.model_store import resolve_model_path
+    from FewShotSegLib.propagation import PropagationOptions, propagate
+
+    t0 = time.perf_counter()
+    img = read_image(image)
+    sup = sitk.GetArrayFromImage(read_mask_like(support, img)) > 0
+    ckpt = load_checkpoint(resolve_model_path(model))
+    t1 = time.perf_counter()
+    result = propagate(img, sup, ckpt, PropagationOptions(mode=mode))
+    t2 = time.perf_counter()
+    Path(result_path).write_text(json.dumps({
+        "load_seconds": t1 - t0, "propagate_seconds": t2 - t1,
+        "network_seconds": result.network_seconds, "slices_done": result.slices_done,
+        "overhead_ratio": (t2 - t1) / max(result.network_seconds, 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--mode", default="chained")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(*args.child[:2], args.model, args.mode, args.child[3])
+        return
+    from FewShotSegLib.evaluation import shared_data_dir, write_json
+    import torch
+    data_dir = shared_data_dir(args.data)
+    results = {"hardware": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
+                           f"({torch.get_num_threads()} threads)", "mode": args.mode, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        geometry = make_cases(data_dir, work)
+        for name in TARGETS:
+            image, support = work / f"{name}.nii.gz", work / f"{name}_support.nii.gz"
+            res_file = work / f"{name}.json"
+            cmd = [sys.executable, __file__, "--mode", args.mode, "--child", str(image), str(support), "_",
+                   str(res_file)] + (["--model", args.model] if args.model else [])
+            subprocess.run(cmd, check=True)
+            child = json.loads(res_file.read_text())
+            out = work / f"{name}_out.nii.gz"
+            cli = [sys.executable, "-m", "FewShotSegLib.cli", "propagate", str(image), "--support", str(support),
+                   "--mode", args.mode, "-q", "-o", str(out)] + (["--model", args.model] if args.model else [])
+            t0 = time.perf_counter()
+            subprocess.run(cli, check=True, cwd=ROOT)
+            cli_seconds = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            results["cases"][name] = {**geometry[name], **child, "cli_wall_seconds": cli_seconds,
+                                      "target_seconds": TARGETS[name],
+                                      "max_child_peak_rss_mb_so_far": peak}
+            print(name, json.dumps(results["cases"][name]), flush=True)
+    write_json(ROOT / "benchmarks" / "results" / "speed.json", results)
+
+
+if __name__ == "__main__":
+    main()
