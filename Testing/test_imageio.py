@@ -116,8 +116,8 @@ def test_one_dicom_file_reads_its_whole_series(totalseg_dir, tmp_path):
     files = sorted((totalseg_dir / "ct_dicom").iterdir())
     ct = read_image(files[3])
     assert ct.GetSize() == (512, 512, 20)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(ct),
-                                  sitk.GetArrayViewFromImage(read_image(totalseg_dir / "ct_dicom")))
+    whole = read_image(totalseg_dir / "ct_dicom")  # (array views need their image kept alive)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(whole))
     lone = tmp_path / "one.dcm"
     shutil.copy(files[0], lone)  # a file without the rest of its series: a 1-slice volume
     assert read_image(lone).GetSize() == (512, 512, 1)

@@ -109,8 +109,8 @@ class MBConvBlock(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
-        y = F.relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
-        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y))
+        y = F.relu6(conv_bn(self._expand_conv, self._bn0, x), inplace=True) if self.expand else x
+        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y), inplace=True)
         y = conv_bn(self._project_conv, self._bn2, y)
         return x + y if self.residual else y
 
@@ -176,7 +176,7 @@ class EffNetLite0Backbone(nn.Module):
         self.out_channels = sum({4: 24, 8: 40, 16: 112}[s] for s in self.taps)
 
     def forward(self, x):
-        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x, gray=True))
+        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x, gray=True), inplace=True)
         outs, wanted = [], {self.TAPS[s] for s in self.taps}
         for i, block in enumerate(self._blocks):
             x = block(x)
@@ -200,12 +200,12 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        y = F.relu(conv_bn(self.conv1, self.bn1, x))
-        y = F.relu(conv_bn(self.conv2, self.bn2, y))
+        y = F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
+        y = F.relu(conv_bn(self.conv2, self.bn2, y), inplace=True)
         y = conv_bn(self.conv3, self.bn3, y)
         if self.downsample is not None:
             x = conv_bn(self.downsample[0], self.downsample[1], x)
-        return F.relu(y + x)
+        return F.relu(y + x, inplace=True)
 
 
 class ResNetBackbone(nn.Module):
@@ -250,7 +250,7 @@ class ResNetBackbone(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = F.relu(conv_bn(self.conv1, self.bn1, x, gray=True))
+        x = F.relu(conv_bn(self.conv1, self.bn1, x, gray=True), inplace=True)
         x4 = self.layer1(F.max_pool2d(x, 3, 2, 1))
         x = self.layer4(self.layer3(self.layer2(x4)))
         if self.output_stride == 4:
