@@ -50,6 +50,9 @@ class PropagationOptions:
     search_margin_mm: Optional[float] = 25.0
     # the structure has ended when a slice's area falls below this fraction of the painted area
     min_area_fraction: float = 0.05
+    # chained: weight of the registration-carried previous mask fused with the model's
+    # probability (0 = model only); registration follows shape, the model follows appearance
+    registration_weight: float = 0.0
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -59,6 +62,8 @@ class PropagationOptions:
             raise FewShotSegError("batch size must be at least 1")
         if not 0.0 < self.threshold < 1.0:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
+        if not 0.0 <= self.registration_weight <= 1.0:
+            raise FewShotSegError("registration_weight must lie in [0, 1]")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
 
@@ -274,6 +279,8 @@ class Propagator:
             p_mask = painted_masks[p].to(p_feat.device)
             min_area = self._min_area(float(p_mask.sum()))
             prev_feat, prev_mask = p_feat, p_mask
+            fuse = opts.registration_weight
+            prev_image = prepared.model_slices([p])[0].numpy() if fuse else None
             for k, i in enumerate(walk):
                 self._check_cancel()
                 q_feat = cache.get(i, walk[k + 1:])
@@ -283,6 +290,12 @@ class Propagator:
                     sup_feats = torch.stack([p_feat, prev_feat])
                     sup_masks = torch.stack([p_mask, prev_mask])
                 fg = self._foreground(model, sup_feats, sup_masks, q_feat[None])[0]
+                if fuse:
+                    from .registration import carry_mask
+                    image_i = prepared.model_slices([i])[0].numpy()
+                    carried = carry_mask(image_i, prev_image, prev_mask.cpu().numpy())
+                    fg = (1 - fuse) * fg + fuse * torch.from_numpy(carried)
+                    prev_image = image_i
                 if radius is not None:
                     fg = fg * _dilate(prev_mask.cpu() > 0.5, radius)
                 probs[i] = fg

@@ -13,6 +13,7 @@ import torch
 
 DEMONS_ITERATIONS = 40
 DEMONS_SMOOTHING = 1.5
+REGISTRATION_SHRINK = 2
 # the structure has ended when fewer than this fraction of the carried mask's pixels
 # have intensities inside the painted region's 5-95 % band
 MIN_INTENSITY_AGREEMENT = 0.5
@@ -22,16 +23,29 @@ def _as_image(array: np.ndarray) -> sitk.Image:
     return sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
 
 
+def _half(array: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return torch.nn.functional.avg_pool2d(t, REGISTRATION_SHRINK)[0, 0].numpy()
+
+
 def carry_mask(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray) -> np.ndarray:
-    """Warp ``moving_mask`` (on ``moving``) onto ``fixed``; returns a soft mask in [0, 1]."""
+    """Warp ``moving_mask`` (on ``moving``) onto ``fixed``; returns a soft mask in [0, 1].
+
+    The field is estimated on a grid shrunk by ``REGISTRATION_SHRINK`` (4x fewer pixels:
+    demons cost) and the soft mask is brought back with bilinear interpolation.
+    """
+    shape = fixed.shape
+    fixed, moving, moving_mask = _half(fixed), _half(moving), _half(moving_mask)
     fixed_img, moving_img = _as_image(fixed), _as_image(moving)
-    demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+    demons = sitk.DemonsRegistrationFilter()
+    demons.SetNumberOfThreads(1)  # 2-D fields this small run faster on one thread
     demons.SetNumberOfIterations(DEMONS_ITERATIONS)
     demons.SetStandardDeviations(DEMONS_SMOOTHING)
     field = demons.Execute(fixed_img, moving_img)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     warped = sitk.Resample(_as_image(moving_mask), fixed_img, transform, sitk.sitkLinear, 0.0)
-    return sitk.GetArrayFromImage(warped)
+    soft = torch.from_numpy(sitk.GetArrayFromImage(warped))[None, None]
+    return torch.nn.functional.interpolate(soft, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def propagate_by_registration(propagator, plan):

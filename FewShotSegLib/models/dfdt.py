@@ -122,6 +122,7 @@ class PDETRound(nn.Module):
 
     def forward(self, protos, k, v, bias):
         q = _heads(self.q(self.norm(protos)), self.heads)
+        k, v, bias = k.to(q.dtype), v.to(q.dtype), bias.to(q.dtype)  # autocast-safe
         protos = protos + self.out(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)))
         return protos + self.ffn(protos)
 

@@ -1,0 +1,153 @@
+"""The `fewshotseg` command end to end on a real scan, and every bad input it must refuse.
+
+Each refusal: exit status 2, exactly one line on stderr naming the problem, no output file.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FewShotSegLib.checkpoints import save_checkpoint
+from FewShotSegLib.cli import main
+from FewShotSegLib.evaluation import largest_slice_support
+from FewShotSegLib.model_store import DEFAULT_MODEL, list_model_files
+from FewShotSegLib.models import build_model
+from FewShotSegLib.preprocessing import PreprocessConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def case(chaos_dir, tmp_path_factory):
+    """CHAOS case 2: image path, label path, and a support file painted on the spleen's largest slice."""
+    work = tmp_path_factory.mktemp("cli")
+    image, label = chaos_dir / "image_2.nii.gz", chaos_dir / "label_2.nii.gz"
+    lab = sitk.ReadImage(str(label))
+    arr = sitk.GetArrayFromImage(lab)
+    support, _ = largest_slice_support(arr == 4, 0)
+    sup = sitk.GetImageFromArray(support.astype(np.uint8) * 4)
+    sup.CopyInformation(lab)
+    sitk.WriteImage(sup, str(work / "support.nii.gz"))
+    both = arr.copy()
+    both[~np.isin(np.arange(arr.shape[0]), [14, 15])] = 0   # several labels on two slices
+    multi = sitk.GetImageFromArray(both)
+    multi.CopyInformation(lab)
+    sitk.WriteImage(multi, str(work / "multi.nii.gz"))
+    return {"image": image, "label": label, "support": work / "support.nii.gz",
+            "multi": work / "multi.nii.gz", "dir": work}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "tiny.pt"
+    save_checkpoint(path, build_model("alpnet"), preprocess=PreprocessConfig(size=64), provenance={})
+    return path
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code, err, out_path: Path, match: str):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert match.lower() in lines[0].lower(), lines[0]
+    assert not out_path.exists()
+
+
+def test_propagate_and_evaluate_with_the_shipped_model(case, capsys):
+    if DEFAULT_MODEL not in [e.name for e in list_model_files()]:
+        pytest.fail(f"the shipped model {DEFAULT_MODEL}.pt is missing from Resources/Models")
+    out = case["dir"] / "spleen.nii.gz"
+    code, stdout, err = run_cli(["propagate", case["image"], "--support", case["support"], "-q",
+                                 "-o", out], capsys)
+    assert code == 0, err
+    pred = sitk.ReadImage(str(out))
+    ref = sitk.ReadImage(str(case["image"]))
+    assert pred.GetSize() == ref.GetSize() and pred.GetOrigin() == ref.GetOrigin()
+    assert pred.GetDirection() == ref.GetDirection()
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 4}   # keeps the painted label value
+    code, stdout, err = run_cli(["evaluate", out, case["label"], "--labels", "4", "--json"], capsys)
+    assert code == 0, err
+    scores = json.loads(stdout)
+    assert scores["4"]["dice"] > 0.7, scores
+
+
+def test_console_script_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "FewShotSegLib.cli", "--help"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "propagate" in proc.stdout
+
+
+def test_models_lists_checkpoints(capsys, tiny_model, monkeypatch):
+    monkeypatch.setenv("FEWSHOTSEG_MODELS", str(tiny_model.parent))
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and "tiny" in out and "alpnet" in out
+
+
+@pytest.mark.parametrize("problem", ["missing_image", "missing_support", "empty_support", "several_labels",
+                                     "absent_label", "no_overlap", "image_2d", "image_4d", "nan_voxels",
+                                     "output_is_input", "corrupt_model", "refiner_as_model", "unknown_model"])
+def test_bad_input_is_refused_cleanly(problem, case, tiny_model, capsys, tmp_path):
+    image, support = case["image"], case["support"]
+    out = tmp_path / "out.nii.gz"
+    model = tiny_model
+    extra = []
+    ref = sitk.ReadImage(str(image))
+    match = {"missing_image": "not found", "missing_support": "not found", "empty_support": "empty",
+             "several_labels": "label", "absent_label": "label", "no_overlap": "overlap",
+             "image_2d": "2", "image_4d": "4", "nan_voxels": "non-finite", "output_is_input": "also an input",
+             "corrupt_model": "corrupt.pt", "refiner_as_model": "refiner", "unknown_model": "no model named"}[problem]
+    if problem == "missing_image":
+        image = tmp_path / "nope.nii.gz"
+    elif problem == "missing_support":
+        support = tmp_path / "nope.nii.gz"
+    elif problem == "empty_support":
+        empty = sitk.Image(ref.GetSize(), sitk.sitkUInt8)
+        empty.CopyInformation(ref)
+        support = tmp_path / "empty.nii.gz"
+        sitk.WriteImage(empty, str(support))
+    elif problem == "several_labels":
+        support = case["multi"]
+    elif problem == "absent_label":
+        extra = ["--label", "7"]
+    elif problem == "no_overlap":
+        far = sitk.ReadImage(str(support))
+        far.SetOrigin([o + 5000.0 for o in far.GetOrigin()])
+        support = tmp_path / "far.nii.gz"
+        sitk.WriteImage(far, str(support))
+    elif problem in ("image_2d", "image_4d", "nan_voxels"):
+        arr = {"image_2d": np.zeros((32, 32), np.float32), "image_4d": np.zeros((2, 3, 32, 32), np.float32),
+               "nan_voxels": np.full((4, 32, 32), np.nan, np.float32)}[problem]
+        image = tmp_path / f"{problem}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=False), str(image))
+    elif problem == "output_is_input":
+        out = Path(support)
+    elif problem == "corrupt_model":
+        model = tmp_path / "corrupt.pt"
+        model.write_bytes(tiny_model.read_bytes()[:1000])
+    elif problem == "refiner_as_model":
+        payload = torch.load(tiny_model, weights_only=True)
+        payload["kind"] = "refiner"
+        model = tmp_path / "refiner.pt"
+        torch.save(payload, model)
+    elif problem == "unknown_model":
+        model = "no-such-model"
+    before = Path(support).read_bytes() if Path(support).exists() else None
+    code, _, err = run_cli(["propagate", image, "--support", support, "--model", model, "-q", "-o", out]
+                           + extra, capsys)
+    if problem == "output_is_input":
+        assert code == 2 and "also an input" in err and Path(support).read_bytes() == before
+    else:
+        assert_refused(code, err, out, match)

@@ -1,0 +1,192 @@
+"""The engine end to end on real scans: checkpoints, propagation, post-processing, metrics.
+
+Small untrained models (64 px grid) keep this fast; accuracy with the shipped model is
+checked in test_cli.py.
+"""
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FewShotSegLib.checkpoints import (FORMAT_VERSION, load_checkpoint, read_checkpoint_dict,
+                                       save_checkpoint)
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.evaluation import largest_slice_support
+from FewShotSegLib.imageio import read_image
+from FewShotSegLib.metrics import dice, hd95, iou
+from FewShotSegLib.models import build_model
+from FewShotSegLib.postprocessing import clean_mask
+from FewShotSegLib.preprocessing import PreprocessConfig
+from FewShotSegLib.propagation import PropagationCancelled, PropagationOptions, propagate
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("alpnet", pretrained=True)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, model, preprocess=PreprocessConfig(size=64), provenance={"test": True},
+                    card={"description": "untrained test model"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def chaos_case(chaos_dir):
+    image = read_image(chaos_dir / "image_2.nii.gz")
+    label = sitk.GetArrayFromImage(read_image(chaos_dir / "label_2.nii.gz", label=True))
+    return image, label
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_keeps_weights_and_metadata(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert loaded.name == "alpnet" and loaded.kind == "fewshot"
+    assert loaded.preprocess.size == 64
+    assert loaded.provenance == {"test": True}
+    assert not loaded.model.training
+    payload = read_checkpoint_dict(tiny_checkpoint)
+    assert payload["format_version"] == FORMAT_VERSION
+    ref = {k: v.float() for k, v in payload["state_dict"].items() if v.is_floating_point()}
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FewShotSegError, match="truncated.pt"):
+        load_checkpoint(bad)
+
+
+def test_newer_format_and_other_kind_are_refused(tiny_checkpoint, tmp_path):
+    payload = read_checkpoint_dict(tiny_checkpoint)
+    payload["format_version"] = FORMAT_VERSION + 1
+    newer = tmp_path / "newer.pt"
+    torch.save(payload, newer)
+    with pytest.raises(FewShotSegError, match="newer"):
+        load_checkpoint(newer)
+    payload["format_version"] = FORMAT_VERSION
+    payload["kind"] = "refiner"
+    refiner = tmp_path / "refiner.pt"
+    torch.save(payload, refiner)
+    with pytest.raises(FewShotSegError, match="refiner"):
+        load_checkpoint(refiner, expect_kind="fewshot")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_checkpoint, tmp_path):
+    payload = read_checkpoint_dict(tiny_checkpoint)
+    payload["model_name"] = "crtpnet"  # weights of alpnet under crtpnet's name
+    wrong = tmp_path / "wrong.pt"
+    torch.save(payload, wrong)
+    with pytest.raises(FewShotSegError, match="does not match"):
+        load_checkpoint(wrong)
+
+
+def test_pickled_code_is_not_loaded(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "fewshotseg-checkpoint", "obj": zipfile.ZipFile}, evil)
+    with pytest.raises(FewShotSegError, match="evil.pt"):
+        load_checkpoint(evil)
+
+
+# ---------------------------------------------------------------- propagation
+@pytest.mark.parametrize("mode", ["direct", "chained"])
+def test_propagation_fills_slices_and_keeps_painted_slice(tiny_checkpoint, chaos_case, mode):
+    image, label = chaos_case
+    truth = label == 1
+    support, index = largest_slice_support(truth, 0)
+    messages = []
+    result = propagate(image, support, load_checkpoint(tiny_checkpoint), PropagationOptions(mode=mode),
+                       progress=lambda f, m: messages.append(f))
+    assert result.mask.shape == label.shape and result.mask.dtype == np.uint8
+    np.testing.assert_array_equal(result.mask[index], support[index])
+    filled = np.flatnonzero(result.mask.reshape(len(result.mask), -1).any(1))
+    assert len(filled) > 1                      # it went beyond the painted slice
+    assert dice(result.mask, truth) > 0.3       # and found the liver (untrained, small grid)
+    assert messages[0] == 0.0 and messages[-1] == 1.0
+    assert result.network_seconds > 0
+
+
+def test_registration_mode_needs_no_model(chaos_case):
+    image, label = chaos_case
+    truth = label == 4
+    support, _ = largest_slice_support(truth, 0)
+    result = propagate(image, support, None, PropagationOptions(mode="registration"))
+    assert dice(result.mask, truth) > 0.6
+
+
+def test_cancel_raises_and_returns_nothing(tiny_checkpoint, chaos_case):
+    image, label = chaos_case
+    support, _ = largest_slice_support(label == 1, 0)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(PropagationCancelled):
+        propagate(image, support, load_checkpoint(tiny_checkpoint), PropagationOptions(), cancel=cancel)
+
+
+def test_bad_options_and_supports(tiny_checkpoint, chaos_case):
+    image, label = chaos_case
+    ckpt = load_checkpoint(tiny_checkpoint)
+    support, _ = largest_slice_support(label == 1, 0)
+    with pytest.raises(FewShotSegError, match="empty"):
+        propagate(image, np.zeros_like(support), ckpt)
+    with pytest.raises(FewShotSegError, match="mode"):
+        propagate(image, support, ckpt, PropagationOptions(mode="magic"))
+    with pytest.raises(FewShotSegError, match="shape"):
+        propagate(image, support[:-1], ckpt)
+    with pytest.raises(FewShotSegError, match="axis"):
+        propagate(image, support, ckpt, PropagationOptions(axis="oblique"))
+    one_slice = sitk.Image([32, 32, 1], sitk.sitkFloat32)
+    with pytest.raises(FewShotSegError, match="single slice"):
+        propagate(one_slice, np.ones((1, 32, 32), bool), ckpt)
+
+
+def test_coronal_axis_propagates_along_the_right_array_axis(tiny_checkpoint, chaos_case):
+    image, label = chaos_case
+    truth = label == 1
+    from FewShotSegLib.imageio import array_axis_for
+    axis = array_axis_for(image, "coronal")
+    assert axis != 0
+    support, index = largest_slice_support(truth, axis)
+    result = propagate(image, support, load_checkpoint(tiny_checkpoint),
+                       PropagationOptions(mode="direct", axis="coronal"))
+    np.testing.assert_array_equal(np.take(result.mask, index, axis=axis), np.take(support, index, axis=axis))
+    assert dice(result.mask, truth) > 0.2
+
+
+# ---------------------------------------------------------------- post-processing, metrics
+def test_clean_mask_drops_disconnected_blobs_and_fills_holes():
+    mask = np.zeros((5, 20, 20), bool)
+    mask[1:4, 5:15, 5:15] = True
+    mask[2, 9:11, 9:11] = False            # a hole
+    mask[4, 0:2, 0:2] = True               # far blob, not touching
+    painted = np.zeros_like(mask)
+    painted[2, 6:14, 6:14] = True
+    out = clean_mask(mask, painted, axis=0)
+    assert not out[4].any()
+    np.testing.assert_array_equal(out[2], painted[2])   # painted slice exactly as painted
+    assert out[1, 9:11, 9:11].all() or mask[1, 9:11, 9:11].all()
+
+
+def test_metrics_known_values():
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros_like(a)
+    a[2:6, 2:6, 2:6] = True
+    b[2:6, 2:6, 3:7] = True
+    assert dice(a, b) == pytest.approx(2 * 48 / 128)
+    assert iou(a, b) == pytest.approx(48 / 80)
+    assert hd95(a, a) == 0.0
+    assert hd95(a, b, spacing=(1, 1, 2)) == pytest.approx(2.0)
+    assert hd95(a, np.zeros_like(a)) == float("inf")
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
