@@ -162,3 +162,13 @@ def load_training_state(path) -> dict:
         raise FewShotSegError(f"training state not found: {path}") from None
     except Exception as exc:
         raise FewShotSegError(f"{path} is not a readable training state: {type(exc).__name__}") from None
+
+
+def publish_checkpoint(source, destination, card_updates: dict) -> Path:
+    """Copy a validated checkpoint to ``destination`` with its model card completed
+    (measured results, wall time...), so the shipped file carries its own card."""
+    payload = read_checkpoint_dict(source)
+    payload["card"] = {**payload.get("card", {}), **card_updates}
+    destination = Path(destination)
+    _atomic_torch_save(payload, destination)
+    return destination

@@ -8,13 +8,16 @@ asks of the model). Label files give supervised episodes the same way.
 
 Slices come from `FewShotSegLib.preprocessing.prepare_volume`, the code path inference
 uses, so the model sees in training exactly what it sees in Slicer. Every episode is a
-pure function of (seed, rank, step, index): resuming reproduces the same data.
+pure function of (seed, rank, step, index): resuming reproduces the same data, the
+number of DataLoader workers does not matter, and each DDP rank draws its own episodes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,14 @@ CACHE_VERSION = 2
 
 @dataclass
 class AugmentConfig:
+    """SSL-ALPNet's augmentation ranges, drawn independently for support and query.
+
+    ``elastic_alpha`` is the PEAK displacement in pixels of a noise field smoothed with
+    ``elastic_sigma``. Our choice: SSL-ALPNet's Simard-style code multiplies the smoothed
+    noise by alpha without normalising it, so the same numbers move pixels by ~0.3 px
+    there (hardly a deformation).
+    """
+
     rotate_deg: float = 5.0
     shift_px: float = 5.0
     shear_deg: float = 5.0
@@ -103,13 +114,29 @@ class VolumeSlices:
         if cache_dir is not None:
             path = Path(cache_dir) / f"{self.image_path.name.split('.')[0]}_{self._cache_key(preprocess, axis)}.npz"
             if path.is_file():
-                return np.load(path)["regions"]
+                try:
+                    with np.load(path) as cached:
+                        regions = cached["regions"]
+                    if regions.shape == tuple(self.slices.shape):
+                        return regions
+                except (OSError, ValueError, KeyError):  # truncated or foreign file: recompute
+                    pass
         regions = np.stack([superpixels(s) for s in self.slices.numpy()])
         if path is not None:
+            # a unique temporary name: several DDP ranks may fill the same cache at once
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, regions=regions)
-            tmp.replace(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez_compressed(f, regions=regions)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
         return regions
 
     def _valid_slices(self) -> list[tuple[int, np.ndarray]]:
@@ -131,7 +158,13 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
-    """Affine + elastic + gamma; ``image [S,S]`` float, ``mask [S,S]`` float -> same shapes."""
+    """Affine + elastic + gamma; ``image [S,S]`` float, ``mask [S,S]`` float -> same shapes.
+
+    One sampling grid moves image (bilinear) and mask (nearest) together; gamma acts on
+    the intensities mapped to [0,1] and back. Deterministic given ``gen``. Should the
+    mask leave the field of view, the pair is returned un-augmented (never an empty
+    "organ").
+    """
     size = image.shape[-1]
 
     def uniform(lo, hi):
@@ -160,6 +193,8 @@ def augment(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: to
     msk = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros",
                         align_corners=False)[0, 0]
     gamma = uniform(*cfg.gamma)
+    if bool(mask.any()) and not bool(msk.any()):
+        img, msk = image.clone(), mask.float().clone()
     lo, hi = img.min(), img.max()
     span = (hi - lo).clamp_min(1e-6)
     img = ((img - lo) / span).clamp(0, 1).pow(gamma) * span + lo
@@ -170,12 +205,18 @@ class EpisodeSampler:
     """Draws episodes: deterministic in (seed, rank, step, index)."""
 
     def __init__(self, volumes: list[VolumeSlices], augment_cfg: AugmentConfig, seed: int = 0,
-                 rank: int = 0, adjacent_probability: float = 0.0):
+                 rank: int = 0, adjacent_probability: float = 0.0,
+                 label_probability: float | None = None):
+        """``label_probability``: share of episodes drawn from labelled volumes when both
+        kinds are given (None: every volume equally likely)."""
         self.volumes = [v for v in volumes if v.valid]
         if not self.volumes:
             raise ValueError("no volume has a region large enough for an episode")
         self.augment_cfg, self.seed, self.rank = augment_cfg, seed, rank
         self.adjacent_probability = adjacent_probability
+        self.label_probability = label_probability
+        self._labelled = [v for v in self.volumes if v.label_path is not None]
+        self._unlabelled = [v for v in self.volumes if v.label_path is None]
 
     def _generator(self, step: int, index: int) -> torch.Generator:
         g = torch.Generator()
@@ -186,25 +227,36 @@ class EpisodeSampler:
         """(support image, support mask, query image, query mask), each ``[S,S]`` float."""
         g = self._generator(step, index)
         pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
-        vol = self.volumes[pick(len(self.volumes))]
+        pool = self.volumes
+        if self.label_probability is not None and self._labelled and self._unlabelled:
+            labelled = float(torch.rand((), generator=g)) < self.label_probability
+            pool = self._labelled if labelled else self._unlabelled
+        vol = pool[pick(len(pool))]
         s_idx, ids = vol.valid[pick(len(vol.valid))]
         region = int(ids[pick(len(ids))])
         s_img, s_mask = vol.slices[s_idx], torch.from_numpy(vol.regions[s_idx] == region).float()
         q_idx, q_mask = s_idx, s_mask
         if self.adjacent_probability > 0 and float(torch.rand((), generator=g)) < self.adjacent_probability:
-            q_idx, q_mask = self._adjacent(vol, s_idx, s_mask, pick(2) * 2 - 1)
+            q_idx, q_mask = self._adjacent(vol, s_idx, s_mask, pick(2) * 2 - 1, region)
         q_img = vol.slices[q_idx]
         s_img, s_mask = augment(s_img, s_mask, self.augment_cfg, g)
         q_img, q_mask = augment(q_img, q_mask, self.augment_cfg, g)
         return s_img, s_mask, q_img, q_mask
 
     @staticmethod
-    def _adjacent(vol: VolumeSlices, index: int, mask: torch.Tensor, direction: int):
-        """The neighbouring slice's region that overlaps ``mask`` most (IoU >= 0.3), else the same slice."""
+    def _adjacent(vol: VolumeSlices, index: int, mask: torch.Tensor, direction: int, region: int = 0):
+        """The query on the neighbouring slice: a label keeps its value there; a superpixel
+        becomes the neighbour's superpixel that overlaps it most (IoU >= 0.3). Otherwise
+        the same slice (the classic episode)."""
         j = index + direction
         if not 0 <= j < len(vol.regions):
             return index, mask
         reg = vol.regions[j]
+        if vol.label_path is not None:
+            cand = reg == region
+            if cand.sum() < MIN_REGION_PX:
+                return index, mask
+            return j, torch.from_numpy(cand).float()
         m = mask.numpy() > 0.5
         ids, counts = np.unique(reg[m & (reg > 0)], return_counts=True)
         if ids.size == 0:
@@ -212,10 +264,36 @@ class EpisodeSampler:
         best = int(ids[np.argmax(counts)])
         cand = reg == best
         iou = (cand & m).sum() / max((cand | m).sum(), 1)
-        if iou < 0.3 and vol.label_path is None:
+        if iou < 0.3:
             return index, mask
         return j, torch.from_numpy(cand).float()
 
     def batch(self, step: int, size: int):
         eps = [self.episode(step, i) for i in range(size)]
         return [torch.stack(t) for t in zip(*eps)]
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """Item ``i`` = the batch of step ``start + i``: a DataLoader's workers build episodes
+    ahead of the training loop, and the result does not depend on how many there are."""
+
+    def __init__(self, sampler: EpisodeSampler, start: int, steps: int, batch_size: int):
+        self.sampler, self.start, self.batch_size = sampler, int(start), int(batch_size)
+        self.length = max(0, int(steps) - self.start)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.sampler.batch(self.start + i, self.batch_size)
+
+
+def worker_init(_worker_id: int) -> None:
+    """One thread per DataLoader worker (they must not fight the training threads); Ctrl-C
+    and SIGTERM are the main process's business (it stops cleanly and ends the workers)."""
+    import signal
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

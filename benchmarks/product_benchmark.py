@@ -76,8 +76,14 @@ def main(argv=None):
     parser.add_argument("--cases", default=None, help="comma-separated CHAOS ids (default: all 20)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--tag", default=None)
+    parser.add_argument("--registration-weight", type=float, default=None,
+                        help="chained: fuse the registration-carried mask with this weight")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = {} if args.registration_weight is None else {"registration_weight": args.registration_weight}
+    run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag, extra)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--start-t", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop-size", type=int, default=None, help="refiner crop (default: the refiner's)")
+    parser.add_argument("--no-neighbours", action="store_true", help="refine only the slices with the coarse mask")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep-support", action="store_true",
                         help="restore the painted slice after refinement (what the product should do)")
@@ -180,7 +182,8 @@ def main(argv=None):
     holdout = [str(c) for c in refiner.provenance.get("holdout_cases", [])]
     cases = args.cases.split(",") if args.cases else (holdout or chaos_cases(data_dir))
     leaked = sorted(set(cases) - set(holdout)) if holdout else []
-    options = RefineOptions(samples=args.samples, steps=args.steps, start_t=args.start_t, seed=args.seed)
+    options = RefineOptions(samples=args.samples, steps=args.steps, start_t=args.start_t, seed=args.seed,
+                            crop_size=args.crop_size, neighbours=not args.no_neighbours)
     popts = PropagationOptions(mode=mode if mode != "auto" else "registration")
     rows, panels, start = [], [], time.perf_counter()
     for case in cases:
@@ -193,15 +196,14 @@ def main(argv=None):
                 _, prop, support = score_structure(image, label, CHAOS_ORGANS[organ], model, popts, case, organ)
                 coarse = prop.mask.astype(bool)
             else:
-                coarse, support = perturbed_coarse(truth, axis_index, args.seed), None
+                seed = args.seed + 100 * int(case) + CHAOS_ORGANS[organ]
+                coarse, support = perturbed_coarse(truth, axis_index, seed), None
             if not coarse.any():
                 print(f"case {case} {organ}: empty coarse mask, skipped")
                 continue
-            result = refine(image, coarse, refiner, options)
+            keep = support if (args.keep_support and support is not None) else None
+            result = refine(image, coarse, refiner, options, keep=keep)
             refined = result.mask.astype(bool)
-            if args.keep_support and support is not None:
-                painted = np.moveaxis(support, axis_index, 0).reshape(support.shape[axis_index], -1).any(1)
-                np.moveaxis(refined, axis_index, 0)[painted] = np.moveaxis(support, axis_index, 0)[painted]
             spacing = image.GetSpacing()[::-1]
             row = {"case": case, "organ": organ, "dice_coarse": dice(coarse, truth), "dice_refined": dice(refined, truth),
                    "hd95_coarse": hd95(coarse, truth, spacing), "hd95_refined": hd95(refined, truth, spacing),

@@ -31,7 +31,7 @@ def cmd_refine(args) -> int:
     from ..model_store import DEFAULT_REFINER, resolve_model_path
     from .sampling import RefineOptions, refine
 
-    inputs = [args.image, args.mask]
+    inputs = [p for p in (args.image, args.mask, args.keep) if p]
     outputs = [p for p in (args.output, args.uncertainty, args.probability) if p]
     resolved_inputs = {Path(p).resolve() for p in inputs}
     for out in outputs:                       # before any work: never overwrite an input
@@ -41,16 +41,20 @@ def cmd_refine(args) -> int:
         raise FewShotSegError("the output, uncertainty and probability files must differ")
     options = RefineOptions(samples=args.samples, steps=args.steps, start_t=args.start_t, seed=args.seed,
                             axis=args.axis, margin_mm=args.margin_mm, device=args.device,
-                            uncertainty=args.uncertainty_kind, num_threads=args.threads)
+                            uncertainty=args.uncertainty_kind, num_threads=args.threads,
+                            neighbours=not args.no_neighbours)
     options.validate()                        # bad K / steps fail before the files are read
     image = read_image(args.image)
     coarse_img = read_mask_like(args.mask, image)          # another grid: resampled (nearest)
     coarse = select_label(sitk.GetArrayViewFromImage(coarse_img), args.label)
+    keep = None
+    if args.keep:
+        keep = sitk.GetArrayViewFromImage(read_mask_like(args.keep, image)) != 0
     refiner = load_checkpoint(resolve_model_path(args.model, default=DEFAULT_REFINER),
                               expect_kind="refiner", device="cpu")
     update, close = _progress(not args.quiet)
     try:
-        result = refine(image, coarse, refiner, options, progress=update)
+        result = refine(image, coarse, refiner, options, progress=update, keep=keep)
     finally:
         close()
     value = args.label if args.label else 1
@@ -72,6 +76,8 @@ def add_refine_parser(subparsers):
     p.add_argument("--mask", required=True, help="coarse label file (e.g. a propagation); other grids are resampled")
     p.add_argument("--label", type=int, default=None, help="label value to refine (needed when several)")
     p.add_argument("-o", "--output", required=True, help="refined label file")
+    p.add_argument("--keep", default=None,
+                   help="label file of the painted slice(s): those slices are kept exactly as painted")
     p.add_argument("--uncertainty", default=None, help="also write the per-voxel uncertainty (float32)")
     p.add_argument("--probability", default=None, help="also write the mean foreground probability")
     p.add_argument("--uncertainty-kind", default="variance", choices=["variance", "entropy"])
@@ -80,6 +86,8 @@ def add_refine_parser(subparsers):
     p.add_argument("--start-t", type=float, default=0.5, help="noise level the coarse mask starts from (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-mm", type=float, default=10.0, help="crop margin around the coarse mask")
+    p.add_argument("--no-neighbours", action="store_true",
+                   help="do not refine the empty slice beyond each end of the coarse mask")
     p.add_argument("--model", default=None, help="refiner name (see `fewshotseg models`) or .pt file")
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")

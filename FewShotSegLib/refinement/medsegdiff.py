@@ -118,7 +118,8 @@ class NBPFilter(nn.Module):
 
 class SSFormer(nn.Module):
     """Cross-attention between the noise embedding and the semantic embedding, the noise
-    side aligned by the NBP filter first."""
+    side aligned by the NBP filter first. ``forward`` takes the semantic embedding already
+    projected by ``sem_proj`` (done once per slice in `MedSegDiffV2.encode_condition`)."""
 
     def __init__(self, channels: int, sem_channels: int, temb_dim: int, heads: int = 4):
         super().__init__()

@@ -45,6 +45,8 @@ class RefineOptions:
     eta: float = 0.0              # DDIM stochasticity (0 = deterministic steps)
     uncertainty: str = "variance"  # variance of the K sample probabilities, or entropy of their mean
     threshold: float = 0.5
+    crop_size: Optional[int] = None  # None: the refiner's own (multiple of 16; 64 is ~1.7x faster)
+    neighbours: bool = True       # also refine the empty slice next to each end (may grow the mask by one slice)
     num_threads: Optional[int] = None
 
     def validate(self) -> None:
@@ -64,6 +66,8 @@ class RefineOptions:
             raise FewShotSegError(f"uncertainty must be one of {', '.join(UNCERTAINTIES)}")
         if not 0.0 < self.threshold < 1.0:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
+        if self.crop_size is not None and (self.crop_size < 32 or self.crop_size % 16):
+            raise FewShotSegError(f"crop_size must be a multiple of 16, at least 32 (got {self.crop_size})")
 
 
 @dataclass
@@ -98,7 +102,7 @@ def model_pixel_mm(image: sitk.Image, axis_index: int, prepared, model_size: int
     return max(n * s for n, s in zip(shape, spacing)) / model_size
 
 
-def slice_plan(coarse_moved: np.ndarray) -> list[tuple[int, list[int]]]:
+def slice_plan(coarse_moved: np.ndarray, neighbours: bool = True) -> list[tuple[int, list[int]]]:
     """[(slice, anchor slices)]: every slice with the coarse mask (its own anchor) and the
     empty neighbours of those slices (anchored on the adjacent masked slice(s))."""
     present = coarse_moved.reshape(coarse_moved.shape[0], -1).any(1)
@@ -106,7 +110,7 @@ def slice_plan(coarse_moved: np.ndarray) -> list[tuple[int, list[int]]]:
     for i in range(len(present)):
         if present[i]:
             plan.append((i, [i]))
-        else:
+        elif neighbours:
             near = [j for j in (i - 1, i + 1) if 0 <= j < len(present) and present[j]]
             if near:
                 plan.append((i, near))
@@ -130,8 +134,13 @@ def _run_batch(model, images, anchors, options, generator):
 
 def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOptions | None = None,
            progress: Optional[Callable[[float, str], None]] = None,
-           cancel: Optional[Callable[[], bool]] = None) -> RefineResult:
-    """Refine ``coarse`` (bool, image array order) with a loaded refiner checkpoint."""
+           cancel: Optional[Callable[[], bool]] = None, keep: Optional[np.ndarray] = None) -> RefineResult:
+    """Refine ``coarse`` (bool, image array order) with a loaded refiner checkpoint.
+
+    ``keep`` (optional, bool, same shape): on every slice where it has voxels the result is
+    ``keep`` itself with zero uncertainty -- pass the user's painted slices, which are the
+    truth and which the refiner would otherwise redraw.
+    """
     options = options or RefineOptions()
     options.validate()
     start = time.perf_counter()
@@ -144,20 +153,24 @@ def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOption
                               "resample it onto the image first")
     if not coarse.any():
         raise FewShotSegError("the coarse mask is empty: nothing to refine")
+    if keep is not None:
+        keep = np.asarray(keep).astype(bool)
+        if keep.shape != coarse.shape:
+            raise FewShotSegError(f"keep mask shape {keep.shape} differs from the image {coarse.shape}")
     if getattr(refiner, "kind", "refiner") != "refiner":
         raise FewShotSegError(f"{getattr(refiner, 'path', 'this model')} is not a refiner")
     if options.num_threads:
         torch.set_num_threads(int(options.num_threads))
     device = _device(options.device)
     model = refiner.model.to(device).eval()
-    size = _crop_size(refiner)
+    size = int(options.crop_size or _crop_size(refiner))
 
     progress(0.0, "preparing the volume")
     axis_index = array_axis_for(image, options.axis)
     prepared = prepare_volume(image, options.axis, refiner.preprocess)
     anchors_model = prepared.mask_to_model(coarse) > 0.5          # [N, M, M] bool tensor
     margin_px = options.margin_mm / model_pixel_mm(image, axis_index, prepared, anchors_model.shape[-1])
-    plan = slice_plan(np.moveaxis(coarse, axis_index, 0))
+    plan = slice_plan(np.moveaxis(coarse, axis_index, 0), options.neighbours)
     plan = [(i, a) for i, a in plan if bool(anchors_model[a].any())]  # masks lost in resampling
     if not plan:
         raise FewShotSegError("the coarse mask is too small to refine at the model's resolution")
@@ -198,6 +211,11 @@ def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOption
     progress(0.97, "resampling to the image grid")
     prob_vol = np.clip(prepared.probs_to_volume(prob_full), 0.0, 1.0).astype(np.float32)
     unc_vol = np.clip(prepared.probs_to_volume(unc_full), 0.0, None).astype(np.float32)
+    if keep is not None:
+        kept = np.moveaxis(keep, axis_index, 0)
+        rows = kept.reshape(kept.shape[0], -1).any(1)
+        np.moveaxis(prob_vol, axis_index, 0)[rows] = kept[rows]
+        np.moveaxis(unc_vol, axis_index, 0)[rows] = 0.0
     mask = (prob_vol >= options.threshold).astype(np.uint8)
     progress(1.0, f"{len(plan)} slices refined")
     return RefineResult(mask=mask, uncertainty=unc_vol, probability=prob_vol,

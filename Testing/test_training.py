@@ -1,0 +1,217 @@
+"""Headless training on a real CHAOS volume: episodes, loss going down, resume, checkpoints.
+
+DDP (two CPU processes) is in test_ddp.py. Sizes are small (96 px) so the file runs in
+about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from FewShotSegLib.checkpoints import load_checkpoint, load_training_state
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.models import build_model
+from FewShotSegLib.preprocessing import PreprocessConfig
+from Training.episodes import (AugmentConfig, EpisodeDataset, EpisodeSampler, VolumeSlices, augment,
+                               superpixels)
+from Training.train import EpisodeLoss, build_sampler, load_config, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path, chaos_dir, **overrides) -> Path:
+    config = {
+        "name": "test-model", "model": "alpnet",
+        "model_config": {"backbone": "effnet-lite0", "pretrained": True},
+        "data": {"images": [str(chaos_dir / "image_5.nii.gz")], "axis": "axial",
+                 "preprocess": {"size": 96}, "cache_dir": str(tmp_path / "cache")},
+        "steps": 4, "batch_size": 1, "checkpoint_every": 2, "seed": 3, "device": "cpu",
+        "freeze_backbone_blocks": 3, "out": str(tmp_path / "run"),
+        # one thread: OpenMP threads that spin-wait slow a shared 2-core machine down many
+        # times over when anything else runs; the results are the same either way
+        "num_threads": 1,
+    }
+    config.update(overrides)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def volume(chaos_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("sp")
+    return VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=96), "axial", cache), cache
+
+
+def test_superpixels_are_cached_and_reused(volume, chaos_dir):
+    vol, cache = volume
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=96), "axial", cache)
+    assert files[0].stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(again.regions, vol.regions)
+    assert vol.regions.shape == tuple(vol.slices.shape)
+    assert len(vol.valid) > 5                         # many slices offer a pseudo-organ
+    # another size is another key: no stale pseudo-labels of the wrong grid
+    other = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", cache)
+    assert other.regions.shape[1:] == (64, 64) and len(list(cache.glob("*.npz"))) == 2
+
+
+def test_corrupt_cache_is_recomputed(chaos_dir, tmp_path):
+    first = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path)
+    (cached,) = tmp_path.glob("*.npz")
+    cached.write_bytes(b"not an npz")
+    again = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path)
+    np.testing.assert_array_equal(again.regions, first.regions)
+
+
+def test_superpixels_stay_inside_the_body(volume):
+    vol, _ = volume
+    mid = vol.slices.shape[0] // 2
+    seg = superpixels(vol.slices[mid].numpy())
+    assert seg[0, 0] == 0 and seg[-1, -1] == 0        # corners are air
+    assert len(np.unique(seg)) >= 3                  # background + at least two regions (96 px grid)
+
+
+def test_episodes_are_deterministic_and_non_empty(volume):
+    vol, _ = volume
+    sampler = EpisodeSampler([vol], AugmentConfig(), seed=1, adjacent_probability=0.5)
+    a = sampler.episode(step=7)
+    b = sampler.episode(step=7)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    s_img, s_mask, q_img, q_mask = a
+    assert s_img.shape == q_img.shape == s_mask.shape == (96, 96)
+    assert s_mask.sum() > 0 and q_mask.sum() > 0
+    assert set(torch.unique(s_mask).tolist()) <= {0.0, 1.0}
+    assert not torch.equal(sampler.episode(step=8)[0], s_img)
+    # ranks draw different episodes; the DataLoader dataset is the sampler, step by step
+    other_rank = EpisodeSampler([vol], AugmentConfig(), seed=1, rank=1, adjacent_probability=0.5)
+    assert not torch.equal(other_rank.episode(step=7)[0], s_img)
+    dataset = EpisodeDataset(sampler, start=5, steps=10, batch_size=2)
+    assert len(dataset) == 5
+    for x, y in zip(dataset[2], sampler.batch(7, 2)):
+        assert x.shape[0] == 2 and torch.equal(x, y)
+
+
+def test_label_episodes_keep_the_label(chaos_dir, tmp_path):
+    vol = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=96), "axial", None,
+                       label_path=chaos_dir / "label_5.nii.gz")
+    assert set(np.unique(vol.regions)) <= {0, 1, 2, 3, 4}
+    identity = AugmentConfig(rotate_deg=0, shift_px=0, shear_deg=0, scale=(1, 1), elastic_alpha=0, gamma=(1, 1))
+    sampler = EpisodeSampler([vol], identity, seed=0, adjacent_probability=1.0)
+    for step in range(6):
+        s_img, s_mask, q_img, q_mask = sampler.episode(step)
+        assert s_mask.sum() >= 200 and q_mask.sum() >= 200
+        s_idx = next(i for i, s in enumerate(vol.slices) if torch.allclose(s, s_img, atol=1e-4))
+        values = np.unique(vol.regions[s_idx][s_mask.numpy() > 0.5])
+        assert values.size == 1 and values[0] > 0    # exactly one organ
+        q_idx = next(i for i, s in enumerate(vol.slices) if torch.allclose(s, q_img, atol=1e-4))
+        assert abs(q_idx - s_idx) <= 1
+        assert np.all(vol.regions[q_idx][q_mask.numpy() > 0.5] == values[0])  # same organ there
+
+
+def test_augment_moves_image_and_mask_together():
+    img = torch.zeros(64, 64)
+    img[20:40, 20:40] = 1.0
+    mask = (img > 0.5).float()
+    g = torch.Generator().manual_seed(0)
+    out_img, out_mask = augment(img, mask, AugmentConfig(gamma=(1.0, 1.0)), g)
+    inside = out_img[out_mask > 0.5].mean()
+    outside = out_img[out_mask < 0.5].mean()
+    assert inside > 0.8 and outside < 0.2
+
+
+def test_augment_is_deterministic_given_the_generator():
+    img = torch.linspace(-1, 3, 64 * 64).reshape(64, 64)
+    mask = torch.zeros(64, 64)
+    mask[10:30, 25:50] = 1
+    runs = [augment(img, mask, AugmentConfig(), torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+    assert set(torch.unique(runs[0][1]).tolist()) <= {0.0, 1.0}   # masks stay binary (nearest)
+
+
+def test_training_lowers_the_loss(tmp_path, chaos_dir):
+    path = write_config(tmp_path, chaos_dir, steps=30, checkpoint_every=100, lr=0.01)
+    config = load_config(path, {})
+    ckpt = train(config, argv=["--config", str(path)])
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+    # the robust check: the same 12 held-out episodes (another seed), before and after
+    held_out = {**config, "seed": 777}
+    sampler, _, _ = build_sampler(held_out, rank=0)
+    batches = [sampler.batch(10_000 + i, 1) for i in range(12)]
+
+    def mean_loss(model):
+        loss = EpisodeLoss(model.train(), [0.05, 1.0], 1.0)
+        with torch.no_grad():
+            return float(np.mean([sum(float(t) for t in loss(*b)) for b in batches]))
+
+    torch.manual_seed(config["seed"])
+    before = mean_loss(build_model("alpnet", backbone="effnet-lite0", pretrained=True))
+    loaded = load_checkpoint(ckpt)
+    after = mean_loss(loaded.model)
+    assert after < 0.85 * before, (before, after)
+
+    prov = loaded.provenance
+    assert prov["steps"] == 30 and loaded.preprocess.size == 96 and loaded.name == "alpnet"
+    assert "image_5.nii.gz" in prov["data"][0] and len(next(iter(prov["data_sha256"].values()))) == 64
+    for key in ("command", "code_version", "wall_seconds", "hardware", "torch", "date", "seed"):
+        assert prov[key] not in (None, ""), key
+    assert next(v for v in loaded.model.state_dict().values()).dtype == torch.float32
+    raw = torch.load(ckpt, weights_only=True)
+    assert any(v.dtype == torch.float16 for v in raw["state_dict"].values())  # shipped in half
+
+
+def test_resume_continues_exactly(tmp_path, chaos_dir):
+    """4 steps in one go == 2 steps, stop, --resume to 4 (with a DataLoader worker)."""
+    def config_in(folder: str, steps: int) -> dict:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        path = write_config(tmp_path / folder, chaos_dir, out=str(tmp_path / folder / "run"), steps=steps,
+                            num_workers=1 if folder == "split" else 0,
+                            data={"images": [str(chaos_dir / "image_5.nii.gz")], "preprocess": {"size": 96},
+                                  "cache_dir": str(tmp_path / "cache"), "adjacent_probability": 0.5})
+        return load_config(path, {})
+
+    train(config_in("whole", 4))
+    train(config_in("split", 2))
+    assert load_training_state(tmp_path / "split" / "run" / "train_state.pt")["step"] == 2
+    train(config_in("split", 4), resume=True)
+    a = load_training_state(tmp_path / "whole" / "run" / "train_state.pt")
+    b = load_training_state(tmp_path / "split" / "run" / "train_state.pt")
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+    log = [json.loads(line) for line in (tmp_path / "split" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert any(r.get("event") == "resume" for r in log)
+
+
+def test_config_errors_name_the_problem(tmp_path, chaos_dir, capsys):
+    bad_key = write_config(tmp_path, chaos_dir, stpes=3)
+    with pytest.raises(FewShotSegError, match="stpes"):
+        load_config(bad_key, {})
+    missing = write_config(tmp_path, chaos_dir, data={"images": ["nowhere/image_*.nii.gz"]})
+    assert main(["--config", str(missing), "--steps", "1"]) == 2
+    assert "nowhere/image_*.nii.gz" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "absent.json")]) == 2
+
+
+def test_shipped_configs_are_valid():
+    for name in ("ssl_default.json", "smoke.json"):
+        config = load_config(ROOT / "Training" / "configs" / name, {})
+        build_model(config["model"], **{**config["model_config"], "pretrained": False})
+        PreprocessConfig.from_dict(config["data"]["preprocess"])
