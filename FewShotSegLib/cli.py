@@ -1,4 +1,4 @@
-"""The `fewshotseg` command: propagate, evaluate, models, train, demo.
+"""The `fewshotseg` command: propagate, refine, evaluate, models, train, demo.
 
 Every user error ends as one line on stderr and exit status 2; nothing is written unless
 the whole job succeeded (outputs are written atomically at the end).
@@ -11,55 +11,77 @@ import sys
 from pathlib import Path
 
 from .errors import FewShotSegError
-
-
-def _progress_bar(enabled: bool):
-    """A tqdm bar driven by the engine's (fraction, message) callback."""
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-    bar = tqdm(total=100, unit="%", leave=False, file=sys.stderr)
-
-    def update(fraction: float, message: str) -> None:
-        bar.n = int(round(100 * fraction))
-        bar.set_description(message)
-        bar.refresh()
-
-    return update, bar.close
+from .progress import progress_bar
 
 
 def cmd_propagate(args) -> int:
     import numpy as np
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint
-    from .imageio import label_image_like, read_image, read_mask_like, select_label, write_image
-    from .model_store import resolve_model_path
+    from .imageio import read_image, read_mask_like, select_label
+    from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
     inputs = [args.image, args.support]
-    out_paths = [p for p in (args.output, args.probability) if p]
+    out_paths = [p for p in (args.output, args.probability, args.uncertainty) if p]
     _refuse_overwriting_inputs(out_paths, inputs)
+    if args.uncertainty and not args.refine:
+        raise FewShotSegError("--uncertainty needs --refine (the uncertainty comes from the refiner's samples)")
+    options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
+                                 batch_size=args.batch_size, num_threads=args.threads)
+    if args.registration_weight is not None:
+        options.registration_weight = args.registration_weight
+    options.validate()
     image = read_image(args.image)
     support_img = read_mask_like(args.support, image)
-    support = select_label(sitk.GetArrayViewFromImage(support_img), args.label)
+    support_arr = sitk.GetArrayViewFromImage(support_img)
+    support = select_label(support_arr, args.label)
+    value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     model = None
     if args.mode != "registration":
         model = load_checkpoint(resolve_model_path(args.model), device="cpu")
-    options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
-                                 batch_size=args.batch_size, num_threads=args.threads)
-    update, close = _progress_bar(not args.quiet)
+    refiner = None
+    if args.refine:   # validated before the long work starts
+        refiner = load_checkpoint(resolve_model_path(args.refiner, default=DEFAULT_REFINER),
+                                  expect_kind="refiner", device="cpu")
+    update, close = progress_bar(not args.quiet)
     try:
         result = propagate(image, support, model, options, progress=update)
+        mask, probability, uncertainty = result.mask, result.probability, None
+        if refiner is not None:
+            from .refinement.sampling import RefineOptions, refine
+            refined = refine(image, mask.astype(bool), refiner,
+                             RefineOptions(axis=args.axis, device=args.device, num_threads=args.threads),
+                             progress=update, keep=support)
+            mask, probability, uncertainty = refined.mask, refined.probability, refined.uncertainty
     finally:
         close()
-    value = args.label if args.label else 1
-    write_image(label_image_like(result.mask * np.uint8(value), image), args.output, inputs=inputs)
-    if args.probability:
-        prob = sitk.GetImageFromArray(result.probability)
-        prob.CopyInformation(image)
-        write_image(prob, args.probability, inputs=inputs)
-    print(f"{result.slices_done} slices propagated in {result.seconds:.2f} s -> {args.output}")
+    _write_outputs(image, inputs, (args.output, _label_array(mask, value)),
+                   (args.probability, probability), (args.uncertainty, uncertainty))
+    what = " and refined" if refiner is not None else ""
+    print(f"{result.slices_done} slices propagated{what} in {result.seconds:.2f} s -> {args.output}")
     return 0
+
+
+def _label_array(mask, value: int):
+    import numpy as np
+    return mask.astype(np.uint8 if value < 256 else np.uint32) * value
+
+
+def _write_outputs(reference, inputs, *items) -> None:
+    """Write (path, array) pairs with the reference image's geometry; labels stay integer."""
+    import numpy as np
+    import SimpleITK as sitk
+    from .imageio import label_image_like, write_image
+    for path, array in items:
+        if not path or array is None:
+            continue
+        if np.issubdtype(array.dtype, np.integer):
+            img = label_image_like(array, reference)
+        else:
+            img = sitk.GetImageFromArray(array.astype(np.float32))
+            img.CopyInformation(reference)
+        write_image(img, path, inputs=inputs)
 
 
 def _refuse_overwriting_inputs(outputs, inputs) -> None:
@@ -136,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--registration-weight", type=float, default=None,
+                   help="chained: weight of the registration-carried mask fused with the model (0..1)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
+    p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
+    p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")
+    p.add_argument("--uncertainty", default=None, help="with --refine: also write the per-voxel uncertainty")
     p.add_argument("-o", "--output", required=True, help="output label file")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_propagate)
@@ -155,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("train_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 
+    from .refinement.cli import add_refine_parser
+    add_refine_parser(sub)
+
     d = sub.add_parser("demo", help="propagate a real CHAOS case and score it against its label")
     d.add_argument("--data", default=None, help="folder of the shared data (default ../shared/data)")
     d.add_argument("--case", default="1")
@@ -167,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # Training/train.py parses its own options
+        from Training.train import main as train_main
+        return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FewShotSegError
+from .extent import intensity_agreement, intensity_band
 from .imageio import array_axis_for
 from .postprocessing import clean_mask
 from .preprocessing import prepare_volume
@@ -53,6 +54,9 @@ class PropagationOptions:
     # chained: weight of the registration-carried previous mask fused with the model's
     # probability (0 = model only); registration follows shape, the model follows appearance
     registration_weight: float = 0.0
+    # the structure has ended when fewer than this fraction of a slice's mask has
+    # intensities inside the painted region's 5-95 % band (0 = area rule only)
+    min_intensity_agreement: float = 0.5
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -64,6 +68,8 @@ class PropagationOptions:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
         if not 0.0 <= self.registration_weight <= 1.0:
             raise FewShotSegError("registration_weight must lie in [0, 1]")
+        if not 0.0 <= self.min_intensity_agreement < 1.0:
+            raise FewShotSegError("min_intensity_agreement must lie in [0, 1)")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
 
@@ -280,7 +286,9 @@ class Propagator:
             min_area = self._min_area(float(p_mask.sum()))
             prev_feat, prev_mask = p_feat, p_mask
             fuse = opts.registration_weight
-            prev_image = prepared.model_slices([p])[0].numpy() if fuse else None
+            p_image = prepared.model_slices([p])[0].numpy()
+            band = intensity_band(p_image, p_mask.cpu().numpy() > 0.5)
+            prev_image = p_image
             for k, i in enumerate(walk):
                 self._check_cancel()
                 q_feat = cache.get(i, walk[k + 1:])
@@ -302,7 +310,10 @@ class Propagator:
                 done += 1
                 mask = (fg >= opts.threshold).float()
                 cache.forget({p, i} | set(walk[k + 1:k + 1 + opts.batch_size]))
-                if float(mask.sum()) < min_area:
+                ended = float(mask.sum()) < min_area or intensity_agreement(
+                    prepared.model_slices([i])[0].numpy(), mask.cpu().numpy() > 0.5, band) \
+                    < opts.min_intensity_agreement
+                if ended:
                     probs[i] = torch.zeros_like(fg)
                     stops[f"{p}->{walk[-1]}"] = i
                     break

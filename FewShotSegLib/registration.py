@@ -11,12 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .extent import intensity_agreement, intensity_band
+
 DEMONS_ITERATIONS = 40
 DEMONS_SMOOTHING = 1.5
 REGISTRATION_SHRINK = 2
-# the structure has ended when fewer than this fraction of the carried mask's pixels
-# have intensities inside the painted region's 5-95 % band
-MIN_INTENSITY_AGREEMENT = 0.5
 
 
 def _as_image(array: np.ndarray) -> sitk.Image:
@@ -60,8 +59,7 @@ def propagate_by_registration(propagator, plan):
     for p, walk in plan:
         image_p = prepared.model_slices([p])[0].numpy()
         mask_p = painted_masks[p]
-        inside = image_p[mask_p > 0.5]
-        low, high = np.percentile(inside, [5, 95]) if inside.size else (-np.inf, np.inf)
+        band = intensity_band(image_p, mask_p > 0.5)
         min_area = propagator._min_area(float(mask_p.sum()))
         prev_image, prev_mask = image_p, mask_p
         for k, i in enumerate(walk):
@@ -70,8 +68,8 @@ def propagate_by_registration(propagator, plan):
             soft = carry_mask(image_i, prev_image, prev_mask)
             done += 1
             mask = soft >= opts.threshold
-            agreement = float(((image_i >= low) & (image_i <= high))[mask].mean()) if mask.any() else 0.0
-            if mask.sum() < min_area or agreement < MIN_INTENSITY_AGREEMENT:
+            agreement = intensity_agreement(image_i, mask, band)
+            if mask.sum() < min_area or agreement < opts.min_intensity_agreement:
                 stops[f"{p}->{walk[-1]}"] = i
                 break
             probs[i] = soft

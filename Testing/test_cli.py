@@ -84,6 +84,28 @@ def test_propagate_and_evaluate_with_the_shipped_model(case, capsys):
     assert scores["4"]["dice"] > 0.25, scores   # measured 0.38 with the 7k-step model: see README
 
 
+def test_propagate_refine_writes_mask_and_uncertainty(case, tiny_model, capsys):
+    out, unc = case["dir"] / "refined.nii.gz", case["dir"] / "uncertainty.nii.gz"
+    base = ["propagate", case["image"], "--support", case["support"], "--mode", "registration", "-q"]
+    code, _, err = run_cli(base + ["--uncertainty", unc, "-o", out], capsys)
+    assert_refused(code, err, out, "--refine")
+    code, _, err = run_cli(base + ["--refine", "--refiner", tiny_model, "-o", out], capsys)
+    assert_refused(code, err, out, "refiner")           # a few-shot model is not a refiner
+    code, stdout, err = run_cli(base + ["--refine", "--uncertainty", unc, "-o", out], capsys)
+    assert code == 0, err
+    assert "refined" in stdout
+    ref = sitk.ReadImage(str(case["image"]))
+    pred, u = sitk.ReadImage(str(out)), sitk.ReadImage(str(unc))
+    assert pred.GetSize() == u.GetSize() == ref.GetSize()
+    assert pred.GetDirection() == ref.GetDirection() and u.GetOrigin() == ref.GetOrigin()
+    labels = sitk.GetArrayFromImage(pred)
+    assert set(np.unique(labels)) == {0, 4}
+    support = sitk.GetArrayFromImage(sitk.ReadImage(str(case["support"])))
+    painted = int(np.flatnonzero(support.reshape(support.shape[0], -1).any(1))[0])
+    assert np.array_equal(labels[painted], support[painted])   # the painted slice is kept as painted
+    assert float(sitk.GetArrayFromImage(u).max()) > 0.0
+
+
 def test_console_script_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "FewShotSegLib.cli", "--help"], capture_output=True,
                           text=True, cwd=ROOT)

@@ -114,6 +114,34 @@ def test_propagation_fills_slices_and_keeps_painted_slice(tiny_checkpoint, chaos
     assert result.network_seconds > 0
 
 
+def test_intensity_band_and_agreement_known_values():
+    from FewShotSegLib.extent import intensity_agreement, intensity_band
+    image = np.arange(100, dtype=np.float32).reshape(10, 10)
+    painted = np.zeros((10, 10), bool)
+    painted[:5] = True                                   # values 0..49
+    low, high = intensity_band(image, painted)
+    assert low == pytest.approx(np.percentile(np.arange(50), 5))
+    assert high == pytest.approx(np.percentile(np.arange(50), 95))
+    assert intensity_agreement(image, painted, (low, high)) == pytest.approx(44 / 50)  # 3..46 inside
+    assert intensity_agreement(image, ~painted, (low, high)) == 0.0   # all 50..99: outside the band
+    assert intensity_agreement(image, np.zeros((10, 10), bool), (low, high)) == 0.0
+
+
+def test_intensity_stop_rule_only_shortens_the_chain(tiny_checkpoint, chaos_case):
+    """The rule ends a walk earlier or not at all: with it, the filled slices are a subset."""
+    image, label = chaos_case
+    support, _ = largest_slice_support(label == 4, 0)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    free = propagate(image, support, ckpt, PropagationOptions(min_intensity_agreement=0.0))
+    strict = propagate(image, support, ckpt, PropagationOptions(min_intensity_agreement=0.9))
+    rows = lambda m: set(np.flatnonzero(m.reshape(len(m), -1).any(1)).tolist())
+    assert rows(strict.mask) <= rows(free.mask)
+    assert strict.slices_done <= free.slices_done
+    assert strict.stopped_at                             # a 90 % agreement demand ends walks
+    with pytest.raises(FewShotSegError, match="min_intensity_agreement"):
+        PropagationOptions(min_intensity_agreement=1.5).validate()
+
+
 def test_registration_mode_needs_no_model(chaos_case):
     image, label = chaos_case
     truth = label == 4

@@ -213,5 +213,6 @@ def test_config_errors_name_the_problem(tmp_path, chaos_dir, capsys):
 def test_shipped_configs_are_valid():
     for name in ("ssl_default.json", "smoke.json"):
         config = load_config(ROOT / "Training" / "configs" / name, {})
-        build_model(config["model"], **{**config["model_config"], "pretrained": False})
-        PreprocessConfig.from_dict(config["data"]["preprocess"])
+        model = build_model(config["model"], **{**config["model_config"], "pretrained": False})
+        assert model.name == config["model"]
+        assert PreprocessConfig.from_dict(config["data"]["preprocess"]).size > 0

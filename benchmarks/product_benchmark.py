@@ -31,7 +31,7 @@ from FewShotSegLib.propagation import PropagationOptions  # noqa: E402
 FLOORS = {"copy support to every slice": 0.381, "copy support to the true extent (oracle)": 0.668}
 
 
-def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None):
+def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None, skip_ct=False):
     data_dir = shared_data_dir(data)
     checkpoint = None if mode == "registration" else load_checkpoint(resolve_model_path(model_name))
     options = PropagationOptions(mode=mode, **(options_extra or {}))
@@ -47,7 +47,7 @@ def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None):
     ct_image = read_image(data_dir / "totalseg" / "ct_abdomen_3mm.nii.gz")
     ct_label = sitk.GetArrayFromImage(read_image(data_dir / "totalseg" / "ct_abdomen_3mm_seg.nii.gz", label=True))
     ct_scores = []
-    for organ, value in TOTALSEG_ORGANS.items():
+    for organ, value in ({} if skip_ct else TOTALSEG_ORGANS).items():
         score, _, _ = score_structure(ct_image, ct_label, value, checkpoint, options, case="ct_abdomen_3mm",
                                       organ=organ)
         ct_scores.append(score)
@@ -56,7 +56,7 @@ def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None):
     payload = {
         "benchmark": "product: support = largest-area slice, every slice scored, 3D Dice",
         "model": name, "mode": mode, "options": options.__dict__,
-        "chaos_t2": chaos, "totalseg_ct_agreement": summarise(ct_scores),
+        "chaos_t2": chaos, "totalseg_ct_agreement": summarise(ct_scores) if ct_scores else None,
         "floors_mean_dice": FLOORS,
         "per_case": [s.to_dict() for s in scores + ct_scores],
         "wall_seconds": time.perf_counter() - start,
@@ -78,12 +78,21 @@ def main(argv=None):
     parser.add_argument("--tag", default=None)
     parser.add_argument("--registration-weight", type=float, default=None,
                         help="chained: fuse the registration-carried mask with this weight")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any PropagationOptions field, e.g. min_intensity_agreement=0 (repeatable)")
+    parser.add_argument("--skip-ct", action="store_true", help="CHAOS-T2 only (quick ablations)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     extra = {} if args.registration_weight is None else {"registration_weight": args.registration_weight}
-    run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag, extra)
+    for item in args.option:
+        key, _, value = item.partition("=")
+        if key not in PropagationOptions.__dataclass_fields__:
+            parser.error(f"--option {key}: not a PropagationOptions field")
+        extra[key] = None if value.lower() == "none" else float(value)
+    run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag, extra,
+        skip_ct=args.skip_ct)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import FewShotSegError
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-    bar = tqdm(total=100, unit="%", leave=False, file=sys.stderr)
-
-    def update(fraction: float, message: str) -> None:
-        bar.n = int(round(100 * fraction))
-        bar.set_description(message)
-        bar.refresh()
-
-    return update, bar.close
+from ..progress import progress_bar
 
 
 def cmd_refine(args) -> int:
@@ -46,19 +33,20 @@ def cmd_refine(args) -> int:
     options.validate()                        # bad K / steps fail before the files are read
     image = read_image(args.image)
     coarse_img = read_mask_like(args.mask, image)          # another grid: resampled (nearest)
-    coarse = select_label(sitk.GetArrayViewFromImage(coarse_img), args.label)
+    coarse_arr = sitk.GetArrayViewFromImage(coarse_img)
+    coarse = select_label(coarse_arr, args.label)
+    value = args.label if args.label else int(coarse_arr[coarse].max())  # keep the label value
     keep = None
     if args.keep:
         keep = sitk.GetArrayViewFromImage(read_mask_like(args.keep, image)) != 0
     refiner = load_checkpoint(resolve_model_path(args.model, default=DEFAULT_REFINER),
                               expect_kind="refiner", device="cpu")
-    update, close = _progress(not args.quiet)
+    update, close = progress_bar(not args.quiet)
     try:
         result = refine(image, coarse, refiner, options, progress=update, keep=keep)
     finally:
         close()
-    value = args.label if args.label else 1
-    write_image(label_image_like(result.mask * np.uint8(value), image), args.output, inputs=inputs)
+    write_image(label_image_like(result.mask.astype(np.uint8 if value < 256 else np.uint32) * value, image), args.output, inputs=inputs)
     for path, array in ((args.uncertainty, result.uncertainty), (args.probability, result.probability)):
         if path:
             img = sitk.GetImageFromArray(array.astype(np.float32))

@@ -1,0 +1,142 @@
+"""Render the benchmark results (benchmarks/results/*.json) as the README's tables.
+
+The README quotes numbers only through this script, so a table never disagrees with the
+file it came from:
+
+    python benchmarks/report.py            # print the Markdown
+    python benchmarks/report.py --write    # replace the block between the README markers
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]
+
+
+def _load(name: str):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _row(label, per_organ, mean, note):
+    cells = [f"{per_organ[o]:.3f}" if o in per_organ else "" for o in ORGANS]
+    return f"| {label} | " + " | ".join(cells) + f" | **{mean:.3f}** | {note} |"
+
+
+def _describe(result) -> str:
+    opts = result.get("options") or {}
+    if result["mode"] == "registration":
+        return "registration only (no model)"
+    text = f"`{result['model']}`, {result['mode']}"
+    if opts.get("registration_weight"):
+        text += f" + registration fusion {opts['registration_weight']:g}"
+    if opts.get("min_intensity_agreement", 0) == 0:
+        text += ", no intensity stop rule"
+    return text
+
+
+def product_table(files: list[str]) -> str:
+    lines = ["| method | liver | R kidney | L kidney | spleen | mean | cases, s per organ |",
+             "|---|---|---|---|---|---|---|"]
+    floors = None
+    for name in files:
+        result = _load(name)
+        if result is None:
+            continue
+        chaos = result["chaos_t2"]
+        floors = floors or result.get("floors_mean_dice")
+        lines.append(_row(_describe(result), chaos["dice_per_organ"], chaos["mean_dice"],
+                          f"{chaos['cases']} cases, {chaos['seconds_per_structure']:.1f} s"))
+    for label, value in (floors or {}).items():
+        lines.append(f"| floor: {label} | | | | | {value:.3f} | REFERENCE §7 |")
+    return "\n".join(lines)
+
+
+def totalseg_table(files: list[str]) -> str:
+    lines = ["| method | liver | R kidney | L kidney | spleen | mean |", "|---|---|---|---|---|---|"]
+    for name in files:
+        result = _load(name)
+        if result is None or not result.get("totalseg_ct_agreement"):
+            continue
+        ct = result["totalseg_ct_agreement"]
+        cells = " | ".join(f"{ct['dice_per_organ'].get(o, float('nan')):.3f}" for o in ORGANS)
+        lines.append(f"| {_describe(result)} | {cells} | **{ct['mean_dice']:.3f}** |")
+    return "\n".join(lines)
+
+
+def speed_table() -> str:
+    result = _load("speed.json")
+    if result is None:
+        return "_speed benchmark not run yet: `python benchmarks/speed_benchmark.py`_"
+    lines = [f"Hardware: {result['hardware']}; mode `{result['mode']}`.", "",
+             "| case | propagate s | target s | CLI wall s | network s | total / network | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in result["cases"].items():
+        lines.append(f"| {name} | {c['propagate_seconds']:.2f} | < {c['target_seconds']:g} | "
+                     f"{c['cli_wall_seconds']:.2f} | {c['network_seconds']:.2f} | {c['overhead_ratio']:.2f} | "
+                     f"{c['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def refine_table(files: list[str]) -> str:
+    lines = ["| coarse masks | Dice coarse | Dice refined | AUROC (variance) | s per slice | cases |",
+             "|---|---|---|---|---|---|"]
+    for name in files:
+        result = _load(name)
+        if result is None:
+            continue
+        s = result["summary"]
+        coarse = result.get("propagation") or result.get("coarse")
+        lines.append(f"| {coarse} ({name}) | {s['mean_dice_coarse']:.3f} | {s['mean_dice_refined']:.3f} | "
+                     f"{s['mean_auroc_variance']:.3f} | {s['seconds_per_slice']:.2f} | {len(result['cases'])} |")
+    return "\n".join(lines)
+
+
+def render(config: dict) -> str:
+    parts = ["### Product benchmark: CHAOS-T2, support = the organ's largest slice, every slice scored",
+             "", product_table(config["product"]), "",
+             "### TotalSegmentator CT case (agreement with its model-made labels)", "",
+             totalseg_table(config["product"]), "",
+             "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
+             "### Refinement (held-out CHAOS-T2 cases)", "", refine_table(config["refine"])]
+    protocol = sorted(RESULTS.glob("protocol_*.md"))
+    if protocol:
+        parts += ["", "### Few-shot protocol (papers' EP1/EP2)", ""]
+        parts += [p.read_text().strip() for p in protocol]
+    return "\n".join(parts) + "\n"
+
+
+DEFAULT_CONFIG = {
+    "product": ["product_fewshotseg-default_chained.json", "product_fewshotseg-default_chained_model_only.json",
+                "product_fewshotseg-default_chained_no_stop_rule.json", "product_registration.json"],
+    "refine": ["refine_holdout_registration_keep.json", "refine_holdout_perturbed.json"],
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="update README.md between the markers")
+    args = parser.parse_args(argv)
+    text = render(DEFAULT_CONFIG)
+    if not args.write:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    if START not in body or END not in body:
+        print(f"report: error: README.md lacks the markers {START} ... {END}", file=sys.stderr)
+        return 2
+    head, rest = body.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + START + "\n" + text + END + tail)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
