@@ -4,7 +4,8 @@ SSL-ALPNet's recipe: Felzenszwalb superpixels of each slice are pseudo-labels; a
 takes one superpixel as the "organ", and support and query are two independent random
 augmentations of the slice. Optionally the query is the neighbouring slice, with the
 superpixel there that overlaps most (adjacent-slice episodes: closer to what propagation
-asks of the model). Label files give supervised episodes the same way.
+asks of the model). Label files give supervised episodes the same way. Label files can
+also keep slices out of training altogether (``exclude_labels``: few-shot setting 2).
 
 Slices come from `FewShotSegLib.preprocessing.prepare_volume`, the code path inference
 uses, so the model sees in training exactly what it sees in Slicer. Every episode is a
@@ -79,14 +80,36 @@ def superpixels(slice2d: np.ndarray) -> np.ndarray:
     return seg.astype(np.int16)
 
 
+def excluded_slices(label_path: Path, image, axis_index: int, values) -> frozenset:
+    """Indices of the slices (along ``axis_index``) whose label holds ANY of ``values``.
+
+    Few-shot "setting 2" keeps test classes out of training entirely. The strict rule
+    (SSL-ALPNet) drops a slice when any test class is present in it; the lenient rule of
+    the RPT/Q-Net family (all of them present) removes almost nothing, so we do not use
+    it. The label is resampled onto the image grid (nearest) when the grids differ.
+    """
+    import SimpleITK as sitk
+    from FewShotSegLib.imageio import read_mask_like
+    label = sitk.GetArrayFromImage(read_mask_like(Path(label_path), image))
+    hit = np.isin(label, np.asarray(list(values), dtype=np.int64))
+    per_slice = hit.any(axis=tuple(a for a in range(3) if a != axis_index))
+    return frozenset(int(i) for i in np.flatnonzero(per_slice))
+
+
 class VolumeSlices:
     """One volume's pre-processed slices and its pseudo-labels (or labels), cached on disk."""
 
     def __init__(self, image_path: Path, preprocess: PreprocessConfig, axis: str,
-                 cache_dir: Path | None, label_path: Path | None = None):
+                 cache_dir: Path | None, label_path: Path | None = None,
+                 exclude_labels: tuple | None = None):
+        """``exclude_labels``: ``(label file, values)``; slices whose label contains ANY of
+        the values take no part in any episode (few-shot setting 2, see `excluded_slices`)."""
         self.image_path, self.label_path = Path(image_path), label_path and Path(label_path)
         image = read_image(self.image_path)
         prepared = prepare_volume(image, axis, preprocess)
+        self.excluded: frozenset = frozenset()
+        if exclude_labels is not None:
+            self.excluded = excluded_slices(exclude_labels[0], image, prepared.axis_index, exclude_labels[1])
         n = prepared.shape[prepared.axis_index]
         self.slices = prepared.model_slices(list(range(n))).float().contiguous()  # [N,S,S]
         if self.label_path is not None:
@@ -143,6 +166,8 @@ class VolumeSlices:
         """(slice, region ids large enough to be an episode's organ)."""
         out = []
         for i, reg in enumerate(self.regions):
+            if i in self.excluded:
+                continue
             ids, counts = np.unique(reg[reg > 0], return_counts=True)
             ids = ids[counts >= MIN_REGION_PX]
             if ids.size:
@@ -249,7 +274,7 @@ class EpisodeSampler:
         becomes the neighbour's superpixel that overlaps it most (IoU >= 0.3). Otherwise
         the same slice (the classic episode)."""
         j = index + direction
-        if not 0 <= j < len(vol.regions):
+        if not 0 <= j < len(vol.regions) or j in getattr(vol, "excluded", ()):
             return index, mask
         reg = vol.regions[j]
         if vol.label_path is not None:

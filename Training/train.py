@@ -50,6 +50,10 @@ DATA_DEFAULTS = {
     "preprocess": {},             # PreprocessConfig fields (stored in the checkpoint)
     "cache_dir": "cache/superpixels",
     "adjacent_probability": 0.0,  # query = neighbouring slice instead of the same slice
+    # few-shot setting 2: {"labels": [label globs], "values": [ints]}; a slice of an "images"
+    # volume whose label (paired by the numbers in the file names) holds ANY of the values
+    # is never used (strict rule, SSL-ALPNet). None: keep every slice.
+    "exclude_labels": None,
 }
 DEFAULTS = {
     "name": "fewshotseg-model",   # release checkpoint = out/<name>.pt
@@ -141,6 +145,32 @@ def _pairs(pairs, bases) -> list[tuple[Path, Path]]:
         if len(images) != len(labels) or any(key(a) != key(b) for a, b in zip(images, labels)):
             raise FewShotSegError(f"images {pair[0]} and labels {pair[1]} do not pair up one to one")
         out += list(zip(images, labels))
+    return out
+
+
+def _exclusion_labels(spec, images: list[Path], bases) -> dict:
+    """``data.exclude_labels`` -> {image: (its label file, values)}. Every image needs its
+    label (same numbers in the file name): a slice we cannot check would leak a test class."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or set(spec) != {"labels", "values"}:
+        raise FewShotSegError('data.exclude_labels must be {"labels": [globs], "values": [ints]}')
+    values = spec["values"]
+    if not isinstance(values, list) or not values or not all(isinstance(v, int) and v > 0 for v in values):
+        raise FewShotSegError(f"data.exclude_labels.values must be positive integers, not {values!r}")
+    patterns = [spec["labels"]] if isinstance(spec["labels"], str) else list(spec["labels"])
+    key = lambda p: tuple(re.findall(r"\d+", p.name))  # noqa: E731
+    labels = {}
+    for path in _expand(patterns, bases):
+        if labels.get(key(path), path) != path:
+            raise FewShotSegError(f"data.exclude_labels: {labels[key(path)].name} and {path.name} carry the "
+                                  "same numbers; narrow the label globs")
+        labels[key(path)] = path
+    out = {}
+    for image in images:
+        if key(image) not in labels:
+            raise FewShotSegError(f"data.exclude_labels: no label file for {image.name} in {', '.join(patterns)}")
+        out[image] = (labels[key(image)], tuple(values))
     return out
 
 
@@ -275,7 +305,8 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
         for p in images[rank::world]:
             VolumeSlices(p, preprocess, data["axis"], cache)
         _barrier(device)
-    volumes = [VolumeSlices(p, preprocess, data["axis"], cache) for p in images]
+    excluding = _exclusion_labels(data.get("exclude_labels"), images, bases)
+    volumes = [VolumeSlices(p, preprocess, data["axis"], cache, exclude_labels=excluding.get(p)) for p in images]
     volumes += [VolumeSlices(i, preprocess, data["axis"], None, label_path=lab) for i, lab in pairs]
     try:
         sampler = EpisodeSampler(volumes, augment, seed=config["seed"], rank=rank,

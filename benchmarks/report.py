@@ -36,24 +36,24 @@ def _describe(result) -> str:
     text = f"`{result['model']}`, {result['mode']}"
     if opts.get("registration_weight"):
         text += f" + registration fusion {opts['registration_weight']:g}"
-    if opts.get("min_intensity_agreement", 0) == 0:
-        text += ", no intensity stop rule"
+    agreement = opts.get("min_intensity_agreement", 0)
+    text += f", intensity stop rule {agreement:g}" if agreement else ", no intensity stop rule"
     return text
 
 
-def product_table(files: list[str]) -> str:
+def product_table(files: list[str], floors: bool = True) -> str:
     lines = ["| method | liver | R kidney | L kidney | spleen | mean | cases, s per organ |",
              "|---|---|---|---|---|---|---|"]
-    floors = None
+    floor_rows = None
     for name in files:
         result = _load(name)
         if result is None:
             continue
         chaos = result["chaos_t2"]
-        floors = floors or result.get("floors_mean_dice")
+        floor_rows = floor_rows or result.get("floors_mean_dice")
         lines.append(_row(_describe(result), chaos["dice_per_organ"], chaos["mean_dice"],
                           f"{chaos['cases']} cases, {chaos['seconds_per_structure']:.1f} s"))
-    for label, value in (floors or {}).items():
+    for label, value in ((floor_rows or {}) if floors else {}).items():
         lines.append(f"| floor: {label} | | | | | {value:.3f} | REFERENCE §7 |")
     return "\n".join(lines)
 
@@ -101,6 +101,8 @@ def refine_table(files: list[str]) -> str:
 def render(config: dict) -> str:
     parts = ["### Product benchmark: CHAOS-T2, support = the organ's largest slice, every slice scored",
              "", product_table(config["product"]), "",
+             "### Ablations of the propagation rules (CHAOS-T2 cases 1, 2, 3, 5, 8; the 7k-step model)", "",
+             product_table(config["ablation"], floors=False), "",
              "### TotalSegmentator CT case (agreement with its model-made labels)", "",
              totalseg_table(config["product"]), "",
              "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
@@ -114,7 +116,10 @@ def render(config: dict) -> str:
 
 DEFAULT_CONFIG = {
     "product": ["product_fewshotseg-default_chained.json", "product_fewshotseg-default_chained_model_only.json",
-                "product_fewshotseg-default_chained_no_stop_rule.json", "product_registration.json"],
+                "product_registration.json"],
+    "ablation": ["product_abl_chained_noagree.json", "product_abl_chained_agree.json", "product_abl_agree06.json",
+                 "product_abl_agree07.json", "product_abl_fuse03_agree07.json", "product_abl_fuse05_agree.json",
+                 "product_abl_fuse07_agree.json", "product_abl_registration.json"],
     "refine": ["refine_holdout_registration_keep.json", "refine_holdout_perturbed.json"],
 }
 

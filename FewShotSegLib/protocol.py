@@ -1,0 +1,338 @@
+"""The papers' few-shot protocol on CHAOS-T2, in one place (folds, supports, scoring).
+
+Our numbers only compare with SSL-ALPNet / CRTPNet / DFDT when every choice below matches
+theirs, so the choices live here, once, for the benchmark script and the tests. Where the
+papers leave a choice open, ours is written down here (docs/REFERENCE.md section 1):
+
+* 1-way 1-shot, 5-fold cross-validation. The case ids, sorted numerically, are cut into
+  5 consecutive blocks (SSL-ALPNet's ``_SEP`` split): fold k = ids[4k:4k+4] = the 4 query
+  scans.
+* Support scan: the first scan of the NEXT fold (fold (k+1) mod 5). It lies outside the
+  fold (REFERENCE: "one support scan taken from outside the fold"), is fixed per fold,
+  and differs between folds. Its label is the only label a test reads.
+* Training: the images (never the labels) of every scan outside the fold, the support
+  scan's included (it is outside the fold; only its label is used, at test time).
+* EP1 (the papers' standard): the support scan's slices that contain the class, in
+  order; the ones at 1/6, 1/2, 5/6 of that list are the 3 support slices. Only query
+  slices inside the query's ground-truth z-range (first to last slice with the class)
+  are scored, an oracle; the range is cut into thirds and each third uses its support.
+* EP2 (realistic): one support slice (the middle one of the class in the support scan)
+  against EVERY query slice, direct per-slice segmentation, no oracle range. Reported
+  raw (as the papers) and, as a documented option, with 3D post-processing: the
+  largest 26-connected component with holes filled per slice (the engine's clean-up,
+  which otherwise needs painted seeds that a cross-scan support cannot give).
+* Dice: TP/FP/FN summed over the scored slices of a scan (3D), mean over scans, then
+  mean over classes. The model's probabilities go back to the scan's own grid first.
+* Setting 1: training ignores the classes (they may appear as superpixels).
+* Setting 2, STRICT rule (SSL-ALPNet): a training slice is dropped when ANY test class
+  is present in it (the lenient ALL rule of RPT/Q-Net/DFDT removes almost nothing). The
+  test classes come in SSL-ALPNet's two groups for CHAOS-T2, upper abdomen {liver,
+  spleen} and lower abdomen {right kidney, left kidney}: per fold one model is trained
+  for each group and scored on that group's classes only. Excluding all four classes
+  at once would leave too few slices; one group per class would be a third protocol.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .errors import FewShotSegError
+from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
+from .imageio import array_axis_for
+from .postprocessing import fill_holes_per_slice
+from .preprocessing import PreprocessConfig, prepare_volume
+
+N_FOLDS = 5
+PARTS = 3                                   # EP1: thirds of the class range
+CLASSES = {v: k for k, v in CHAOS_ORGANS.items()}    # 1 liver, 2 right_kidney, ...
+S2_GROUPS = ((1, 4), (2, 3))                # SSL-ALPNet LABEL_GROUP for CHAOS-T2
+THRESHOLD = 0.5
+# Mean Dice (%) the papers report on abdominal MRI, setting 1 / setting 2 (EP1).
+PAPERS = {"SSL-ALPNet": (78.84, 73.02), "CRTPNet": (79.49, 75.08), "Q-Net": (81.02, 68.59),
+          "RPT": (82.44, 79.04), "GMRD": (82.90, 79.70), "DFDT": (84.31, 80.31),
+          "FoB+SAM (R101 + SAM ViT-H)": (84.46, 80.46)}
+# Run sizes. full: SSL-ALPNet trains 100k steps per model on a GPU; 15 models (5 folds x
+# setting 1 + two setting-2 groups) x 5000 steps fit about an hour on one GPU (estimate:
+# ~25 ms per step, not yet measured here). smoke: proves the pipeline on a 2-core CPU.
+BUDGETS = {
+    "full": {"steps": 5000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
+    "smoke": {"steps": 20, "size": 128, "folds": "0", "max_queries": None},
+}
+
+
+# ----------------------------------------------------------------------------- data and folds
+def data_folder(data: str | Path | None) -> Path:
+    """``--data``: the shared data folder (holding chaos_t2/), or the chaos_t2 folder itself;
+    default ``../shared/data`` or $FEWSHOTSEG_DATA. Returns the folder holding chaos_t2/."""
+    from .evaluation import shared_data_dir
+    base = shared_data_dir(data)
+    return base.parent if base.name == "chaos_t2" and not (base / "chaos_t2").is_dir() else base
+
+
+def protocol_cases(data_dir: Path) -> list[str]:
+    """The case ids with an image_N / label_N pair, sorted numerically."""
+    return chaos_cases(Path(data_dir))
+
+
+@dataclass
+class Fold:
+    index: int
+    queries: list            # the 4 query scans
+    support: str             # the support scan (outside the fold)
+    train: list              # images for self-supervised training (everything outside the fold)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def make_folds(cases: list[str], n_folds: int = N_FOLDS) -> list[Fold]:
+    """Consecutive blocks of the sorted ids; support = first scan of the next block."""
+    if len(cases) < n_folds + 1:
+        raise FewShotSegError(f"{n_folds}-fold cross-validation needs at least {n_folds + 1} cases, "
+                              f"found {len(cases)}")
+    blocks = [list(b) for b in np.array_split(np.asarray(cases, dtype=object), n_folds)]
+    folds = []
+    for k, block in enumerate(blocks):
+        support = blocks[(k + 1) % n_folds][0]
+        folds.append(Fold(k, [str(c) for c in block], str(support), [str(c) for c in cases if c not in block]))
+    return folds
+
+
+def select_folds(folds: list[Fold], spec) -> list[Fold]:
+    """``"0,2"`` or a list of ints -> those folds; an index outside 0..n-1 is an error."""
+    if isinstance(spec, str):
+        try:
+            spec = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise FewShotSegError(f"--folds must be comma-separated integers, not '{spec}'") from None
+    bad = [k for k in spec if not 0 <= k < len(folds)]
+    if bad or not spec:
+        raise FewShotSegError(f"fold index {bad[0] if bad else '(none)'} out of range 0..{len(folds) - 1}")
+    return [folds[k] for k in dict.fromkeys(spec)]
+
+
+# ----------------------------------------------------------------------------- support slices
+def class_slices(label: np.ndarray, value: int, axis_index: int = 0) -> np.ndarray:
+    """Sorted indices of the slices along ``axis_index`` that contain label ``value``."""
+    other = tuple(a for a in range(3) if a != axis_index)
+    return np.flatnonzero(np.any(np.asarray(label) == value, axis=other))
+
+
+def _at_fractions(slices: np.ndarray, fractions) -> list[int]:
+    """Elements of ``slices`` at the given fractions of the list (rounded half up)."""
+    last = len(slices) - 1
+    return [int(slices[int(np.floor(last * f + 0.5))]) for f in fractions]
+
+
+def ep1_support_slices(label: np.ndarray, value: int, axis_index: int = 0, parts: int = PARTS) -> list[int]:
+    """The support slices at 1/6, 1/2, 5/6 of the class's slices (one per third)."""
+    slices = class_slices(label, value, axis_index)
+    if slices.size == 0:
+        raise FewShotSegError(f"the support scan has no {CLASSES.get(value, value)} (label {value})")
+    return _at_fractions(slices, [(2 * p + 1) / (2 * parts) for p in range(parts)])
+
+
+def ep2_support_slice(label: np.ndarray, value: int, axis_index: int = 0) -> int:
+    """The middle slice of the class in the support scan."""
+    slices = class_slices(label, value, axis_index)
+    if slices.size == 0:
+        raise FewShotSegError(f"the support scan has no {CLASSES.get(value, value)} (label {value})")
+    return _at_fractions(slices, [0.5])[0]
+
+
+def chunk_of(z: int, z_min: int, z_max: int, parts: int = PARTS) -> int:
+    """Which third of the inclusive range [z_min, z_max] slice ``z`` falls in."""
+    return min(parts - 1, (z - z_min) * parts // (z_max - z_min + 1))
+
+
+def ep1_assignment(label: np.ndarray, value: int, axis_index: int = 0, parts: int = PARTS) -> dict:
+    """{query slice: support index 0..parts-1} over the query's ground-truth z-range."""
+    slices = class_slices(label, value, axis_index)
+    if slices.size == 0:
+        return {}
+    lo, hi = int(slices[0]), int(slices[-1])
+    return {z: chunk_of(z, lo, hi, parts) for z in range(lo, hi + 1)}
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class Counts:
+    """TP/FP/FN voxels of one scan and class, summed over the scored slices (3D Dice)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    @property
+    def dice(self) -> float:
+        denom = 2 * self.tp + self.fp + self.fn
+        return 1.0 if denom == 0 else 2 * self.tp / denom
+
+    def to_dict(self) -> dict:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "dice": self.dice}
+
+
+def count(pred: np.ndarray, truth: np.ndarray, slices=None, axis_index: int = 0) -> Counts:
+    """Voxel counts over the whole scan, or only over ``slices`` along ``axis_index``."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if slices is not None:
+        idx = np.asarray(list(slices), dtype=np.int64)
+        pred, truth = np.take(pred, idx, axis=axis_index), np.take(truth, idx, axis=axis_index)
+    tp = int(np.count_nonzero(pred & truth))
+    return Counts(tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(truth)) - tp)
+
+
+def mean_dice(rows: list[dict], key: str) -> dict:
+    """{'per_class': {organ: mean over scans}, 'mean': mean over classes, 'scans': n}."""
+    per_class = {}
+    for value, organ in CLASSES.items():
+        scores = [r[key]["dice"] for r in rows if r["class"] == value and r.get(key)]
+        if scores:
+            per_class[organ] = float(np.mean(scores))
+    scans = len({r["case"] for r in rows})
+    return {"per_class": per_class, "mean": float(np.mean(list(per_class.values()))) if per_class else None,
+            "scans": scans}
+
+
+def largest_component(mask: np.ndarray, axis_index: int = 0) -> np.ndarray:
+    """EP2's optional 3D post-processing: the largest 26-connected component, holes filled."""
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.asarray(mask, bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return fill_holes_per_slice(labels == (int(np.argmax(sizes)) + 1), axis_index)
+
+
+# ----------------------------------------------------------------------------- predictors
+class ModelPredictor:
+    """A FewShotModel: each slice encoded once, then support vs. queries by ``segment``."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: PreprocessConfig, device: str = "cpu",
+                 batch_size: int = 8, name: str = ""):
+        self.model, self.preprocess, self.batch_size = model, preprocess, batch_size
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.name = name or getattr(model, "name", "model")
+
+    @torch.inference_mode()
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        feats = [self.model.encode(images[i:i + self.batch_size, None].to(self.device))
+                 for i in range(0, len(images), self.batch_size)]
+        return torch.cat(feats)
+
+    @torch.inference_mode()
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        """Foreground probability ``[Q,S,S]`` of each query against one support slice."""
+        mask = support_mask[None].to(self.device)
+        out = [torch.softmax(self.model.segment(support[None], mask, queries[i:i + self.batch_size]).float(),
+                             1)[:, 1].cpu() for i in range(0, len(queries), self.batch_size)]
+        return torch.cat(out)
+
+
+class RegistrationPredictor:
+    """The non-learned comparator: cross-subject 2D demons registration of the support
+    slice onto each query slice (`registration.carry_mask`) carries the support mask."""
+
+    name = "registration"
+
+    def __init__(self, preprocess: PreprocessConfig):
+        self.preprocess = preprocess
+
+    def prepare(self, images: torch.Tensor) -> np.ndarray:
+        return images.numpy()
+
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        from .registration import carry_mask
+        moving_mask = support_mask.numpy()
+        return torch.from_numpy(np.stack([carry_mask(q, support, moving_mask) for q in queries]))
+
+
+# ----------------------------------------------------------------------------- one fold
+def _upright(slice2d: np.ndarray, image) -> np.ndarray:
+    """An axial slice as radiologists view it (anterior up, patient's right on the left),
+    whatever the scan's direction cosines; only for the example figure."""
+    d = np.asarray(image.GetDirection()).reshape(3, 3)
+    out = slice2d[::-1] if d[1, 1] < 0 else slice2d
+    return np.ascontiguousarray(out[:, ::-1] if d[0, 0] < 0 else out)
+
+
+def _example(c, support, query, row) -> tuple:
+    """Figure tiles of one class: the support slice (EP1's middle third, = EP2's), the middle
+    query slice of the class with its label, and with the EP1 prediction."""
+    from .overview import overlay
+    s_image, s_label, s_axis, s_z, s_case = support
+    q_image, truth, pred, q_axis, assignment, q_case = query
+    z = (min(assignment) + max(assignment)) // 2
+    s_cut = lambda a: _upright(np.take(a, s_z, axis=s_axis), s_image)  # noqa: E731
+    q_cut = lambda a: _upright(np.take(a, z, axis=q_axis), q_image)  # noqa: E731
+    q_grey = q_cut(sitk.GetArrayViewFromImage(q_image))
+    return (CLASSES[c], [
+        (f"support {s_case}:{s_z}", overlay(s_cut(sitk.GetArrayViewFromImage(s_image)),
+                                            {"support": s_cut(s_label == c)})),
+        (f"query {q_case}:{z} label", overlay(q_grey, {"label": q_cut(truth)})),
+        (f"EP1 Dice {row['ep1']['dice']:.2f}", overlay(q_grey, {"label": q_cut(truth), "prediction": q_cut(pred)}))])
+
+
+@dataclass
+class FoldEvaluation:
+    rows: list = field(default_factory=list)        # one dict per (query scan, class)
+    examples: list = field(default_factory=list)    # (organ, [(caption, rgb tile), ...]) of the first query
+    seconds: float = 0.0
+
+
+def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
+             axis: str = "axial", progress=None) -> FoldEvaluation:
+    """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
+
+    Each query slice is encoded once and serves every class and both evaluations."""
+    start = time.perf_counter()
+    say = progress or (lambda message: None)
+    s_image, s_label = load_chaos_case(data_dir, support_case)
+    s_axis = array_axis_for(s_image, axis)
+    s_prep = prepare_volume(s_image, s_axis, predictor.preprocess)
+    plan = {c: (ep1_support_slices(s_label, c, s_axis), ep2_support_slice(s_label, c, s_axis)) for c in classes}
+    needed = sorted({z for ep1, ep2 in plan.values() for z in ep1 + [ep2]})
+    pos = {z: i for i, z in enumerate(needed)}
+    s_feats = predictor.prepare(s_prep.model_slices(needed))
+    s_masks = {c: s_prep.mask_to_model(s_label == c, indices=needed) for c in classes}
+    out = FoldEvaluation()
+    for qi, case in enumerate(query_cases):
+        q_image, q_label = load_chaos_case(data_dir, case)
+        q_axis = array_axis_for(q_image, axis)
+        q_prep = prepare_volume(q_image, q_axis, predictor.preprocess)
+        n = q_prep.num_slices
+        q_feats = predictor.prepare(q_prep.model_slices(np.arange(n)))
+        for c in classes:
+            truth = q_label == c
+            ep1_slices, ep2_slice = plan[c]
+            assignment = ep1_assignment(q_label, c, q_axis)
+            row = {"case": case, "class": int(c), "organ": CLASSES[c], "support_case": support_case,
+                   "support_slices_ep1": ep1_slices, "support_slice_ep2": ep2_slice,
+                   "query_range": [min(assignment), max(assignment)] if assignment else None}
+            probs = torch.zeros((n, s_prep.size, s_prep.size))
+            for part in range(PARTS):
+                zs = [z for z, p in assignment.items() if p == part]
+                if zs:
+                    i = pos[ep1_slices[part]]
+                    probs[zs] = predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
+            ep1_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
+            row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
+            i = pos[ep2_slice]
+            probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
+            ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
+            row["ep2"] = count(ep2_pred, truth).to_dict()
+            row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()
+            out.rows.append(row)
+            say(f"  {case:>3} {CLASSES[c]:13s} EP1 {row['ep1']['dice'] if row['ep1'] else float('nan'):.3f}"
+                f"  EP2 {row['ep2']['dice']:.3f}  EP2+post {row['ep2_post']['dice']:.3f}")
+            if qi == 0 and assignment:
+                out.examples.append(_example(c, (s_image, s_label, s_axis, ep2_slice, support_case),
+                                             (q_image, truth, ep1_pred, q_axis, assignment, case), row))
+    out.seconds = time.perf_counter() - start
+    return out

@@ -1,0 +1,155 @@
+"""Turn per-fold protocol results into the published comparison: JSON, Markdown, PNGs.
+
+Kept apart from `protocol` so the protocol itself (what is scored, how) stays short; this
+module only aggregates what the folds wrote, and never re-scores anything. Every row says
+which budget, steps, wall time and hardware produced it, and whether it obeyed the
+protocol (a checkpoint trained on query scans did not).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .protocol import CLASSES, PAPERS, mean_dice
+
+SHORT = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
+SETTINGS = {"s1": "S1", "s2": "S2"}
+
+
+def _unique(values) -> list:
+    return list(dict.fromkeys(v for v in values if v not in (None, "")))
+
+
+def summarise(fold_results: list[dict]) -> dict:
+    """One entry per (model, setting): Dice per class and mean for EP1 / EP2 / EP2+post,
+    pooled over every scored scan of the folds present (each scan is in one fold only)."""
+    groups: dict = {}
+    for r in fold_results:
+        groups.setdefault((r["model"], r["setting"]), []).append(r)
+    entries = []
+    for (model, setting), results in sorted(groups.items()):
+        results = sorted(results, key=lambda r: r["fold"])
+        rows = [row for r in results for row in r["rows"]]
+        entries.append({
+            "model": model, "setting": setting, "folds": [r["fold"] for r in results],
+            "ep1": mean_dice(rows, "ep1"), "ep2": mean_dice(rows, "ep2"), "ep2_post": mean_dice(rows, "ep2_post"),
+            "per_fold": {str(r["fold"]): {"ep1": mean_dice(r["rows"], "ep1")["mean"],
+                                          "ep2": mean_dice(r["rows"], "ep2")["mean"]} for r in results},
+            "budget": _unique(r["budget"] for r in results), "steps": _unique(r["steps"] for r in results),
+            "size": _unique(r["size"] for r in results),
+            "training_seconds": round(sum(r.get("training_seconds") or 0 for r in results), 1),
+            "eval_seconds": round(sum(r.get("eval_seconds") or 0 for r in results), 1),
+            "hardware": _unique([r.get("hardware") for r in results]
+                                + [f"trained on {c['hardware']}" for r in results for c in r.get("checkpoints", [])
+                                   if c.get("hardware") and c.get("hardware") != r.get("hardware")]),
+            "compliant": all(r.get("compliant", True) for r in results),
+            "notes": _unique(n for r in results for n in r.get("notes", [])),
+        })
+    return {"results": entries,
+            "papers_mean_dice_percent": {k: {"s1": v[0], "s2": v[1]} for k, v in PAPERS.items()}}
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
+    """The comparison table: our rows (per class + means) above the papers' means."""
+    head = ["method", "setting", *SHORT.values(), "EP1 mean", "EP2 mean", "EP2 + 3D post",
+            "folds (scans)", "budget (steps, px)", "train / eval wall", "hardware", "note"]
+    lines = [f"# Few-shot protocol on CHAOS-T2 — run `{run_name}`", "",
+             "Mean Dice in %, 1-way 1-shot, 5-fold cross-validation (see the protocol below). "
+             "EP1 is the papers' evaluation and the only one they report; EP2 is ours to report.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if any(b != "full" for e in summary["results"] for b in e["budget"]):
+        lines[4:4] = ["Rows whose budget is not `full` are a check of the pipeline (few training steps, "
+                      "few folds), not a comparison with the papers; rows with fewer than 20 scans do not "
+                      "cover the 5 folds.", ""]
+    for e in summary["results"]:
+        per = e["ep1"]["per_class"]
+        note = "; ".join(e["notes"]) if e["notes"] else ("" if e["compliant"] else "not protocol-compliant")
+        lines.append("| " + " | ".join([
+            f"**{e['model']}** (ours)", SETTINGS.get(e["setting"], e["setting"]),
+            *[_pct(per.get(o)) for o in SHORT], f"**{_pct(e['ep1']['mean'])}**", _pct(e["ep2"]["mean"]),
+            _pct(e["ep2_post"]["mean"]), f"{','.join(map(str, e['folds']))} ({e['ep1']['scans']})",
+            f"{'/'.join(map(str, e['budget']))} ({'/'.join(map(str, e['steps']))}, "
+            f"{'/'.join(map(str, e['size']))})",
+            f"{_duration(e['training_seconds'])} / {_duration(e['eval_seconds'])}",
+            "; ".join(e["hardware"]), note]) + " |")
+    for name, (s1, s2) in PAPERS.items():
+        for setting, value in (("S1", s1), ("S2", s2)):
+            lines.append(f"| {name} (paper) | {setting} | – | – | – | – | {value:.2f} | – | – | 0-4 (20) "
+                         "| paper (100k steps typ.) | – | – | reported |")
+    lines += ["", "## Protocol", "", protocol_doc.strip(), ""]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: Path) -> Path | None:
+    """Mean Dice per method and setting beside the papers'; None (with a message) when
+    matplotlib is missing: the JSON and Markdown carry the same numbers."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("fewshot_protocol: matplotlib is not installed; skipping the bar chart")
+        return None
+    ours = {}
+    for e in summary["results"]:
+        ours.setdefault(e["model"], {})[e["setting"]] = e
+    labels, bars = [], {"S1 EP1": [], "S2 EP1": [], "S1 EP2": [], "S2 EP2": []}
+    for model, by_setting in ours.items():
+        labels.append(f"{model}\n(ours)")
+        for key in bars:
+            setting, ep = key.lower().split()
+            e = by_setting.get(setting)
+            value = e[ep]["mean"] if e else None
+            bars[key].append(np.nan if value is None else 100 * value)
+    for name, (s1, s2) in PAPERS.items():
+        labels.append(name.split(" (")[0])
+        for key, value in (("S1 EP1", s1), ("S2 EP1", s2), ("S1 EP2", np.nan), ("S2 EP2", np.nan)):
+            bars[key].append(value)
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(labels)), 4.2), dpi=110)
+    width = 0.2
+    for i, (key, values) in enumerate(bars.items()):
+        ax.bar(x + (i - 1.5) * width, values, width, label=key, hatch="//" if "EP2" in key else None)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("mean Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("CHAOS-T2 few-shot protocol (1-way 1-shot, 5-fold)")
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def stack_images(paths: list[tuple[str, Path]], path: Path) -> Path | None:
+    """One PNG of several example figures, one under the other, each with its title."""
+    from PIL import Image, ImageDraw
+    images = [(title, Image.open(p).convert("RGB")) for title, p in paths if Path(p).is_file()]
+    if not images:
+        return None
+    head = 18
+    width = max(im.width for _, im in images)
+    canvas = Image.new("RGB", (width, sum(im.height + head for _, im in images)), (0, 0, 0))
+    draw, y = ImageDraw.Draw(canvas), 0
+    for title, im in images:
+        draw.text((4, y + 3), title, fill=(255, 255, 0))
+        canvas.paste(im, (0, y + head))
+        y += im.height + head
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def class_names(values) -> str:
+    return "+".join(CLASSES[v] for v in values)

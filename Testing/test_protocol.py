@@ -1,0 +1,228 @@
+"""The papers' few-shot protocol (FewShotSegLib/protocol.py, benchmarks/fewshot_protocol.py).
+
+Each choice that makes our numbers comparable with the papers is pinned here: folds,
+EP1/EP2 support slices and thirds, 3D Dice accumulation, the strict setting-2 exclusion,
+and the one-command run (registration baseline, then a tiny trained model) with its
+resume and its error messages. Real-scan tests skip without ../shared/data; sizes are
+64 px and one thread so that each test stays well under a minute on 2 busy cores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.evaluation import load_chaos_case
+from FewShotSegLib.preprocessing import PreprocessConfig
+from FewShotSegLib import protocol as P
+from Training.episodes import EpisodeSampler, VolumeSlices, excluded_slices
+from Training.train import build_sampler, load_config
+
+CHAOS_IDS = ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34",
+             "36", "37", "38", "39"]
+FAST = ["--threads", "1", "--size", "64", "--max-queries", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_protocol(tmp_path, *extra):
+    from benchmarks.fewshot_protocol import main
+    return main(["--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+                 "--cache-dir", str(tmp_path / "cache"), "--run-name", "t", *FAST, *extra])
+
+
+# ----------------------------------------------------------------------------- folds
+def test_folds_are_disjoint_cover_everything_and_take_the_support_outside():
+    folds = P.make_folds(CHAOS_IDS)
+    assert len(folds) == 5 and all(len(f.queries) == 4 for f in folds)
+    queries = [q for f in folds for q in f.queries]
+    assert sorted(queries, key=int) == CHAOS_IDS and len(set(queries)) == 20     # disjoint, cover all
+    assert folds[0].queries == ["1", "2", "3", "5"]                              # consecutive sorted blocks
+    for f in folds:
+        assert f.support not in f.queries and f.support in f.train
+        assert set(f.train) == set(CHAOS_IDS) - set(f.queries)                   # training: outside the fold
+    assert len({f.support for f in folds}) == 5                                  # one support scan per fold
+    assert P.make_folds(CHAOS_IDS) == folds                                      # deterministic
+    assert [f.index for f in P.select_folds(folds, "3,1")] == [3, 1]
+    for bad in ("5", "-1", "x"):
+        with pytest.raises(FewShotSegError, match="fold|integers"):
+            P.select_folds(folds, bad)
+    with pytest.raises(FewShotSegError, match="at least 6 cases"):
+        P.make_folds(CHAOS_IDS[:5])
+
+
+# ----------------------------------------------------------------------------- supports and thirds
+def test_ep1_support_slices_at_one_sixth_half_five_sixths(chaos_dir):
+    _, label = load_chaos_case(chaos_dir.parent, "1")
+    liver = P.class_slices(label, 1)
+    assert liver[0] == 12 and liver[-1] == 35 and len(liver) == 24              # case 1's liver
+    # 23 * 1/6 = 3.8 -> 4, 23 / 2 = 11.5 -> 12, 23 * 5/6 = 19.2 -> 19 (list positions)
+    assert P.ep1_support_slices(label, 1) == [16, 24, 31]
+    assert P.ep2_support_slice(label, 1) == 24
+    for value in (1, 2, 3, 4):
+        slices = P.class_slices(label, value)
+        chosen = P.ep1_support_slices(label, value)
+        assert all(np.any(label[z] == value) for z in chosen)                    # each holds the class
+        thirds = [P.chunk_of(z, slices[0], slices[-1]) for z in chosen]
+        assert thirds == [0, 1, 2]                                               # one per third
+    with pytest.raises(FewShotSegError, match="no liver"):
+        P.ep1_support_slices(np.zeros_like(label), 1)
+
+
+def test_ep1_query_slices_use_the_support_of_their_third(chaos_dir):
+    _, label = load_chaos_case(chaos_dir.parent, "2")
+    assignment = P.ep1_assignment(label, 4)                                     # spleen: slices 13..23
+    assert sorted(assignment) == list(range(13, 24))                            # the oracle z-range only
+    parts = [assignment[z] for z in sorted(assignment)]
+    assert parts == sorted(parts) and set(parts) == {0, 1, 2}
+    assert [parts.count(p) for p in range(3)] == [4, 4, 3]                      # 11 slices in thirds
+    assert [P.chunk_of(z, 10, 18) for z in range(10, 19)] == [0] * 3 + [1] * 3 + [2] * 3
+    assert P.ep1_assignment(np.zeros_like(label), 4) == {}
+
+
+# ----------------------------------------------------------------------------- Dice
+def test_dice_sums_tp_fp_fn_over_the_scan_then_averages_scans_then_classes():
+    truth = np.zeros((3, 4, 4), bool)
+    pred = np.zeros_like(truth)
+    truth[0, :2] = pred[0, :2] = True             # slice 0: 8 voxels found
+    truth[1, 0, :2] = True                        # slice 1: 2 voxels missed
+    pred[2, 3, :2] = True                         # slice 2: 2 false voxels
+    counts = P.count(pred, truth)
+    assert (counts.tp, counts.fp, counts.fn) == (8, 2, 2)
+    assert counts.dice == pytest.approx(16 / 20)  # 3D, not the mean of per-slice Dice (1/3)
+    inside = P.count(pred, truth, slices=[0, 1])  # EP1: only the scored slices count
+    assert (inside.tp, inside.fp, inside.fn) == (8, 0, 2) and inside.dice == pytest.approx(16 / 18)
+    assert P.Counts().dice == 1.0
+    rows = [{"case": "a", "class": 1, "ep1": {"dice": 0.8}}, {"case": "b", "class": 1, "ep1": {"dice": 0.4}},
+            {"case": "a", "class": 2, "ep1": {"dice": 1.0}}]
+    summary = P.mean_dice(rows, "ep1")
+    assert summary["per_class"] == {"liver": pytest.approx(0.6), "right_kidney": 1.0}
+    assert summary["mean"] == pytest.approx(0.8) and summary["scans"] == 2       # not (0.8+0.4+1)/3
+
+
+def test_ep2_post_processing_keeps_the_largest_component():
+    mask = np.zeros((5, 8, 8), bool)
+    mask[1:4, 1:5, 1:5] = True
+    mask[2, 2, 2] = False                          # a hole
+    mask[4, 7, 7] = True                           # a speck far away
+    out = P.largest_component(mask)
+    assert out[2, 2, 2] and not out[4, 7, 7] and out.sum() == 3 * 16
+
+
+# ----------------------------------------------------------------------------- setting 2
+def test_strict_exclusion_drops_exactly_the_slices_with_the_class(chaos_dir, tmp_path):
+    image_path, label_path = chaos_dir / "image_5.nii.gz", chaos_dir / "label_5.nii.gz"
+    image, label = load_chaos_case(chaos_dir.parent, "5")
+    kidneys = {int(z) for z in np.flatnonzero(np.isin(label, [2, 3]).any((1, 2)))}
+    assert excluded_slices(label_path, image, 0, [2, 3]) == kidneys           # ANY of the classes
+    assert excluded_slices(label_path, image, 0, [4]) == set(P.class_slices(label, 4).tolist())
+    cache = tmp_path / "cache"
+    vol = VolumeSlices(image_path, PreprocessConfig(size=64), "axial", cache, exclude_labels=(label_path, (2, 3)))
+    full = VolumeSlices(image_path, PreprocessConfig(size=64), "axial", cache)
+    kept = {i for i, _ in vol.valid}
+    assert vol.excluded == kidneys and not kept & kidneys
+    assert kept == {i for i, _ in full.valid} - kidneys                       # nothing else is lost
+    edge = min(kidneys) - 1                                                   # adjacent episodes never
+    mask = torch.ones(64, 64)                                                 # step into an excluded slice
+    assert EpisodeSampler._adjacent(vol, edge, mask, +1)[0] == edge
+    # the training config option: labels paired with the images by the numbers in their names
+    config = {"name": "m", "model": "alpnet", "steps": 1, "out": str(tmp_path / "run"),
+              "data": {"images": [str(image_path)], "preprocess": {"size": 64}, "cache_dir": str(cache),
+                       "exclude_labels": {"labels": [str(chaos_dir / "label_*.nii.gz")], "values": [2, 3]}}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    sampler, _, _ = build_sampler(load_config(path, {}), rank=0)
+    assert sampler.volumes[0].excluded == kidneys
+    for bad, message in (({"labels": [str(chaos_dir / "label_1.nii.gz")], "values": [2]}, "no label file"),
+                         ({"labels": [str(label_path)], "values": ["kidney"]}, "positive integers"),
+                         ({"values": [2]}, "exclude_labels must be")):
+        config["data"]["exclude_labels"] = bad
+        path.write_text(json.dumps(config))
+        with pytest.raises(FewShotSegError, match=message):
+            build_sampler(load_config(path, {}), rank=0)
+
+
+# ----------------------------------------------------------------------------- provenance
+def test_checkpoints_trained_on_query_scans_are_flagged(tmp_path):
+    from benchmarks.fewshot_protocol import trained_on_queries
+    folder = tmp_path / "chaos_t2"
+    folder.mkdir()
+    for case in ("1", "2"):
+        (folder / f"image_{case}.nii.gz").write_bytes(f"scan {case}".encode())
+    import hashlib
+    sha = hashlib.sha256(b"scan 2").hexdigest()
+    assert trained_on_queries({"data": ["x/image_1.nii.gz"], "data_sha256": {"y": sha}}, tmp_path, ["1", "2"]) == ["2"]
+    assert trained_on_queries({"data": ["elsewhere/image_1.nii.gz"]}, tmp_path, ["1", "2"]) == ["1"]
+    assert trained_on_queries({}, tmp_path, ["1", "2"]) == []
+
+
+# ----------------------------------------------------------------------------- one command
+def test_registration_smoke_run_writes_table_resumes_and_keeps_results(chaos_dir, tmp_path, capsys):
+    assert run_protocol(tmp_path, "--models", "registration", "--budget", "smoke") == 0
+    results = tmp_path / "results"
+    folds = sorted((results / "protocol" / "t" / "registration").glob("fold_0_s*.json"))
+    assert [p.name for p in folds] == ["fold_0_s1.json", "fold_0_s2.json"]
+    fold = json.loads(folds[0].read_text())
+    assert fold["queries"] == ["1"] and fold["support"] == "8" and len(fold["rows"]) == 4
+    assert fold["budget"] == "smoke" and fold["size"] == 64 and "threads" in fold["hardware"]
+    row = fold["rows"][0]
+    assert row["organ"] == "liver" and 0 < row["ep1"]["dice"] <= 1 and row["query_range"] == [12, 35]
+    summary = json.loads((results / "protocol_t.json").read_text())
+    entry = summary["results"][0]
+    assert entry["model"] == "registration" and set(entry["ep1"]["per_class"]) == set(P.CLASSES.values())
+    assert summary["papers_mean_dice_percent"]["DFDT"] == {"s1": 84.31, "s2": 80.31}
+    table = (results / "protocol_t.md").read_text()
+    assert "| SSL-ALPNet (paper) | S1 |" in table and "78.84" in table and "**registration** (ours)" in table
+    assert "STRICT" in table                                                  # the protocol travels with it
+    for png in ("protocol_t.png", "protocol_t_examples.png"):
+        assert (results / png).stat().st_size > 1000
+    stamps = [p.stat().st_mtime_ns for p in folds]
+    capsys.readouterr()
+    assert run_protocol(tmp_path, "--models", "registration") == 0             # a rerun skips finished folds
+    assert "done before, skipped" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in folds] == stamps
+    # bad input: one line, exit 2, finished results kept
+    for args, message in ((["--models", "unet"], "unknown model 'unet'"),
+                          (["--folds", "7"], "fold index 7 out of range 0..4"),
+                          (["--cases", "8"], "none is a query scan"),
+                          (["--models", "registration", "--steps", "5", "--size", "96"], "size=64")):
+        assert run_protocol(tmp_path, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fewshot_protocol: error: ") and message in err and "\n" not in err
+    assert [p.stat().st_mtime_ns for p in folds] == stamps
+
+
+def test_bad_data_folder_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "empty" / "chaos_t2").mkdir(parents=True)
+    assert run_protocol(tmp_path, "--data", str(tmp_path / "empty"), "--models", "registration") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fewshot_protocol: error: no image_N.nii.gz / label_N.nii.gz pairs")
+    assert run_protocol(tmp_path, "--data", str(tmp_path / "absent")) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def test_trained_model_setting2_smoke_run(chaos_dir, tmp_path, capsys):
+    """Both setting-2 models train on the images outside the fold with their classes' slices
+    removed, are scored on their own classes only, and are reused by a rerun."""
+    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "2", "--steps", "1") == 0
+    fold = json.loads((tmp_path / "results" / "protocol" / "t" / "alpnet" / "fold_0_s2.json").read_text())
+    assert fold["compliant"] and [c["classes"] for c in fold["checkpoints"]] == [[1, 4], [2, 3]]
+    assert sorted(r["class"] for r in fold["rows"]) == [1, 2, 3, 4] and fold["steps"] == 1
+    config = json.loads((tmp_path / "work" / "alpnet" / "fold_0" / "s2_1-4" / "config.json").read_text())
+    assert config["data"]["exclude_labels"]["values"] == [1, 4]
+    assert not any(f"image_{q}.nii.gz" in p for q in fold["queries"] for p in config["data"]["images"])
+    assert len(config["data"]["images"]) == 16
+    capsys.readouterr()
+    (tmp_path / "results" / "protocol" / "t" / "alpnet" / "fold_0_s2.json").unlink()
+    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "2", "--steps", "1") == 0
+    assert capsys.readouterr().out.count("trained model found") == 2          # no retraining

@@ -1,0 +1,341 @@
+"""The papers' few-shot protocol on CHAOS-T2 in one command (5 folds, EP1/EP2, settings 1/2).
+
+    python benchmarks/fewshot_protocol.py --budget smoke --threads 1           # 2-core CPU, minutes
+    python benchmarks/fewshot_protocol.py --budget full --device cuda          # all folds, ~1 h on one GPU
+    python benchmarks/fewshot_protocol.py --models registration --folds 0,1    # the non-learned row only
+    python benchmarks/fewshot_protocol.py --checkpoint Resources/Models/fewshotseg-default.pt --settings 1
+
+What is scored and why: FewShotSegLib/protocol.py. Each (model, setting, fold) is written
+to benchmarks/results/protocol/<run>/<model>/fold_<k>_s<1|2>.json as soon as it is done;
+the same command again skips finished folds and resumes interrupted trainings (kept under
+runs/protocol/<run>/). Then: benchmarks/results/protocol_<run>.json (summary), .md (the
+table beside the papers), .png (bar chart) and protocol_<run>_examples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from FewShotSegLib import protocol as P  # noqa: E402
+from FewShotSegLib import protocol_report as R  # noqa: E402
+from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
+from FewShotSegLib.errors import FewShotSegError  # noqa: E402
+from FewShotSegLib.evaluation import write_json  # noqa: E402
+from FewShotSegLib.models import available_models  # noqa: E402
+from FewShotSegLib.overview import save_overview  # noqa: E402
+from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
+
+PROG = "fewshot_protocol"
+DEFAULT_CONFIG = ROOT / "Training" / "configs" / "ssl_default.json"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FewShotSegError(f"device '{name}' requested but no CUDA GPU is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise FewShotSegError(f"--device must be cpu, cuda or auto, not '{name}'")
+    return name
+
+
+def trained_on_queries(provenance: dict, data_dir: Path, queries: list[str]) -> list[str]:
+    """Query scans whose image a checkpoint was trained on: by content (sha256) when the
+    provenance has hashes, else by file name."""
+    hashes = set((provenance.get("data_sha256") or {}).values())
+    names = {Path(p).name for p in provenance.get("data") or []}
+    hit = []
+    for case in queries:
+        image = data_dir / "chaos_t2" / f"image_{case}.nii.gz"
+        if (hashes and _sha256(image) in hashes) or (not hashes and image.name in names):
+            hit.append(case)
+    return hit
+
+
+# ----------------------------------------------------------------------------- training
+def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir: Path) -> Path:
+    """Train (or resume, or reuse) one fold's model on the images outside the fold.
+
+    ``group``: None for setting 1; the test classes for setting 2, whose slices the
+    training config's ``exclude_labels`` removes (strict rule)."""
+    from Training.train import load_config, train
+    setting = "s1" if group is None else "s2_" + "-".join(map(str, group))
+    out = args.work_dir / _safe(model) / f"fold_{fold.index}" / setting
+    chaos = data_dir / "chaos_t2"
+    data = {**base.get("data", {}), "labels": [], "exclude": [],
+            "images": [str(chaos / f"image_{c}.nii.gz") for c in fold.train],
+            "preprocess": {**base.get("data", {}).get("preprocess", {}), "size": args.size},
+            "cache_dir": str(args.cache_dir),
+            "exclude_labels": None if group is None else {
+                "labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train], "values": list(group)}}
+    config = {**base, "name": "model", "model": model, "steps": args.steps, "device": args.device,
+              "out": str(out), "data": data,
+              "card": {"description": f"few-shot protocol, fold {fold.index}, {setting}: self-supervised on "
+                                      f"the {len(fold.train)} scans outside the fold"}}
+    if args.threads:
+        config["num_threads"] = args.threads
+    if args.device.startswith("cuda"):
+        config.setdefault("num_workers", 4)  # episodes are built on the CPU, ahead of the GPU
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    release = out / "model.pt"
+    if release.is_file():
+        prov = load_checkpoint(release).provenance
+        if prov.get("final") and prov.get("steps") == args.steps:
+            log(f"  fold {fold.index} {setting}: trained model found ({release})")
+            return release
+    resume = (out / "train_state.pt").is_file()
+    log(f"  fold {fold.index} {setting}: {'resuming' if resume else 'training'} {model}, {args.steps} steps, "
+        f"{len(fold.train)} scans" + ("" if group is None else f", slices with {R.class_names(group)} removed"))
+    return train(load_config(out / "config.json", {}), resume=resume)
+
+
+# ----------------------------------------------------------------------------- one fold
+def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None):
+    """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made)."""
+    from Training.provenance import hardware
+    start = time.perf_counter()
+    notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
+    evaluations = []
+    if model == "registration":
+        ev = P.evaluate(P.RegistrationPredictor(PreprocessConfig(size=args.size)), data_dir, fold.support,
+                        queries, list(P.CLASSES), progress=log)
+        evaluations.append(ev)
+        notes.append("no training: setting 2 equals setting 1")
+        steps, size = 0, args.size
+    else:
+        if checkpoint is not None:
+            jobs = [(checkpoint, list(P.CLASSES))]
+        elif setting == "s1":
+            jobs = [(train_fold_model(args, base, model, fold, None, data_dir), list(P.CLASSES))]
+        else:
+            jobs = [(train_fold_model(args, base, model, fold, g, data_dir), list(g)) for g in args.groups]
+        for path, classes in jobs:
+            ckpt = load_checkpoint(path, device=args.device)
+            leaked = trained_on_queries(ckpt.provenance, data_dir, queries)
+            if leaked:
+                compliant = False
+                notes.append(f"not protocol-compliant: trained on all scans (query scans {','.join(leaked)} "
+                             "were in its training data)")
+            train_seconds += float(ckpt.provenance.get("wall_seconds") or 0)
+            checkpoints.append({"path": str(path), "steps": ckpt.provenance.get("steps"), "classes": classes,
+                                "hardware": ckpt.provenance.get("hardware"),
+                                "code_version": ckpt.provenance.get("code_version")})
+            predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
+            evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log))
+        steps, size = checkpoints[0]["steps"], predictor.preprocess.size
+    rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
+    examples = sorted((e for ev in evaluations for e in ev.examples),
+                      key=lambda e: list(P.CLASSES.values()).index(e[0]))
+    eval_seconds = sum(ev.seconds for ev in evaluations)
+    payload = {
+        "protocol": "CHAOS-T2 1-way 1-shot, FewShotSegLib/protocol.py", "model": model, "setting": setting,
+        "fold": fold.index, "queries": queries, "support": fold.support, "train_scans": fold.train,
+        "budget": args.budget if checkpoint is None else "checkpoint", "steps": steps, "size": size,
+        "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None,
+        "training_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "hardware": hardware(torch.device(args.device), 1), "device": args.device, "torch": torch.__version__,
+        "checkpoints": checkpoints, "compliant": compliant, "notes": notes, "rows": rows,
+        "mean_dice": {k: P.mean_dice(rows, k)["mean"] for k in ("ep1", "ep2", "ep2_post")},
+    }
+    return payload, examples
+
+
+def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
+    """What a finished fold file must match to be reused (else: another --run-name)."""
+    return {"model": model, "setting": setting, "fold": fold.index, "queries": queries, "support": fold.support,
+            "steps": None if model == "registration" or checkpoint else args.steps, "size": args.size,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
+
+
+def process(args, base, model, fold, queries, settings, data_dir, checkpoint=None) -> None:
+    folder = args.results_dir / "protocol" / args.run_name / _safe(model)
+    todo = []
+    for setting in settings:
+        path = folder / f"fold_{fold.index}_{setting}.json"
+        key = fold_key(args, model, fold, queries, setting, checkpoint)
+        if path.is_file():
+            done = json.loads(path.read_text())
+            old = done.get("key") or {}
+            if old != key:
+                diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in key.items() if old.get(k) != v)
+                raise FewShotSegError(f"{path} was made with {diff}; use another --run-name or delete that file")
+            log(f"{model} fold {fold.index} {setting}: done before, skipped ({path})")
+            continue
+        todo.append((setting, path, key))
+    if model == "registration" and todo:  # no training: one evaluation serves both settings
+        log(f"{model} fold {fold.index}: queries {','.join(queries)}, support {fold.support}")
+        payload, examples = run_fold(args, base, model, fold, queries, "s1", data_dir)
+        for setting, path, key in todo:
+            _write(path, {**payload, "setting": setting, "key": key}, examples)
+        return
+    for setting, path, key in todo:
+        log(f"{model} fold {fold.index} {setting}: queries {','.join(queries)}, support {fold.support}")
+        payload, examples = run_fold(args, base, model, fold, queries, setting, data_dir, checkpoint)
+        _write(path, {**payload, "key": key}, examples)
+
+
+def _write(path: Path, payload: dict, examples) -> None:
+    if examples:
+        save_overview(path.with_suffix(".png"), examples, tile=160)
+    write_json(path, payload)
+    m = payload["mean_dice"]
+    log(f"  -> {path}: mean Dice EP1 {m['ep1']:.3f}  EP2 {m['ep2']:.3f}  EP2+post {m['ep2_post']:.3f}")
+
+
+# ----------------------------------------------------------------------------- summary
+def publish(args) -> dict:
+    """Summary JSON + Markdown + bar chart + examples from every fold file of the run."""
+    run_dir = args.results_dir / "protocol" / args.run_name
+    results = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*/fold_*_s*.json"))]
+    summary = R.summarise(results)
+    summary.update({"run": args.run_name, "fold_files": str(run_dir), "command": " ".join(sys.argv)})
+    stem = args.results_dir / f"protocol_{args.run_name}"
+    write_json(stem.with_suffix(".json"), summary)
+    stem.with_suffix(".md").write_text(R.markdown(summary, args.run_name, P.__doc__))
+    chart = R.bar_chart(summary, stem.with_suffix(".png"))
+    firsts = {}
+    for p in sorted(run_dir.glob("*/fold_*_s*.png")):
+        firsts.setdefault(p.parent.name, (f"{p.parent.name} {p.stem}", p))
+    examples = R.stack_images(list(firsts.values()), args.results_dir / f"protocol_{args.run_name}_examples.png")
+    for e in summary["results"]:
+        log(f"{e['model']:>14} {e['setting']}: EP1 {R._pct(e['ep1']['mean'])}  EP2 {R._pct(e['ep2']['mean'])}  "
+            f"folds {e['folds']}" + ("" if e["compliant"] else "  (not protocol-compliant)"))
+    log(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}"
+        + (f", {chart}" if chart else "") + (f", {examples}" if examples else ""))
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+def parse(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="alpnet,registration",
+                        help=f"comma-separated: {', '.join(available_models())} or registration")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                        help="also evaluate this trained checkpoint as it is (no training; setting 1)")
+    parser.add_argument("--settings", default="1,2", help="1, 2 or 1,2")
+    parser.add_argument("--budget", choices=sorted(P.BUDGETS), default="smoke")
+    parser.add_argument("--folds", default=None, help="e.g. 0,1 (default: the budget's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: the budget's)")
+    parser.add_argument("--size", type=int, default=None, help="model grid in pixels (default: the budget's)")
+    parser.add_argument("--cases", default=None, help="only these query case ids (comma-separated)")
+    parser.add_argument("--max-queries", type=int, default=None, help="only the first N query scans of a fold")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass at evaluation")
+    parser.add_argument("--data", default=None, help="folder holding chaos_t2/ (default ../shared/data)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base training config (JSON)")
+    parser.add_argument("--run-name", default=None, help="results name (default: the budget)")
+    parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work-dir", default=None, help="fold checkpoints (default runs/protocol/<run>)")
+    parser.add_argument("--cache-dir", default=str(ROOT / "cache" / "superpixels"))
+    parser.add_argument("--s2-groups", default="1+4,2+3",
+                        help="setting-2 test-class groups, one model each (default SSL-ALPNet's)")
+    return parser.parse_args(argv)
+
+
+def prepare(args):
+    """Check every input before any work: a bad option costs nothing and keeps results."""
+    budget = P.BUDGETS[args.budget]
+    args.steps = args.steps or budget["steps"]
+    args.size = args.size or budget["size"]
+    if args.steps < 1 or not 16 <= args.size <= 2048 or args.batch_size < 1:
+        raise FewShotSegError("--steps and --batch-size must be positive, --size within 16..2048")
+    if args.max_queries is not None and args.max_queries < 1:
+        raise FewShotSegError("--max-queries must be at least 1")
+    args.device = _device(args.device)
+    args.run_name = _safe(args.run_name or args.budget)
+    args.results_dir = Path(args.results_dir).resolve()
+    args.work_dir = Path(args.work_dir).resolve() if args.work_dir else ROOT / "runs" / "protocol" / args.run_name
+    args.cache_dir = Path(args.cache_dir).resolve()
+    try:
+        settings = [f"s{int(s)}" for s in args.settings.split(",") if s.strip()]
+        args.groups = [tuple(int(v) for v in g.split("+")) for g in args.s2_groups.split(",") if g.strip()]
+    except ValueError:
+        raise FewShotSegError("--settings takes 1,2 and --s2-groups e.g. 1+4,2+3") from None
+    if not settings or set(settings) - {"s1", "s2"}:
+        raise FewShotSegError(f"--settings must be 1, 2 or 1,2, not '{args.settings}'")
+    if any(v not in P.CLASSES for g in args.groups for v in g) or not args.groups:
+        raise FewShotSegError(f"--s2-groups must use the classes {sorted(P.CLASSES)}, not '{args.s2_groups}'")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    known = available_models() + ["registration"]
+    for m in models:
+        if m not in known:
+            raise FewShotSegError(f"unknown model '{m}'; available: {', '.join(known)}")
+    checkpoints = []
+    for c in args.checkpoint:
+        path = Path(c).resolve()
+        ckpt = load_checkpoint(path)  # fails early, naming the file
+        checkpoints.append((f"{_safe(path.stem)}-checkpoint", path, ckpt.preprocess.size))
+    data_dir = P.data_folder(args.data)
+    folds = P.select_folds(P.make_folds(P.protocol_cases(data_dir)), args.folds or budget["folds"])
+    wanted = [c.strip() for c in args.cases.split(",")] if args.cases else None
+    plan = []
+    for fold in folds:
+        queries = [q for q in fold.queries if wanted is None or q in wanted][:args.max_queries]
+        if not queries:
+            raise FewShotSegError(f"--cases {args.cases}: none is a query scan of fold {fold.index} "
+                                  f"({','.join(fold.queries)})")
+        plan.append((fold, queries))
+    try:
+        base = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FewShotSegError(f"cannot read the training config {args.config}: {exc}") from None
+    return settings, models, checkpoints, data_dir, plan, base
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        settings, models, checkpoints, data_dir, plan, base = prepare(args)
+        for model in models:
+            for fold, queries in plan:
+                process(args, base, model, fold, queries, settings, data_dir)
+        for name, path, size in checkpoints:
+            args.size = size
+            for fold, queries in plan:
+                process(args, base, name, fold, queries, ["s1"], data_dir, checkpoint=path)
+        publish(args)
+    except FewShotSegError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished folds are kept and the training state is saved: "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
