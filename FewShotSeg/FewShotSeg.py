@@ -28,7 +28,9 @@ class FewShotSeg(ScriptedLoadableModule):
         self.parent.contributors = ["FewShotSeg contributors"]
         self.parent.helpText = (
             "Paint a structure on one slice (Segment Editor), then click Propagate: a few-shot "
-            "model fills the other slices. Also available as the 'Few-shot propagate' effect. "
+            "model fills the other slices. Refine redraws the segment with a diffusion refiner, "
+            "shows where it is uncertain and lists the slices to review first. Both are also in "
+            "the 'Few-shot propagate' Segment Editor effect. "
             "See <a href='https://github.com/fewshotseg/SlicerFewShotSeg'>the project page</a>.")
         self.parent.acknowledgementText = "Models follow SSL-ALPNet / CRTPNet few-shot segmentation."
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
@@ -52,6 +54,8 @@ class FewShotSegParameterNode:
     mode: Annotated[str, Choice(list(MODES))] = "chained"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
+    refineSamples: int = 4
+    refineSteps: int = 4
 
 
 class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -61,6 +65,7 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._guiObserver = None
+        self._uncertainSlices = []
 
     def setup(self):
         from FewShotSegSlicerLib.qtsupport import TaskRunner
@@ -72,6 +77,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FewShotSegLogic()
         self.runner = TaskRunner(self.ui.propagateButton, self.ui.progressBar, self.ui.statusLabel)
+        self.refineRunner = TaskRunner(self.ui.refineButton, self.ui.progressBar, self.ui.statusLabel,
+                                       startText="Refine")
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
@@ -79,11 +86,14 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.uncertainSlicesList.connect("itemClicked(QListWidgetItem*)", self.onUncertainSliceClicked)
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self):
         self.runner.stop()
+        self.refineRunner.stop()
         self.removeObservers()
 
     def enter(self):
@@ -94,6 +104,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.runner.stop()
+        self.refineRunner.stop()
+        self.showUncertainSlices([])
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -134,8 +146,10 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setCurrentIndex(index)
         for i, device in enumerate(["cpu", "cuda", "mps"]):
             self.ui.deviceComboBox.model().item(i).setEnabled(device in self.logic.availableDevices())
-        ready = bool(p.inputVolume and p.segmentation and p.segmentId and p.model)
-        self.ui.propagateButton.enabled = ready or self.runner.running
+        inputs = bool(p.inputVolume and p.segmentation and p.segmentId)
+        self.ui.propagateButton.enabled = (inputs and bool(p.model) and not self.refineRunner.running
+                                           or self.runner.running)
+        self.ui.refineButton.enabled = inputs and not self.runner.running or self.refineRunner.running
 
     def onSegmentChanged(self, segmentId):
         if self._parameterNode:
@@ -196,11 +210,52 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      mode=p.mode, axis=p.axis, device=p.device)
             self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
                               lambda result: self.onResult(job, result), self.updateGUI)
+            self.updateGUI()
 
     def onResult(self, job, result):
         undo = self.editorUndo(job.segmentationNode)
         summary = self.logic.apply(job, result, saveStateForUndo=undo)
         self.ui.statusLabel.text = summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+
+    # -- refinement ----------------------------------------------------------------------------
+    def onRefineButton(self):
+        if self.refineRunner.running:
+            self.refineRunner.cancel()
+            return
+        from FewShotSegSlicerLib import dependencies
+
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot refine.", waitCursor=True):
+            if not dependencies.ensureEngineDependencies(askConfirmation=True):
+                return
+            self.logic.availableDevices(refresh=True)
+            job = self.logic.prepareRefine(p.inputVolume, p.segmentation, p.segmentId, samples=p.refineSamples,
+                                           steps=p.refineSteps, axis=p.axis, device=p.device)
+            self.refineRunner.start(lambda progress, cancel: self.logic.computeRefine(job, progress, cancel),
+                                    lambda result: self.onRefineResult(job, result), self.updateGUI)
+            self.updateGUI()
+
+    def onRefineResult(self, job, result):
+        from FewShotSegSlicerLib.qtsupport import showUncertaintyOverlay
+
+        undo = self.editorUndo(job.segmentationNode)
+        summary = self.logic.applyRefine(job, result, saveStateForUndo=undo)
+        showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
+        self.showUncertainSlices(summary.topSlices)
+        self.ui.statusLabel.text = summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+
+    def showUncertainSlices(self, slices):
+        self._uncertainSlices = list(slices)
+        self.ui.uncertainSlicesList.clear()
+        for item in self._uncertainSlices:
+            self.ui.uncertainSlicesList.addItem(item.label)
+
+    def onUncertainSliceClicked(self, item):
+        from FewShotSegSlicerLib.qtsupport import jumpSlicesTo
+
+        row = self.ui.uncertainSlicesList.row(item)
+        if 0 <= row < len(self._uncertainSlices):
+            jumpSlicesTo(self._uncertainSlices[row].position)
 
     @staticmethod
     def editorUndo(segmentationNode):
@@ -225,10 +280,13 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         self.test_widget()
         self.setUp()
         self.test_propagate_synthetic()
+        self.setUp()
+        self.test_refine_synthetic()
 
     def test_widget(self):
         widget = slicer.util.getModuleWidget("FewShotSeg")
-        for name in ("inputVolumeSelector", "segmentSelector", "modelComboBox", "propagateButton"):
+        for name in ("inputVolumeSelector", "segmentSelector", "modelComboBox", "propagateButton",
+                     "refineButton", "samplesSpinBox", "stepsSpinBox", "uncertainSlicesList"):
             self.assertTrue(hasattr(widget.ui, name), name)
 
     def test_propagate_synthetic(self):
@@ -263,3 +321,40 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, otherId, volume) > 0,
                                        other))
         self.delayDisplay(summary.statusText())
+
+    def test_refine_synthetic(self):
+        """A shrunken ellipsoid refined through the widget's path: overlay shown, slices listed."""
+        import numpy as np
+
+        from FewShotSegSlicerLib import dependencies
+
+        widget = slicer.util.getModuleWidget("FewShotSeg")
+        logic = widget.logic
+        try:
+            logic.refinerPath()
+        except Exception:
+            self.delayDisplay("The shipped refiner is missing: refinement test skipped")
+            return
+        if not dependencies.torchAvailable():
+            self.delayDisplay("PyTorch is missing: refinement test skipped")
+            return
+        k, j, i = np.mgrid[:24, :96, :96]
+        inside = ((k - 12) / 9.0) ** 2 + ((j - 48) / 28.0) ** 2 + ((i - 48) / 22.0) ** 2 <= 1
+        shrunk = ((k - 12) / 8.0) ** 2 + ((j - 48) / 24.0) ** 2 + ((i - 48) / 18.0) ** 2 <= 1
+        image = (inside * 800 + np.random.default_rng(0).normal(100, 20, inside.shape)).astype(np.int16)
+        volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([1.5, 1.5, 4.0, 1.0]),
+                                                name="FewShotSegRefineVolume")
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segId = seg.GetSegmentation().AddEmptySegment("blob")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(shrunk.astype(np.uint8), seg, segId, volume)
+        job = logic.prepareRefine(volume, seg, segId, samples=2, steps=2)
+        widget.onRefineResult(job, logic.computeRefine(job))  # what the Refine button runs, minus the thread
+        node = slicer.mrmlScene.GetFirstNodeByName("blob uncertainty")
+        self.assertIsNotNone(node)
+        self.assertEqual(slicer.util.arrayFromVolume(node).shape, inside.shape)
+        self.assertEqual(widget.ui.uncertainSlicesList.count, len(widget._uncertainSlices))
+        if widget._uncertainSlices:
+            widget.onUncertainSliceClicked(widget.ui.uncertainSlicesList.item(0))
+        self.delayDisplay(widget.ui.statusLabel.text)

@@ -9,7 +9,9 @@ minutes, no MRML access) runs on a worker thread:
     result = logic.compute(job, progress, cancel)                                         # any thread
     summary = logic.apply(job, result, saveStateForUndo=...)                              # main thread
 
-``logic.propagate(...)`` runs all three for scripts and tests.
+``logic.propagate(...)`` runs all three for scripts and tests. Refinement (the diffusion
+refiner redraws a coarse segment and reports its uncertainty) has the same three steps:
+``prepareRefine`` / ``computeRefine`` / ``applyRefine``, or ``logic.refine(...)``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import slicer
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegSlicerLib import geometry
 from FewShotSegSlicerLib.models import ModelCatalog
+from FewShotSegSlicerLib.refinement import (TOP_SLICES, RefineJob, RefineSummary, rankSlices,
+                                            updateUncertaintyVolume)
 
 MODES = ("chained", "direct")
 AXES = ("auto", "axial", "coronal", "sagittal")
@@ -82,7 +86,9 @@ class FewShotSegLogic:
         self.catalog = catalog or ModelCatalog()
         self._computeLock = threading.Lock()
         self._model = None            # (key, LoadedCheckpoint): one model kept in memory
+        self._refiner = None          # (key, LoadedCheckpoint): the refiner, likewise
         self._devices = None
+        self._painted = {}            # (segmentation id, segment id) -> (volume id, axis, painted slices)
 
     def getParameterNode(self, scene=None):
         """The module's singleton vtkMRMLScriptedModuleNode (created on first use)."""
@@ -234,16 +240,21 @@ class FewShotSegLogic:
         """The result as vtkOrientedImageData, for modifySelectedSegmentByLabelmap in the effect."""
         return geometry.arrayToOrientedImage(self.finalMask(job, result), job.volumeNode, job.segmentationNode)
 
-    def checkUnchanged(self, job: PropagationJob) -> None:
+    def checkUnchanged(self, job, doing: str = "propagating") -> None:
         """Refuse to overwrite edits made while the worker ran (or nodes that went away)."""
         for node, what in ((job.volumeNode, "volume"), (job.segmentationNode, "segmentation")):
             if node.GetScene() is None:
-                raise FewShotSegError(f"the {what} was removed while propagating; nothing was written")
+                raise FewShotSegError(f"the {what} was removed while {doing}; nothing was written")
         if job.segmentationNode.GetSegmentation().GetSegment(job.segmentId) is None:
-            raise FewShotSegError("the segment was deleted while propagating; nothing was written")
+            raise FewShotSegError(f"the segment was deleted while {doing}; nothing was written")
         now = geometry.segmentToArray(job.segmentationNode, job.segmentId, job.volumeNode)
         if not np.array_equal(now, job.support):
-            raise FewShotSegError("the segment was edited while propagating; nothing was written: run again")
+            raise FewShotSegError(f"the segment was edited while {doing}; nothing was written: run again")
+
+    def rememberPainted(self, job: PropagationJob) -> None:
+        """The painted slices of a propagated segment: a later refinement keeps them exactly."""
+        key = (job.segmentationNode.GetID(), job.segmentId)
+        self._painted[key] = (job.volumeNode.GetID(), job.axis, list(job.paintedSlices))
 
     def apply(self, job: PropagationJob, result, saveStateForUndo: Optional[Callable[[], object]] = None,
               editorNode=None) -> PropagationSummary:
@@ -257,9 +268,10 @@ class FewShotSegLogic:
             geometry.writeSegment(job.segmentationNode, job.segmentId, mask, job.volumeNode)
         else:
             self._applyWithEditorMasking(job, mask, editorNode)
+        self.rememberPainted(job)
         return self.summarize(job, result, mask, time.perf_counter() - start)
 
-    def _applyWithEditorMasking(self, job: PropagationJob, mask: np.ndarray, editorNode) -> None:
+    def _applyWithEditorMasking(self, job, mask: np.ndarray, editorNode) -> None:
         """Honour the editor's editable area and overwrite mode (Slicer's C++ editor logic)."""
         EditorLogic = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
         if EditorLogic is None:
@@ -296,6 +308,160 @@ class FewShotSegLogic:
             networkSeconds=float(getattr(result, "network_seconds", 0.0)),
             mode=job.mode, axis=job.axis, device=job.device, model=job.modelPath.stem)
 
+    # -- refinement: the same three steps -------------------------------------------------
+    def refinerPath(self, refiner=None) -> Path:
+        """A refiner name (model folders), a .pt path, or None for the shipped refiner."""
+        from FewShotSegLib.model_store import DEFAULT_REFINER, resolve_model_path
+
+        if refiner is None or refiner == "":
+            try:
+                return resolve_model_path(None, default=DEFAULT_REFINER)
+            except FewShotSegError:
+                raise FewShotSegError(f"the refiner '{DEFAULT_REFINER}' is not installed: reinstall the "
+                                      "extension or give a refiner checkpoint file") from None
+        return resolve_model_path(refiner)
+
+    def loadRefiner(self, path, device: str = "cpu"):
+        """The refiner checkpoint (a few-shot model file is refused), cached like loadModel."""
+        from FewShotSegLib.checkpoints import load_checkpoint
+
+        path = Path(path)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, device)
+        if self._refiner is None or self._refiner[0] != key:
+            self._refiner = None
+            self._refiner = (key, load_checkpoint(path, expect_kind="refiner", device=device))
+        return self._refiner[1]
+
+    def prepareRefine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4,
+                      refiner=None, axis: str = "auto", device: str = "cpu", keepSlices=None) -> RefineJob:
+        """Validate the inputs and copy image + segment out of the scene (main thread).
+
+        ``axis`` 'auto': the axis the segment was propagated along, else axial. ``keepSlices``:
+        slice indices along that axis kept exactly as they are; None = the painted slices of
+        this segment's last propagation in this session (if any), [] = none.
+        """
+        from FewShotSegLib.refinement.sampling import RefineOptions
+
+        start = time.perf_counter()
+        if self.isBusy:
+            raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
+        RefineOptions(samples=samples, steps=steps).validate()
+        if axis not in AXES:
+            raise FewShotSegError(f"unknown axis '{axis}'; choose one of {', '.join(AXES)}")
+        geometry.checkScalarVolume(volumeNode)
+        geometry.checkSegment(segmentationNode, segmentId)
+        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        refinerPath = self.refinerPath(refiner)
+        if device not in self.availableDevices():
+            raise FewShotSegError(f"device '{device}' is not available here "
+                                  f"(available: {', '.join(self.availableDevices())})")
+        coarse = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
+        if not coarse.any():
+            if geometry.segmentHasVoxels(segmentationNode, segmentId):
+                raise FewShotSegError(f"segment '{segmentName}' lies entirely outside volume "
+                                      f"'{volumeNode.GetName()}': nothing to refine on that volume")
+            raise FewShotSegError(f"segment '{segmentName}' is empty: nothing to refine "
+                                  "(propagate or paint it first)")
+        image = geometry.volumeToSitk(volumeNode)
+        remembered = self._painted.get((segmentationNode.GetID(), segmentId))
+        if remembered and remembered[0] != volumeNode.GetID():
+            remembered = None
+        from FewShotSegLib.imageio import array_axis_for
+
+        axisName = axis if axis != "auto" else (remembered[1] if remembered else "axial")
+        axisIndex = int(array_axis_for(image, axisName))
+        if keepSlices is None:
+            keepSlices = remembered[2] if remembered and remembered[1] == axisName else []
+        n = coarse.shape[axisIndex]
+        wrong = [i for i in keepSlices if not 0 <= int(i) < n]
+        if wrong:
+            raise FewShotSegError(f"slices to keep {wrong} lie outside the {n} {axisName} slices "
+                                  f"of volume '{volumeNode.GetName()}'")
+        moved = np.moveaxis(coarse, axisIndex, 0)
+        kept = sorted({int(i) for i in keepSlices if moved[int(i)].any()})
+        keep = None
+        if kept:
+            keep = np.zeros_like(coarse)
+            np.moveaxis(keep, axisIndex, 0)[kept] = moved[kept]
+        job = RefineJob(volumeNode, segmentationNode, segmentId, segmentName, image, coarse, keep, refinerPath,
+                        samples, steps, axisName, axisIndex, device, kept)
+        if not geometry.segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
+            job.notes.append("The segment was resampled onto the volume's grid")
+        job.prepareSeconds = time.perf_counter() - start
+        return job
+
+    def computeRefine(self, job: RefineJob, progress: Optional[Progress] = None,
+                      cancel: Optional[Cancel] = None):
+        """Run the refiner on the copied arrays (any thread); never touches the scene."""
+        if not self._computeLock.acquire(blocking=False):
+            raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
+        try:
+            from FewShotSegLib.refinement.sampling import RefineCancelled, RefineOptions, refine
+
+            if progress:
+                progress(0.0, "loading the refiner")
+            refiner = self.loadRefiner(job.refinerPath, job.device)
+            if cancel and cancel():
+                raise RefineCancelled("refinement cancelled; the segmentation was not changed")
+            options = RefineOptions(samples=job.samples, steps=job.steps, axis=job.axis, device=job.device)
+            result = refine(job.image, job.coarse, refiner, options, progress=progress, cancel=cancel,
+                            keep=job.keep)
+            for name in ("mask", "uncertainty"):
+                if getattr(result, name).shape != job.coarse.shape:
+                    raise FewShotSegError(f"the refiner returned a {name} of shape "
+                                          f"{getattr(result, name).shape}, expected {job.coarse.shape}")
+            return result
+        finally:
+            self._computeLock.release()
+
+    def refinedMask(self, job: RefineJob, result) -> np.ndarray:
+        """The refined segment as bool on the volume grid; an empty one is refused."""
+        mask = np.asarray(result.mask, bool)
+        if not mask.any():
+            raise FewShotSegError(f"the refiner found nothing of segment '{job.segmentName}'; "
+                                  "the segment was not changed")
+        return mask
+
+    def applyRefine(self, job: RefineJob, result, saveStateForUndo: Optional[Callable[[], object]] = None,
+                    editorNode=None, write: Optional[Callable[[np.ndarray], None]] = None,
+                    topSlices: int = TOP_SLICES) -> RefineSummary:
+        """Replace the segment by the refined one (undo state saved once, just before), then
+        create or update its uncertainty volume. ``write(mask)`` replaces the writing step
+        (the Segment Editor effect: its own undo state and masking)."""
+        start = time.perf_counter()
+        self.checkUnchanged(job, "refining")
+        mask = self.refinedMask(job, result)
+        top = rankSlices(result.uncertainty, job.axisIndex, job.volumeNode, job.axis, topSlices)
+        if write is not None:
+            write(mask)
+        else:
+            if saveStateForUndo is not None:
+                saveStateForUndo()
+            if editorNode is None:
+                geometry.writeSegment(job.segmentationNode, job.segmentId, mask, job.volumeNode)
+            else:
+                self._applyWithEditorMasking(job, mask, editorNode)
+        node = updateUncertaintyVolume(job, result.uncertainty)
+        return RefineSummary(
+            slicesRefined=int(result.slices_done), voxelsBefore=int(job.coarse.sum()), voxelsAfter=int(mask.sum()),
+            voxelsChanged=int((mask != job.coarse).sum()), keptSlices=len(job.keptSlices),
+            seconds=job.prepareSeconds + float(result.seconds) + time.perf_counter() - start,
+            engineSeconds=float(result.seconds), networkSeconds=float(getattr(result, "network_seconds", 0.0)),
+            samples=job.samples, steps=job.steps, axis=job.axis, device=job.device, refiner=job.refinerPath.stem,
+            uncertaintyVolume=node, topSlices=top, notes=list(job.notes))
+
+    def refine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4, refiner=None,
+               axis: str = "auto", device: str = "cpu", keepSlices=None, progress: Optional[Progress] = None,
+               cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None) -> RefineSummary:
+        """Synchronous refinement; the segmentation is unchanged whenever this raises."""
+        start = time.perf_counter()
+        job = self.prepareRefine(volumeNode, segmentationNode, segmentId, samples, steps, refiner, axis, device,
+                                 keepSlices)
+        result = self.computeRefine(job, progress, cancel)
+        summary = self.applyRefine(job, result, saveStateForUndo, editorNode)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
     # -- all three, for scripts and tests --------------------------------------------------
     def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
                   axis: str = "auto", device: str = "cpu", progress: Optional[Progress] = None,
@@ -316,5 +482,5 @@ def segmentationHistory(segmentationNode):
     return history
 
 
-__all__ = ["FewShotSegLogic", "PropagationJob", "PropagationSummary", "segmentationHistory",
-           "MODES", "AXES"]
+__all__ = ["FewShotSegLogic", "PropagationJob", "PropagationSummary", "RefineJob", "RefineSummary",
+           "segmentationHistory", "MODES", "AXES"]

@@ -158,3 +158,12 @@ def test_format_card_lists_known_keys_first():
 def test_devices_always_include_cpu():
     devices = FewShotSegLogic().availableDevices()
     assert devices[0] == "cpu" and set(devices) <= {"cpu", "cuda", "mps"}
+
+
+def test_shipped_refiner_is_not_offered_as_a_few_shot_model(home, tmp_path):
+    from FewShotSegLib.model_store import DEFAULT_REFINER, list_model_files
+
+    if DEFAULT_REFINER not in [e.name for e in list_model_files()]:
+        pytest.skip("no shipped refiner in Resources/Models")
+    assert DEFAULT_REFINER not in [m.name for m in ModelCatalog().models()]
+    assert FewShotSegLogic().refinerPath().stem == DEFAULT_REFINER

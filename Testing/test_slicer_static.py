@@ -24,7 +24,7 @@ MODULE = ROOT / "FewShotSeg"
 MODULE_FILES_IGNORED = {"CMakeLists.txt"}
 QT_FREE = [MODULE / "FewShotSegLogic.py"] + [MODULE / "FewShotSegSlicerLib" / f for f in
                                               ("__init__.py", "geometry.py", "models.py", "tasks.py",
-                                               "dependencies.py")]
+                                               "dependencies.py", "refinement.py")]
 S4EXT_KEYS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
               "category", "iconurl", "status", "description", "screenshoturls", "enabled")
 CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",

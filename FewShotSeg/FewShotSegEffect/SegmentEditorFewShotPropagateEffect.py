@@ -5,7 +5,9 @@ Why an effect besides the module panel: users paint in the Segment Editor, and t
 editor's masking (editable area, overwrite mode) and undo must apply as for every other
 effect. So the result goes through modifySelectedSegmentByLabelmap (Set mode) after one
 saveStateForUndo(); the work itself is FewShotSegLogic's, on a worker thread. The labelmap
-is built on the source volume's own grid, so painting in any slice view works.
+is built on the source volume's own grid, so painting in any slice view works. Refine
+redraws the selected segment with the diffusion refiner the same way (one undo state) and
+lays its uncertainty volume over the image.
 """
 import os
 
@@ -16,7 +18,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLogic import AXES, MODES, FewShotSegLogic
 from FewShotSegSlicerLib import dependencies, geometry
-from FewShotSegSlicerLib.qtsupport import TaskRunner
+from FewShotSegSlicerLib.qtsupport import TaskRunner, showUncertaintyOverlay
 
 PREVIEW_NAME = "FewShotSeg preview"
 
@@ -49,7 +51,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
     def helpText(self):
         return ("<html>Paint the selected segment on one (or a few) slices, then click "
                 "<b>Propagate</b>: a few-shot model fills the other slices of the same segment. "
-                "Masking and overwrite settings apply; Undo restores the painted state.</html>")
+                "<b>Refine</b> redraws the selected segment with the refiner (K samples, a few steps) "
+                "and shows its uncertainty as a coloured overlay; the painted slices stay as they are. "
+                "Masking and overwrite settings apply; Undo restores the previous state.</html>")
 
     # -- options panel --------------------------------------------------------------------
     def setupOptionsFrame(self):
@@ -83,13 +87,34 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(previewButtons)
         self.runner = TaskRunner(self.propagateButton, self.progressBar, self.statusLabel)
 
+        self.refineButton = qt.QPushButton("Refine")
+        self.refineButton.objectName = self.__class__.__name__ + "Refine"
+        self.refineButton.toolTip = "Redraw the selected segment with the refiner and show its uncertainty."
+        self.refineSamplesSpinBox = qt.QSpinBox()
+        self.refineSamplesSpinBox.setRange(1, 32)
+        self.refineSamplesSpinBox.toolTip = "Refiner samples (K): their spread is the uncertainty"
+        self.refineStepsSpinBox = qt.QSpinBox()
+        self.refineStepsSpinBox.setRange(1, 50)
+        self.refineStepsSpinBox.toolTip = "Denoising steps per sample"
+        refineRow = qt.QHBoxLayout()
+        refineRow.addWidget(self.refineButton, 1)
+        refineRow.addWidget(qt.QLabel("K:"))
+        refineRow.addWidget(self.refineSamplesSpinBox)
+        refineRow.addWidget(qt.QLabel("Steps:"))
+        refineRow.addWidget(self.refineStepsSpinBox)
+        self.scriptedEffect.addOptionsWidget(refineRow)
+        self.refineRunner = TaskRunner(self.refineButton, self.progressBar, self.statusLabel, startText="Refine")
+
         for info in self.logic.catalog.models():
             if info.available:  # downloads happen in the module panel
                 self.modelComboBox.addItem(info.name)
         for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.previewCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        for spinBox in (self.refineSamplesSpinBox, self.refineStepsSpinBox):
+            spinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.propagateButton.connect("clicked()", self.onPropagate)
+        self.refineButton.connect("clicked()", self.onRefine)
         self.applyButton.connect("clicked()", self.onApplyPreview)
         self.discardButton.connect("clicked()", self.discardPreview)
         self.updatePreviewButtons()
@@ -103,6 +128,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Axis", "auto")
         self.scriptedEffect.setParameterDefault("Device", "cpu")
         self.scriptedEffect.setParameterDefault("Preview", 0)
+        self.scriptedEffect.setParameterDefault("RefineSamples", 4)
+        self.scriptedEffect.setParameterDefault("RefineSteps", 4)
 
     def updateGUIFromMRML(self):
         pairs = ((self.modelComboBox, "Model"), (self.modeComboBox, "Mode"),
@@ -115,6 +142,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         wasBlocked = self.previewCheckBox.blockSignals(True)
         self.previewCheckBox.checked = self.scriptedEffect.integerParameter("Preview") != 0
         self.previewCheckBox.blockSignals(wasBlocked)
+        for spinBox, name in ((self.refineSamplesSpinBox, "RefineSamples"), (self.refineStepsSpinBox, "RefineSteps")):
+            wasBlocked = spinBox.blockSignals(True)
+            spinBox.value = self.scriptedEffect.integerParameter(name)
+            spinBox.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self, *args):
         self.scriptedEffect.setParameter("Model", self.modelComboBox.currentText)
@@ -122,6 +153,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("Axis", self.axisComboBox.currentText)
         self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentText)
         self.scriptedEffect.setParameter("Preview", 1 if self.previewCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("RefineSamples", self.refineSamplesSpinBox.value)
+        self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
     def activate(self):
         """List the GPU devices once the user picks this effect (imports PyTorch if present)."""
@@ -134,6 +167,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
 
     def deactivate(self):
         self.runner.stop()
+        self.refineRunner.stop()
         self.discardPreview()
 
     # -- propagation ----------------------------------------------------------------------
@@ -145,6 +179,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
     def onPropagate(self):
         if self.runner.running:
             self.runner.cancel()
+            return
+        if self.refineRunner.running:
+            self.statusLabel.text = "A refinement is running: wait for it or cancel it."
             return
         self.discardPreview()
         with slicer.util.tryWithErrorDisplay("Cannot propagate.", waitCursor=True):
@@ -168,12 +205,46 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
             raise FewShotSegError("the selected segment changed while propagating; nothing was written")
         self.logic.checkUnchanged(job)
-        modifier = self.logic.resultAsOrientedImage(job, result)
+        self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result))
+        self.logic.rememberPainted(job)  # a later Refine keeps the painted slices
+        summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
+        self.statusLabel.text = summary.statusText()
+
+    def writeSelectedSegment(self, modifier):
+        """The only place the effect changes a segment: one undo state, then Set mode."""
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-        summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
-        self.statusLabel.text = summary.statusText()
+
+    # -- refinement --------------------------------------------------------------------------
+    def onRefine(self):
+        if self.refineRunner.running:
+            self.refineRunner.cancel()
+            return
+        if self.runner.running:
+            self.statusLabel.text = "A propagation is running: wait for it or cancel it."
+            return
+        self.discardPreview()
+        with slicer.util.tryWithErrorDisplay("Cannot refine.", waitCursor=True):
+            if not dependencies.ensureEngineDependencies(askConfirmation=True):
+                return
+            volume, segmentation, segmentId = self._inputs()
+            p = self.scriptedEffect
+            job = self.logic.prepareRefine(volume, segmentation, segmentId, samples=p.integerParameter("RefineSamples"),
+                                           steps=p.integerParameter("RefineSteps"), axis=p.parameter("Axis"),
+                                           device=p.parameter("Device"))
+            self.refineRunner.start(lambda progress, cancel: self.logic.computeRefine(job, progress, cancel),
+                                    lambda result: self.applyRefineResult(job, result))
+
+    def applyRefineResult(self, job, result):
+        if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
+            raise FewShotSegError("the selected segment changed while refining; nothing was written")
+        write = lambda mask: self.writeSelectedSegment(  # noqa: E731
+            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode))
+        summary = self.logic.applyRefine(job, result, write=write)
+        showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
+        hint = " (the FewShotSeg module lists them; click one to jump there)" if summary.topSlices else ""
+        self.statusLabel.text = summary.statusText() + hint
 
     # -- preview ----------------------------------------------------------------------------
     def showPreview(self, job, result):

@@ -183,3 +183,26 @@ def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> N
     if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise FewShotSegError(f"could not write the result into segment "
                               f"'{_segmentName(segmentationNode, segmentId)}'")
+
+
+def segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode) -> bool:
+    """Whether the segment's stored labelmap shares the volume's voxel grid (same axes and
+    spacing, whole-voxel offset); otherwise reading it onto the volume resamples it."""
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if image is None:
+        return True
+    segmentMatrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(segmentMatrix)
+    volumeToSegmentation = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation):
+        return False
+    volumeMatrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(volumeMatrix)
+    vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, volumeMatrix, volumeMatrix)
+    seg = np.array([[segmentMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    vol = np.array([[volumeMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    if not np.allclose(seg[:3, :3], vol[:3, :3], atol=1e-4):
+        return False
+    offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])  # in volume voxels
+    return bool(np.allclose(offset, np.round(offset), atol=1e-3))

@@ -94,10 +94,12 @@ class ModelCatalog:
         return self._userDir or model_store.user_model_dir()
 
     def models(self) -> list[ModelInfo]:
-        """Catalog entries first (shipped or downloadable), then any other checkpoint found."""
+        """Catalog entries first (shipped or downloadable), then any other checkpoint found.
+        The shipped refiner is not a few-shot model: Refine uses it, the model list leaves it out."""
         found = {e.name: e.path for e in model_store.list_model_files()}
         for f in sorted(self.userDir.glob("*.pt")) if self.userDir.is_dir() else []:
             found.setdefault(f.stem, f)
+        found.pop(model_store.DEFAULT_REFINER, None)
         out, seen = [], set()
         for entry in readCatalog(self.catalogFile):
             name = entry["name"]

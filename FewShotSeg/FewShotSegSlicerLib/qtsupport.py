@@ -90,3 +90,15 @@ class TaskRunner:
         if self.task is not None:
             self.task.cancel()
             self._onSuccess = lambda result: None
+
+
+def showUncertaintyOverlay(volumeNode, uncertaintyNode, opacity: float = 0.5) -> None:
+    """The image behind, its uncertainty volume in front (zero is transparent), all slice views."""
+    slicer.util.setSliceViewerLayers(background=volumeNode, foreground=uncertaintyNode,
+                                      foregroundOpacity=opacity)
+
+
+def jumpSlicesTo(position) -> None:
+    """Every slice view through ``position`` (world RAS), centred on it."""
+    r, a, s = (float(v) for v in position)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
