@@ -39,58 +39,7 @@ SHIPPED_LIVER_DICE_MIN = 0.5
 
 
 # -- scene ------------------------------------------------------------------------------
-class SlicerCore:
-    """Scene and module logics set up as Kitware's trame-slicer SlicerApp does (REFERENCE §6)."""
-
-    def __init__(self):
-        self.scene = slicer.vtkMRMLScene()
-        self.app = slicer.vtkSlicerApplicationLogic()
-        self.app.SetMRMLScene(self.scene)
-        self.app.GetColorLogic().SetMRMLScene(self.scene)
-        self.app.GetColorLogic().AddDefaultColorNodes()
-        self.app.SetSliceLogics(vtk.vtkCollection())
-        self.app.SetViewLogics(vtk.vtkCollection())
-        self.colors = slicer.vtkMRMLColorLogic()
-        self.colors.SetMRMLApplicationLogic(self.app)
-        self.colors.SetMRMLScene(self.scene)
-        self.app.SetModuleLogic("Colors", self.colors)
-        self.volumes = slicer.vtkSlicerVolumesLogic()
-        self.volumes.SetMRMLScene(self.scene)
-        self.volumes.SetMRMLApplicationLogic(self.app)
-        self.app.SetModuleLogic("Volumes", self.volumes)
-        # registers the labelmap/closed-surface converter rules: once per process (one scene)
-        self.segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-        self.segmentations.SetMRMLScene(self.scene)
-        self.segmentations.SetMRMLApplicationLogic(self.app)
-        self.app.SetModuleLogic("Segmentations", self.segmentations)
-
-    def load(self, path, labelmap: bool = False, files=()):
-        names = vtk.vtkStringArray()
-        for f in files:
-            names.InsertNextValue(str(f))
-        node = self.volumes.AddArchetypeVolume(str(path), Path(path).name, 1 if labelmap else 0, names)
-        assert node is not None, f"Slicer could not load {path}"
-        return node
-
-    def segmentation(self, reference, name="Segmentation"):
-        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-        return node
-
-    def importLabels(self, labelNode, segmentation) -> dict:
-        """Slicer's own label import (independent of the code under test): value -> segment id."""
-        before = set(segmentIds(segmentation))
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
-        assert ok
-        new = [s for s in segmentIds(segmentation) if s not in before]
-        values = [int(v) for v in np.unique(slicer.util.arrayFromVolume(labelNode)) if v]
-        return dict(zip(values, new))
-
-
-def segmentIds(segmentation) -> list[str]:
-    s = segmentation.GetSegmentation()
-    return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+from FewShotSegSlicerLib.headless import SlicerCore, segmentIds  # noqa: E402
 
 
 def snapshot(segmentation, volume) -> dict:

@@ -75,12 +75,14 @@ def speed_table() -> str:
     if result is None:
         return "_speed benchmark not run yet: `python benchmarks/speed_benchmark.py`_"
     lines = [f"Hardware: {result['hardware']}; mode `{result['mode']}`.", "",
-             "| case | propagate s | target s | CLI wall s | network s | total / network | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | propagate s | target s | CLI wall s | network s | total / network | peak RSS MB "
+             "| Slicer Logic s | Logic / CLI |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, c in result["cases"].items():
         lines.append(f"| {name} | {c['propagate_seconds']:.2f} | < {c['target_seconds']:g} | "
                      f"{c['cli_wall_seconds']:.2f} | {c['network_seconds']:.2f} | {c['overhead_ratio']:.2f} | "
-                     f"{c['peak_rss_mb']:.0f} |")
+                     f"{c['peak_rss_mb']:.0f} | {c.get('logic_seconds', float('nan')):.2f} | "
+                     f"{c.get('logic_to_cli_ratio', float('nan')):.2f} |")
     return "\n".join(lines)
 
 

@@ -84,15 +84,39 @@ def _child(image, support, model, mode, result_path):
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def _logic_child(image, support, model, mode, result_path):
+    """Runs inside a fresh process: Apply -> filled segment through the module's Logic on
+    real MRML nodes (PyPI slicer-core), as the Slicer user waits for it."""
+    sys.path.insert(0, str(ROOT / "FewShotSeg"))
+    from FewShotSegLogic import FewShotSegLogic
+    from FewShotSegSlicerLib.headless import SlicerCore
+
+    core = SlicerCore()
+    volume = core.load(image)
+    seg = core.segmentation(volume)
+    labels = core.load(support, labelmap=True)
+    segment_id = core.importLabels(labels, seg)[1]
+    logic = FewShotSegLogic()
+    summary = logic.propagate(volume, seg, segment_id, model=model, mode=mode)
+    Path(result_path).write_text(json.dumps({
+        "logic_seconds": summary.seconds, "logic_engine_seconds": summary.engineSeconds,
+        "logic_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--mode", default="chained")
     parser.add_argument("--data", default=None)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--logic-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--no-logic", action="store_true", help="skip the Slicer Logic timing (needs slicer-core)")
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child[:2], args.model, args.mode, args.child[3])
+        return
+    if args.logic_child:
+        _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3])
         return
     from FewShotSegLib.evaluation import shared_data_dir, write_json
     import torch
@@ -116,7 +140,15 @@ def main(argv=None):
             subprocess.run(cli, check=True, cwd=ROOT)
             cli_seconds = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            results["cases"][name] = {**geometry[name], **child, "cli_wall_seconds": cli_seconds,
+            logic = {}
+            if not args.no_logic:
+                logic_file = work / f"{name}_logic.json"
+                cmd = [sys.executable, __file__, "--mode", args.mode, "--logic-child", str(image), str(support), "_",
+                       str(logic_file)] + (["--model", args.model] if args.model else [])
+                subprocess.run(cmd, check=True)
+                logic = json.loads(logic_file.read_text())
+                logic["logic_to_cli_ratio"] = logic["logic_seconds"] / cli_seconds
+            results["cases"][name] = {**geometry[name], **child, **logic, "cli_wall_seconds": cli_seconds,
                                       "target_seconds": TARGETS[name],
                                       "max_child_peak_rss_mb_so_far": peak}
             print(name, json.dumps(results["cases"][name]), flush=True)
