@@ -154,6 +154,19 @@ class FewShotSegLogic:
         return self._model[1]
 
     # -- step 1: main thread --------------------------------------------------------------
+    def _checkInputs(self, volumeNode, segmentationNode, segmentId, axis: str) -> str:
+        """Checks shared by propagate and refine; returns the segment's name for messages."""
+        if axis not in AXES:
+            raise FewShotSegError(f"unknown axis '{axis}'; choose one of {', '.join(AXES)}")
+        geometry.checkScalarVolume(volumeNode)
+        geometry.checkSegment(segmentationNode, segmentId)
+        return segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+
+    def _checkDevice(self, device: str) -> None:
+        if device not in self.availableDevices():
+            raise FewShotSegError(f"device '{device}' is not available here "
+                                  f"(available: {', '.join(self.availableDevices())})")
+
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
                 axis: str = "auto", device: str = "cpu") -> PropagationJob:
         """Validate the inputs and copy image + painted voxels out of the scene."""
@@ -162,15 +175,9 @@ class FewShotSegLogic:
             raise FewShotSegError("a propagation is already running: wait for it or cancel it")
         if mode not in MODES:
             raise FewShotSegError(f"unknown mode '{mode}'; choose {' or '.join(MODES)}")
-        if axis not in AXES:
-            raise FewShotSegError(f"unknown axis '{axis}'; choose one of {', '.join(AXES)}")
-        geometry.checkScalarVolume(volumeNode)
-        geometry.checkSegment(segmentationNode, segmentId)
-        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         modelPath = self.modelPath(model)
-        if device not in self.availableDevices():
-            raise FewShotSegError(f"device '{device}' is not available here "
-                                  f"(available: {', '.join(self.availableDevices())})")
+        self._checkDevice(device)
         support = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
         if not support.any():
             if geometry.segmentHasVoxels(segmentationNode, segmentId):
@@ -346,15 +353,9 @@ class FewShotSegLogic:
         if self.isBusy:
             raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
         RefineOptions(samples=samples, steps=steps).validate()
-        if axis not in AXES:
-            raise FewShotSegError(f"unknown axis '{axis}'; choose one of {', '.join(AXES)}")
-        geometry.checkScalarVolume(volumeNode)
-        geometry.checkSegment(segmentationNode, segmentId)
-        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         refinerPath = self.refinerPath(refiner)
-        if device not in self.availableDevices():
-            raise FewShotSegError(f"device '{device}' is not available here "
-                                  f"(available: {', '.join(self.availableDevices())})")
+        self._checkDevice(device)
         coarse = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
         if not coarse.any():
             if geometry.segmentHasVoxels(segmentationNode, segmentId):
