@@ -216,3 +216,33 @@ def test_shipped_configs_are_valid():
         model = build_model(config["model"], **{**config["model_config"], "pretrained": False})
         assert model.name == config["model"]
         assert PreprocessConfig.from_dict(config["data"]["preprocess"]).size > 0
+
+
+def test_publish_ships_the_checkpoint_with_its_card_and_catalog_checksum(tmp_path, monkeypatch):
+    from FewShotSegLib.checkpoints import save_checkpoint
+    from FewShotSegLib.model_store import sha256_of
+    from Training import publish
+
+    root = tmp_path / "repo"
+    (root / "FewShotSeg" / "Resources").mkdir(parents=True)
+    (root / "Resources" / "Models").mkdir(parents=True)
+    (root / "FewShotSeg" / "Resources" / "Models.json").write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(publish, "ROOT", root)
+    source = tmp_path / "run" / "mymodel.pt"
+    source.parent.mkdir()
+    save_checkpoint(source, build_model("alpnet", pretrained=False), preprocess=PreprocessConfig(size=64),
+                    provenance={"steps": 5, "data": ["a.nii.gz"], "wall_seconds": 36.0})
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({
+        "benchmark": "product", "mode": "chained",
+        "options": {"registration_weight": 0.5, "min_intensity_agreement": 0.5},
+        "chaos_t2": {"cases": 20, "mean_dice": 0.75, "dice_per_organ": {"liver": 0.7, "spleen": 0.8}},
+        "totalseg_ct_agreement": {"mean_dice": 0.6}}))
+    publish.main([str(source), "--benchmark", str(bench), "--note", "A note."])
+    shipped = root / "Resources" / "Models" / "mymodel.pt"
+    card = shipped.with_suffix(".md").read_text()
+    assert "mean Dice 0.750" in card and "registration (weight 0.5)" in card and "A note." in card
+    assert sha256_of(shipped) in card
+    catalog = json.loads((root / "FewShotSeg" / "Resources" / "Models.json").read_text())
+    assert catalog["models"][0]["sha256"] == sha256_of(shipped)
+    assert "0.750" in load_checkpoint(shipped).card["measured"]

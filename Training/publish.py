@@ -66,6 +66,7 @@ def main(argv=None):
     parser.add_argument("checkpoint")
     parser.add_argument("--name", default=None, help="shipped name (default: the file's stem)")
     parser.add_argument("--benchmark", default=None, help="product benchmark JSON to quote on the card")
+    parser.add_argument("--note", default="", help="a sentence added to the card's Measured section")
     args = parser.parse_args(argv)
     source = Path(args.checkpoint)
     name = args.name or source.stem
@@ -74,10 +75,17 @@ def main(argv=None):
         bench = json.loads(Path(args.benchmark).read_text())
         chaos = bench["chaos_t2"]
         organs = chaos["dice_per_organ"]
+        options = bench.get("options", {})
+        mode = bench["mode"]
+        if mode == "chained" and options.get("registration_weight"):
+            mode += f" fused with registration (weight {options['registration_weight']:g})"
+        if options.get("min_intensity_agreement"):
+            mode += f", intensity stop rule {options['min_intensity_agreement']:g}"
         measured = {
-            "summary": (f"Product benchmark ({bench['benchmark']}), mode {bench['mode']}: CHAOS-T2 "
+            "summary": (f"Product benchmark ({bench['benchmark']}), mode {mode}: CHAOS-T2 "
                         f"{chaos['cases']} volumes, mean Dice {chaos['mean_dice']:.3f}; TotalSegmentator CT "
-                        f"agreement mean Dice {bench['totalseg_ct_agreement']['mean_dice']:.3f}."),
+                        f"agreement mean Dice {bench['totalseg_ct_agreement']['mean_dice']:.3f}. "
+                        f"{args.note}").strip(),
             "table": ["| organ | " + " | ".join(organs) + " | mean |",
                       "|---" * (len(organs) + 2) + "|",
                       "| Dice | " + " | ".join(f"{v:.3f}" for v in organs.values())
