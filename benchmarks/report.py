@@ -87,16 +87,27 @@ def speed_table() -> str:
 
 
 def refine_table(files: list[str]) -> str:
-    lines = ["| coarse masks | Dice coarse | Dice refined | AUROC (variance) | s per slice | cases |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| coarse masks (file) | Dice coarse | Dice refined | HD95 mm coarse | HD95 mm refined "
+             "| AUROC (variance) | s per slice | cases |", "|---|---|---|---|---|---|---|---|"]
     for name in files:
         result = _load(name)
         if result is None:
             continue
         s = result["summary"]
+        organs = s.get("per_organ", {}).values()
+        hd = lambda key: sum(o[key] for o in organs) / max(1, len(organs))  # noqa: E731
         coarse = result.get("propagation") or result.get("coarse")
-        lines.append(f"| {coarse} ({name}) | {s['mean_dice_coarse']:.3f} | {s['mean_dice_refined']:.3f} | "
+        lines.append(f"| {coarse} (`{name}`) | {s['mean_dice_coarse']:.3f} | {s['mean_dice_refined']:.3f} | "
+                     f"{hd('hd95_coarse_median'):.1f} | {hd('hd95_refined_median'):.1f} | "
                      f"{s['mean_auroc_variance']:.3f} | {s['seconds_per_slice']:.2f} | {len(result['cases'])} |")
+    first = next((r for r in map(_load, files) if r is not None), None)
+    if first is not None:
+        lines += ["", f"Per organ, coarse = {first.get('propagation') or first.get('coarse')}:", "",
+                  "| organ | Dice coarse | Dice refined | HD95 mm coarse | HD95 mm refined | AUROC |",
+                  "|---|---|---|---|---|---|"]
+        for organ, o in first["summary"]["per_organ"].items():
+            lines.append(f"| {organ} | {o['dice_coarse']:.3f} | {o['dice_refined']:.3f} | "
+                         f"{o['hd95_coarse_median']:.1f} | {o['hd95_refined_median']:.1f} | {o['auroc_variance']:.3f} |")
     return "\n".join(lines)
 
 
@@ -122,7 +133,8 @@ DEFAULT_CONFIG = {
     "ablation": ["product_abl_chained_noagree.json", "product_abl_chained_agree.json", "product_abl_agree06.json",
                  "product_abl_agree07.json", "product_abl_fuse03_agree07.json", "product_abl_fuse05_agree.json",
                  "product_abl_fuse07_agree.json", "product_abl_registration.json"],
-    "refine": ["refine_holdout_registration_keep.json", "refine_holdout_perturbed.json"],
+    "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
+               "refine_holdout_perturbed.json"],
 }
 
 
