@@ -38,16 +38,28 @@ def summarise(fold_results: list[dict]) -> dict:
                                           "ep2": mean_dice(r["rows"], "ep2")["mean"]} for r in results},
             "budget": _unique(r["budget"] for r in results), "steps": _unique(r["steps"] for r in results),
             "size": _unique(r["size"] for r in results),
-            "training_seconds": round(sum(r.get("training_seconds") or 0 for r in results), 1),
+            # a given checkpoint was trained once, whatever the number of folds it is scored on
+            "training_seconds": round((max if all(r["budget"] == "checkpoint" for r in results) else sum)(
+                r.get("training_seconds") or 0 for r in results), 1),
             "eval_seconds": round(sum(r.get("eval_seconds") or 0 for r in results), 1),
             "hardware": _unique([r.get("hardware") for r in results]
                                 + [f"trained on {c['hardware']}" for r in results for c in r.get("checkpoints", [])
                                    if c.get("hardware") and c.get("hardware") != r.get("hardware")]),
             "compliant": all(r.get("compliant", True) for r in results),
-            "notes": _unique(n for r in results for n in r.get("notes", [])),
+            "notes": _merge_notes(n for r in results for n in r.get("notes", [])),
         })
     return {"results": entries,
             "papers_mean_dice_percent": {k: {"s1": v[0], "s2": v[1]} for k, v in PAPERS.items()}}
+
+
+def _merge_notes(notes) -> list:
+    """Per-fold notes that differ only in their parenthesis (the fold's scans) become one."""
+    merged = {}
+    for note in notes:
+        head, _, detail = note.partition(" (")
+        merged.setdefault(head, []).append(detail.rstrip(")"))
+    return [head if len(details) > 1 else (f"{head} ({details[0]})" if details[0] else head)
+            for head, details in merged.items()]
 
 
 def _pct(value) -> str:
