@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--registration-weight", type=float, default=None,
-                   help="chained: weight of the registration-carried mask fused with the model (0..1, default 0.5; 0 = model only)")
+                   help="chained: weight of the registration-carried mask fused with the model (0..1, default 0.75; 0 = model only)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
     p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
     p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")

@@ -53,8 +53,8 @@ class PropagationOptions:
     min_area_fraction: float = 0.05
     # chained: weight of the registration-carried previous mask fused with the model's
     # probability (0 = model only); registration follows shape, the model follows appearance.
-    # 0.5 measured best on CHAOS-T2 (benchmarks/results/product_*.json; README)
-    registration_weight: float = 0.5
+    # 0.75 measured best of 0, 0.5, 0.75 on CHAOS-T2 (benchmarks/results/product_*.json, README)
+    registration_weight: float = 0.75
     # the structure has ended when fewer than this fraction of a slice's mask has
     # intensities inside the painted region's 5-95 % band (0 = area rule only)
     min_intensity_agreement: float = 0.5
@@ -340,12 +340,20 @@ class Propagator:
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation by a square of half-width ``radius``: two 1-D max-pools (a square
-    is separable), ~50x faster on CPU than one (2r+1)^2 window at the usual radius."""
-    m = mask.float()[None, None]
-    k = 2 * radius + 1
-    m = F.max_pool2d(m, kernel_size=(k, 1), stride=1, padding=(radius, 0))
-    return F.max_pool2d(m, kernel_size=(1, k), stride=1, padding=(0, radius))[0, 0]
+    """Binary dilation by a square of half-width ``radius``.
+
+    A square is separable, and along each axis "any pixel within r" is a window sum > 0,
+    read off a cumulative sum: the cost does not grow with the radius (a (2r+1)^2
+    max-pool took 0.3 s per 256x256 slice on CPU at the usual 25 mm radius).
+    """
+    out = mask.float()
+    for dim in (0, 1):
+        n = out.shape[dim]
+        csum = F.pad(out.cumsum(dim), (0, 0, 1, 0) if dim == 0 else (1, 0, 0, 0))
+        upper = torch.clamp(torch.arange(n) + radius + 1, max=n)
+        lower = torch.clamp(torch.arange(n) - radius, min=0)
+        out = (csum.index_select(dim, upper) - csum.index_select(dim, lower) > 0).float()
+    return out
 
 
 def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,

@@ -128,8 +128,10 @@ def render(config: dict) -> str:
 
 
 DEFAULT_CONFIG = {
-    "product": ["product_fewshotseg-default_chained.json", "product_fewshotseg-default_chained_model_only.json",
-                "product_registration.json"],
+    "product": ["product_fewshotseg-default_chained.json", "product_fewshotseg-default_chained_fusion05.json",
+                "product_fewshotseg-default_chained_model_only.json", "product_registration.json",
+                "product_fewshotseg-default_chained_fusion05_no_stop_rule.json",
+                "product_fewshotseg-default_chained_no_stop_rule.json"],
     "ablation": ["product_abl_chained_noagree.json", "product_abl_chained_agree.json", "product_abl_agree06.json",
                  "product_abl_agree07.json", "product_abl_fuse03_agree07.json", "product_abl_fuse05_agree.json",
                  "product_abl_fuse07_agree.json", "product_abl_registration.json"],

@@ -62,7 +62,7 @@ def make_cases(data_dir: Path, work: Path) -> dict:
     return out
 
 
-def _child(image, support, model, mode, result_path):
+def _child(image, support, model, mode, result_path, registration_weight=None):
     """Runs inside a fresh process: one propagation, timed, with the network's share."""
     import SimpleITK as sitk
     from FewShotSegLib.checkpoints import load_checkpoint
@@ -75,7 +75,10 @@ def _child(image, support, model, mode, result_path):
     sup = sitk.GetArrayFromImage(read_mask_like(support, img)) > 0
     ckpt = load_checkpoint(resolve_model_path(model))
     t1 = time.perf_counter()
-    result = propagate(img, sup, ckpt, PropagationOptions(mode=mode))
+    options = PropagationOptions(mode=mode)
+    if registration_weight is not None:
+        options.registration_weight = registration_weight
+    result = propagate(img, sup, ckpt, options)
     t2 = time.perf_counter()
     Path(result_path).write_text(json.dumps({
         "load_seconds": t1 - t0, "propagate_seconds": t2 - t1,
@@ -111,9 +114,12 @@ def main(argv=None):
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--logic-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--no-logic", action="store_true", help="skip the Slicer Logic timing (needs slicer-core)")
+    parser.add_argument("--registration-weight", type=float, default=None,
+                        help="chained: override the fusion weight (0 = the network alone)")
+    parser.add_argument("--tag", default=None, help="results file speed_<tag>.json (default speed.json)")
     args = parser.parse_args(argv)
     if args.child:
-        _child(*args.child[:2], args.model, args.mode, args.child[3])
+        _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight)
         return
     if args.logic_child:
         _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3])
@@ -122,20 +128,22 @@ def main(argv=None):
     import torch
     data_dir = shared_data_dir(args.data)
     results = {"hardware": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
-                           f"({torch.get_num_threads()} threads)", "mode": args.mode, "cases": {}}
+                           f"({torch.get_num_threads()} threads)", "mode": args.mode,
+               "registration_weight": args.registration_weight, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         geometry = make_cases(data_dir, work)
         for name in TARGETS:
             image, support = work / f"{name}.nii.gz", work / f"{name}_support.nii.gz"
             res_file = work / f"{name}.json"
+            weight = [] if args.registration_weight is None else ["--registration-weight", str(args.registration_weight)]
             cmd = [sys.executable, __file__, "--mode", args.mode, "--child", str(image), str(support), "_",
-                   str(res_file)] + (["--model", args.model] if args.model else [])
+                   str(res_file)] + (["--model", args.model] if args.model else []) + weight
             subprocess.run(cmd, check=True)
             child = json.loads(res_file.read_text())
             out = work / f"{name}_out.nii.gz"
             cli = [sys.executable, "-m", "FewShotSegLib.cli", "propagate", str(image), "--support", str(support),
-                   "--mode", args.mode, "-q", "-o", str(out)] + (["--model", args.model] if args.model else [])
+                   "--mode", args.mode, "-q", "-o", str(out)] + (["--model", args.model] if args.model else []) + weight
             t0 = time.perf_counter()
             subprocess.run(cli, check=True, cwd=ROOT)
             cli_seconds = time.perf_counter() - t0
@@ -152,7 +160,7 @@ def main(argv=None):
                                       "target_seconds": TARGETS[name],
                                       "max_child_peak_rss_mb_so_far": peak}
             print(name, json.dumps(results["cases"][name]), flush=True)
-    write_json(ROOT / "benchmarks" / "results" / "speed.json", results)
+    write_json(ROOT / "benchmarks" / "results" / f"speed{'_' + args.tag if args.tag else ''}.json", results)
 
 
 if __name__ == "__main__":
