@@ -70,20 +70,26 @@ def totalseg_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
-def speed_table() -> str:
-    result = _load("speed.json")
-    if result is None:
+def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
+    lines = ["| case | settings | propagate s | target s | CLI wall s | network s | total / network "
+             "| peak RSS MB | Slicer Logic s | Logic / CLI |", "|---|---|---|---|---|---|---|---|---|---|"]
+    hardware = set()
+    for name in files:
+        result = _load(name)
+        if result is None:
+            continue
+        hardware.add(result["hardware"])
+        weight = result.get("registration_weight")
+        settings = f"{result['mode']}, " + ("default fusion" if weight is None else f"fusion {weight:g}")
+        for case, c in result["cases"].items():
+            logic = (f"{c['logic_seconds']:.2f} | {c['logic_to_cli_ratio']:.2f}" if "logic_seconds" in c
+                     else "– | –")
+            lines.append(f"| {case} | {settings} | {c['propagate_seconds']:.2f} | < {c['target_seconds']:g} | "
+                         f"{c['cli_wall_seconds']:.2f} | {c['network_seconds']:.2f} | {c['overhead_ratio']:.2f} | "
+                         f"{c['peak_rss_mb']:.0f} | {logic} |")
+    if not hardware:
         return "_speed benchmark not run yet: `python benchmarks/speed_benchmark.py`_"
-    lines = [f"Hardware: {result['hardware']}; mode `{result['mode']}`.", "",
-             "| case | propagate s | target s | CLI wall s | network s | total / network | peak RSS MB "
-             "| Slicer Logic s | Logic / CLI |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, c in result["cases"].items():
-        lines.append(f"| {name} | {c['propagate_seconds']:.2f} | < {c['target_seconds']:g} | "
-                     f"{c['cli_wall_seconds']:.2f} | {c['network_seconds']:.2f} | {c['overhead_ratio']:.2f} | "
-                     f"{c['peak_rss_mb']:.0f} | {c.get('logic_seconds', float('nan')):.2f} | "
-                     f"{c.get('logic_to_cli_ratio', float('nan')):.2f} |")
-    return "\n".join(lines)
+    return f"Hardware: {'; '.join(sorted(hardware))}.\n\n" + "\n".join(lines)
 
 
 def refine_table(files: list[str]) -> str:
@@ -123,7 +129,9 @@ def render(config: dict) -> str:
     protocol = sorted(RESULTS.glob("protocol_*.md"))
     if protocol:
         parts += ["", "### Few-shot protocol (papers' EP1/EP2)", ""]
-        parts += [p.read_text().strip() for p in protocol]
+        for path in protocol:   # its headings sit under this section's
+            parts += ["#### " + line.lstrip("# ") if line.startswith("#") else line
+                      for line in path.read_text().strip().splitlines()]
     return "\n".join(parts) + "\n"
 
 
