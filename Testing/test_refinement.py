@@ -329,3 +329,33 @@ def test_cli_refine_resamples_the_mask_and_refuses_bad_paths(refiner_file, tmp_p
                  "-o", str(tmp_path / "y.nii.gz"), "-q"]) == 2
     assert "refiner is needed" in capsys.readouterr().err
     assert not (tmp_path / "y.nii.gz").exists()
+
+
+def test_refiner_data_learns_from_the_few_shot_models_own_errors(shared_data, tmp_path):
+    """With fewshot_fraction 1 every coarse mask is the few-shot propagation of that slice."""
+    from FewShotSegLib.checkpoints import save_checkpoint
+    from FewShotSegLib.models import build_model
+    from Training.train_refiner import DEFAULTS, RefinerData
+
+    torch.manual_seed(0)
+    fewshot = tmp_path / "fewshot.pt"
+    save_checkpoint(fewshot, build_model("alpnet", pretrained=False), preprocess=PreprocessConfig(size=64),
+                    provenance={})
+    cfg = json.loads(json.dumps(DEFAULTS))
+    cfg["data"].update({"root": str(shared_data), "chaos_cases": ["15"], "chaos_holdout": ["2"], "totalseg": [],
+                        "fewshot_model": str(fewshot), "fewshot_fraction": 1.0})
+    data = RefinerData(cfg, PreprocessConfig(size=64), log=lambda *a: None)
+    assert data.structures and all(s.propagated is not None for s in data.structures)
+    assert all(s.propagated.shape == s.masks.shape for s in data.structures)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        vol, i, clean, neighbour, coarse = data._pick(rng)
+        owners = [s for s in data.structures if s.volume == vol and s.first <= i < s.first + len(s.masks)]
+        assert any(np.array_equal(coarse, s.propagated[i - s.first].numpy())
+                   and np.array_equal(clean, s.masks[i - s.first].numpy()) for s in owners)
+        assert coarse.any() and not np.array_equal(coarse, clean)   # a real mistake, never the label
+    image, clean_c, coarse_c = data.sample(rng, 32)
+    assert image.shape == clean_c.shape == coarse_c.shape == (1, 32, 32)
+    cfg["data"]["fewshot_fraction"] = 0.0                            # off: no propagation at all
+    assert all(s.propagated is None for s in RefinerData(cfg, PreprocessConfig(size=64),
+                                                         log=lambda *a: None).structures)

@@ -5,8 +5,11 @@
 
 Training pairs come from label files (CHAOS-T2 manual labels, TotalSegmentator CT/MR
 labels), degraded on the fly by `FewShotSegLib.refinement.perturb` (erosion/dilation,
-shift, ragged contour, missed part, leak, the adjacent slice's mask), optionally from
-Felzenszwalb superpixels when no label exists. Slices go through
+shift, ragged contour, missed part, leak, the adjacent slice's mask) and, with
+``data.fewshot_fraction``, by the few-shot model's own errors: each structure is propagated
+once from its largest slice by ``data.fewshot_model`` (the product's defaults) and that
+propagation is the coarse mask; optionally from Felzenszwalb superpixels when no label
+exists. Slices go through
 `FewShotSegLib.preprocessing` and crops through `refinement.crops`, exactly as at
 inference. Loss: BCE + Dice on the predicted x0 (and, weighted, on the condition network's
 own anchor prediction). CHAOS cases listed in ``holdout_cases`` are never trained on; the
@@ -48,7 +51,7 @@ DEFAULTS = {
     "model": "medsegdiff_v2", "model_config": {}, "preprocess": {"size": 256},
     "data": {"root": None, "chaos_cases": None, "chaos_holdout": ["34", "36", "37", "38", "39"],
              "totalseg": ["ct_abdomen_3mm", "ct_small_3mm", "mr_small_3mm"], "totalseg_min_voxels": 300,
-             "superpixel_fraction": 0.0},
+             "superpixel_fraction": 0.0, "fewshot_model": None, "fewshot_fraction": 0.0},
     "steps": 4000, "batch_size": 8, "lr": 3e-4, "weight_decay": 1e-4, "warmup": 200,
     "anchor_weight": 0.5, "t_max": 0.7, "margin_px": [3, 14], "empty_fraction": 0.08,
     "train_crops": [64, 96], "train_crop_p": [0.7, 0.3],
@@ -62,8 +65,10 @@ DEFAULTS = {
 class Structure:
     """One labelled structure of one volume: bool masks for slices lo-1 .. hi+1."""
 
-    def __init__(self, volume: int, first: int, masks: torch.Tensor, name: str):
+    def __init__(self, volume: int, first: int, masks: torch.Tensor, name: str,
+                 propagated: torch.Tensor | None = None):
         self.volume, self.first, self.masks, self.name = volume, first, masks, name
+        self.propagated = propagated   # the few-shot model's masks for the same slices, or None
 
     def mask(self, i: int) -> np.ndarray:
         j = i - self.first
@@ -80,6 +85,7 @@ class RefinerData:
         d = cfg["data"]
         root = shared_data_dir(d.get("root"))
         self.cfg = cfg
+        self.split = split
         self.volumes: list[torch.Tensor] = []
         self.structures: list[Structure] = []
         self.sources: list[str] = []
@@ -103,6 +109,27 @@ class RefinerData:
             f"({', '.join(self.sources)})")
         self._superpixel_cache: dict = {}
 
+    def _fewshot_checkpoint(self):
+        """The few-shot model whose propagation errors become coarse masks (loaded once)."""
+        name = self.cfg["data"].get("fewshot_model")
+        if not name or self.split == "holdout" or not self.cfg["data"].get("fewshot_fraction"):
+            return None
+        if not hasattr(self, "_fewshot"):
+            from FewShotSegLib.checkpoints import load_checkpoint
+            from FewShotSegLib.model_store import resolve_model_path
+            self._fewshot = load_checkpoint(resolve_model_path(name))
+        return self._fewshot
+
+    def _propagated(self, image, m: np.ndarray, axis: int) -> np.ndarray | None:
+        """Propagate ``m``'s largest slice through ``image`` as a user would (no oracle)."""
+        checkpoint = self._fewshot_checkpoint()
+        if checkpoint is None:
+            return None
+        from FewShotSegLib.evaluation import largest_slice_support
+        from FewShotSegLib.propagation import PropagationOptions, propagate
+        support, _ = largest_slice_support(m, axis)
+        return propagate(image, support, checkpoint, PropagationOptions()).mask.astype(bool)
+
     def _add(self, image_path, label_path, preprocess, values, source, min_voxels):
         image = read_image(image_path)
         label = sitk.GetArrayFromImage(read_image(label_path, label=True))
@@ -117,8 +144,11 @@ class RefinerData:
                 continue
             idx = np.flatnonzero(np.moveaxis(m, axis, 0).reshape(m.shape[axis], -1).any(1))
             lo, hi = max(0, idx[0] - 1), min(prepared.num_slices - 1, idx[-1] + 1)
-            masks = prepared.mask_to_model(m, indices=np.arange(lo, hi + 1)) > 0.5
-            self.structures.append(Structure(vol, int(lo), masks, f"{source}:{v}"))
+            rows = np.arange(lo, hi + 1)
+            masks = prepared.mask_to_model(m, indices=rows) > 0.5
+            coarse = self._propagated(image, m, axis)
+            propagated = None if coarse is None else prepared.mask_to_model(coarse, indices=rows) > 0.5
+            self.structures.append(Structure(vol, int(lo), masks, f"{source}:{v}", propagated))
         self.sources.append(source)
 
     def _superpixel(self, rng):
@@ -139,8 +169,13 @@ class RefinerData:
         return vol, i, seg == rng.choice(ok), None
 
     def _pick(self, rng):
+        """(volume, slice, clean mask, neighbour mask, coarse mask or None = degrade clean)."""
         if rng.random() < self.cfg["data"].get("superpixel_fraction", 0.0):
             got = self._superpixel(rng)
+            if got is not None:
+                return got + (None,)
+        if rng.random() < self.cfg["data"].get("fewshot_fraction", 0.0):
+            got = self._fewshot_error(rng)
             if got is not None:
                 return got
         s = self.structures[int(rng.integers(len(self.structures)))]
@@ -153,12 +188,27 @@ class RefinerData:
         i = s.first + j
         neighbours = [s.mask(i + o) for o in (-1, 1) if s.mask(i + o).any()]
         neighbour = neighbours[int(rng.integers(len(neighbours)))] if neighbours else None
-        return s.volume, i, s.mask(i), neighbour
+        return s.volume, i, s.mask(i), neighbour, None
+
+    def _fewshot_error(self, rng):
+        """A slice where the few-shot propagation disagrees with the label (its real errors)."""
+        candidates = [s for s in self.structures if s.propagated is not None]
+        if not candidates:
+            return None
+        s = candidates[int(rng.integers(len(candidates)))]
+        wrong = [j for j in range(len(s.masks))
+                 if s.propagated[j].any() and not torch.equal(s.propagated[j], s.masks[j])]
+        if not wrong:
+            return None
+        j = int(rng.choice(wrong))
+        return s.volume, s.first + j, s.masks[j].numpy(), None, s.propagated[j].numpy()
 
     def sample(self, rng, crop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, clean, coarse) crops [1,S,S]; coarse is never empty."""
         while True:
-            vol, i, clean, neighbour = self._pick(rng)
+            vol, i, clean, neighbour, coarse = self._pick(rng)
+            if coarse is not None:            # the few-shot model's own mistake, as it made it
+                break
             start = clean if clean.any() else neighbour
             if start is None:
                 continue
