@@ -246,3 +246,12 @@ def test_publish_ships_the_checkpoint_with_its_card_and_catalog_checksum(tmp_pat
     catalog = json.loads((root / "FewShotSeg" / "Resources" / "Models.json").read_text())
     assert catalog["models"][0]["sha256"] == sha256_of(shipped)
     assert "0.750" in load_checkpoint(shipped).card["measured"]
+
+
+def test_fewshotseg_train_command_passes_its_options_to_train_py(tmp_path, chaos_dir):
+    from FewShotSegLib.cli import main as cli_main
+    path = write_config(tmp_path, chaos_dir, steps=2, checkpoint_every=1)
+    assert cli_main(["train", "--config", str(path)]) == 0
+    assert load_checkpoint(tmp_path / "run" / "test-model.pt").provenance["steps"] == 2
+    assert cli_main(["train", "--config", str(path), "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "test-model.pt").provenance["steps"] == 3
