@@ -196,20 +196,27 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- propagation ---------------------------------------------------------------------
     def onPropagateButton(self):
-        if self.runner.running:
-            self.runner.cancel()
+        p = self._parameterNode
+        self._startOrCancel(self.runner, "Cannot propagate.",
+                            lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
+                                                       mode=p.mode, axis=p.axis, device=p.device),
+                            self.logic.compute, self.onResult)
+
+    def _startOrCancel(self, runner, errorTitle, prepare, compute, onResult):
+        """The button of a running job cancels it; otherwise prepare on the GUI thread (errors
+        shown to the user, nothing changed) and compute in the background."""
+        if runner.running:
+            runner.cancel()
             return
         from FewShotSegSlicerLib import dependencies
 
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot propagate.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(errorTitle, waitCursor=True):
             if not dependencies.ensureEngineDependencies(askConfirmation=True):
                 return
             self.logic.availableDevices(refresh=True)
-            job = self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
-                                     mode=p.mode, axis=p.axis, device=p.device)
-            self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
-                              lambda result: self.onResult(job, result), self.updateGUI)
+            job = prepare()
+            runner.start(lambda progress, cancel: compute(job, progress, cancel),
+                         lambda result: onResult(job, result), self.updateGUI)
             self.updateGUI()
 
     def onResult(self, job, result):
@@ -219,21 +226,12 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- refinement ----------------------------------------------------------------------------
     def onRefineButton(self):
-        if self.refineRunner.running:
-            self.refineRunner.cancel()
-            return
-        from FewShotSegSlicerLib import dependencies
-
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot refine.", waitCursor=True):
-            if not dependencies.ensureEngineDependencies(askConfirmation=True):
-                return
-            self.logic.availableDevices(refresh=True)
-            job = self.logic.prepareRefine(p.inputVolume, p.segmentation, p.segmentId, samples=p.refineSamples,
-                                           steps=p.refineSteps, axis=p.axis, device=p.device)
-            self.refineRunner.start(lambda progress, cancel: self.logic.computeRefine(job, progress, cancel),
-                                    lambda result: self.onRefineResult(job, result), self.updateGUI)
-            self.updateGUI()
+        self._startOrCancel(self.refineRunner, "Cannot refine.",
+                            lambda: self.logic.prepareRefine(p.inputVolume, p.segmentation, p.segmentId,
+                                                             samples=p.refineSamples, steps=p.refineSteps,
+                                                             axis=p.axis, device=p.device),
+                            self.logic.computeRefine, self.onRefineResult)
 
     def onRefineResult(self, job, result):
         from FewShotSegSlicerLib.qtsupport import showUncertaintyOverlay
