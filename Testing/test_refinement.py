@@ -296,7 +296,8 @@ def test_trainer_main_writes_a_refiner_checkpoint_and_resumes(shared_data, tmp_p
     assert ck.name == "medsegdiff_v2" and ck.provenance["steps"] == 2 and ck.provenance["holdout_cases"] == ["2"]
     cfg["steps"] = 3
     config.write_text(json.dumps(cfg))
-    assert main(["--config", str(config), "--resume"]) == 0
+    from Training.train import main as train_main   # the one entry point hands refiners on
+    assert train_main(["--config", str(config), "--resume"]) == 0
     assert load_checkpoint(tmp_path / "run" / "last.pt", expect_kind="refiner").provenance["steps"] == 3
 
 

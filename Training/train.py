@@ -526,6 +526,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:  # `fewshotseg train -- --config ...` hands the separator on
         argv = argv[1:]
     args = parser.parse_args(argv)
+    if _is_refiner_config(Path(args.config)):   # one entry point for every model we train
+        from Training.train_refiner import main as train_refiner_main
+        return train_refiner_main(argv)
     out = str(Path(args.out).resolve()) if args.out else None
     try:
         config = load_config(Path(args.config), {"steps": args.steps, "out": out, "device": args.device,
@@ -540,6 +543,15 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
     return 0
+
+
+def _is_refiner_config(path: Path) -> bool:
+    """A config naming a refiner (medsegdiff_v2, hlfnet) is trained by train_refiner.py."""
+    from FewShotSegLib.refinement import available_refiners
+    try:
+        return json.loads(path.read_text()).get("model") in available_refiners()
+    except (OSError, ValueError, AttributeError):
+        return False   # load_config reports unreadable or invalid files with a clear message
 
 
 if __name__ == "__main__":
