@@ -211,7 +211,7 @@ def test_config_errors_name_the_problem(tmp_path, chaos_dir, capsys):
 
 
 def test_shipped_configs_are_valid():
-    for name in ("ssl_default.json", "smoke.json"):
+    for name in ("ssl_default.json", "smoke.json", "ssl_gpu.json"):
         config = load_config(ROOT / "Training" / "configs" / name, {})
         model = build_model(config["model"], **{**config["model_config"], "pretrained": False})
         assert model.name == config["model"]
