@@ -264,11 +264,16 @@ class Propagator:
                 probs[i] = p
             self.progress(0.05 + 0.9 * (start + len(batch)) / max(1, len(todo)),
                           f"{start + len(batch)} of {len(todo)} slices")
-        # the structure ends where a slice first has too little foreground, walking outward
+        # the structure ends where a slice first has too little foreground, or foreground
+        # that no longer looks like the painted region (extent.py), walking outward
         stops = {}
         for p, walk in _walk_plan(sup_idx, self.n):
+            band = intensity_band(cache.prepared.model_slices([p])[0].numpy(), painted_masks[p].numpy() > 0.5)
             for i in walk:
-                if float((probs[i] >= self.options.threshold).sum()) < self._min_area(painted_area):
+                mask = (probs[i] >= self.options.threshold).numpy()
+                if float(mask.sum()) < self._min_area(painted_area) or intensity_agreement(
+                        cache.prepared.model_slices([i])[0].numpy(), mask, band) \
+                        < self.options.min_intensity_agreement:
                     stops[f"{p}->{walk[-1]}"] = i
                     for j in walk[walk.index(i):]:
                         probs[j] = torch.zeros_like(probs[j])

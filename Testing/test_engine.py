@@ -127,13 +127,14 @@ def test_intensity_band_and_agreement_known_values():
     assert intensity_agreement(image, np.zeros((10, 10), bool), (low, high)) == 0.0
 
 
-def test_intensity_stop_rule_only_shortens_the_chain(tiny_checkpoint, chaos_case):
+@pytest.mark.parametrize("mode", ["chained", "direct"])
+def test_intensity_stop_rule_only_shortens_the_walks(tiny_checkpoint, chaos_case, mode):
     """The rule ends a walk earlier or not at all: with it, the filled slices are a subset."""
     image, label = chaos_case
     support, _ = largest_slice_support(label == 4, 0)
     ckpt = load_checkpoint(tiny_checkpoint)
-    free = propagate(image, support, ckpt, PropagationOptions(min_intensity_agreement=0.0))
-    strict = propagate(image, support, ckpt, PropagationOptions(min_intensity_agreement=0.9))
+    free = propagate(image, support, ckpt, PropagationOptions(mode=mode, min_intensity_agreement=0.0))
+    strict = propagate(image, support, ckpt, PropagationOptions(mode=mode, min_intensity_agreement=0.9))
     rows = lambda m: set(np.flatnonzero(m.reshape(len(m), -1).any(1)).tolist())
     assert rows(strict.mask) <= rows(free.mask)
     assert strict.slices_done <= free.slices_done
