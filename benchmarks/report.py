@@ -129,9 +129,12 @@ def render(config: dict) -> str:
     protocol = sorted(RESULTS.glob("protocol_*.md"))
     if protocol:
         parts += ["", "### Few-shot protocol (papers' EP1/EP2)", ""]
-        for path in protocol:   # its headings sit under this section's
+        for n, path in enumerate(protocol):   # its headings sit under this section's
+            text = path.read_text().strip()
+            if n:                              # the protocol's description once is enough
+                text = text.split("\n## Protocol")[0].rstrip()
             parts += ["#### " + line.lstrip("# ") if line.startswith("#") else line
-                      for line in path.read_text().strip().splitlines()]
+                      for line in text.splitlines()] + [""]
     return "\n".join(parts) + "\n"
 
 
