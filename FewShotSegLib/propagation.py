@@ -297,6 +297,7 @@ class Propagator:
             prev_image = p_image
             for k, i in enumerate(walk):
                 self._check_cancel()
+                image_i = prepared.model_slices([i])[0].numpy()   # once: registration and stop rule
                 q_feat = cache.get(i, walk[k + 1:])
                 if prev_feat is p_feat:
                     sup_feats, sup_masks = p_feat[None], p_mask[None]
@@ -306,7 +307,6 @@ class Propagator:
                 fg = self._foreground(model, sup_feats, sup_masks, q_feat[None])[0]
                 if fuse:
                     from .registration import carry_mask
-                    image_i = prepared.model_slices([i])[0].numpy()
                     carried = carry_mask(image_i, prev_image, prev_mask.cpu().numpy())
                     fg = (1 - fuse) * fg + fuse * torch.from_numpy(carried)
                     prev_image = image_i
@@ -317,8 +317,7 @@ class Propagator:
                 mask = (fg >= opts.threshold).float()
                 cache.forget({p, i} | set(walk[k + 1:k + 1 + opts.batch_size]))
                 ended = float(mask.sum()) < min_area or intensity_agreement(
-                    prepared.model_slices([i])[0].numpy(), mask.cpu().numpy() > 0.5, band) \
-                    < opts.min_intensity_agreement
+                    image_i, mask.cpu().numpy() > 0.5, band) < opts.min_intensity_agreement
                 if ended:
                     probs[i] = torch.zeros_like(fg)
                     stops[f"{p}->{walk[-1]}"] = i

@@ -4,7 +4,6 @@ Recorded in every release checkpoint so a model card can say exactly how it was 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
@@ -22,14 +21,6 @@ def display_path(path: Path) -> str:
     except ValueError:
         return str(path)
     return rel if rel.count("..") <= 1 else str(path)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cores() -> int:

@@ -39,7 +39,8 @@ from FewShotSegLib.models import build_model  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.episodes import (AugmentConfig, EpisodeDataset, EpisodeSampler, VolumeSlices,  # noqa: E402
                                worker_init)
-from Training.provenance import cores, display_path, git_commit, hardware, sha256_of  # noqa: E402
+from FewShotSegLib.model_store import sha256_of  # noqa: E402
+from Training.provenance import cores, display_path, git_commit, hardware  # noqa: E402
 
 DATA_DEFAULTS = {
     "images": [],                 # globs of unlabeled volumes (superpixel episodes)

@@ -14,7 +14,6 @@ table beside the papers), .png (bar chart) and protocol_<run>_examples.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -32,6 +31,7 @@ from FewShotSegLib import protocol_report as R  # noqa: E402
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
+from FewShotSegLib.model_store import sha256_of  # noqa: E402
 from FewShotSegLib.models import available_models  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
@@ -46,14 +46,6 @@ def log(message: str) -> None:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _device(name: str) -> str:
@@ -74,7 +66,7 @@ def trained_on_queries(provenance: dict, data_dir: Path, queries: list[str]) -> 
     hit = []
     for case in queries:
         image = data_dir / "chaos_t2" / f"image_{case}.nii.gz"
-        if (hashes and _sha256(image) in hashes) or (not hashes and image.name in names):
+        if (hashes and sha256_of(image) in hashes) or (not hashes and image.name in names):
             hit.append(case)
     return hit
 

@@ -90,7 +90,10 @@ def main(argv=None):
         key, _, value = item.partition("=")
         if key not in PropagationOptions.__dataclass_fields__:
             parser.error(f"--option {key}: not a PropagationOptions field")
-        extra[key] = None if value.lower() == "none" else float(value)
+        try:
+            extra[key] = None if value.lower() == "none" else float(value)
+        except ValueError:
+            parser.error(f"--option {item}: the value must be a number or none")
     run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag, extra,
         skip_ct=args.skip_ct)
 
