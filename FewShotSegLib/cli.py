@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 2 on CPU, 16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--registration-weight", type=float, default=None,
                    help="chained: weight of the registration-carried mask fused with the model (0..1, default 0.75; 0 = model only)")

@@ -59,9 +59,11 @@ PAPERS = {"SSL-ALPNet": (78.84, 73.02), "CRTPNet": (79.49, 75.08), "Q-Net": (81.
           "FoB+SAM (R101 + SAM ViT-H)": (84.46, 80.46)}
 # Run sizes. full: SSL-ALPNet trains 100k steps per model on a GPU; 15 models (5 folds x
 # setting 1 + two setting-2 groups) x 5000 steps fit about an hour on one GPU (estimate:
-# ~25 ms per step, not yet measured here). smoke: proves the pipeline on a 2-core CPU.
+# ~25 ms per step, not yet measured here). cpu: every fold on a 2-core CPU at 3000 steps
+# (~21 min per model, one thread). smoke: proves the pipeline on a 2-core CPU in minutes.
 BUDGETS = {
     "full": {"steps": 5000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
+    "cpu": {"steps": 3000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
     "smoke": {"steps": 20, "size": 128, "folds": "0", "max_queries": None},
 }
 
@@ -237,7 +239,7 @@ class ModelPredictor:
 
 class RegistrationPredictor:
     """The non-learned comparator: cross-subject 2D demons registration of the support
-    slice onto each query slice (`registration.carry_mask`) carries the support mask."""
+    slice onto each query slice (`registration.slice_fields`) carries the support mask."""
 
     name = "registration"
 
@@ -248,9 +250,15 @@ class RegistrationPredictor:
         return images.numpy()
 
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
-        from .registration import carry_mask
-        moving_mask = support_mask.numpy()
-        return torch.from_numpy(np.stack([carry_mask(q, support, moving_mask) for q in queries]))
+        from .registration import FIELD_BATCH, slice_fields, warp_mask
+        moving = torch.from_numpy(np.ascontiguousarray(support, dtype=np.float32))
+        out = []
+        for start in range(0, len(queries), FIELD_BATCH):
+            fixed = torch.from_numpy(np.ascontiguousarray(np.stack(queries[start:start + FIELD_BATCH]),
+                                                          dtype=np.float32))
+            for field in slice_fields(fixed, moving.expand_as(fixed)):
+                out.append(torch.from_numpy(warp_mask(support_mask.numpy(), field)))
+        return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------- one fold

@@ -79,9 +79,10 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
              "EP1 is the papers' evaluation and the only one they report; EP2 is ours to report.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if any(b != "full" for e in summary["results"] for b in e["budget"]):
-        lines[4:4] = ["Rows whose budget is not `full` are a check of the pipeline (few training steps, "
-                      "few folds), not a comparison with the papers; rows with fewer than 20 scans do not "
-                      "cover the 5 folds.", ""]
+        lines[4:4] = ["Rows whose budget is not `full` trained far fewer steps than the papers (`cpu`: "
+                      "3000 steps per model on a 2-core CPU; `smoke`: a check of the pipeline), so they "
+                      "are not a like-for-like comparison with the papers; rows with fewer than 20 scans "
+                      "do not cover the 5 folds.", ""]
     for e in summary["results"]:
         per = e["ep1"]["per_class"]
         note = "; ".join(e["notes"]) if e["notes"] else ("" if e["compliant"] else "not protocol-compliant")

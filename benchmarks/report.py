@@ -29,13 +29,20 @@ def _row(label, per_organ, mean, note):
     return f"| {label} | " + " | ".join(cells) + f" | **{mean:.3f}** | {note} |"
 
 
+def _registration(opts) -> str:
+    """Which demons: results before the torch demons carry no shrink/iterations options."""
+    if "registration_shrink" not in opts:
+        return "SimpleITK demons 1/2 grid, 40 it."
+    return f"demons 1/{opts['registration_shrink']:g} grid, {opts['registration_iterations']:g} it."
+
+
 def _describe(result) -> str:
     opts = result.get("options") or {}
     if result["mode"] == "registration":
-        return "registration only (no model)"
+        return f"registration only (no model; {_registration(opts)})"
     text = f"`{result['model']}`, {result['mode']}"
     if opts.get("registration_weight"):
-        text += f" + registration fusion {opts['registration_weight']:g}"
+        text += f" + registration fusion {opts['registration_weight']:g} ({_registration(opts)})"
     agreement = opts.get("min_intensity_agreement", 0)
     text += f", intensity stop rule {agreement:g}" if agreement else ", no intensity stop rule"
     return text
@@ -122,6 +129,8 @@ def render(config: dict) -> str:
              "", product_table(config["product"]), "",
              "### Ablations of the propagation rules (CHAOS-T2 cases 1, 2, 3, 5, 8; the 7k-step model)", "",
              product_table(config["ablation"], floors=False), "",
+             "### Registration: our torch demons against SimpleITK's (CHAOS-T2, all 20 cases)", "",
+             product_table(config["registration"], floors=False), "",
              "### TotalSegmentator CT case (agreement with its model-made labels)", "",
              totalseg_table(config["product"]), "",
              "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
@@ -146,6 +155,11 @@ DEFAULT_CONFIG = {
     "ablation": ["product_abl_chained_noagree.json", "product_abl_chained_agree.json", "product_abl_agree06.json",
                  "product_abl_agree07.json", "product_abl_fuse03_agree07.json", "product_abl_fuse05_agree.json",
                  "product_abl_fuse07_agree.json", "product_abl_registration.json"],
+    "registration": ["product_abl_registration_sitk.json", "product_registration_torchdemons.json",
+                     "product_abl_registration_s2i20.json", "product_abl_registration_s4i20.json",
+                     "product_registration.json", "product_abl_registration_s4i80.json",
+                     "product_abl_registration_s8i40.json", "product_abl_default_sitk.json",
+                     "product_fewshotseg-default_chained.json", "product_abl_default_s4i80.json"],
     "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
                "refine_holdout_perturbed.json"],
 }

@@ -84,8 +84,9 @@ class SameConv2d(nn.Conv2d):
         for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads) if any(pads) else x
-        return F.conv2d(x, weight, bias, self.stride, 0, 1, self.groups)
+        if pads[0] == pads[1] and pads[2] == pads[3]:   # symmetric: let the convolution pad (no copy)
+            return F.conv2d(x, weight, bias, self.stride, (pads[2], pads[0]), 1, self.groups)
+        return F.conv2d(F.pad(x, pads), weight, bias, self.stride, 0, 1, self.groups)
 
 
 def _bn(c):
