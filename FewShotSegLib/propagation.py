@@ -66,6 +66,8 @@ class PropagationOptions:
     # the structure has ended when fewer than this fraction of a slice's mask has
     # intensities inside the painted region's 5-95 % band (0 = area rule only)
     min_intensity_agreement: float = 0.5
+    # a second pass per slice that adds the slice's own confident prototypes (alpnet, crtpnet)
+    query_prototypes: bool = False
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -241,6 +243,10 @@ class Propagator:
         device = resolve_device(opts.device)
         model = self.model.model if hasattr(self.model, "model") else self.model
         preprocess = self.model.preprocess
+        if opts.query_prototypes and not getattr(model, "supports_query_prototypes", False):
+            raise FewShotSegError(f"model '{model.name}' does not take query prototypes (alpnet and crtpnet do)")
+        if "query_prototypes" in model.config:
+            model.config["query_prototypes"] = bool(opts.query_prototypes)
         model.to(device).eval()
         prepared = prepare_volume(self.image, opts.axis, preprocess)
         size = prepared.size if hasattr(prepared, "size") else preprocess.size

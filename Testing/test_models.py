@@ -245,3 +245,42 @@ def test_prototype_pieces():
     torch.testing.assert_close(class_score(d), d[:, 0])
     big = torch.ones(1, 64, 64)
     assert torch.equal(mask_to_features(big, (8, 8)), torch.ones(1, 1, 8, 8))
+
+
+def test_query_prototypes_recover_pixels_the_support_alone_misses():
+    """Query organ pixels share a query-only feature (another scan's contrast). Its rim
+    looks more like the support's background than its foreground; the query's own
+    confident core, added as a prototype, brings the rim back."""
+    from FewShotSegLib.models.prototypes import PrototypeSet, score_map, with_query_prototypes
+    e = torch.eye(4)
+    fg = PrototypeSet(e[0:1], torch.zeros(1))                 # support foreground
+    bg = PrototypeSet(e[1:2], torch.zeros(1))                 # support background
+    query = e[1].repeat(8, 8, 1)                               # [h,w,C] background
+    query[2:6, 2:6] = e[0] + 0.9 * e[2]                        # confident organ core
+    query[2:6, 6] = 0.5 * e[0] + 0.9 * e[2] + 0.6 * e[1]       # the organ's rim
+    query = query.permute(2, 0, 1)[None]
+    first = score_map(query, fg, bg, 20.0)
+    assert (first[0, 1, 2:6, 2:6] > first[0, 0, 2:6, 2:6]).all()      # core found
+    assert (first[0, 1, 2:6, 6] < first[0, 0, 2:6, 6]).all()          # rim missed
+    fg2, bg2 = with_query_prototypes(query, first, fg, bg)
+    assert fg2.protos.shape == (1, 2, 4) and torch.isfinite(fg2.logw).all()
+    second = score_map(query, fg2, bg2, 20.0)
+    assert (second[0, 1, 2:6, 2:7] > second[0, 0, 2:6, 2:7]).all()    # core and rim
+    assert (second[0, 1, :, 0] < second[0, 0, :, 0]).all()            # background stays
+
+
+def test_query_prototypes_skip_a_class_without_confident_pixels():
+    from FewShotSegLib.models.prototypes import PrototypeSet, with_query_prototypes
+    query = torch.randn(2, 4, 8, 8)
+    logits = torch.zeros(2, 2, 8, 8)                           # 50/50 everywhere: nothing confident
+    fg = PrototypeSet(torch.randn(3, 4), torch.zeros(3))
+    bg = PrototypeSet(torch.randn(2, 4), torch.zeros(2))
+    fg2, bg2 = with_query_prototypes(query, logits, fg, bg)
+    assert fg2.protos.shape == (2, 4, 4) and bg2.protos.shape == (2, 3, 4)
+    assert torch.isinf(fg2.logw[:, -1]).all() and torch.isinf(bg2.logw[:, -1]).all()
+    assert torch.isfinite(fg2.logw[:, :-1]).all()
+
+
+def test_dfdt_refuses_query_prototypes():
+    with pytest.raises(FewShotSegError, match="query_prototypes applies to alpnet and crtpnet"):
+        build_model("dfdt", pretrained=False, query_prototypes=True)

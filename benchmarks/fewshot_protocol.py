@@ -110,8 +110,10 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
 
 
 # ----------------------------------------------------------------------------- one fold
-def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None):
-    """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made)."""
+def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None,
+             variant: str = ""):
+    """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made).
+    ``variant`` "qp": the same trained weights, scored with query prototypes."""
     from Training.provenance import hardware
     start = time.perf_counter()
     notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
@@ -131,6 +133,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             jobs = [(train_fold_model(args, base, model, fold, g, data_dir), list(g)) for g in args.groups]
         for path, classes in jobs:
             ckpt = load_checkpoint(path, device=args.device)
+            if variant == "qp":
+                ckpt.model.config["query_prototypes"] = True
             leaked = trained_on_queries(ckpt.provenance, data_dir, queries)
             if leaked:
                 compliant = False
@@ -148,7 +152,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                       key=lambda e: list(P.CLASSES.values()).index(e[0]))
     eval_seconds = sum(ev.seconds for ev in evaluations)
     payload = {
-        "protocol": "CHAOS-T2 1-way 1-shot, FewShotSegLib/protocol.py", "model": model, "setting": setting,
+        "protocol": "CHAOS-T2 1-way 1-shot, FewShotSegLib/protocol.py", "model": _row_name(model, variant),
+        "setting": setting,
         "fold": fold.index, "queries": queries, "support": fold.support, "train_scans": fold.train,
         "budget": args.budget if checkpoint is None else "checkpoint", "steps": steps, "size": size,
         "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None,
@@ -161,6 +166,10 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
     return payload, examples
 
 
+def _row_name(model: str, variant: str) -> str:
+    return f"{model}+{variant}" if variant else model
+
+
 def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
     """What a finished fold file must match to be reused (else: another --run-name)."""
     return {"model": model, "setting": setting, "fold": fold.index, "queries": queries, "support": fold.support,
@@ -169,19 +178,20 @@ def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
             "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
 
 
-def process(args, base, model, fold, queries, settings, data_dir, checkpoint=None) -> None:
-    folder = args.results_dir / "protocol" / args.run_name / _safe(model)
+def process(args, base, model, fold, queries, settings, data_dir, checkpoint=None, variant="") -> None:
+    row = _row_name(model, variant)
+    folder = args.results_dir / "protocol" / args.run_name / _safe(row)
     todo = []
     for setting in settings:
         path = folder / f"fold_{fold.index}_{setting}.json"
-        key = fold_key(args, model, fold, queries, setting, checkpoint)
+        key = fold_key(args, row, fold, queries, setting, checkpoint)
         if path.is_file():
             done = json.loads(path.read_text())
             old = done.get("key") or {}
             if old != key:
                 diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in key.items() if old.get(k) != v)
                 raise FewShotSegError(f"{path} was made with {diff}; use another --run-name or delete that file")
-            log(f"{model} fold {fold.index} {setting}: done before, skipped ({path})")
+            log(f"{row} fold {fold.index} {setting}: done before, skipped ({path})")
             continue
         todo.append((setting, path, key))
     if model == "registration" and todo:  # no training: one evaluation serves both settings
@@ -191,8 +201,8 @@ def process(args, base, model, fold, queries, settings, data_dir, checkpoint=Non
             _write(path, {**payload, "setting": setting, "key": key}, examples)
         return
     for setting, path, key in todo:
-        log(f"{model} fold {fold.index} {setting}: queries {','.join(queries)}, support {fold.support}")
-        payload, examples = run_fold(args, base, model, fold, queries, setting, data_dir, checkpoint)
+        log(f"{row} fold {fold.index} {setting}: queries {','.join(queries)}, support {fold.support}")
+        payload, examples = run_fold(args, base, model, fold, queries, setting, data_dir, checkpoint, variant)
         _write(path, {**payload, "key": key}, examples)
 
 
@@ -250,6 +260,9 @@ def parse(argv):
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default=None, help="fold checkpoints (default runs/protocol/<run>)")
     parser.add_argument("--cache-dir", default=str(ROOT / "cache" / "superpixels"))
+    parser.add_argument("--query-prototypes", action="store_true",
+                        help="also score each model with test-time query prototypes (row <model>+qp; "
+                             "same trained weights; alpnet and crtpnet)")
     parser.add_argument("--s2-groups", default="1+4,2+3",
                         help="setting-2 test-class groups, one model each (default SSL-ALPNet's)")
     return parser.parse_args(argv)
@@ -283,10 +296,19 @@ def prepare(args):
     for m in models:
         if m not in known:
             raise FewShotSegError(f"unknown model '{m}'; available: {', '.join(known)}")
+    if args.query_prototypes:
+        from FewShotSegLib.models.registry import model_class
+        for m in models:
+            if m != "registration" and not model_class(m).supports_query_prototypes:
+                raise FewShotSegError(f"--query-prototypes: model '{m}' does not take query prototypes "
+                                      "(alpnet and crtpnet do)")
     checkpoints = []
     for c in args.checkpoint:
         path = Path(c).resolve()
         ckpt = load_checkpoint(path)  # fails early, naming the file
+        if args.query_prototypes and not ckpt.model.supports_query_prototypes:
+            raise FewShotSegError(f"--query-prototypes: {path} holds a '{ckpt.model.name}' model, which does "
+                                  "not take query prototypes (alpnet and crtpnet do)")
         checkpoints.append((f"{_safe(path.stem)}-checkpoint", path, ckpt.preprocess.size))
     data_dir = P.data_folder(args.data)
     folds = P.select_folds(P.make_folds(P.protocol_cases(data_dir)), args.folds or budget["folds"])
@@ -311,13 +333,16 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
+        variants = ["", "qp"] if args.query_prototypes else [""]
         for model in models:
             for fold, queries in plan:
-                process(args, base, model, fold, queries, settings, data_dir)
+                for variant in variants if model != "registration" else [""]:
+                    process(args, base, model, fold, queries, settings, data_dir, variant=variant)
         for name, path, size in checkpoints:
             args.size = size
             for fold, queries in plan:
-                process(args, base, name, fold, queries, ["s1"], data_dir, checkpoint=path)
+                for variant in variants:
+                    process(args, base, name, fold, queries, ["s1"], data_dir, checkpoint=path, variant=variant)
         publish(args)
     except FewShotSegError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -8,7 +8,6 @@ other model here extends.
 from __future__ import annotations
 
 from .base import FewShotModel
-from .prototypes import score_map
 from .registry import register_model
 
 
@@ -17,5 +16,4 @@ class ALPNet(FewShotModel):
     def segment(self, support_feats, support_masks, query_feats):
         mask = self.support_mask(support_masks, support_feats)
         fg, bg = self.prototypes(support_feats, mask)
-        logits = score_map(query_feats, fg, bg, self.config["scale"])
-        return self.upsample(logits, support_masks)
+        return self.upsample(self.score(query_feats, fg, bg), support_masks)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import FewShotSegError
 from .backbones import build_backbone
-from .prototypes import alp_prototypes, mask_to_features
+from .prototypes import alp_prototypes, mask_to_features, score_map, with_query_prototypes
 
 COMMON_DEFAULTS = {
     "backbone": "effnet-lite0",
@@ -28,6 +28,7 @@ COMMON_DEFAULTS = {
     "fg_threshold": 0.95,        # local prototype kept when its window is this much class
     "scale": 20.0,               # cosine similarity multiplier
     "soft_local": False,         # coverage-weighted local prototypes instead of the threshold
+    "query_prototypes": False,   # inference: a second pass adds each query's own prototypes
     "freeze_bn": None,           # backbone BN in eval mode while training; None: iff pretrained
 }
 
@@ -46,6 +47,7 @@ class FewShotModel(nn.Module):
     """
 
     name = "base"
+    supports_query_prototypes = True   # its segment() scores through self.score()
     extra_defaults: dict = {}
     zero_ok = frozenset({"feature_dim"})  # integer options that may be 0
 
@@ -79,7 +81,7 @@ class FewShotModel(nn.Module):
         _check(n, "backbone", c["backbone"], isinstance(c["backbone"], str), "a backbone name")
         _check(n, "backbone_weights", c["backbone_weights"],
                c["backbone_weights"] is None or isinstance(c["backbone_weights"], str), "a file path")
-        for key in ("pretrained", "soft_local"):
+        for key in ("pretrained", "soft_local", "query_prototypes"):
             c[key] = bool(c[key])
         if c["freeze_bn"] is None:  # small batches would wreck pretrained BN statistics
             c["freeze_bn"] = bool(c["pretrained"] and (c["backbone"] == "effnet-lite0"
@@ -155,6 +157,15 @@ class FewShotModel(nn.Module):
         c = self.config
         return alp_prototypes(support_feats, mask_small, self.local_window, c["fg_threshold"],
                               c["soft_local"])
+
+    def score(self, query_feats, fg, bg):
+        """Logits at feature size; with ``query_prototypes`` (not while training) a second
+        pass also compares with the query's own confident prototypes."""
+        logits = score_map(query_feats, fg, bg, self.config["scale"])
+        if self.config["query_prototypes"] and not self.training:
+            fg, bg = with_query_prototypes(query_feats, logits, fg, bg)
+            logits = score_map(query_feats, fg, bg, self.config["scale"])
+        return logits
 
     @staticmethod
     def upsample(logits: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .base import FewShotModel
 from .layers import ChannelGate, CrossAttention
-from .prototypes import PrototypeSet, score_map
+from .prototypes import PrototypeSet
 from .registry import register_model
 
 
@@ -74,5 +74,4 @@ class CRTPNet(FewShotModel):
         fg, bg = self.prototypes(support_feats, mask)
         fg = PrototypeSet(fg.protos[None] * w[:, None], fg.logw)
         bg = PrototypeSet(bg.protos[None] * w[:, None], bg.logw)
-        logits = score_map(query_feats * w[:, :, None, None], fg, bg, self.config["scale"])
-        return self.upsample(logits, support_masks)
+        return self.upsample(self.score(query_feats * w[:, :, None, None], fg, bg), support_masks)

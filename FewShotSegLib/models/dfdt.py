@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FewShotSegError
 from .base import FewShotModel
 from .layers import FeedForward
 from .prototypes import class_score, cosine_distances
@@ -145,7 +146,12 @@ class DFDT(FewShotModel):
         nn.init.zeros_(self.threshold[-1].weight)
         nn.init.zeros_(self.threshold[-1].bias)
 
+    supports_query_prototypes = False
+
     def check_extra(self, c):
+        if c["query_prototypes"]:
+            raise FewShotSegError("model 'dfdt' refines its prototypes with the query already (PDET); "
+                                  "query_prototypes applies to alpnet and crtpnet")
         self.check_divisible(c, "dvff_dim", "dvff_heads")
         self.check_divisible(c, "pdet_dim", "pdet_heads")
         return c

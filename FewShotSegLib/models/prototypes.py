@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 SOFT_MIN_COVERAGE = 0.05  # soft local prototypes: windows with less foreground are ignored
+QUERY_CONFIDENCE = 0.7    # query prototypes: pixels the first pass gives at least this probability
 
 
 @dataclass
@@ -109,8 +110,11 @@ def cosine_distances(query: torch.Tensor, protos: torch.Tensor, scale: float) ->
 
 
 def class_score(dists: torch.Tensor, logw: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_j softmax_j(d_j + log w_j) * d_j`` over a class's prototypes: ``[Q,N,h,w] -> [Q,h,w]``."""
-    logits = dists if logw is None else dists + logw.reshape(1, -1, 1, 1)
+    """``sum_j softmax_j(d_j + log w_j) * d_j`` over a class's prototypes: ``[Q,N,h,w] -> [Q,h,w]``;
+    ``logw`` is ``[N]`` or per query ``[Q,N]``."""
+    if logw is not None:
+        logw = logw.reshape(1, -1, 1, 1) if logw.dim() == 1 else logw[:, :, None, None]
+    logits = dists if logw is None else dists + logw
     return (torch.softmax(logits, dim=1) * dists).sum(dim=1)
 
 
@@ -122,3 +126,28 @@ def score_map(query: torch.Tensor, fg: PrototypeSet, bg: PrototypeSet, scale: fl
     n_fg = fg.protos.shape[-2]
     d = cosine_distances(query, torch.cat([fg.protos, bg.protos], dim=-2), scale)
     return torch.stack([class_score(d[:, n_fg:], bg.logw), class_score(d[:, :n_fg], fg.logw)], dim=1)
+
+
+def with_query_prototypes(query: torch.Tensor, logits: torch.Tensor, fg: PrototypeSet,
+                          bg: PrototypeSet) -> tuple[PrototypeSet, PrototypeSet]:
+    """Test-time self-support: each query adds its own foreground and background prototypes.
+
+    A support slice from another scan (or a few slices away) differs in contrast and
+    texture from the query; the query pixels the first pass is confident about
+    (probability >= ``QUERY_CONFIDENCE``) average into one prototype per class that looks
+    like the query itself, and a second pass scores with support + query prototypes (the
+    self-support idea of Fan et al., CVPR 2022). A query without confident pixels of a
+    class gets no prototype for it (log-weight -inf).
+    """
+    prob = torch.softmax(logits.float(), dim=1).to(query.dtype)
+    n_q = query.shape[0]
+    out = []
+    for cls, base in ((1, fg), (0, bg)):
+        weight = (prob[:, cls:cls + 1] >= QUERY_CONFIDENCE).to(query.dtype)      # [Q,1,h,w]
+        count = weight.sum(dim=(2, 3))                                              # [Q,1]
+        proto = (query * weight).sum(dim=(2, 3)) / count.clamp_min(1.0)             # [Q,C]
+        protos = base.protos if base.protos.dim() == 3 else base.protos[None].expand(n_q, -1, -1)
+        logw = base.logw if base.logw.dim() == 2 else base.logw[None].expand(n_q, -1)
+        extra = torch.where(count > 0, torch.zeros_like(count), torch.full_like(count, float("-inf")))
+        out.append(PrototypeSet(torch.cat([protos, proto[:, None]], dim=1), torch.cat([logw, extra], dim=1)))
+    return out[0], out[1]

@@ -22,9 +22,13 @@ def available_models() -> list:
     return sorted(_MODELS)
 
 
-def build_model(name: str, **config):
-    """A fresh model; ``config`` is any subset of the class's options (the rest default)."""
+def model_class(name: str):
     cls = _MODELS.get(name)
     if cls is None:
         raise FewShotSegError(f"unknown model '{name}'; available: {', '.join(available_models())}")
-    return cls(**config)
+    return cls
+
+
+def build_model(name: str, **config):
+    """A fresh model; ``config`` is any subset of the class's options (the rest default)."""
+    return model_class(name)(**config)
