@@ -15,9 +15,10 @@ def keep_components_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if count == 0:
         return mask
-    touching = np.unique(labels[np.asarray(seeds, bool) & mask])
-    touching = touching[touching != 0]
-    return np.isin(labels, touching)
+    keep = np.zeros(count + 1, bool)             # label -> kept? (a lookup beats np.isin)
+    keep[labels[np.asarray(seeds, bool) & mask]] = True
+    keep[0] = False
+    return keep[labels]
 
 
 def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -30,14 +31,19 @@ def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple:
-    """Slices of the smallest box holding every True voxel (the whole array if none)."""
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
+def _bounding_box(mask: np.ndarray) -> tuple | None:
+    """Slices of the smallest box holding every True voxel, or None if there is none.
+
+    The first axis is read as contiguous rows; the others only inside that slab, which
+    for a structure in a CT is a small part of the volume."""
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+    if rows.size == 0:
+        return None
+    box = [slice(int(rows[0]), int(rows[-1]) + 1)]
+    slab = mask[box[0]]
+    for axis in range(1, mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
+        hits = np.flatnonzero(slab.any(axis=other))
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
 
@@ -46,18 +52,23 @@ def clean_mask(mask: np.ndarray, painted: np.ndarray, axis: int) -> np.ndarray:
     """Connected components touching the painted voxels, holes filled, painted slices exact.
 
     ``painted`` is the user's support (bool); slices that contain painting are returned
-    exactly as painted. The work happens inside the mask's bounding box: a structure
-    fills a small part of a CT, and labelling the whole volume would dominate the time.
+    exactly as painted. All the work happens inside the bounding box of mask and
+    painting: a structure fills a small part of a CT, and whole-volume passes (labelling,
+    even a logical or) would dominate the time.
     """
-    painted = np.asarray(painted, bool)
-    union = np.asarray(mask, bool) | painted
-    box = _bounding_box(union)
-    seeds = painted[box] if painted.any() else union[box]
-    inner = keep_components_touching(union[box], seeds)
-    inner = fill_holes_per_slice(inner, axis)
-    mask = np.zeros_like(union)
-    mask[box] = inner
-    painted_slices = np.flatnonzero(np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1).any(1))
-    view, pview = np.moveaxis(mask, axis, 0), np.moveaxis(painted, axis, 0)
+    mask, painted = np.asarray(mask, bool), np.asarray(painted, bool)
+    painted_box = _bounding_box(painted)
+    boxes = [b for b in (_bounding_box(mask), painted_box) if b is not None]
+    out = np.zeros(mask.shape, bool)            # calloc: untouched pages cost nothing
+    if not boxes:
+        return out
+    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(mask.ndim))
+    union = mask[box] | painted[box]
+    seeds = painted[box] if painted_box is not None else union
+    inner = fill_holes_per_slice(keep_components_touching(union, seeds), axis)
+    out[box] = inner
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    painted_slices = np.flatnonzero(painted[box].any(axis=other)) + box[axis].start
+    view, pview = np.moveaxis(out, axis, 0), np.moveaxis(painted, axis, 0)
     view[painted_slices] = pview[painted_slices]
-    return mask
+    return out

@@ -16,6 +16,7 @@ falls below a fraction of the painted area), then the 3D result is cleaned
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -142,16 +143,41 @@ def _walk_plan(painted: list[int], n: int) -> list[tuple[int, list[int]]]:
     return plan
 
 
+class _ModelSlices:
+    """Each slice normalised and resized once: the network, the registration and the stop
+    rule all read it (a 512x512 CT slice costs more to resample than to compare)."""
+
+    def __init__(self, prepared, keep: int = 32):
+        self.prepared, self.keep = prepared, keep
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, indices: list[int]) -> torch.Tensor:
+        """Tensor[len(indices), size, size] float32."""
+        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
+        if missing:
+            for i, t in zip(missing, self.prepared.model_slices(missing)):
+                self.cache[i] = t
+        for i in indices:
+            self.cache.move_to_end(i)
+        out = torch.stack([self.cache[i] for i in indices])
+        while len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return out
+
+    def one(self, index: int) -> np.ndarray:
+        return self([index])[0].numpy()
+
+
 class _FeatureCache:
     """Encodes slices in batches on demand and keeps what the walk still needs."""
 
-    def __init__(self, model, prepared, device, batch_size, timer):
-        self.model, self.prepared, self.device = model, prepared, device
+    def __init__(self, model, slices: _ModelSlices, device, batch_size, timer):
+        self.model, self.slices, self.device = model, slices, device
         self.batch_size, self.timer = batch_size, timer
         self.cache: dict[int, torch.Tensor] = {}
 
     def images(self, indices: list[int]) -> torch.Tensor:
-        return self.prepared.model_slices(indices).to(self.device).unsqueeze(1)
+        return self.slices(indices).to(self.device).unsqueeze(1)
 
     def get(self, index: int, upcoming: list[int]) -> torch.Tensor:
         if index not in self.cache:
@@ -234,7 +260,8 @@ class Propagator:
             for p in self.painted:
                 moved[p] = support_moved[p]
         self.progress(1.0, f"{done} slices propagated")
-        return PropagationResult(mask=mask.astype(np.uint8), probability=probs_vol.astype(np.float32),
+        mask = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+        return PropagationResult(mask=mask, probability=probs_vol.astype(np.float32, copy=False),
                                  slices_done=done, seconds=time.perf_counter() - start,
                                  network_seconds=self.network_seconds, stopped_at=stops)
 
@@ -254,7 +281,7 @@ class Propagator:
         probs = {}
         self._check_cancel()
         self.batch = self._batch_size(device)
-        cache = _FeatureCache(model, prepared, device, self.batch, self._timed)
+        cache = _FeatureCache(model, _ModelSlices(prepared), device, self.batch, self._timed)
         with torch.inference_mode():
             if opts.mode == "direct":
                 done, stops = self._direct(model, cache, painted_masks, probs)
@@ -290,11 +317,11 @@ class Propagator:
         # that no longer looks like the painted region (extent.py), walking outward
         stops = {}
         for p, walk in _walk_plan(sup_idx, self.n):
-            band = intensity_band(cache.prepared.model_slices([p])[0].numpy(), painted_masks[p].numpy() > 0.5)
+            band = intensity_band(cache.slices.one(p), painted_masks[p].numpy() > 0.5)
             for i in walk:
                 mask = (probs[i] >= self.options.threshold).numpy()
                 if float(mask.sum()) < self._min_area(painted_area) or intensity_agreement(
-                        cache.prepared.model_slices([i])[0].numpy(), mask, band) \
+                        cache.slices.one(i), mask, band) \
                         < self.options.min_intensity_agreement:
                     stops[f"{p}->{walk[-1]}"] = i
                     for j in walk[walk.index(i):]:
@@ -314,13 +341,12 @@ class Propagator:
             min_area = self._min_area(float(p_mask.sum()))
             prev_feat, prev_mask = p_feat, p_mask
             fuse = opts.registration_weight
-            p_image = prepared.model_slices([p])[0].numpy()
-            band = intensity_band(p_image, p_mask.cpu().numpy() > 0.5)
-            fields = WalkFields(lambda j: prepared.model_slices([j])[0].numpy(), p, walk,
-                                opts.registration_shrink, opts.registration_iterations) if fuse else None
+            band = intensity_band(cache.slices.one(p), p_mask.cpu().numpy() > 0.5)
+            fields = WalkFields(cache.slices.one, p, walk, opts.registration_shrink,
+                                opts.registration_iterations) if fuse else None
             for k, i in enumerate(walk):
                 self._check_cancel()
-                image_i = prepared.model_slices([i])[0].numpy()   # the stop rule's view of the slice
+                image_i = cache.slices.one(i)   # the stop rule's view of the slice
                 q_feat = cache.get(i, walk[k + 1:])
                 if prev_feat is p_feat:
                     sup_feats, sup_masks = p_feat[None], p_mask[None]

@@ -208,6 +208,21 @@ def test_clean_mask_drops_disconnected_blobs_and_fills_holes():
     assert out[1, 9:11, 9:11].all() or mask[1, 9:11, 9:11].all()
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_clean_mask_edge_cases_along_every_axis(axis):
+    empty = np.zeros((6, 7, 8), bool)
+    assert not clean_mask(empty, empty, axis).any()
+    painted = empty.copy()
+    index = [slice(None)] * 3
+    index[axis] = 3
+    painted[tuple(index)] = True                       # a whole painted slice, nothing predicted
+    np.testing.assert_array_equal(clean_mask(empty, painted, axis), painted)
+    mask = empty.copy()
+    mask[0, 0, 0] = True                               # a lone voxel far from the painting
+    out = clean_mask(mask, painted, axis)
+    np.testing.assert_array_equal(out, painted)              # dropped: not connected
+
+
 def test_metrics_known_values():
     a = np.zeros((10, 10, 10), bool)
     b = np.zeros_like(a)

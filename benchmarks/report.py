@@ -45,6 +45,8 @@ def _describe(result) -> str:
         text += f" + registration fusion {opts['registration_weight']:g} ({_registration(opts)})"
     agreement = opts.get("min_intensity_agreement", 0)
     text += f", intensity stop rule {agreement:g}" if agreement else ", no intensity stop rule"
+    if opts.get("query_prototypes"):
+        text += ", + query prototypes"
     return text
 
 
@@ -131,6 +133,8 @@ def render(config: dict) -> str:
              product_table(config["ablation"], floors=False), "",
              "### Registration: our torch demons against SimpleITK's (CHAOS-T2, all 20 cases)", "",
              product_table(config["registration"], floors=False), "",
+             "### Test-time query prototypes (CHAOS-T2, all 20 cases)", "",
+             product_table(config["query_prototypes"], floors=False), "",
              "### TotalSegmentator CT case (agreement with its model-made labels)", "",
              totalseg_table(config["product"]), "",
              "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
@@ -160,6 +164,8 @@ DEFAULT_CONFIG = {
                      "product_registration.json", "product_abl_registration_s4i80.json",
                      "product_abl_registration_s8i40.json", "product_abl_default_sitk.json",
                      "product_fewshotseg-default_chained.json", "product_abl_default_s4i80.json"],
+    "query_prototypes": ["product_fewshotseg-default_chained.json", "product_abl_default_qp.json",
+                         "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_qp.json"],
     "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
                "refine_holdout_perturbed.json"],
 }
