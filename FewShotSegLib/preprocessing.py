@@ -461,17 +461,28 @@ class PreparedVolume:
         if tuple(t.shape) != expected:
             raise FewShotSegError(f"probabilities must have shape {list(expected)}, not {list(t.shape)}")
         t = t.detach().to("cpu", torch.float32)
+        nonzero = np.flatnonzero(t.reshape(t.shape[0], -1).ne(0).any(1).numpy())
+        return self.slices_to_volume(nonzero, t[torch.from_numpy(nonzero)], out)
+
+    def slices_to_volume(self, indices, probs: torch.Tensor, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Model-grid slices ``indices`` (ascending) -> float32 volume; every other slice is 0.
+
+        A propagation touches a few dozen of a CT's slices: this never builds or scans the
+        whole model-grid stack."""
+        part_all = np.asarray(indices, dtype=np.int64)
+        t = torch.as_tensor(probs).detach().to("cpu", torch.float32)
+        if t.shape[0] != part_all.size or (part_all.size and np.any(np.diff(part_all) <= 0)):
+            raise FewShotSegError("slices_to_volume needs one probability slice per ascending index")
         if out is None:
-            out = np.zeros(self.shape, np.float32)
+            out = np.zeros(self.shape, np.float32)      # calloc: untouched slices cost nothing
         elif out.shape != self.shape or out.dtype != np.float32:
             raise FewShotSegError(f"output array must be float32 of shape {self.shape}")
         else:
             out[...] = 0
         target = torch.from_numpy(out)
-        nonzero = np.flatnonzero(t.reshape(t.shape[0], -1).ne(0).any(1).numpy())
-        for start in range(0, nonzero.size, self._chunk):
-            part = nonzero[start:start + self._chunk]
-            back = self.sampler.from_model(t[torch.from_numpy(part)])
+        for start in range(0, part_all.size, self._chunk):
+            part = part_all[start:start + self._chunk]
+            back = self.sampler.from_model(t[start:start + part.size])
             for p0, p1, first in _runs(part):
                 n = p1 - p0
                 if self.axis_index == 2:  # one 2D transpose, then rows of n contiguous values

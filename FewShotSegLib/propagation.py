@@ -216,6 +216,7 @@ class Propagator:
             raise FewShotSegError(f"the volume has a single slice along the {options.axis} axis: "
                                   "nothing to propagate to")
         self.painted = painted_slice_indices(self.support, self.axis_index)
+        self.touched: list[int] = []   # slices given any probability (set by the run)
 
     # -- helpers ---------------------------------------------------------------------
     def _timed(self, fn, *args):
@@ -248,11 +249,11 @@ class Propagator:
             probs_vol, done, stops = self._run_model()
         self._check_cancel()
         self.progress(0.97, "post-processing")
-        mask = probs_vol >= self.options.threshold
         support_moved = np.moveaxis(self.support, self.axis_index, 0)
         prob_moved = np.moveaxis(probs_vol, self.axis_index, 0)
         for p in self.painted:
             prob_moved[p] = support_moved[p]
+        mask = self._threshold(prob_moved)
         if self.options.postprocess:
             mask = clean_mask(mask, self.support, self.axis_index)
         else:
@@ -264,6 +265,16 @@ class Propagator:
         return PropagationResult(mask=mask, probability=probs_vol.astype(np.float32, copy=False),
                                  slices_done=done, seconds=time.perf_counter() - start,
                                  network_seconds=self.network_seconds, stopped_at=stops)
+
+    def _threshold(self, prob_moved: np.ndarray) -> np.ndarray:
+        """probability >= threshold, computed only over the slab of slices that hold any
+        probability (a CT walk touches a few dozen of its hundreds of slices)."""
+        mask = np.zeros(self.support.shape, bool)
+        rows = sorted(set(self.touched) | set(self.painted))
+        if rows:
+            lo, hi = rows[0], rows[-1] + 1
+            np.moveaxis(mask, self.axis_index, 0)[lo:hi] = prob_moved[lo:hi] >= self.options.threshold
+        return mask
 
     def _run_model(self):
         opts = self.options
@@ -287,10 +298,9 @@ class Propagator:
                 done, stops = self._direct(model, cache, painted_masks, probs)
             else:
                 done, stops = self._chained(model, cache, painted_masks, probs, prepared)
-        full = torch.zeros((self.n, size, size), dtype=torch.float32)
-        for i, p in probs.items():
-            full[i] = p
-        return prepared.probs_to_volume(full), done, stops
+        self.touched = sorted(i for i, p in probs.items() if bool(p.any()))
+        stack = torch.stack([probs[i] for i in self.touched]) if self.touched else torch.zeros((0, size, size))
+        return prepared.slices_to_volume(self.touched, stack), done, stops
 
     def _foreground(self, model, sup_feats, sup_masks, query_feats):
         logits = self._timed(model.segment, sup_feats, sup_masks, query_feats)

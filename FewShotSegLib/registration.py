@@ -15,6 +15,7 @@ the masks, so ours estimates them in batches: a few ms per slice.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -119,10 +120,15 @@ def slice_fields(fixed: torch.Tensor, moving: torch.Tensor, shrink: int = REGIST
     return F.interpolate(field, size=tuple(fixed.shape[-2:]), mode="bilinear", align_corners=False) * shrink
 
 
+@functools.lru_cache(maxsize=4)
+def _warper(shape: tuple) -> _Warper:
+    return _Warper(shape)
+
+
 def warp_mask(mask, field: torch.Tensor) -> np.ndarray:
     """Carry a full-resolution [H,W] mask along one [2,H,W] field; a soft mask in [0, 1]."""
     mask = torch.as_tensor(np.ascontiguousarray(mask, dtype=np.float32))
-    return _Warper(mask.shape)(mask[None], field[None])[0].numpy()
+    return _warper(tuple(mask.shape))(mask[None], field[None])[0].numpy()
 
 
 def carry_mask(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray,
@@ -184,7 +190,8 @@ def propagate_by_registration(propagator, plan):
             probs[i] = soft
             prev_mask = mask.astype(np.float32)
             propagator.progress(0.05 + 0.9 * done / total, f"{done} slices registered")
-    return prepared.probs_to_volume(torch.from_numpy(probs)), done, stops
+    propagator.touched = [int(i) for i in np.flatnonzero(probs.reshape(n, -1).any(1))]
+    return prepared.slices_to_volume(propagator.touched, torch.from_numpy(probs[propagator.touched])), done, stops
 
 
 def propagate_prepare(propagator):

@@ -209,6 +209,15 @@ def test_clean_mask_drops_disconnected_blobs_and_fills_holes():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
+def test_hole_filling_equals_scipy_slice_by_slice(axis):
+    from scipy import ndimage
+    from FewShotSegLib.postprocessing import fill_holes_per_slice
+    mask = np.random.default_rng(axis).random((7, 30, 40)) > 0.4
+    expected = np.moveaxis(np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)]), 0, axis)
+    np.testing.assert_array_equal(fill_holes_per_slice(mask, axis), expected)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
 def test_clean_mask_edge_cases_along_every_axis(axis):
     empty = np.zeros((6, 7, 8), bool)
     assert not clean_mask(empty, empty, axis).any()
