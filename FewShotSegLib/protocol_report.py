@@ -7,6 +7,8 @@ protocol (a checkpoint trained on query scans did not).
 """
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,8 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
         ours.setdefault(e["model"], {})[e["setting"]] = e
     labels, bars = [], {"S1 EP1": [], "S2 EP1": [], "S1 EP2": [], "S2 EP2": []}
     for model, by_setting in ours.items():
-        labels.append(f"{model}\n(ours)")
+        wrapped = "\n".join(textwrap.wrap(model.replace("-", "- ").replace("+", " +"), 14)).replace("- ", "-").replace(" +", "+")
+        labels.append(f"{wrapped}\n(ours)")
         for key in bars:
             setting, ep = key.lower().split()
             e = by_setting.get(setting)

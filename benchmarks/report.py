@@ -148,6 +148,10 @@ def render(config: dict) -> str:
                 text = text.split("\n## Protocol")[0].rstrip()
             parts += ["#### " + line.lstrip("# ") if line.startswith("#") else line
                       for line in text.splitlines()] + [""]
+            for suffix, alt in (("", "EP1 mean Dice beside the papers"), ("_examples", "example propagations")):
+                image = path.with_name(path.stem + suffix + ".png")
+                if image.exists():
+                    parts += [f"![{path.stem}: {alt}]({image.relative_to(ROOT).as_posix()})", ""]
     return "\n".join(parts) + "\n"
 
 
