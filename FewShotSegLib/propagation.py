@@ -30,7 +30,7 @@ from .extent import intensity_agreement, intensity_band
 from .imageio import array_axis_for
 from .postprocessing import clean_mask
 from .preprocessing import prepare_volume
-from .registration import WalkFields, propagate_by_registration
+from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK, WalkFields, propagate_by_registration
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -62,8 +62,8 @@ class PropagationOptions:
     registration_weight: float = 0.75
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)
-    registration_shrink: int = 4
-    registration_iterations: int = 40
+    registration_shrink: int = REGISTRATION_SHRINK
+    registration_iterations: int = DEMONS_ITERATIONS
     # the structure has ended when fewer than this fraction of a slice's mask has
     # intensities inside the painted region's 5-95 % band (0 = area rule only)
     min_intensity_agreement: float = 0.5
@@ -283,8 +283,6 @@ class Propagator:
         preprocess = self.model.preprocess
         if opts.query_prototypes and not getattr(model, "supports_query_prototypes", False):
             raise FewShotSegError(f"model '{model.name}' does not take query prototypes (alpnet and crtpnet do)")
-        if "query_prototypes" in model.config:
-            model.config["query_prototypes"] = bool(opts.query_prototypes)
         model.to(device).eval()
         prepared = prepare_volume(self.image, opts.axis, preprocess)
         size = prepared.size if hasattr(prepared, "size") else preprocess.size
@@ -293,11 +291,18 @@ class Propagator:
         self._check_cancel()
         self.batch = self._batch_size(device)
         cache = _FeatureCache(model, _ModelSlices(prepared), device, self.batch, self._timed)
-        with torch.inference_mode():
-            if opts.mode == "direct":
-                done, stops = self._direct(model, cache, painted_masks, probs)
-            else:
-                done, stops = self._chained(model, cache, painted_masks, probs, prepared)
+        saved = model.config.get("query_prototypes")   # this run's choice, not the loaded model's
+        if saved is not None:
+            model.config["query_prototypes"] = bool(opts.query_prototypes)
+        try:
+            with torch.inference_mode():
+                if opts.mode == "direct":
+                    done, stops = self._direct(model, cache, painted_masks, probs)
+                else:
+                    done, stops = self._chained(model, cache, painted_masks, probs, prepared)
+        finally:
+            if saved is not None:
+                model.config["query_prototypes"] = saved
         self.touched = sorted(i for i, p in probs.items() if bool(p.any()))
         stack = torch.stack([probs[i] for i in self.touched]) if self.touched else torch.zeros((0, size, size))
         return prepared.slices_to_volume(self.touched, stack), done, stops

@@ -243,3 +243,21 @@ def test_metrics_known_values():
     assert hd95(a, b, spacing=(1, 1, 2)) == pytest.approx(2.0)
     assert hd95(a, np.zeros_like(a)) == float("inf")
     assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+
+
+def test_query_prototypes_option_does_not_stick_to_the_loaded_model():
+    """The option is the run's choice: the (cached) model comes back as it was loaded."""
+    import SimpleITK as sitk
+    from FewShotSegLib.models import build_model
+    from FewShotSegLib.preprocessing import PreprocessConfig
+
+    class Loaded:   # what propagate reads of a LoadedCheckpoint
+        model = build_model("alpnet", pretrained=False).eval()
+        preprocess = PreprocessConfig(size=64)
+
+    volume = np.random.default_rng(0).normal(size=(6, 48, 48)).astype(np.float32)
+    support = np.zeros(volume.shape, bool)
+    support[3, 15:30, 15:30] = True
+    propagate(sitk.GetImageFromArray(volume), support, Loaded,
+              PropagationOptions(query_prototypes=True, registration_weight=0))
+    assert Loaded.model.config["query_prototypes"] is False

@@ -24,6 +24,7 @@ from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.evaluation import (CHAOS_ORGANS, TOTALSEG_ORGANS, chaos_cases,  # noqa: E402
                                       load_chaos_case, score_structure, shared_data_dir,
                                       summarise, write_json)
+from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.imageio import read_image  # noqa: E402
 from FewShotSegLib.model_store import resolve_model_path  # noqa: E402
 from FewShotSegLib.propagation import PropagationOptions  # noqa: E402
@@ -94,6 +95,10 @@ def main(argv=None):
             extra[key] = None if value.lower() == "none" else float(value)
         except ValueError:
             parser.error(f"--option {item}: the value must be a number or none")
+    try:
+        PropagationOptions(mode=args.mode, **extra).validate()
+    except FewShotSegError as exc:
+        parser.error(str(exc))
     run(args.model, args.mode, args.cases.split(",") if args.cases else None, args.data, args.tag, extra,
         skip_ct=args.skip_ct)
 
