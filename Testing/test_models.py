@@ -284,3 +284,29 @@ def test_query_prototypes_skip_a_class_without_confident_pixels():
 def test_dfdt_refuses_query_prototypes():
     with pytest.raises(FewShotSegError, match="query_prototypes applies to alpnet and crtpnet"):
         build_model("dfdt", pretrained=False, query_prototypes=True)
+
+
+def test_crtpnet_ablation_switches_as_in_its_table_2():
+    """Base: no attention (no attention weights at all) and the support mask does not reach
+    the channel gates; + Support Mask: it does; the full model keeps both."""
+    sup, mask, qry = episode(64)
+    feats_s, feats_q = torch.randn(1, 256, 8, 8), torch.randn(2, 256, 8, 8)
+    small = torch.zeros(1, 1, 8, 8)
+    small[..., 2:6, 1:5] = 1.0
+    other = torch.zeros_like(small)
+    other[..., 0:3, 4:8] = 1.0
+    base = make("crtpnet", "effnet-lite0", cross_reference_mask=False, cross_reference_attention=False)
+    masked = make("crtpnet", "effnet-lite0", cross_reference_attention=False)
+    full = make("crtpnet", "effnet-lite0")
+    assert not any("attends" in k for k in base.state_dict()) and not any("attends" in k for k in masked.state_dict())
+    assert any("attends" in k for k in full.state_dict())
+    with torch.no_grad():
+        assert torch.equal(base.channel_weights(feats_s, small, feats_q), base.channel_weights(feats_s, other, feats_q))
+        assert not torch.allclose(masked.channel_weights(feats_s, small, feats_q),
+                                  masked.channel_weights(feats_s, other, feats_q))
+        for model in (base, masked):
+            w = model.channel_weights(feats_s, small, feats_q)
+            assert w.shape == (2, 256) and bool(((w > 0) & (w < 1)).all())
+            assert model.eval()(sup, mask, qry).shape == (2, 2, 64, 64)
+    with pytest.raises(FewShotSegError, match="cross_reference_mask=1 is invalid"):
+        build_model("crtpnet", pretrained=False, cross_reference_mask=1)

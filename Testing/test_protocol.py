@@ -108,6 +108,8 @@ def test_dice_sums_tp_fp_fn_over_the_scan_then_averages_scans_then_classes():
     summary = P.mean_dice(rows, "ep1")
     assert summary["per_class"] == {"liver": pytest.approx(0.6), "right_kidney": 1.0}
     assert summary["mean"] == pytest.approx(0.8) and summary["scans"] == 2       # not (0.8+0.4+1)/3
+    assert P.mean_dice(rows + [{"case": "c", "class": 1, "ep1": {"dice": 0.5}, "ep1_post": {"dice": 0.9}}],
+                       "ep1_post")["mean"] is None    # scored before the score existed: no partial mean
 
 
 def test_ep2_post_processing_keeps_the_largest_component():
@@ -226,3 +228,32 @@ def test_trained_model_setting2_smoke_run(chaos_dir, tmp_path, capsys):
     (tmp_path / "results" / "protocol" / "t" / "alpnet" / "fold_0_s2.json").unlink()
     assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "2", "--steps", "1") == 0
     assert capsys.readouterr().out.count("trained model found") == 2          # no retraining
+
+
+def test_ablation_variant_trains_with_its_options_and_rescore_needs_no_training(chaos_dir, tmp_path, capsys):
+    """A variant row (seed 000's Table 2 'Base') trains crtpnet with its switches off, under
+    its own name, beside the paper's ablation rows; --rescore scores it again with the saved
+    model (EP1 + 3D post included) and never trains."""
+    assert run_protocol(tmp_path, "--models", "crtpnet-base", "--settings", "1", "--steps", "1") == 0
+    config = json.loads((tmp_path / "work" / "crtpnet-base" / "fold_0" / "s1" / "config.json").read_text())
+    assert config["model"] == "crtpnet"
+    assert config["model_config"]["cross_reference_attention"] is False
+    assert config["model_config"]["cross_reference_mask"] is False
+    path = tmp_path / "results" / "protocol" / "t" / "crtpnet-base" / "fold_0_s1.json"
+    fold = json.loads(path.read_text())
+    assert fold["model"] == "crtpnet-base" and any("Table 2 'Base'" in n for n in fold["notes"])
+    assert all(0 <= r["ep1_post"]["dice"] <= 1 for r in fold["rows"])
+    table = (tmp_path / "results" / "protocol_t.md").read_text()
+    assert "| CRTPNet Base (paper, Table 2 of seed 000) | S1 |" in table and "78.93" in table
+    assert "| EP1 + 3D post |" in table
+    stamp = path.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_protocol(tmp_path, "--models", "crtpnet-base,registration", "--settings", "1",
+                        "--steps", "1", "--rescore") == 0
+    out = capsys.readouterr().out
+    assert "scoring again with the trained model" in out and "trained model found" in out
+    assert "training crtpnet" not in out and path.stat().st_mtime_ns != stamp
+    (tmp_path / "work" / "crtpnet-base" / "fold_0" / "s1" / "model.pt").unlink()
+    stamp = path.stat().st_mtime_ns
+    assert run_protocol(tmp_path, "--models", "crtpnet-base", "--settings", "1", "--steps", "1", "--rescore") == 0
+    assert "keeps its old scores" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp

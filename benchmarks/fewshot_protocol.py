@@ -72,14 +72,29 @@ def trained_on_queries(provenance: dict, data_dir: Path, queries: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- training
+def fold_model_dir(args, model: str, fold: P.Fold, group) -> Path:
+    """Where one fold's model trains: .../<model>/fold_<k>/s1 or s2_<classes>."""
+    setting = "s1" if group is None else "s2_" + "-".join(map(str, group))
+    return args.work_dir / _safe(model) / f"fold_{fold.index}" / setting
+
+
+def can_rescore(args, model: str, fold: P.Fold, setting: str, checkpoint) -> bool:
+    """``--rescore`` needs no training: the registration row, a given checkpoint, or a
+    fold whose trained models are all still on disk."""
+    if model == "registration" or checkpoint is not None:
+        return True
+    groups = [None] if setting == "s1" else args.groups
+    return all((fold_model_dir(args, model, fold, g) / "model.pt").is_file() for g in groups)
+
+
 def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir: Path) -> Path:
     """Train (or resume, or reuse) one fold's model on the images outside the fold.
 
     ``group``: None for setting 1; the test classes for setting 2, whose slices the
     training config's ``exclude_labels`` removes (strict rule)."""
     from Training.train import load_config, train
-    setting = "s1" if group is None else "s2_" + "-".join(map(str, group))
-    out = args.work_dir / _safe(model) / f"fold_{fold.index}" / setting
+    out = fold_model_dir(args, model, fold, group)
+    setting = out.name
     chaos = data_dir / "chaos_t2"
     data = {**base.get("data", {}), "labels": [], "exclude": [],
             "images": [str(chaos / f"image_{c}.nii.gz") for c in fold.train],
@@ -87,8 +102,9 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
             "cache_dir": str(args.cache_dir),
             "exclude_labels": None if group is None else {
                 "labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train], "values": list(group)}}
-    config = {**base, "name": "model", "model": model, "steps": args.steps, "device": args.device,
-              "out": str(out), "data": data,
+    arch, options = P.model_of(model)
+    config = {**base, "name": "model", "model": arch, "steps": args.steps, "device": args.device,
+              "model_config": {**base.get("model_config", {}), **options}, "out": str(out), "data": data,
               "card": {"description": f"few-shot protocol, fold {fold.index}, {setting}: self-supervised on "
                                       f"the {len(fold.train)} scans outside the fold"}}
     if args.threads:
@@ -131,6 +147,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             jobs = [(train_fold_model(args, base, model, fold, None, data_dir), list(P.CLASSES))]
         else:
             jobs = [(train_fold_model(args, base, model, fold, g, data_dir), list(g)) for g in args.groups]
+        if model in P.VARIANTS:
+            notes.append(f"{P.VARIANTS[model][0]} variant: {P.VARIANTS[model][2]}")
         for path, classes in jobs:
             ckpt = load_checkpoint(path, device=args.device)
             if variant == "qp":
@@ -161,7 +179,7 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         "wall_seconds": round(time.perf_counter() - start, 1),
         "hardware": hardware(torch.device(args.device), 1), "device": args.device, "torch": torch.__version__,
         "checkpoints": checkpoints, "compliant": compliant, "notes": notes, "rows": rows,
-        "mean_dice": {k: P.mean_dice(rows, k)["mean"] for k in ("ep1", "ep2", "ep2_post")},
+        "mean_dice": {k: P.mean_dice(rows, k)["mean"] for k in P.SCORES},
     }
     return payload, examples
 
@@ -191,7 +209,12 @@ def process(args, base, model, fold, queries, settings, data_dir, checkpoint=Non
             if old != key:
                 diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in key.items() if old.get(k) != v)
                 raise FewShotSegError(f"{path} was made with {diff}; use another --run-name or delete that file")
-            log(f"{row} fold {fold.index} {setting}: done before, skipped ({path})")
+            if args.rescore and can_rescore(args, model, fold, setting, checkpoint):
+                log(f"{row} fold {fold.index} {setting}: scoring again with the trained model ({path})")
+                todo.append((setting, path, key))
+            else:
+                log(f"{row} fold {fold.index} {setting}: done before, skipped ({path})"
+                    + ("; its trained model is gone, so it keeps its old scores" if args.rescore else ""))
             continue
         todo.append((setting, path, key))
     if model == "registration" and todo:  # no training: one evaluation serves both settings
@@ -211,7 +234,8 @@ def _write(path: Path, payload: dict, examples) -> None:
         save_overview(path.with_suffix(".png"), examples, tile=160)
     write_json(path, payload)
     m = payload["mean_dice"]
-    log(f"  -> {path}: mean Dice EP1 {m['ep1']:.3f}  EP2 {m['ep2']:.3f}  EP2+post {m['ep2_post']:.3f}")
+    log(f"  -> {path}: mean Dice EP1 {m['ep1']:.3f}  EP1+post {m['ep1_post']:.3f}  EP2 {m['ep2']:.3f}  "
+        f"EP2+post {m['ep2_post']:.3f}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -241,7 +265,8 @@ def publish(args) -> dict:
 def parse(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="alpnet,registration",
-                        help=f"comma-separated: {', '.join(available_models())} or registration")
+                        help=f"comma-separated: {', '.join(available_models())}, registration, or a "
+                             f"variant ({', '.join(P.VARIANTS)}: see FewShotSegLib/protocol.py)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                         help="also evaluate this trained checkpoint as it is (no training; setting 1)")
     parser.add_argument("--settings", default="1,2", help="1, 2 or 1,2")
@@ -263,6 +288,9 @@ def parse(argv):
     parser.add_argument("--query-prototypes", action="store_true",
                         help="also score each model with test-time query prototypes (row <model>+qp; "
                              "same trained weights; alpnet and crtpnet)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score finished folds again with their trained models (no training; "
+                             "folds whose models are gone keep their results)")
     parser.add_argument("--s2-groups", default="1+4,2+3",
                         help="setting-2 test-class groups, one model each (default SSL-ALPNet's)")
     return parser.parse_args(argv)
@@ -292,14 +320,14 @@ def prepare(args):
     if any(v not in P.CLASSES for g in args.groups for v in g) or not args.groups:
         raise FewShotSegError(f"--s2-groups must use the classes {sorted(P.CLASSES)}, not '{args.s2_groups}'")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    known = available_models() + ["registration"]
+    known = available_models() + list(P.VARIANTS) + ["registration"]
     for m in models:
         if m not in known:
             raise FewShotSegError(f"unknown model '{m}'; available: {', '.join(known)}")
     if args.query_prototypes:
         from FewShotSegLib.models.registry import model_class
         for m in models:
-            if m != "registration" and not model_class(m).supports_query_prototypes:
+            if m != "registration" and not model_class(P.model_of(m)[0]).supports_query_prototypes:
                 raise FewShotSegError(f"--query-prototypes: model '{m}' does not take query prototypes "
                                       "(alpnet and crtpnet do)")
     checkpoints = []

@@ -107,6 +107,9 @@ class FewShotModel(nn.Module):
     def check_divisible(self, c: dict, key: str, heads_key: str) -> None:
         _check(self.name, key, c[key], c[key] % c[heads_key] == 0, f"a multiple of {heads_key}")
 
+    def check_bool(self, c: dict, key: str) -> None:
+        _check(self.name, key, c[key], isinstance(c[key], bool), "true or false")
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.config["freeze_bn"]:
