@@ -72,6 +72,8 @@ VARIANTS = {
     "crtpnet-mask": ("crtpnet", {"cross_reference_attention": False},
                      "Table 2 'Base + Support Mask': masked support, no transformer"),
     "alpnet-soft": ("alpnet", {"soft_local": True}, "coverage-weighted local prototypes"),
+    "alpnet-softfg": ("alpnet", {"soft_local": True, "soft_local_background": False},
+                      "coverage-weighted local prototypes for the foreground only"),
     "alpnet-os4": ("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
 }
 

@@ -241,6 +241,12 @@ def test_prototype_pieces():
     assert len(fg) == 5 and len(bg) == 28  # 4 local + global; 32 windows - 4
     soft, w = local_prototypes(feats, mask * 0.5, 2, 0.95, soft=True)
     assert soft.shape == (4, 4) and torch.allclose(w, torch.full((4,), 0.5))
+    border = mask.clone()
+    border[0, :, 4, :4] = 0.5                                   # a half-covered row of windows
+    fg_soft, bg_soft = alp_prototypes(feats, border, 2, soft=True)
+    fg_only, bg_hard = alp_prototypes(feats, border, 2, soft=True, soft_background=False)
+    assert torch.equal(fg_only.protos, fg_soft.protos) and len(bg_soft) > len(bg_hard)
+    assert torch.equal(bg_hard.protos, alp_prototypes(feats, border, 2)[1].protos)
     d = torch.randn(3, 1, 5, 5)
     torch.testing.assert_close(class_score(d), d[:, 0])
     big = torch.ones(1, 64, 64)

@@ -28,6 +28,7 @@ COMMON_DEFAULTS = {
     "fg_threshold": 0.95,        # local prototype kept when its window is this much class
     "scale": 20.0,               # cosine similarity multiplier
     "soft_local": False,         # coverage-weighted local prototypes instead of the threshold
+    "soft_local_background": True,  # ... for the background too (False: foreground only)
     "query_prototypes": False,   # inference: a second pass adds each query's own prototypes
     "freeze_bn": None,           # backbone BN in eval mode while training; None: iff pretrained
 }
@@ -81,7 +82,7 @@ class FewShotModel(nn.Module):
         _check(n, "backbone", c["backbone"], isinstance(c["backbone"], str), "a backbone name")
         _check(n, "backbone_weights", c["backbone_weights"],
                c["backbone_weights"] is None or isinstance(c["backbone_weights"], str), "a file path")
-        for key in ("pretrained", "soft_local", "query_prototypes"):
+        for key in ("pretrained", "soft_local", "soft_local_background", "query_prototypes"):
             c[key] = bool(c[key])
         if c["freeze_bn"] is None:  # small batches would wreck pretrained BN statistics
             c["freeze_bn"] = bool(c["pretrained"] and (c["backbone"] == "effnet-lite0"
@@ -159,7 +160,7 @@ class FewShotModel(nn.Module):
     def prototypes(self, support_feats, mask_small):
         c = self.config
         return alp_prototypes(support_feats, mask_small, self.local_window, c["fg_threshold"],
-                              c["soft_local"])
+                              c["soft_local"], c["soft_local_background"])
 
     def score(self, query_feats, fg, bg):
         """Logits at feature size; with ``query_prototypes`` (not while training) a second

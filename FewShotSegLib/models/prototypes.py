@@ -85,13 +85,16 @@ def class_prototypes(feats, mask, window: int, fg_threshold: float, soft: bool,
     return PrototypeSet(protos, logw)
 
 
-def alp_prototypes(feats, mask, window: int, fg_threshold: float = 0.95, soft: bool = False):
+def alp_prototypes(feats, mask, window: int, fg_threshold: float = 0.95, soft: bool = False,
+                   soft_background: bool = True):
     """(foreground, background) sets from support ``feats [S,C,h,w]`` and ``mask [S,1,h,w]``.
 
     As SSL-ALPNet: foreground = local + global, background = local only (from 1 - mask).
+    ``soft_background=False`` keeps the hard rule for the background: its soft windows
+    along the organ's border average background pixels next to the organ.
     """
     fg = class_prototypes(feats, mask, window, fg_threshold, soft, with_global=True)
-    bg = class_prototypes(feats, 1.0 - mask, window, fg_threshold, soft, with_global=False)
+    bg = class_prototypes(feats, 1.0 - mask, window, fg_threshold, soft and soft_background, with_global=False)
     return fg, bg
 
 
