@@ -60,9 +60,10 @@ SCORES = ("ep1", "ep1_post", "ep2", "ep2_post")     # what each (scan, class) ro
 PAPERS = {"SSL-ALPNet": (78.84, 73.02), "CRTPNet": (79.49, 75.08), "Q-Net": (81.02, 68.59),
           "RPT": (82.44, 79.04), "GMRD": (82.90, 79.70), "DFDT": (84.31, 80.31),
           "FoB+SAM (R101 + SAM ViT-H)": (84.46, 80.46)}
-# Seed 000's ablation (its Table 2, setting 1, EP1 mean Dice %): CRTPNet without its parts.
-PAPER_ABLATION = {"CRTPNet Base": 78.93, "CRTPNet Base + Support Mask": 79.14,
-                  "CRTPNet Base + Mask + Transformer": 79.49}
+# Seed 000's ablation (its Table 2, setting 1, EP1 mean Dice %), keyed by our row for it.
+PAPER_ABLATION = {"crtpnet-base": ("CRTPNet Base", 78.93),
+                  "crtpnet-mask": ("CRTPNet Base + Support Mask", 79.14),
+                  "crtpnet": ("CRTPNet Base + Mask + Transformer", 79.49)}
 # Protocol rows that are a registered model trained with other options: seed 000's
 # ablation rows and the improvements REFERENCE section 2 names. Each trains and scores like
 # any model, under its own name: row -> (model, model options, what it is).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .protocol import CLASSES, PAPER_ABLATION, PAPERS, SCORES, mean_dice
+from .protocol import CLASSES, PAPER_ABLATION, PAPERS, SCORES, VARIANTS, mean_dice
 
 SHORT = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
 SETTINGS = {"s1": "S1", "s2": "S2"}
@@ -50,8 +50,31 @@ def summarise(fold_results: list[dict]) -> dict:
             "compliant": all(r.get("compliant", True) for r in results),
             "notes": _merge_notes(n for r in results for n in r.get("notes", [])),
         })
-    return {"results": entries,
+    return {"results": entries, "same_folds": same_folds(groups),
             "papers_mean_dice_percent": {k: {"s1": v[0], "s2": v[1]} for k, v in PAPERS.items()}}
+
+
+def same_folds(groups: dict) -> list:
+    """Variant rows beside their model on the folds both have: an ablation trained on
+    fewer folds than its model's row compares only there (fold difficulty varies by
+    several points)."""
+    tables = []
+    for model in sorted({VARIANTS[m][0] for m, _ in groups if m in VARIANTS}):
+        for setting in ("s1", "s2"):
+            family = {m: {r["fold"]: r for r in rs} for (m, st), rs in groups.items() if st == setting
+                      and (m == model or VARIANTS.get(m, ("",))[0] == model)}
+            if len(family) < 2 or model not in family:
+                continue
+            folds = sorted(set.intersection(*(set(f) for f in family.values())))
+            if not folds:
+                continue
+            rows = []
+            for m in sorted(family, key=lambda m: (m == model, m)):
+                scored = [row for k in folds for row in family[m][k]["rows"]]
+                rows.append({"model": m, **{key: mean_dice(scored, key)["mean"] for key in SCORES},
+                             "paper": PAPER_ABLATION.get(m)})
+            tables.append({"model": model, "setting": setting, "folds": folds, "rows": rows})
+    return tables
 
 
 def _merge_notes(notes) -> list:
@@ -103,9 +126,19 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
         for setting, value in (("S1", s1), ("S2", s2)):
             lines.append(f"| {name} (paper) | {setting} | – | – | – | – | {value:.2f} | – | – | – | 0-4 (20) "
                          "| paper (100k steps typ.) | – | – | reported |")
-    for name, value in PAPER_ABLATION.items():
+    for name, value in PAPER_ABLATION.values():
         lines.append(f"| {name} (paper, Table 2 of seed 000) | S1 | – | – | – | – | {value:.2f} | – | – | – | 0-4 (20) "
                      "| paper | – | – | reported ablation |")
+    for table in summary.get("same_folds", []):
+        lines += ["", f"Variants of `{table['model']}` on the folds they share ({SETTINGS[table['setting']]}, folds "
+                      f"{','.join(map(str, table['folds']))}; mean Dice %):", "",
+                  "| row | what it changes | EP1 mean | EP1 + 3D post | EP2 mean | paper (EP1, 5 folds) |",
+                  "|---|---|---|---|---|---|"]
+        for r in table["rows"]:
+            what = VARIANTS[r["model"]][2] if r["model"] in VARIANTS else "nothing: the model as registered"
+            paper = f"{r['paper'][1]:.2f} ({r['paper'][0]})" if r["paper"] else "–"
+            lines.append(f"| {r['model']} | {what} | {_pct(r['ep1'])} | {_pct(r['ep1_post'])} | {_pct(r['ep2'])} "
+                         f"| {paper} |")
     lines += ["", "## Protocol", "", protocol_doc.strip(), ""]
     return "\n".join(lines)
 

@@ -257,3 +257,22 @@ def test_ablation_variant_trains_with_its_options_and_rescore_needs_no_training(
     stamp = path.stat().st_mtime_ns
     assert run_protocol(tmp_path, "--models", "crtpnet-base", "--settings", "1", "--steps", "1", "--rescore") == 0
     assert "keeps its old scores" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+
+
+def test_variants_compare_with_their_model_on_shared_folds_only():
+    from FewShotSegLib import protocol_report as R
+
+    def fold(model, k, dice):
+        rows = [{"case": f"{k}{c}", "class": c, **{key: {"dice": dice} for key in P.SCORES}} for c in P.CLASSES]
+        return {"model": model, "setting": "s1", "fold": k, "rows": rows, "budget": "cpu", "steps": 3000,
+                "size": 256}
+
+    results = [fold("crtpnet", k, 0.5 + 0.1 * k) for k in range(5)] + [fold("crtpnet-base", 0, 0.9)]
+    summary = R.summarise(results)
+    (table,) = summary["same_folds"]
+    assert table["folds"] == [0] and [r["model"] for r in table["rows"]] == ["crtpnet-base", "crtpnet"]
+    assert table["rows"][1]["ep1"] == pytest.approx(0.5)          # crtpnet on fold 0 only, not 0.7
+    assert table["rows"][1]["paper"] == ("CRTPNet Base + Mask + Transformer", 79.49)
+    md = R.markdown(summary, "t", "doc")
+    assert "Variants of `crtpnet` on the folds they share (S1, folds 0" in md and "| crtpnet-base |" in md
+    assert R.summarise(results[:5])["same_folds"] == []             # no variant, no extra table
