@@ -159,7 +159,9 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
     labels, bars = [], {"S1 EP1": [], "S2 EP1": [], "S1 EP2": [], "S2 EP2": []}
     for model, by_setting in ours.items():
         wrapped = "\n".join(textwrap.wrap(model.replace("-", "- ").replace("+", " +"), 14)).replace("- ", "-").replace(" +", "+")
-        labels.append(f"{wrapped}\n(ours)")
+        folds = sorted({k for e in by_setting.values() for k in e["folds"]})
+        labels.append(f"{wrapped}\n(ours)" if len(folds) >= 5 else
+                      f"{wrapped}\n(ours, fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))})")
         for key in bars:
             setting, ep = key.lower().split()
             e = by_setting.get(setting)
