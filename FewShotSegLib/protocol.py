@@ -88,7 +88,8 @@ def model_of(row: str) -> tuple[str, dict]:
 # Run sizes. full: SSL-ALPNet trains 100k steps per model on a GPU; 15 models (5 folds x
 # setting 1 + two setting-2 groups) x 5000 steps fit about an hour on one GPU (estimate:
 # ~25 ms per step, not yet measured here). cpu: every fold on a 2-core CPU at 3000 steps
-# (18-22 min per model, one thread per process, one process per core). smoke: proves the pipeline on a 2-core CPU in minutes.
+# (18-22 min per model, one thread per process, one process per core). smoke: proves the
+# pipeline on a 2-core CPU in minutes.
 BUDGETS = {
     "full": {"steps": 5000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
     "cpu": {"steps": 3000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
