@@ -66,23 +66,65 @@ PAPER_ABLATION = {"crtpnet-base": ("CRTPNet Base", 78.93),
                   "crtpnet": ("CRTPNet Base + Mask + Transformer", 79.49)}
 # Protocol rows that are a registered model trained with other options: seed 000's
 # ablation rows and the improvements REFERENCE section 2 names. Each trains and scores like
-# any model, under its own name: row -> (model, model options, what it is).
+# any model, under its own name.
+@dataclass(frozen=True)
+class Variant:
+    """A protocol row = a registered model + model options + training-data options."""
+    model: str
+    options: dict
+    what: str
+    training_data: dict = field(default_factory=dict)   # keys of Training/train.py "data"
+
+
 VARIANTS = {
-    "crtpnet-base": ("crtpnet", {"cross_reference_mask": False, "cross_reference_attention": False},
-                     "Table 2 'Base': cross-reference gates without support mask or transformer"),
-    "crtpnet-mask": ("crtpnet", {"cross_reference_attention": False},
-                     "Table 2 'Base + Support Mask': masked support, no transformer"),
-    "alpnet-soft": ("alpnet", {"soft_local": True}, "coverage-weighted local prototypes"),
-    "alpnet-softfg": ("alpnet", {"soft_local": True, "soft_local_background": False},
-                      "coverage-weighted local prototypes for the foreground only"),
-    "alpnet-os4": ("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
+    "crtpnet-base": Variant("crtpnet", {"cross_reference_mask": False, "cross_reference_attention": False},
+                            "Table 2 'Base': cross-reference gates without support mask or transformer"),
+    "crtpnet-mask": Variant("crtpnet", {"cross_reference_attention": False},
+                            "Table 2 'Base + Support Mask': masked support, no transformer"),
+    "crtpnet-sameslice": Variant("crtpnet", {}, "same-slice episodes only (SSL-ALPNet's; ours: 30 % of "
+                                 "queries on the adjacent slice)", {"adjacent_probability": 0.0}),
+    "crtpnet-adjacent70": Variant("crtpnet", {}, "70 % of episode queries on the adjacent slice (ours: 30 %)",
+                                  {"adjacent_probability": 0.7}),
+    "alpnet-soft": Variant("alpnet", {"soft_local": True}, "coverage-weighted local prototypes"),
+    "alpnet-softfg": Variant("alpnet", {"soft_local": True, "soft_local_background": False},
+                             "coverage-weighted local prototypes for the foreground only"),
+    "alpnet-os4": Variant("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
 }
 
 
 def model_of(row: str) -> tuple[str, dict]:
     """A row name -> (registered model, its options): ``alpnet`` -> ('alpnet', {})."""
-    model, options, _ = VARIANTS.get(row, (row, {}, ""))
-    return model, dict(options)
+    variant = VARIANTS.get(row)
+    return (variant.model, dict(variant.options)) if variant else (row, {})
+
+
+def training_data_of(row: str) -> dict:
+    """A row's training-data options over the base config's (``{}`` for a plain model)."""
+    variant = VARIANTS.get(row)
+    return dict(variant.training_data) if variant else {}
+
+
+# Test-time options scored with a row's own trained weights (row ``<model>+<key>``):
+# key -> (model options set at inference, what it is).
+TEST_TIME = {
+    "qp": ({"query_prototypes": True}, "test-time query prototypes (a second pass adds the query's confident pixels)"),
+    "sr": ({"support_refinement_steps": 20}, "test-time prototype refinement: 20 Adam steps fitting the "
+                                             "prototypes to their support slice"),
+}
+
+
+def family_of(row: str) -> str:
+    """The registered model a row varies: ``crtpnet-mask+qp`` -> ``crtpnet``."""
+    name = row.partition("+")[0]
+    return VARIANTS[name].model if name in VARIANTS else name
+
+
+def describe(row: str) -> str:
+    """What a row changes against its registered model, in words."""
+    name, _, test_time = row.partition("+")
+    parts = ([VARIANTS[name].what] if name in VARIANTS else []) + (
+        [TEST_TIME[test_time][1]] if test_time in TEST_TIME else [])
+    return "; ".join(parts) or "nothing: the model as registered"
 
 
 # Run sizes. full: SSL-ALPNet trains 100k steps per model on a GPU; 15 models (5 folds x

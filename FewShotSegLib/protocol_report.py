@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .protocol import CLASSES, PAPER_ABLATION, PAPERS, SCORES, VARIANTS, mean_dice
+from .protocol import CLASSES, PAPER_ABLATION, PAPERS, SCORES, describe, family_of, mean_dice
 
 SHORT = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
 SETTINGS = {"s1": "S1", "s2": "S2"}
@@ -59,10 +59,10 @@ def same_folds(groups: dict) -> list:
     fewer folds than its model's row compares only there (fold difficulty varies by
     several points)."""
     tables = []
-    for model in sorted({VARIANTS[m][0] for m, _ in groups if m in VARIANTS}):
+    for model in sorted({family_of(m) for m, _ in groups if family_of(m) != m}):
         for setting in ("s1", "s2"):
             family = {m: {r["fold"]: r for r in rs} for (m, st), rs in groups.items() if st == setting
-                      and (m == model or VARIANTS.get(m, ("",))[0] == model)}
+                      and family_of(m) == model}
             if len(family) < 2 or model not in family:
                 continue
             folds = sorted(set.intersection(*(set(f) for f in family.values())))
@@ -135,7 +135,7 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
                   "| row | what it changes | EP1 mean | EP1 + 3D post | EP2 mean | paper (EP1, 5 folds) |",
                   "|---|---|---|---|---|---|"]
         for r in table["rows"]:
-            what = VARIANTS[r["model"]][2] if r["model"] in VARIANTS else "nothing: the model as registered"
+            what = describe(r["model"])
             paper = f"{r['paper'][1]:.2f} ({r['paper'][0]})" if r["paper"] else "–"
             lines.append(f"| {r['model']} | {what} | {_pct(r['ep1'])} | {_pct(r['ep1_post'])} | {_pct(r['ep2'])} "
                          f"| {paper} |")

@@ -287,6 +287,37 @@ def test_query_prototypes_skip_a_class_without_confident_pixels():
     assert torch.isfinite(fg2.logw[:, :-1]).all()
 
 
+def test_support_refinement_fits_the_prototypes_to_their_support_under_inference_mode():
+    """Pooled prototypes that mix organ and surroundings misread their own support slice;
+    20 Adam steps (run inside inference_mode, as the evaluation does) fit them to it; the
+    option acts only at inference, for every model."""
+    from FewShotSegLib.models.prototypes import PrototypeSet, refined_on_support, score_map
+    torch.manual_seed(0)
+    feats = torch.randn(1, 8, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1.0
+    feats[:, 0] += 3.0 * mask[:, 0]                                    # the organ's own channel
+    fg = PrototypeSet(feats.mean(dim=(0, 2, 3))[None], torch.zeros(1))  # organ + surroundings mixed
+    bg = PrototypeSet(torch.randn(2, 8), torch.zeros(2))
+
+    def support_error(f, b):
+        return (score_map(feats, f, b, 20.0).argmax(1) != mask[:, 0].long()).float().mean()
+
+    with torch.inference_mode():
+        fg2, bg2 = refined_on_support(feats, mask, fg, bg, 20.0, steps=20)
+    assert support_error(fg2, bg2) < 0.7 * support_error(fg, bg)
+    assert fg2.protos.shape == fg.protos.shape and bg2.logw is bg.logw
+    for name in ("alpnet", "crtpnet", "dfdt"):
+        model = make(name, "effnet-lite0", support_refinement_steps=3)
+        s, q = torch.randn(1, 1, 64, 64), torch.randn(2, 1, 64, 64)
+        m = (torch.rand(1, 64, 64) > 0.5).float()
+        with torch.inference_mode():
+            assert model.eval()(s, m, q).shape == (2, 2, 64, 64)
+        model.train()(s, m, q).sum().backward()                       # training: no refinement
+    with pytest.raises(FewShotSegError, match="support_refinement_steps"):
+        build_model("alpnet", pretrained=False, support_refinement_steps=-1)
+
+
 def test_dfdt_refuses_query_prototypes():
     with pytest.raises(FewShotSegError, match="query_prototypes applies to alpnet and crtpnet"):
         build_model("dfdt", pretrained=False, query_prototypes=True)

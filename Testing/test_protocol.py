@@ -259,6 +259,30 @@ def test_ablation_variant_trains_with_its_options_and_rescore_needs_no_training(
     assert "keeps its old scores" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
 
 
+def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
+    """An episode ablation row (same-slice queries only) trains the registered crtpnet with
+    its training-data option over the base config's, and nothing else changes; test-time
+    options score the same weights again under their own row names."""
+    assert P.training_data_of("crtpnet") == {} and P.model_of("crtpnet-sameslice") == ("crtpnet", {})
+    from benchmarks.fewshot_protocol import DEFAULT_CONFIG
+    base = load_config(DEFAULT_CONFIG, {})
+    assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
+    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice", "--settings", "1", "--steps", "1",
+                        "--query-prototypes", "--support-refinement") == 0
+    config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
+    assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
+    assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
+    fold = json.loads((tmp_path / "results" / "protocol" / "t" / "crtpnet-sameslice" / "fold_0_s1.json").read_text())
+    assert any("same-slice episodes only" in n for n in fold["notes"])
+    folder = tmp_path / "results" / "protocol" / "t"
+    for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps")):
+        scored = json.loads((folder / row / "fold_0_s1.json").read_text())
+        assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
+        assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
+        assert f"| **{row}** (ours) | S1 |" in (tmp_path / "results" / "protocol_t.md").read_text()
+    assert P.family_of("crtpnet-sameslice+sr") == "crtpnet" and P.describe("alpnet") == "nothing: the model as registered"
+
+
 def test_variants_compare_with_their_model_on_shared_folds_only():
     from FewShotSegLib import protocol_report as R
 

@@ -96,7 +96,7 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
     out = fold_model_dir(args, model, fold, group)
     setting = out.name
     chaos = data_dir / "chaos_t2"
-    data = {**base.get("data", {}), "labels": [], "exclude": [],
+    data = {**base.get("data", {}), **P.training_data_of(model), "labels": [], "exclude": [],
             "images": [str(chaos / f"image_{c}.nii.gz") for c in fold.train],
             "preprocess": {**base.get("data", {}).get("preprocess", {}), "size": args.size},
             "cache_dir": str(args.cache_dir),
@@ -129,7 +129,7 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
 def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None,
              variant: str = ""):
     """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made).
-    ``variant`` "qp": the same trained weights, scored with query prototypes."""
+    ``variant``: a key of ``P.TEST_TIME``: the same trained weights, scored with that option."""
     from Training.provenance import hardware
     start = time.perf_counter()
     notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
@@ -148,11 +148,13 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         else:
             jobs = [(train_fold_model(args, base, model, fold, g, data_dir), list(g)) for g in args.groups]
         if model in P.VARIANTS:
-            notes.append(f"{P.VARIANTS[model][0]} variant: {P.VARIANTS[model][2]}")
+            notes.append(f"{P.VARIANTS[model].model} variant: {P.VARIANTS[model].what}")
+        if variant:
+            notes.append(P.TEST_TIME[variant][1])
         for path, classes in jobs:
             ckpt = load_checkpoint(path, device=args.device)
-            if variant == "qp":
-                ckpt.model.config["query_prototypes"] = True
+            if variant:
+                ckpt.model.config.update(P.TEST_TIME[variant][0])
             leaked = trained_on_queries(ckpt.provenance, data_dir, queries)
             if leaked:
                 compliant = False
@@ -288,6 +290,9 @@ def parse(argv):
     parser.add_argument("--query-prototypes", action="store_true",
                         help="also score each model with test-time query prototypes (row <model>+qp; "
                              "same trained weights; alpnet and crtpnet)")
+    parser.add_argument("--support-refinement", action="store_true",
+                        help="also score each model with its prototypes fitted to the support slice at test "
+                             "time (row <model>+sr; same trained weights)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -361,7 +366,7 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
-        variants = ["", "qp"] if args.query_prototypes else [""]
+        variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement
         for model in models:
             for fold, queries in plan:
                 for variant in variants if model != "registration" else [""]:

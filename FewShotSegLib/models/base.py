@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import FewShotSegError
 from .backbones import build_backbone
-from .prototypes import alp_prototypes, mask_to_features, score_map, with_query_prototypes
+from .prototypes import alp_prototypes, mask_to_features, refined_on_support, score_map, with_query_prototypes
 
 COMMON_DEFAULTS = {
     "backbone": "effnet-lite0",
@@ -30,6 +30,7 @@ COMMON_DEFAULTS = {
     "soft_local": False,         # coverage-weighted local prototypes instead of the threshold
     "soft_local_background": True,  # ... for the background too (False: foreground only)
     "query_prototypes": False,   # inference: a second pass adds each query's own prototypes
+    "support_refinement_steps": 0,  # inference: Adam steps fitting the prototypes to their support
     "freeze_bn": None,           # backbone BN in eval mode while training; None: iff pretrained
 }
 
@@ -50,7 +51,7 @@ class FewShotModel(nn.Module):
     name = "base"
     supports_query_prototypes = True   # its segment() scores through self.score()
     extra_defaults: dict = {}
-    zero_ok = frozenset({"feature_dim"})  # integer options that may be 0
+    zero_ok = frozenset({"feature_dim", "support_refinement_steps"})  # integer options that may be 0
 
     def __init__(self, **config):
         super().__init__()
@@ -88,7 +89,7 @@ class FewShotModel(nn.Module):
             c["freeze_bn"] = bool(c["pretrained"] and (c["backbone"] == "effnet-lite0"
                                                        or c["backbone_weights"]))
         c["freeze_bn"] = bool(c["freeze_bn"])
-        ints = ["output_stride", "feature_dim", "local_window_train", "local_window_test"]
+        ints = ["output_stride", "feature_dim", "local_window_train", "local_window_test", "support_refinement_steps"]
         ints += [k for k, v in self.extra_defaults.items() if type(v) is int]
         for key in ints:
             ok = isinstance(c[key], (int, float)) and not isinstance(c[key], bool) \
@@ -158,9 +159,14 @@ class FewShotModel(nn.Module):
         return mask_to_features(support_masks.to(feats.dtype), feats.shape[-2:])
 
     def prototypes(self, support_feats, mask_small):
+        """ALP prototypes; with ``support_refinement_steps`` (not while training) fitted to
+        their own support slice first."""
         c = self.config
-        return alp_prototypes(support_feats, mask_small, self.local_window, c["fg_threshold"],
-                              c["soft_local"], c["soft_local_background"])
+        fg, bg = alp_prototypes(support_feats, mask_small, self.local_window, c["fg_threshold"],
+                                c["soft_local"], c["soft_local_background"])
+        if c["support_refinement_steps"] and not self.training:
+            fg, bg = refined_on_support(support_feats, mask_small, fg, bg, c["scale"], c["support_refinement_steps"])
+        return fg, bg
 
     def score(self, query_feats, fg, bg):
         """Logits at feature size; with ``query_prototypes`` (not while training) a second

@@ -132,7 +132,7 @@ class PDETRound(nn.Module):
 class DFDT(FewShotModel):
     extra_defaults = {"dvff_dim": 64, "dvff_heads": 4, "window_size": 8,
                       "pdet_rounds": 3, "pdet_dim": 64, "pdet_heads": 4}
-    zero_ok = frozenset({"feature_dim", "pdet_rounds"})  # 0 rounds: the ablation without PDET
+    zero_ok = FewShotModel.zero_ok | {"pdet_rounds"}  # 0 rounds: the ablation without PDET
 
     def __init__(self, **config):
         super().__init__(**config)

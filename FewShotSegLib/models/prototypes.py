@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 SOFT_MIN_COVERAGE = 0.05  # soft local prototypes: windows with less foreground are ignored
 QUERY_CONFIDENCE = 0.7    # query prototypes: pixels the first pass gives at least this probability
+REFINE_LR = 0.01          # support refinement: Adam step on unit-length prototypes
 
 
 @dataclass
@@ -154,3 +155,29 @@ def with_query_prototypes(query: torch.Tensor, logits: torch.Tensor, fg: Prototy
         extra = torch.where(count > 0, torch.zeros_like(count), torch.full_like(count, float("-inf")))
         out.append(PrototypeSet(torch.cat([protos, proto[:, None]], dim=1), torch.cat([logw, extra], dim=1)))
     return out[0], out[1]
+
+
+def refined_on_support(feats: torch.Tensor, mask: torch.Tensor, fg: PrototypeSet, bg: PrototypeSet,
+                       scale: float, steps: int, lr: float = REFINE_LR) -> tuple[PrototypeSet, PrototypeSet]:
+    """Test-time prototype refinement: a few Adam steps move the prototypes so that they
+    segment their own support slice (soft cross-entropy against the mask coverage).
+
+    Pooled prototypes score the support they came from imperfectly (window averages mix
+    organ and surroundings); fitting them to the support, with the encoder fixed, is the
+    cheapest adaptation to one new organ. Prototypes start at unit length (cosine ignores
+    the norm), so ``lr`` is a step relative to a prototype."""
+    with torch.inference_mode(False), torch.enable_grad():
+        f = feats.detach().float().clone()
+        target = mask.detach().float().clone()[:, 0]                                # [S,h,w]
+        params = [safe_normalize(s.protos.detach().float().clone(), -1).requires_grad_(True) for s in (fg, bg)]
+        logw = [s.logw.detach().float().clone() for s in (fg, bg)]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        for _ in range(steps):
+            logits = score_map(f, PrototypeSet(params[0], logw[0]), PrototypeSet(params[1], logw[1]), scale)
+            logp = torch.log_softmax(logits, dim=1)
+            loss = -(target * logp[:, 1] + (1 - target) * logp[:, 0]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    dtype = fg.protos.dtype
+    return (PrototypeSet(params[0].detach().to(dtype), fg.logw), PrototypeSet(params[1].detach().to(dtype), bg.logw))
