@@ -57,23 +57,26 @@ def summarise(fold_results: list[dict]) -> dict:
 def same_folds(groups: dict) -> list:
     """Variant rows beside their model on the folds both have: an ablation trained on
     fewer folds than its model's row compares only there (fold difficulty varies by
-    several points)."""
+    several points). Variants that share the same folds with the model make one table."""
     tables = []
     for model in sorted({family_of(m) for m, _ in groups if family_of(m) != m}):
         for setting in ("s1", "s2"):
             family = {m: {r["fold"]: r for r in rs} for (m, st), rs in groups.items() if st == setting
                       and family_of(m) == model}
-            if len(family) < 2 or model not in family:
+            if model not in family:
                 continue
-            folds = sorted(set.intersection(*(set(f) for f in family.values())))
-            if not folds:
-                continue
-            rows = []
-            for m in sorted(family, key=lambda m: (m == model, m)):
-                scored = [row for k in folds for row in family[m][k]["rows"]]
-                rows.append({"model": m, **{key: mean_dice(scored, key)["mean"] for key in SCORES},
-                             "paper": PAPER_ABLATION.get(m)})
-            tables.append({"model": model, "setting": setting, "folds": folds, "rows": rows})
+            by_folds = {}
+            for m in sorted(family):
+                folds = tuple(sorted(set(family[m]) & set(family[model])))
+                if m != model and folds:
+                    by_folds.setdefault(folds, []).append(m)
+            for folds, variants in sorted(by_folds.items(), key=lambda kv: (-len(kv[0]), kv[0])):
+                rows = []
+                for m in variants + [model]:
+                    scored = [row for k in folds for row in family[m][k]["rows"]]
+                    rows.append({"model": m, **{key: mean_dice(scored, key)["mean"] for key in SCORES},
+                                 "paper": PAPER_ABLATION.get(m)})
+                tables.append({"model": model, "setting": setting, "folds": list(folds), "rows": rows})
     return tables
 
 
@@ -132,13 +135,13 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
     for table in summary.get("same_folds", []):
         lines += ["", f"Variants of `{table['model']}` on the folds they share ({SETTINGS[table['setting']]}, folds "
                       f"{','.join(map(str, table['folds']))}; mean Dice %):", "",
-                  "| row | what it changes | EP1 mean | EP1 + 3D post | EP2 mean | paper (EP1, 5 folds) |",
-                  "|---|---|---|---|---|---|"]
+                  "| row | what it changes | EP1 mean | EP1 + 3D post | EP2 mean | EP2 + 3D post "
+                  "| paper (EP1, 5 folds) |", "|---|---|---|---|---|---|---|"]
         for r in table["rows"]:
             what = describe(r["model"])
             paper = f"{r['paper'][1]:.2f} ({r['paper'][0]})" if r["paper"] else "–"
             lines.append(f"| {r['model']} | {what} | {_pct(r['ep1'])} | {_pct(r['ep1_post'])} | {_pct(r['ep2'])} "
-                         f"| {paper} |")
+                         f"| {_pct(r['ep2_post'])} | {paper} |")
     lines += ["", "## Protocol", "", protocol_doc.strip(), ""]
     return "\n".join(lines)
 

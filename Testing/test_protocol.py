@@ -300,3 +300,7 @@ def test_variants_compare_with_their_model_on_shared_folds_only():
     md = R.markdown(summary, "t", "doc")
     assert "Variants of `crtpnet` on the folds they share (S1, folds 0" in md and "| crtpnet-base |" in md
     assert R.summarise(results[:5])["same_folds"] == []             # no variant, no extra table
+    results += [fold("crtpnet+sr", k, 0.2) for k in range(5)]      # all folds: a table of its own, first
+    full, first = R.summarise(results)["same_folds"]
+    assert full["folds"] == [0, 1, 2, 3, 4] and [r["model"] for r in full["rows"]] == ["crtpnet+sr", "crtpnet"]
+    assert full["rows"][1]["ep1"] == pytest.approx(0.7) and first == table
