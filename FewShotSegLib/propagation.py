@@ -69,6 +69,8 @@ class PropagationOptions:
     min_intensity_agreement: float = 0.5
     # a second pass per slice that adds the slice's own confident prototypes (alpnet, crtpnet)
     query_prototypes: bool = False
+    # Adam steps fitting the prototypes to their support before each query is scored (0 = off)
+    support_refinement_steps: int = 0
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -86,6 +88,8 @@ class PropagationOptions:
             raise FewShotSegError("registration_shrink and registration_iterations must be at least 1")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
+        if int(self.support_refinement_steps) != self.support_refinement_steps or self.support_refinement_steps < 0:
+            raise FewShotSegError("support_refinement_steps must be a whole number >= 0")
 
 
 @dataclass
@@ -291,9 +295,11 @@ class Propagator:
         self._check_cancel()
         self.batch = self._batch_size(device)
         cache = _FeatureCache(model, _ModelSlices(prepared), device, self.batch, self._timed)
-        saved = model.config.get("query_prototypes")   # this run's choice, not the loaded model's
-        if saved is not None:
-            model.config["query_prototypes"] = bool(opts.query_prototypes)
+        # this run's inference choices, not the loaded model's (restored afterwards)
+        chosen = {"query_prototypes": bool(opts.query_prototypes),
+                  "support_refinement_steps": int(opts.support_refinement_steps)}
+        saved = {k: model.config[k] for k in chosen if k in model.config}
+        model.config.update({k: chosen[k] for k in saved})
         try:
             with torch.inference_mode():
                 if opts.mode == "direct":
@@ -301,8 +307,7 @@ class Propagator:
                 else:
                     done, stops = self._chained(model, cache, painted_masks, probs, prepared)
         finally:
-            if saved is not None:
-                model.config["query_prototypes"] = saved
+            model.config.update(saved)
         self.touched = sorted(i for i, p in probs.items() if bool(p.any()))
         stack = torch.stack([probs[i] for i in self.touched]) if self.touched else torch.zeros((0, size, size))
         return prepared.slices_to_volume(self.touched, stack), done, stops

@@ -245,8 +245,9 @@ def test_metrics_known_values():
     assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
 
 
-def test_query_prototypes_option_does_not_stick_to_the_loaded_model():
-    """The option is the run's choice: the (cached) model comes back as it was loaded."""
+def test_test_time_options_do_not_stick_to_the_loaded_model():
+    """Query prototypes and support refinement are the run's choice: the (cached) model
+    comes back as it was loaded, and a bad step count is refused before any work."""
     import SimpleITK as sitk
     from FewShotSegLib.models import build_model
     from FewShotSegLib.preprocessing import PreprocessConfig
@@ -258,6 +259,11 @@ def test_query_prototypes_option_does_not_stick_to_the_loaded_model():
     volume = np.random.default_rng(0).normal(size=(6, 48, 48)).astype(np.float32)
     support = np.zeros(volume.shape, bool)
     support[3, 15:30, 15:30] = True
-    propagate(sitk.GetImageFromArray(volume), support, Loaded,
-              PropagationOptions(query_prototypes=True, registration_weight=0))
+    image = sitk.GetImageFromArray(volume)
+    result = propagate(image, support, Loaded, PropagationOptions(query_prototypes=True, registration_weight=0,
+                                                                  support_refinement_steps=5))
+    assert result.mask[3].any()
     assert Loaded.model.config["query_prototypes"] is False
+    assert Loaded.model.config["support_refinement_steps"] == 0
+    with pytest.raises(FewShotSegError, match="support_refinement_steps"):
+        propagate(image, support, Loaded, PropagationOptions(support_refinement_steps=-2))
