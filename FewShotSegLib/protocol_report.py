@@ -75,7 +75,7 @@ def same_folds(groups: dict) -> list:
                 for m in variants + [model]:
                     scored = [row for k in folds for row in family[m][k]["rows"]]
                     rows.append({"model": m, **{key: mean_dice(scored, key)["mean"] for key in SCORES},
-                                 "paper": PAPER_ABLATION.get(m)})
+                                 "paper": PAPER_ABLATION.get(m) if setting == "s1" else None})  # S1 only
                 tables.append({"model": model, "setting": setting, "folds": list(folds), "rows": rows})
     return tables
 

@@ -304,3 +304,6 @@ def test_variants_compare_with_their_model_on_shared_folds_only():
     full, first = R.summarise(results)["same_folds"]
     assert full["folds"] == [0, 1, 2, 3, 4] and [r["model"] for r in full["rows"]] == ["crtpnet+sr", "crtpnet"]
     assert full["rows"][1]["ep1"] == pytest.approx(0.7) and first == table
+    s2 = [{**fold("crtpnet", 0, 0.4), "setting": "s2"}, {**fold("crtpnet+sr", 0, 0.3), "setting": "s2"}]
+    (s2_table,) = [t for t in R.summarise(results + s2)["same_folds"] if t["setting"] == "s2"]
+    assert [r["paper"] for r in s2_table["rows"]] == [None, None]   # Table 2 of seed 000 is setting 1
