@@ -89,7 +89,8 @@ class FewShotModel(nn.Module):
             c["freeze_bn"] = bool(c["pretrained"] and (c["backbone"] == "effnet-lite0"
                                                        or c["backbone_weights"]))
         c["freeze_bn"] = bool(c["freeze_bn"])
-        ints = ["output_stride", "feature_dim", "local_window_train", "local_window_test", "support_refinement_steps"]
+        ints = ["output_stride", "feature_dim", "local_window_train", "local_window_test",
+                "support_refinement_steps"]
         ints += [k for k, v in self.extra_defaults.items() if type(v) is int]
         for key in ints:
             ok = isinstance(c[key], (int, float)) and not isinstance(c[key], bool) \
@@ -165,7 +166,8 @@ class FewShotModel(nn.Module):
         fg, bg = alp_prototypes(support_feats, mask_small, self.local_window, c["fg_threshold"],
                                 c["soft_local"], c["soft_local_background"])
         if c["support_refinement_steps"] and not self.training:
-            fg, bg = refined_on_support(support_feats, mask_small, fg, bg, c["scale"], c["support_refinement_steps"])
+            fg, bg = refined_on_support(support_feats, mask_small, fg, bg, c["scale"],
+                                        c["support_refinement_steps"])
         return fg, bg
 
     def score(self, query_feats, fg, bg):
