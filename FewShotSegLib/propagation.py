@@ -15,6 +15,7 @@ falls below a fraction of the painted area), then the 3D result is cleaned
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -84,12 +85,18 @@ class PropagationOptions:
             raise FewShotSegError("registration_weight must lie in [0, 1]")
         if not 0.0 <= self.min_intensity_agreement < 1.0:
             raise FewShotSegError("min_intensity_agreement must lie in [0, 1)")
-        if int(self.registration_shrink) < 1 or int(self.registration_iterations) < 1:
-            raise FewShotSegError("registration_shrink and registration_iterations must be at least 1")
+        if not (_whole(self.registration_shrink, 1) and _whole(self.registration_iterations, 1)):
+            raise FewShotSegError("registration_shrink and registration_iterations must be whole numbers >= 1")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
-        if int(self.support_refinement_steps) != self.support_refinement_steps or self.support_refinement_steps < 0:
+        if not _whole(self.support_refinement_steps, 0):
             raise FewShotSegError("support_refinement_steps must be a whole number >= 0")
+
+
+def _whole(value, least: int) -> bool:
+    """A whole number (2 or 2.0, not True or None) of at least ``least``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value == int(value) and value >= least)
 
 
 @dataclass

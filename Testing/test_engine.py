@@ -265,5 +265,8 @@ def test_test_time_options_do_not_stick_to_the_loaded_model():
     assert result.mask[3].any()
     assert Loaded.model.config["query_prototypes"] is False
     assert Loaded.model.config["support_refinement_steps"] == 0
-    with pytest.raises(FewShotSegError, match="support_refinement_steps"):
-        propagate(image, support, Loaded, PropagationOptions(support_refinement_steps=-2))
+    for bad in (-2, 2.5, None, float("inf"), True):
+        with pytest.raises(FewShotSegError, match="support_refinement_steps"):
+            propagate(image, support, Loaded, PropagationOptions(support_refinement_steps=bad))
+    with pytest.raises(FewShotSegError, match="registration_shrink"):
+        PropagationOptions(registration_shrink=None).validate()
