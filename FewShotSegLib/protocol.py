@@ -69,11 +69,13 @@ PAPER_ABLATION = {"crtpnet-base": ("CRTPNet Base", 78.93),
 # any model, under its own name.
 @dataclass(frozen=True)
 class Variant:
-    """A protocol row = a registered model + model options + training-data options."""
+    """A protocol row = a registered model + model options + training-data options
+    (+ a multiple of the budget's training steps)."""
     model: str
     options: dict
     what: str
     training_data: dict = field(default_factory=dict)   # keys of Training/train.py "data"
+    steps_scale: int = 1
 
 
 VARIANTS = {
@@ -89,6 +91,8 @@ VARIANTS = {
     "alpnet-softfg": Variant("alpnet", {"soft_local": True, "soft_local_background": False},
                              "coverage-weighted local prototypes for the foreground only"),
     "alpnet-os4": Variant("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
+    "crtpnet-4x": Variant("crtpnet", {}, "4x the budget's training steps (does the budget limit it?)",
+                          steps_scale=4),
 }
 
 
@@ -98,18 +102,35 @@ def model_of(row: str) -> tuple[str, dict]:
     return (variant.model, dict(variant.options)) if variant else (row, {})
 
 
+def steps_of(row: str, budget_steps: int) -> int:
+    """Training steps of a row: the budget's, times its variant's ``steps_scale``."""
+    variant = VARIANTS.get(row)
+    return budget_steps * (variant.steps_scale if variant else 1)
+
+
 def training_data_of(row: str) -> dict:
     """A row's training-data options over the base config's (``{}`` for a plain model)."""
     variant = VARIANTS.get(row)
     return dict(variant.training_data) if variant else {}
 
 
-# Test-time options scored with a row's own trained weights (row ``<model>+<key>``):
-# key -> (model options set at inference, what it is).
+# Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
+@dataclass(frozen=True)
+class TestTime:
+    """What a ``+key`` row changes at inference: model options, and/or EP1's binarisation."""
+    model_options: dict
+    what: str
+    area_threshold: bool = False    # EP1: per-third threshold matching the support's organ area
+
+
 TEST_TIME = {
-    "qp": ({"query_prototypes": True}, "test-time query prototypes (a second pass adds the query's confident pixels)"),
-    "sr": ({"support_refinement_steps": 20}, "test-time prototype refinement: 20 Adam steps fitting the "
-                                             "prototypes to their support slice"),
+    "qp": TestTime({"query_prototypes": True},
+                   "test-time query prototypes (a second pass adds the query's confident pixels)"),
+    "sr": TestTime({"support_refinement_steps": 20},
+                   "test-time prototype refinement: 20 Adam steps fitting the prototypes to their support slice"),
+    "at": TestTime({}, "query-adaptive threshold (EP1): per third, the threshold in 0.4..0.7 whose mean "
+                       "organ area per query slice is nearest the support slice's (EP2 keeps 0.5)",
+                   area_threshold=True),
 }
 
 
@@ -123,7 +144,7 @@ def describe(row: str) -> str:
     """What a row changes against its registered model, in words."""
     name, _, test_time = row.partition("+")
     parts = ([VARIANTS[name].what] if name in VARIANTS else []) + (
-        [TEST_TIME[test_time][1]] if test_time in TEST_TIME else [])
+        [TEST_TIME[test_time].what] if test_time in TEST_TIME else [])
     return "; ".join(parts) or "nothing: the model as registered"
 
 
@@ -285,6 +306,29 @@ def largest_component(mask: np.ndarray, axis_index: int = 0) -> np.ndarray:
     return fill_holes_per_slice(labels == (int(np.argmax(sizes)) + 1), axis_index)
 
 
+AREA_THRESHOLDS = np.round(np.arange(0.4, 0.7001, 0.05), 2)   # the query-adaptive threshold's choices
+
+
+def pixel_area(image: sitk.Image, axis_index: int) -> float:
+    """mm^2 of one pixel of a slice across array axis ``axis_index`` (arrays are k, j, i)."""
+    spacing = image.GetSpacing()[::-1]
+    return float(np.prod([spacing[a] for a in range(3) if a != axis_index]))
+
+
+def area_matched_threshold(probs: np.ndarray, pixel_mm2: float, target_mm2: float,
+                           candidates=AREA_THRESHOLDS) -> float:
+    """The candidate threshold whose mean organ area per slice of ``probs`` ([slices,...],
+    query grid) is nearest ``target_mm2``, the support slice's organ area.
+
+    Why: across subjects the network over-segments (precision below recall at 0.5); the
+    support slice tells how large the organ is at this level of the body, so its area is
+    a label-free prior for each query third. The range stays near 0.5 so that a body
+    of another size cannot push the threshold far."""
+    flat = np.asarray(probs, np.float32).reshape(len(probs), -1)
+    areas = np.array([np.count_nonzero(flat >= t) / len(flat) * pixel_mm2 for t in candidates])
+    return float(candidates[int(np.argmin(np.abs(areas - target_mm2)))])
+
+
 # ----------------------------------------------------------------------------- predictors
 class ModelPredictor:
     """A FewShotModel: each slice encoded once, then support vs. queries by ``segment``."""
@@ -369,10 +413,11 @@ class FoldEvaluation:
 
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
-             axis: str = "axial", progress=None) -> FoldEvaluation:
+             axis: str = "axial", progress=None, area_threshold: bool = False) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
-    Each query slice is encoded once and serves every class and both evaluations."""
+    Each query slice is encoded once and serves every class and both evaluations.
+    ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5)."""
     start = time.perf_counter()
     say = progress or (lambda message: None)
     s_image, s_label = load_chaos_case(data_dir, support_case)
@@ -398,12 +443,25 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                    "support_slices_ep1": ep1_slices, "support_slice_ep2": ep2_slice,
                    "query_range": [min(assignment), max(assignment)] if assignment else None}
             probs = torch.zeros((n, s_prep.size, s_prep.size))
+            thresholds = []
             for part in range(PARTS):
                 zs = [z for z, p in assignment.items() if p == part]
                 if zs:
                     i = pos[ep1_slices[part]]
                     probs[zs] = predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
-            ep1_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
+                    thresholds.append((part, zs, THRESHOLD))
+            volume = q_prep.probs_to_volume(probs)
+            if area_threshold:
+                thresholds = [(part, zs, area_matched_threshold(
+                    np.moveaxis(np.take(volume, zs, axis=q_axis), q_axis, 0), pixel_area(q_image, q_axis),
+                    np.count_nonzero(np.take(s_label == c, ep1_slices[part], axis=s_axis))
+                    * pixel_area(s_image, s_axis))) for part, zs, _ in thresholds]
+                row["ep1_thresholds"] = [t for _, _, t in thresholds]
+            ep1_pred = np.zeros(volume.shape, bool)
+            for _, zs, t in thresholds:
+                index = [slice(None)] * 3
+                index[q_axis] = zs
+                ep1_pred[tuple(index)] = volume[tuple(index)] >= t
             row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
             row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
                                if assignment else None)

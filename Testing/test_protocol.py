@@ -267,20 +267,47 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     from benchmarks.fewshot_protocol import DEFAULT_CONFIG
     base = load_config(DEFAULT_CONFIG, {})
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
-    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice", "--settings", "1", "--steps", "1",
-                        "--query-prototypes", "--support-refinement") == 0
+    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x", "--settings", "1", "--steps", "1",
+                        "--query-prototypes", "--support-refinement", "--area-threshold") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
     fold = json.loads((tmp_path / "results" / "protocol" / "t" / "crtpnet-sameslice" / "fold_0_s1.json").read_text())
     assert any("same-slice episodes only" in n for n in fold["notes"])
     folder = tmp_path / "results" / "protocol" / "t"
-    for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps")):
+    for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps"),
+                      ("crtpnet-sameslice+at", "query-adaptive threshold")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
         assert f"| **{row}** (ours) | S1 |" in (tmp_path / "results" / "protocol_t.md").read_text()
     assert P.family_of("crtpnet-sameslice+sr") == "crtpnet" and P.describe("alpnet") == "nothing: the model as registered"
+    # The adaptive threshold changes EP1's binarisation only: one threshold per third, in range; EP2 as before.
+    adaptive = json.loads((folder / "crtpnet-sameslice+at" / "fold_0_s1.json").read_text())
+    assert [r["ep2"] for r in adaptive["rows"]] == [r["ep2"] for r in fold["rows"]]
+    assert all(len(r["ep1_thresholds"]) == 3 and set(r["ep1_thresholds"]) <= set(P.AREA_THRESHOLDS)
+               for r in adaptive["rows"])
+    # A longer-training row trains its model steps_scale times the budget's steps, in the same table.
+    longer = json.loads((tmp_path / "work" / "crtpnet-4x" / "fold_0" / "s1" / "config.json").read_text())
+    assert longer["steps"] == 4 and P.steps_of("crtpnet", 1) == 1
+    assert json.loads((folder / "crtpnet-4x" / "fold_0_s1.json").read_text())["steps"] == 4
+
+
+def test_area_matched_threshold_follows_the_support_area():
+    """The query-adaptive threshold picks the candidate whose mean organ area per slice is
+    nearest the support slice's, in mm^2 of each scan's own pixels, within 0.4..0.7."""
+    import SimpleITK as sitk
+    yy, xx = np.mgrid[:40, :40]
+    radius = np.hypot(yy - 20, xx - 20)
+    probs = np.stack([np.clip(1 - radius / 20, 0, 1)] * 3)      # 0.6 at radius 8, 0.4 at radius 12
+    pixel = 0.5
+    area_at = {t: np.count_nonzero(probs[0] >= t) * pixel for t in P.AREA_THRESHOLDS}
+    assert P.area_matched_threshold(probs, pixel, area_at[0.6]) == 0.6
+    assert P.area_matched_threshold(probs, pixel, area_at[0.45] + 1) == 0.45
+    assert P.area_matched_threshold(probs, pixel, 1e6) == 0.4 and P.area_matched_threshold(probs, pixel, 0) == 0.7
+    image = sitk.Image(4, 5, 6, sitk.sitkUInt8)
+    image.SetSpacing((0.5, 0.7, 3.0))
+    assert P.pixel_area(image, 0) == pytest.approx(0.35) and P.pixel_area(image, 2) == pytest.approx(2.1)
 
 
 def test_variants_compare_with_their_model_on_shared_folds_only():

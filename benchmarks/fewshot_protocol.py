@@ -103,7 +103,8 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
             "exclude_labels": None if group is None else {
                 "labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train], "values": list(group)}}
     arch, options = P.model_of(model)
-    config = {**base, "name": "model", "model": arch, "steps": args.steps, "device": args.device,
+    steps = P.steps_of(model, args.steps)
+    config = {**base, "name": "model", "model": arch, "steps": steps, "device": args.device,
               "model_config": {**base.get("model_config", {}), **options}, "out": str(out), "data": data,
               "card": {"description": f"few-shot protocol, fold {fold.index}, {setting}: self-supervised on "
                                       f"the {len(fold.train)} scans outside the fold"}}
@@ -116,11 +117,11 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
     release = out / "model.pt"
     if release.is_file():
         prov = load_checkpoint(release).provenance
-        if prov.get("final") and prov.get("steps") == args.steps:
+        if prov.get("final") and prov.get("steps") == steps:
             log(f"  fold {fold.index} {setting}: trained model found ({release})")
             return release
     resume = (out / "train_state.pt").is_file()
-    log(f"  fold {fold.index} {setting}: {'resuming' if resume else 'training'} {model}, {args.steps} steps, "
+    log(f"  fold {fold.index} {setting}: {'resuming' if resume else 'training'} {model}, {steps} steps, "
         f"{len(fold.train)} scans" + ("" if group is None else f", slices with {R.class_names(group)} removed"))
     return train(load_config(out / "config.json", {}), resume=resume)
 
@@ -150,11 +151,11 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         if model in P.VARIANTS:
             notes.append(f"{P.VARIANTS[model].model} variant: {P.VARIANTS[model].what}")
         if variant:
-            notes.append(P.TEST_TIME[variant][1])
+            notes.append(P.TEST_TIME[variant].what)
         for path, classes in jobs:
             ckpt = load_checkpoint(path, device=args.device)
             if variant:
-                ckpt.model.config.update(P.TEST_TIME[variant][0])
+                ckpt.model.config.update(P.TEST_TIME[variant].model_options)
             leaked = trained_on_queries(ckpt.provenance, data_dir, queries)
             if leaked:
                 compliant = False
@@ -165,7 +166,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                                 "hardware": ckpt.provenance.get("hardware"),
                                 "code_version": ckpt.provenance.get("code_version")})
             predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
-            evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log))
+            evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
+                                          area_threshold=bool(variant) and P.TEST_TIME[variant].area_threshold))
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
@@ -192,8 +194,9 @@ def _row_name(model: str, variant: str) -> str:
 
 def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
     """What a finished fold file must match to be reused (else: another --run-name)."""
+    steps = None if model == "registration" or checkpoint else P.steps_of(model.partition("+")[0], args.steps)
     return {"model": model, "setting": setting, "fold": fold.index, "queries": queries, "support": fold.support,
-            "steps": None if model == "registration" or checkpoint else args.steps, "size": args.size,
+            "steps": steps, "size": args.size,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
 
@@ -293,6 +296,9 @@ def parse(argv):
     parser.add_argument("--support-refinement", action="store_true",
                         help="also score each model with its prototypes fitted to the support slice at test "
                              "time (row <model>+sr; same trained weights)")
+    parser.add_argument("--area-threshold", action="store_true",
+                        help="also score each model with EP1's query-adaptive threshold matched to the support "
+                             "slice's organ area (row <model>+at; same trained weights)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -366,7 +372,8 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
-        variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement
+        variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement \
+            + ["at"] * args.area_threshold
         for model in models:
             for fold, queries in plan:
                 for variant in variants if model != "registration" else [""]:
