@@ -70,12 +70,13 @@ PAPER_ABLATION = {"crtpnet-base": ("CRTPNet Base", 78.93),
 @dataclass(frozen=True)
 class Variant:
     """A protocol row = a registered model + model options + training-data options
-    (+ a multiple of the budget's training steps)."""
+    + training options (+ a multiple of the budget's training steps)."""
     model: str
     options: dict
     what: str
     training_data: dict = field(default_factory=dict)   # keys of Training/train.py "data"
     steps_scale: int = 1
+    training: dict = field(default_factory=dict)        # other top-level Training/train.py keys
 
 
 VARIANTS = {
@@ -93,6 +94,8 @@ VARIANTS = {
     "alpnet-os4": Variant("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
     "crtpnet-4x": Variant("crtpnet", {}, "4x the budget's training steps (does the budget limit it?)",
                           steps_scale=4),
+    "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
+                            "0.05 : 1 pushes towards over-segmentation)", training={"class_weights": [0.2, 1.0]}),
 }
 
 
@@ -106,6 +109,12 @@ def steps_of(row: str, budget_steps: int) -> int:
     """Training steps of a row: the budget's, times its variant's ``steps_scale``."""
     variant = VARIANTS.get(row)
     return budget_steps * (variant.steps_scale if variant else 1)
+
+
+def training_of(row: str) -> dict:
+    """A row's top-level training options over the base config's (``{}`` for a plain model)."""
+    variant = VARIANTS.get(row)
+    return dict(variant.training) if variant else {}
 
 
 def training_data_of(row: str) -> dict:
@@ -379,6 +388,23 @@ class RegistrationPredictor:
         return torch.stack(out)
 
 
+class EnsemblePredictor:
+    """Several predictors on the same grid, their foreground probabilities averaged; the
+    features of one slice are stacked along dim 1, one per member."""
+
+    def __init__(self, members: list, name: str = "ensemble"):
+        if len({m.preprocess.size for m in members}) != 1:
+            raise FewShotSegError("ensemble members must share one model grid size")
+        self.members, self.name, self.preprocess = members, name, members[0].preprocess
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.prepare(images) for m in self.members], 1)
+
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        return sum(m.predict(support[k], support_mask, queries[:, k])
+                   for k, m in enumerate(self.members)) / len(self.members)
+
+
 # ----------------------------------------------------------------------------- one fold
 def _upright(slice2d: np.ndarray, image) -> np.ndarray:
     """An axial slice as radiologists view it (anterior up, patient's right on the left),
@@ -413,11 +439,13 @@ class FoldEvaluation:
 
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
-             axis: str = "axial", progress=None, area_threshold: bool = False) -> FoldEvaluation:
+             axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
-    ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5)."""
+    ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5).
+    ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
+    studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
     say = progress or (lambda message: None)
     s_image, s_label = load_chaos_case(data_dir, support_case)
@@ -451,6 +479,10 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                     probs[zs] = predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
                     thresholds.append((part, zs, THRESHOLD))
             volume = q_prep.probs_to_volume(probs)
+            if on_ep1 is not None and assignment:
+                on_ep1({"row": row, "volume": volume, "truth": truth, "parts": [(p, zs) for p, zs, _ in thresholds],
+                        "q_image": q_image, "q_axis": q_axis, "s_image": s_image, "s_label": s_label,
+                        "s_axis": s_axis, "class": c, "ep1_slices": ep1_slices})
             if area_threshold:
                 thresholds = [(part, zs, area_matched_threshold(
                     np.moveaxis(np.take(volume, zs, axis=q_axis), q_axis, 0), pixel_area(q_image, q_axis),

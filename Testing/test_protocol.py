@@ -267,7 +267,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     from benchmarks.fewshot_protocol import DEFAULT_CONFIG
     base = load_config(DEFAULT_CONFIG, {})
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
-    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x", "--settings", "1", "--steps", "1",
+    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1", "--steps", "1",
                         "--query-prototypes", "--support-refinement", "--area-threshold") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
@@ -291,6 +291,11 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     longer = json.loads((tmp_path / "work" / "crtpnet-4x" / "fold_0" / "s1" / "config.json").read_text())
     assert longer["steps"] == 4 and P.steps_of("crtpnet", 1) == 1
     assert json.loads((folder / "crtpnet-4x" / "fold_0_s1.json").read_text())["steps"] == 4
+    # A training-option row overrides the base config's top-level key and nothing else.
+    weighted = json.loads((tmp_path / "work" / "crtpnet-bg02" / "fold_0" / "s1" / "config.json").read_text())
+    assert weighted["class_weights"] == [0.2, 1.0] and "class_weights" not in config
+    assert {k: v for k, v in weighted.items() if k not in ("class_weights", "out", "card")} == \
+        {k: v for k, v in config.items() if k not in ("out", "card")} | {"data": weighted["data"]}
 
 
 def test_area_matched_threshold_follows_the_support_area():
@@ -334,3 +339,25 @@ def test_variants_compare_with_their_model_on_shared_folds_only():
     s2 = [{**fold("crtpnet", 0, 0.4), "setting": "s2"}, {**fold("crtpnet+sr", 0, 0.3), "setting": "s2"}]
     (s2_table,) = [t for t in R.summarise(results + s2)["same_folds"] if t["setting"] == "s2"]
     assert [r["paper"] for r in s2_table["rows"]] == [None, None]   # Table 2 of seed 000 is setting 1
+
+
+def test_binarisation_study_rescores_the_protocol_predictions(chaos_dir, tmp_path):
+    """The study's rules binarise the protocol's own EP1 probabilities: its 'fixed 0.5'
+    and 'area per third' rules give exactly the protocol rows' EP1 (plain and +at); an
+    ensemble of a model with itself changes nothing; a missing fold model is one line."""
+    from benchmarks.binarisation_study import RULES, main as study
+    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "1", "--steps", "1", "--area-threshold") == 0
+    folder = tmp_path / "results" / "protocol" / "t"
+    plain = json.loads((folder / "alpnet" / "fold_0_s1.json").read_text())["mean_dice"]["ep1"]
+    adaptive = json.loads((folder / "alpnet+at" / "fold_0_s1.json").read_text())["mean_dice"]["ep1"]
+    common = ["--work-dir", str(tmp_path / "work"), "--folds", "0", "--max-queries", "1"]
+    assert study(["--models", "alpnet", "--out", str(tmp_path / "one.json"), *common]) == 0
+    rules = json.loads((tmp_path / "one.json").read_text())["rules"]
+    assert set(rules) == set(RULES) and all(0 <= r["mean"] <= 100 for r in rules.values())
+    assert rules["fixed 0.5"]["mean"] == pytest.approx(100 * plain, abs=0.006)
+    assert rules["area per third"]["mean"] == pytest.approx(100 * adaptive, abs=0.006)
+    assert study(["--models", "alpnet,alpnet", "--out", str(tmp_path / "two.json"), *common]) == 0
+    twice = json.loads((tmp_path / "two.json").read_text())["rules"]
+    assert twice["fixed 0.5"]["mean"] == pytest.approx(rules["fixed 0.5"]["mean"], abs=0.01)
+    assert study(["--models", "crtpnet", "--out", str(tmp_path / "none.json"), *common]) == 2
+    assert not (tmp_path / "none.json").exists()

@@ -104,7 +104,7 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
                 "labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train], "values": list(group)}}
     arch, options = P.model_of(model)
     steps = P.steps_of(model, args.steps)
-    config = {**base, "name": "model", "model": arch, "steps": steps, "device": args.device,
+    config = {**base, **P.training_of(model), "name": "model", "model": arch, "steps": steps, "device": args.device,
               "model_config": {**base.get("model_config", {}), **options}, "out": str(out), "data": data,
               "card": {"description": f"few-shot protocol, fold {fold.index}, {setting}: self-supervised on "
                                       f"the {len(fold.train)} scans outside the fold"}}
