@@ -393,8 +393,8 @@ class EnsemblePredictor:
     features of one slice are stacked along dim 1, one per member."""
 
     def __init__(self, members: list, name: str = "ensemble"):
-        if len({m.preprocess.size for m in members}) != 1:
-            raise FewShotSegError("ensemble members must share one model grid size")
+        if not members or any(m.preprocess != members[0].preprocess for m in members):
+            raise FewShotSegError("ensemble members must share one pre-processing (grid size, intensities)")
         self.members, self.name, self.preprocess = members, name, members[0].preprocess
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:

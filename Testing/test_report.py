@@ -21,3 +21,16 @@ def test_readme_shows_what_the_result_files_hold():
     readme = (report.ROOT / "README.md").read_text()
     shown = readme.split(report.START, 1)[1].split(report.END, 1)[0]
     assert shown == "\n" + report.render(report.DEFAULT_CONFIG), "run: python benchmarks/report.py --write"
+
+
+def test_binarisation_table_puts_each_model_set_in_a_column(tmp_path):
+    import json
+    rules = {"fixed 0.5": {"what": "threshold 0.5", "mean": 73.03}, "otsu": {"what": "Otsu", "mean": 72.77}}
+    for name, models, extra in (("a", ["crtpnet"], {}), ("b", ["crtpnet", "dfdt"], {"otsu": None})):
+        body = {k: v for k, v in rules.items() if k not in extra}
+        (tmp_path / f"binarisation_{name}.json").write_text(json.dumps(
+            {"models": models, "folds": [0, 1], "hardware": "CPU x", "rules": body}))
+    table = report.binarisation_table(sorted(tmp_path.glob("binarisation_*.json")))
+    assert "| rule (EP1, setting 1, mean Dice %) | crtpnet (folds 0,1) | crtpnet + dfdt (folds 0,1) |" in table
+    assert "| fixed 0.5: threshold 0.5 | 73.03 | 73.03 |" in table and "| otsu: Otsu | 72.77 | – |" in table
+    assert report.binarisation_table([]) == ""

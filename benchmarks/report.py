@@ -140,6 +140,21 @@ def refine_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
+def binarisation_table(paths: list[Path]) -> str:
+    """benchmarks/binarisation_study.py: one column per model set, one row per rule."""
+    results = [json.loads(p.read_text()) for p in paths]
+    if not results:
+        return ""
+    heads = [" + ".join(r["models"]) + f" (folds {','.join(map(str, r['folds']))})" for r in results]
+    lines = ["| rule (EP1, setting 1, mean Dice %) | " + " | ".join(heads) + " |",
+             "|---|" + "---|" * len(results)]
+    for rule, first in results[0]["rules"].items():
+        cells = [f"{r['rules'][rule]['mean']:.2f}" if rule in r["rules"] else "–" for r in results]
+        lines.append(f"| {rule}: {first['what']} | " + " | ".join(cells) + " |")
+    hardware = sorted({r["hardware"] for r in results})
+    return "\n".join(lines + ["", f"Same probabilities for every rule of a column; {'; '.join(hardware)}."])
+
+
 def render(config: dict) -> str:
     parts = ["### Product benchmark: CHAOS-T2, support = the organ's largest slice, every slice scored",
              "", product_table(config["product"]), "",
@@ -171,6 +186,10 @@ def render(config: dict) -> str:
                 image = path.with_name(path.stem + suffix + ".png")
                 if image.exists():
                     parts += [f"![{path.stem}: {alt}]({image.relative_to(ROOT).as_posix()})", ""]
+    studies = sorted(RESULTS.glob("binarisation_*.json"))
+    if studies:
+        parts += ["### How EP1's probabilities become a mask (benchmarks/binarisation_study.py)", "",
+                  binarisation_table(studies), ""]
     return "\n".join(parts) + "\n"
 
 
