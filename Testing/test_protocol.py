@@ -267,8 +267,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     from benchmarks.fewshot_protocol import DEFAULT_CONFIG
     base = load_config(DEFAULT_CONFIG, {})
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
-    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1", "--steps", "1",
-                        "--query-prototypes", "--support-refinement", "--area-threshold") == 0
+    assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
+                        "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
