@@ -324,6 +324,21 @@ def pixel_area(image: sitk.Image, axis_index: int) -> float:
     return float(np.prod([spacing[a] for a in range(3) if a != axis_index]))
 
 
+def support_area(image: sitk.Image, label: np.ndarray, value: int, z: int, axis_index: int) -> float:
+    """mm^2 of class ``value`` on slice ``z`` of a labelled scan (the area a support shows)."""
+    return np.count_nonzero(np.take(label == value, z, axis=axis_index)) * pixel_area(image, axis_index)
+
+
+def thresholded(volume: np.ndarray, axis_index: int, parts) -> np.ndarray:
+    """``volume >= t`` on the slices ``zs`` of each ``(zs, t)`` in ``parts``; elsewhere False."""
+    out = np.zeros(volume.shape, bool)
+    for zs, t in parts:
+        index = [slice(None)] * 3
+        index[axis_index] = list(zs)
+        out[tuple(index)] = volume[tuple(index)] >= t
+    return out
+
+
 def area_matched_threshold(probs: np.ndarray, pixel_mm2: float, target_mm2: float,
                            candidates=AREA_THRESHOLDS) -> float:
     """The candidate threshold whose mean organ area per slice of ``probs`` ([slices,...],
@@ -486,14 +501,9 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
             if area_threshold:
                 thresholds = [(part, zs, area_matched_threshold(
                     np.moveaxis(np.take(volume, zs, axis=q_axis), q_axis, 0), pixel_area(q_image, q_axis),
-                    np.count_nonzero(np.take(s_label == c, ep1_slices[part], axis=s_axis))
-                    * pixel_area(s_image, s_axis))) for part, zs, _ in thresholds]
+                    support_area(s_image, s_label, c, ep1_slices[part], s_axis))) for part, zs, _ in thresholds]
                 row["ep1_thresholds"] = [t for _, _, t in thresholds]
-            ep1_pred = np.zeros(volume.shape, bool)
-            for _, zs, t in thresholds:
-                index = [slice(None)] * 3
-                index[q_axis] = zs
-                ep1_pred[tuple(index)] = volume[tuple(index)] >= t
+            ep1_pred = thresholded(volume, q_axis, [(zs, t) for _, zs, t in thresholds])
             row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
             row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
                                if assignment else None)

@@ -361,5 +361,6 @@ def test_binarisation_study_rescores_the_protocol_predictions(chaos_dir, tmp_pat
     assert twice["fixed 0.5"]["mean"] == pytest.approx(rules["fixed 0.5"]["mean"], abs=0.01)
     assert study(["--models", "crtpnet", "--out", str(tmp_path / "none.json"), *common]) == 2
     assert not (tmp_path / "none.json").exists()
+    assert study(["--models", "alpnet", "--max-queries", "0", "--out", str(tmp_path / "none.json")]) == 2
     with pytest.raises(FewShotSegError, match="share one pre-processing"):
         P.EnsemblePredictor([])

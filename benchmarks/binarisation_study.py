@@ -48,11 +48,6 @@ RULES.update({
 })
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else 2.0 * np.logical_and(pred, truth).sum() / total
-
-
 def support_leave_one_out(predictor, ctx) -> float:
     """The threshold that best predicts each EP1 support slice from the other two."""
     prep = prepare_volume(ctx["s_image"], ctx["s_axis"], predictor.preprocess)
@@ -64,45 +59,39 @@ def support_leave_one_out(predictor, ctx) -> float:
         for j in range(len(zs)):
             if i != j:
                 prob = predictor.predict(feats[i], masks[i], feats[j:j + 1])[0].numpy()
-                scores += [_dice(prob >= t, masks[j].numpy() > 0.5) for t in WIDE]
+                scores += [P.count(prob >= t, masks[j].numpy() > 0.5).dice for t in WIDE]
     return float(WIDE[int(np.argmax(scores))])
+
+
+def _threshold(rule: str, ctx, predictor, part: int, zs: list) -> float:
+    """The threshold ``rule`` gives the query slices ``zs`` of EP1 third ``part``."""
+    volume, axis = ctx["volume"], ctx["q_axis"]
+    if rule.startswith("fixed"):
+        return float(rule.split()[1])
+    if rule == "otsu":
+        values = volume[volume > 0.05]
+        return threshold_otsu(values) if values.size > 10 else P.THRESHOLD
+    if rule == "support leave-one-out":
+        cache = ctx["loo_cache"]          # one per fold: the support scan is the fold's
+        if ctx["class"] not in cache:
+            cache[ctx["class"]] = support_leave_one_out(predictor, ctx)
+        return cache[ctx["class"]]
+    if rule.startswith("area"):
+        area = P.support_area(ctx["s_image"], ctx["s_label"], ctx["class"], ctx["ep1_slices"][part],
+                              ctx["s_axis"])
+        chunk = np.moveaxis(np.take(volume, zs, axis=axis), axis, 0)
+        return P.area_matched_threshold(chunk, P.pixel_area(ctx["q_image"], axis), area,
+                                        WIDE if rule.endswith("0.3..0.85") else P.AREA_THRESHOLDS)
+    raise FewShotSegError(f"unknown rule '{rule}'")
 
 
 def binarise(rule: str, ctx, predictor) -> np.ndarray:
     """The EP1 mask of ``rule`` (only the scored slices can be foreground)."""
-    volume, axis = ctx["volume"], ctx["q_axis"]
-    q_px, s_px = P.pixel_area(ctx["q_image"], axis), P.pixel_area(ctx["s_image"], ctx["s_axis"])
-    out = np.zeros(volume.shape, bool)
-
-    def put(zs, threshold):
-        index = [slice(None)] * 3
-        index[axis] = zs
-        out[tuple(index)] = volume[tuple(index)] >= threshold
-
-    for part, zs in ctx["parts"]:
-        support_area = np.count_nonzero(np.take(ctx["s_label"] == ctx["class"], ctx["ep1_slices"][part],
-                                                axis=ctx["s_axis"])) * s_px
-        chunk = np.moveaxis(np.take(volume, zs, axis=axis), axis, 0)
-        if rule.startswith("fixed"):
-            put(zs, float(rule.split()[1]))
-        elif rule == "otsu":
-            values = volume[volume > 0.05]
-            put(zs, threshold_otsu(values) if values.size > 10 else P.THRESHOLD)
-        elif rule == "support leave-one-out":
-            cache = ctx["loo_cache"]          # one per fold: the support scan is the fold's
-            if ctx["class"] not in cache:
-                cache[ctx["class"]] = support_leave_one_out(predictor, ctx)
-            put(zs, cache[ctx["class"]])
-        elif rule == "area per slice":
-            for z, plane in zip(zs, chunk):
-                put([z], P.area_matched_threshold(plane[None], q_px, support_area))
-        elif rule == "area per third":
-            put(zs, P.area_matched_threshold(chunk, q_px, support_area))
-        elif rule == "area per third, 0.3..0.85":
-            put(zs, P.area_matched_threshold(chunk, q_px, support_area, WIDE))
-        else:
-            raise FewShotSegError(f"unknown rule '{rule}'")
-    return out
+    parts = ctx["parts"]
+    if rule == "area per slice":                  # the area rule, one query slice at a time
+        parts = [(part, [z]) for part, zs in parts for z in zs]
+    return P.thresholded(ctx["volume"], ctx["q_axis"],
+                         [(zs, _threshold(rule, ctx, predictor, part, zs)) for part, zs in parts])
 
 
 def main(argv=None) -> int:
@@ -117,6 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/binarisation_<models>.json)")
     args = parser.parse_args(argv)
+    if args.threads < 1 or (args.max_queries is not None and args.max_queries < 1):
+        print("binarisation_study: error: --threads and --max-queries must be at least 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
