@@ -96,6 +96,10 @@ VARIANTS = {
                           steps_scale=4),
     "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
                             "0.05 : 1 pushes towards over-segmentation)", training={"class_weights": [0.2, 1.0]}),
+    "crtpnet-cos": Variant("crtpnet", {}, "cosine learning rate to 0 over the budget (SSL-ALPNet's x0.95 "
+                           "per 1000 steps hardly decays in a short budget)", training={"lr_schedule": "cosine"}),
+    "crtpnet-cos3": Variant("crtpnet", {}, "cosine learning rate from 3x the rate (3e-3) to 0 over the budget",
+                            training={"lr_schedule": "cosine", "lr": 3e-3}),
 }
 
 

@@ -18,6 +18,7 @@ from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig
 from Training.episodes import (AugmentConfig, EpisodeDataset, EpisodeSampler, VolumeSlices, augment,
                                superpixels)
+import Training.train as T
 from Training.train import EpisodeLoss, build_sampler, load_config, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +201,43 @@ def test_resume_continues_exactly(tmp_path, chaos_dir):
     assert any(r.get("event") == "resume" for r in log)
 
 
+def test_cosine_schedule_anneals_over_the_run_and_resumes(tmp_path, chaos_dir, monkeypatch):
+    """lr_schedule 'cosine': the rate falls from lr to 0 over `steps` (a short budget ends
+    annealed); a run stopped half-way (as by SIGTERM) resumes on the same curve."""
+    def config_in(folder: str) -> dict:
+        (tmp_path / folder).mkdir()
+        return load_config(write_config(tmp_path / folder, chaos_dir, out=str(tmp_path / folder / "run"),
+                                        steps=4, lr=0.002, lr_schedule="cosine"), {})
+
+    def rates(folder: str) -> list:
+        log = (tmp_path / folder / "run" / "log.jsonl").read_text().splitlines()
+        return [r["lr"] for r in map(json.loads, log) if "loss" in r]   # the rate after each step
+
+    train(config_in("whole"))
+    assert rates("whole") == pytest.approx([0.001 * (1 + np.cos(np.pi * s / 4)) for s in (1, 2, 3, 4)], abs=1e-12)
+
+    class StopAfterTwoSteps(T._StopFlag):   # a stop request arriving during step 2
+        reads = 0
+
+        @property
+        def requested(self):
+            StopAfterTwoSteps.reads += 1
+            return StopAfterTwoSteps.reads >= 2
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    split = config_in("split")
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "_StopFlag", StopAfterTwoSteps)
+        with pytest.raises(KeyboardInterrupt):
+            train(split)
+    assert load_training_state(tmp_path / "split" / "run" / "train_state.pt")["step"] == 2
+    train(split, resume=True)
+    assert rates("split") == pytest.approx(rates("whole"), abs=1e-12)
+
+
 def test_config_errors_name_the_problem(tmp_path, chaos_dir, capsys):
     bad_key = write_config(tmp_path, chaos_dir, stpes=3)
     with pytest.raises(FewShotSegError, match="stpes"):
@@ -208,6 +246,8 @@ def test_config_errors_name_the_problem(tmp_path, chaos_dir, capsys):
     assert main(["--config", str(missing), "--steps", "1"]) == 2
     assert "nowhere/image_*.nii.gz" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "absent.json")]) == 2
+    with pytest.raises(FewShotSegError, match="lr_schedule must be"):
+        load_config(write_config(tmp_path, chaos_dir, lr_schedule="linear"), {})
 
 
 def test_shipped_configs_are_valid():

@@ -17,6 +17,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -68,6 +69,8 @@ DEFAULTS = {
     "lr": 1e-3,
     "momentum": 0.9,
     "weight_decay": 5e-4,
+    "lr_schedule": "step",        # 'step': x lr_decay every lr_decay_every steps (SSL-ALPNet's, made
+                                  # for 100k steps) | 'cosine': to 0 over `steps` (a short budget ends annealed)
     "lr_decay_every": 1000,
     "lr_decay": 0.95,
     "class_weights": [0.05, 1.0],
@@ -112,6 +115,8 @@ def load_config(path: Path, overrides: dict) -> dict:
             raise FewShotSegError(f"{path}: {key} must be a positive integer, not {config[key]!r}")
     if config["optimizer"] not in ("sgd", "adamw"):
         raise FewShotSegError(f"{path}: optimizer must be 'sgd' or 'adamw'")
+    if config["lr_schedule"] not in ("step", "cosine"):
+        raise FewShotSegError(f"{path}: lr_schedule must be 'step' or 'cosine'")
     if config["amp"] not in ("auto", "bf16", "fp16", "off"):
         raise FewShotSegError(f"{path}: amp must be auto, bf16, fp16 or off")
     return config
@@ -370,6 +375,15 @@ def train(config: dict, resume: bool = False, argv=None) -> Path:
             dist.destroy_process_group()
 
 
+def make_scheduler(optimizer, config):
+    """The learning-rate schedule, stepped once per training step."""
+    if config["lr_schedule"] == "cosine":
+        total = config["steps"]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.StepLR(optimizer, config["lr_decay_every"], config["lr_decay"])
+
+
 def _train(config, resume, argv, device, rank, world, out) -> Path:
     sampler, files, preprocess = build_sampler(config, rank, world, device)
     torch.manual_seed(config["seed"])  # same initial weights on every rank
@@ -382,7 +396,7 @@ def _train(config, resume, argv, device, rank, world, out) -> Path:
     else:
         optimizer = torch.optim.SGD(params, lr=config["lr"], momentum=config["momentum"],
                                     weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config["lr_decay_every"], config["lr_decay"])
+    scheduler = make_scheduler(optimizer, config)
     amp_dtype = None
     if device.type == "cuda" and config["amp"] != "off":
         bf16 = config["amp"] == "bf16" or (config["amp"] == "auto" and torch.cuda.is_bf16_supported())
