@@ -134,6 +134,7 @@ class TestTime:
     model_options: dict
     what: str
     area_threshold: bool = False    # EP1: per-third threshold matching the support's organ area
+    mirrored: bool = False          # average with the left-right mirrored episode (MirrorAveragePredictor)
 
 
 TEST_TIME = {
@@ -144,6 +145,8 @@ TEST_TIME = {
     "at": TestTime({}, "query-adaptive threshold (EP1): per third, the threshold in 0.4..0.7 whose mean "
                        "organ area per query slice is nearest the support slice's (EP2 keeps 0.5)",
                    area_threshold=True),
+    "mirror": TestTime({}, "test-time augmentation: the probabilities averaged with those of the left-right "
+                           "mirrored support and query (mirrored back)", mirrored=True),
 }
 
 
@@ -422,6 +425,22 @@ class EnsemblePredictor:
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
         return sum(m.predict(support[k], support_mask, queries[:, k])
                    for k, m in enumerate(self.members)) / len(self.members)
+
+
+class MirrorAveragePredictor:
+    """Test-time augmentation: a predictor's probabilities averaged with those it gives for
+    the left-right mirrored support, support mask and queries (mirrored back). The
+    networks are not mirror-invariant, so the two views err differently."""
+
+    def __init__(self, member):
+        self.member, self.name, self.preprocess = member, f"{member.name} mirrored", member.preprocess
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.member.prepare(images), self.member.prepare(images.flip(-1))], 1)
+
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        mirrored = self.member.predict(support[1], support_mask.flip(-1), queries[:, 1]).flip(-1)
+        return (self.member.predict(support[0], support_mask, queries[:, 0]) + mirrored) / 2
 
 
 # ----------------------------------------------------------------------------- one fold

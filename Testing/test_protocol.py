@@ -17,6 +17,7 @@ import torch
 
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.evaluation import load_chaos_case
+from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig
 from FewShotSegLib import protocol as P
 from Training.episodes import EpisodeSampler, VolumeSlices, excluded_slices
@@ -268,7 +269,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     base = load_config(DEFAULT_CONFIG, {})
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
-                        "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold") == 0
+                        "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
+                        "--mirror-average") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -276,7 +278,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert any("same-slice episodes only" in n for n in fold["notes"])
     folder = tmp_path / "results" / "protocol" / "t"
     for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps"),
-                      ("crtpnet-sameslice+at", "query-adaptive threshold")):
+                      ("crtpnet-sameslice+at", "query-adaptive threshold"),
+                      ("crtpnet-sameslice+mirror", "left-right mirrored")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
@@ -313,6 +316,28 @@ def test_area_matched_threshold_follows_the_support_area():
     image = sitk.Image(4, 5, 6, sitk.sitkUInt8)
     image.SetSpacing((0.5, 0.7, 3.0))
     assert P.pixel_area(image, 0) == pytest.approx(0.35) and P.pixel_area(image, 2) == pytest.approx(2.1)
+
+
+def test_mirror_average_is_exactly_mirror_equivariant():
+    """+mirror averages an episode with its left-right mirror (mirrored back): mirroring
+    the whole episode mirrors the answer, which the network alone does not do."""
+    torch.manual_seed(0)
+    net = P.ModelPredictor(build_model("alpnet", backbone="effnet-lite0", pretrained=False),
+                           PreprocessConfig(size=64))
+    averaged = P.MirrorAveragePredictor(net)
+    images = torch.rand(3, 64, 64)
+    mask = torch.zeros(64, 64)
+    mask[20:40, 10:30] = 1
+
+    def run(predictor, imgs, support_mask):
+        feats = predictor.prepare(imgs)
+        return predictor.predict(feats[0], support_mask, feats[1:])
+
+    plain, mirrored_episode = run(averaged, images, mask), run(averaged, images.flip(-1), mask.flip(-1))
+    assert plain.shape == (2, 64, 64) and torch.allclose(mirrored_episode, plain.flip(-1), atol=1e-5)
+    assert not torch.allclose(run(net, images.flip(-1), mask.flip(-1)), run(net, images, mask).flip(-1), atol=1e-3)
+    expected = (run(net, images, mask) + run(net, images.flip(-1), mask.flip(-1)).flip(-1)) / 2
+    assert torch.allclose(plain, expected, atol=1e-6)
 
 
 def test_variants_compare_with_their_model_on_shared_folds_only():

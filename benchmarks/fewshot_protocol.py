@@ -166,6 +166,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                                 "hardware": ckpt.provenance.get("hardware"),
                                 "code_version": ckpt.provenance.get("code_version")})
             predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
+            if variant and P.TEST_TIME[variant].mirrored:
+                predictor = P.MirrorAveragePredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
                                           area_threshold=bool(variant) and P.TEST_TIME[variant].area_threshold))
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
@@ -299,6 +301,9 @@ def parse(argv):
     parser.add_argument("--area-threshold", action="store_true",
                         help="also score each model with EP1's query-adaptive threshold matched to the support "
                              "slice's organ area (row <model>+at; same trained weights)")
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="also score each model with its probabilities averaged over the episode and its "
+                             "left-right mirror (row <model>+mirror; same trained weights; twice the time)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -373,7 +378,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
         variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement \
-            + ["at"] * args.area_threshold
+            + ["at"] * args.area_threshold + ["mirror"] * args.mirror_average
         for model in models:
             for fold, queries in plan:
                 for variant in variants if model != "registration" else [""]:
