@@ -81,13 +81,13 @@ def same_folds(groups: dict) -> list:
 
 
 def _merge_notes(notes) -> list:
-    """Per-fold notes that differ only in their parenthesis (the fold's scans) become one."""
+    """Per-fold notes become one: a note the folds share is kept whole; notes that differ
+    only in their parenthesis (the fold's scans) keep the text before it."""
     merged = {}
     for note in notes:
         head, _, detail = note.partition(" (")
-        merged.setdefault(head, []).append(detail.rstrip(")"))
-    return [head if len(details) > 1 else (f"{head} ({details[0]})" if details[0] else head)
-            for head, details in merged.items()]
+        merged.setdefault(head, {})[note] = None
+    return [next(iter(whole)) if len(whole) == 1 else head for head, whole in merged.items()]
 
 
 def _pct(value) -> str:

@@ -340,6 +340,18 @@ def test_mirror_average_is_exactly_mirror_equivariant():
     assert torch.allclose(plain, expected, atol=1e-6)
 
 
+def test_fold_notes_merge_without_losing_a_shared_note():
+    """A note every fold shares stays whole in the table (its parenthesis included); notes
+    that differ only in their parenthesis (each fold's scans) become the common text."""
+    from FewShotSegLib.protocol_report import _merge_notes
+    shared = "crtpnet variant: episode loss weights 0.2 : 1 (SSL-ALPNet's 0.05 : 1 over-segments)"
+    per_fold = ["not protocol-compliant: trained on all scans (query scans 1,2)",
+                "not protocol-compliant: trained on all scans (query scans 8,10)"]
+    assert _merge_notes([shared, per_fold[0], shared, per_fold[1]]) == \
+        [shared, "not protocol-compliant: trained on all scans"]
+    assert _merge_notes([per_fold[0]]) == per_fold[:1]
+
+
 def test_variants_compare_with_their_model_on_shared_folds_only():
     from FewShotSegLib import protocol_report as R
 
