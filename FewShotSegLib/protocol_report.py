@@ -85,8 +85,7 @@ def _merge_notes(notes) -> list:
     only in their parenthesis (the fold's scans) keep the text before it."""
     merged = {}
     for note in notes:
-        head, _, detail = note.partition(" (")
-        merged.setdefault(head, {})[note] = None
+        merged.setdefault(note.partition(" (")[0], {})[note] = None   # dict: ordered, no repeats
     return [next(iter(whole)) if len(whole) == 1 else head for head, whole in merged.items()]
 
 
