@@ -94,6 +94,8 @@ VARIANTS = {
     "alpnet-os4": Variant("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
     "crtpnet-4x": Variant("crtpnet", {}, "4x the budget's training steps (does the budget limit it?)",
                           steps_scale=4),
+    "dfdt-4x": Variant("dfdt", {}, "4x the budget's training steps (does DFDT gain more from them than crtpnet?)",
+                       steps_scale=4),
     "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
                             "0.05 : 1 pushes towards over-segmentation)", training={"class_weights": [0.2, 1.0]}),
     "crtpnet-cos": Variant("crtpnet", {}, "cosine learning rate to 0 over the budget (SSL-ALPNet's x0.95 "

@@ -401,3 +401,17 @@ def test_binarisation_study_rescores_the_protocol_predictions(chaos_dir, tmp_pat
     assert study(["--models", "alpnet", "--max-queries", "0", "--out", str(tmp_path / "none.json")]) == 2
     with pytest.raises(FewShotSegError, match="share one pre-processing"):
         P.EnsemblePredictor([])
+
+
+@pytest.mark.parametrize("row", sorted(P.VARIANTS))
+def test_every_variant_builds_and_names_known_training_keys(row):
+    """A typo in a variant (an option the model does not take, a training key train.py
+    does not know) fails here, not an hour into a fold's training."""
+    from Training.train import DATA_DEFAULTS, DEFAULTS
+    variant = P.VARIANTS[row]
+    model, options = P.model_of(row)
+    assert model == variant.model and options == variant.options
+    built = build_model(model, backbone="effnet-lite0", pretrained=False, **options)
+    assert all(built.config[key] == value for key, value in options.items())
+    assert set(variant.training_data) <= set(DATA_DEFAULTS) and set(variant.training) <= set(DEFAULTS)
+    assert variant.steps_scale >= 1 and P.steps_of(row, 1000) == 1000 * variant.steps_scale
