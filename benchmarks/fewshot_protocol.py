@@ -256,9 +256,13 @@ def publish(args) -> dict:
     write_json(stem.with_suffix(".json"), summary)
     stem.with_suffix(".md").write_text(R.markdown(summary, args.run_name, P.__doc__))
     chart = R.bar_chart(summary, stem.with_suffix(".png"))
+    # The Fig. 3-style figure shows the models as registered (and the baseline), one fold
+    # each: a tile strip per variant and test-time row would grow it by ~0.2 MB a row (every
+    # row keeps its own per-fold figure beside its JSON).
     firsts = {}
     for p in sorted(run_dir.glob("*/fold_*_s*.png")):
-        firsts.setdefault(p.parent.name, (f"{p.parent.name} {p.stem}", p))
+        if P.family_of(p.parent.name) == p.parent.name:
+            firsts.setdefault(p.parent.name, (f"{p.parent.name} {p.stem}", p))
     examples = R.stack_images(list(firsts.values()), args.results_dir / f"protocol_{args.run_name}_examples.png")
     for e in summary["results"]:
         log(f"{e['model']:>14} {e['setting']}: EP1 {R._pct(e['ep1']['mean'])}  EP2 {R._pct(e['ep2']['mean'])}  "
