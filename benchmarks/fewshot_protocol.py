@@ -9,7 +9,7 @@ What is scored and why: FewShotSegLib/protocol.py. Each (model, setting, fold) i
 to benchmarks/results/protocol/<run>/<model>/fold_<k>_s<1|2>.json as soon as it is done;
 the same command again skips finished folds and resumes interrupted trainings (kept under
 runs/protocol/<run>/). Then: benchmarks/results/protocol_<run>.json (summary), .md (the
-table beside the papers), .png (bar chart) and protocol_<run>_examples.png.
+table beside the papers), .png (bar chart) and protocol_<run>_examples.png (the registered models' first fold).
 """
 from __future__ import annotations
 
@@ -263,7 +263,10 @@ def publish(args) -> dict:
     for p in sorted(run_dir.glob("*/fold_*_s*.png")):
         if P.family_of(p.parent.name) == p.parent.name:
             firsts.setdefault(p.parent.name, (f"{p.parent.name} {p.stem}", p))
-    examples = R.stack_images(list(firsts.values()), args.results_dir / f"protocol_{args.run_name}_examples.png")
+    figure = args.results_dir / f"protocol_{args.run_name}_examples.png"
+    examples = R.stack_images(list(firsts.values()), figure)
+    if examples is None:
+        figure.unlink(missing_ok=True)  # an earlier figure would show rows this run no longer has
     for e in summary["results"]:
         log(f"{e['model']:>14} {e['setting']}: EP1 {R._pct(e['ep1']['mean'])}  EP2 {R._pct(e['ep2']['mean'])}  "
             f"folds {e['folds']}" + ("" if e["compliant"] else "  (not protocol-compliant)"))
