@@ -137,6 +137,7 @@ class TestTime:
     what: str
     area_threshold: bool = False    # EP1: per-third threshold matching the support's organ area
     mirrored: bool = False          # average with the left-right mirrored episode (MirrorAveragePredictor)
+    blended: bool = False           # EP1: blend the two nearest thirds' supports (ep1_support_weights)
 
 
 TEST_TIME = {
@@ -149,6 +150,9 @@ TEST_TIME = {
                    area_threshold=True),
     "mirror": TestTime({}, "test-time augmentation: the probabilities averaged with those of the left-right "
                            "mirrored support and query (mirrored back)", mirrored=True),
+    "blend": TestTime({}, "blended supports (EP1): each query slice's probability mixes the predictions of the "
+                          "two nearest thirds' support slices, linearly in its position (the same three labelled "
+                          "slices; the papers use its own third's alone; EP2 unchanged)", blended=True),
 }
 
 
@@ -270,6 +274,31 @@ def ep1_assignment(label: np.ndarray, value: int, axis_index: int = 0, parts: in
         return {}
     lo, hi = int(slices[0]), int(slices[-1])
     return {z: chunk_of(z, lo, hi, parts) for z in range(lo, hi + 1)}
+
+
+def ep1_support_weights(assignment: dict) -> dict:
+    """{query slice: {support index: weight}} for the blended-supports option, from an
+    `ep1_assignment`.
+
+    Why: a slice near the border of two thirds resembles both thirds' support slices about
+    equally, yet the protocol matches it with one. Each support stands at the centre of its
+    third (as it stands at (2p+1)/6 of its own scan's range); a slice's weight moves linearly
+    from its own third's centre to the neighbouring one's, and slices beyond the outermost
+    centres keep their own support. Its own third weighs at least half (thirds are
+    contiguous and differ in size by one slice at most)."""
+    centres = {}
+    for z, p in assignment.items():
+        centres.setdefault(p, []).append(z)
+    centres = {p: float(np.mean(zs)) for p, zs in centres.items()}
+    weights = {}
+    for z, p in assignment.items():
+        side = p - 1 if z < centres[p] else p + 1
+        if side not in centres or z == centres[p]:
+            weights[z] = {p: 1.0}
+            continue
+        other = abs(z - centres[p]) / abs(centres[side] - centres[p])
+        weights[z] = {p: 1.0 - other, side: other}
+    return weights
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -479,11 +508,13 @@ class FoldEvaluation:
 
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
-             axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None) -> FoldEvaluation:
+             axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
+             blend_supports: bool = False) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
     ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5).
+    ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
     studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
@@ -512,12 +543,17 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                    "query_range": [min(assignment), max(assignment)] if assignment else None}
             probs = torch.zeros((n, s_prep.size, s_prep.size))
             thresholds = []
+            weights = (ep1_support_weights(assignment) if blend_supports
+                       else {z: {p: 1.0} for z, p in assignment.items()})
             for part in range(PARTS):
-                zs = [z for z, p in assignment.items() if p == part]
+                zs = [z for z, w in weights.items() if part in w]
                 if zs:
                     i = pos[ep1_slices[part]]
-                    probs[zs] = predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
-                    thresholds.append((part, zs, THRESHOLD))
+                    w = torch.tensor([weights[z][part] for z in zs])[:, None, None]
+                    probs[zs] += w * predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
+                own = [z for z, p in assignment.items() if p == part]
+                if own:
+                    thresholds.append((part, own, THRESHOLD))
             volume = q_prep.probs_to_volume(probs)
             if on_ep1 is not None and assignment:
                 on_ep1({"row": row, "volume": volume, "truth": truth, "parts": [(p, zs) for p, zs, _ in thresholds],

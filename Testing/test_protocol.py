@@ -270,7 +270,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average") == 0
+                        "--mirror-average", "--blend-supports") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -279,7 +279,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     folder = tmp_path / "results" / "protocol" / "t"
     for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps"),
                       ("crtpnet-sameslice+at", "query-adaptive threshold"),
-                      ("crtpnet-sameslice+mirror", "left-right mirrored")):
+                      ("crtpnet-sameslice+mirror", "left-right mirrored"),
+                      ("crtpnet-sameslice+blend", "blended supports")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
@@ -294,6 +295,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert [r["ep2"] for r in adaptive["rows"]] == [r["ep2"] for r in fold["rows"]]
     assert all(len(r["ep1_thresholds"]) == 3 and set(r["ep1_thresholds"]) <= set(P.AREA_THRESHOLDS)
                for r in adaptive["rows"])
+    blended = json.loads((folder / "crtpnet-sameslice+blend" / "fold_0_s1.json").read_text())
+    assert [r["ep2"] for r in blended["rows"]] == [r["ep2"] for r in fold["rows"]]
     # A longer-training row trains its model steps_scale times the budget's steps, in the same table.
     longer = json.loads((tmp_path / "work" / "crtpnet-4x" / "fold_0" / "s1" / "config.json").read_text())
     assert longer["steps"] == 4 and P.steps_of("crtpnet", 1) == 1
@@ -303,6 +306,29 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert weighted["class_weights"] == [0.2, 1.0] and "class_weights" not in config
     assert {k: v for k, v in weighted.items() if k not in ("class_weights", "out", "card")} == \
         {k: v for k, v in config.items() if k not in ("out", "card")} | {"data": weighted["data"]}
+
+
+def test_blended_supports_weigh_the_nearest_thirds_by_position():
+    """+blend: weights sum to 1, the slice's own third always weighs most, a slice at a
+    third's centre (where its support stands) and the outer ends use one support only, and
+    the weight moves linearly across a border."""
+    for lo, hi in ((10, 27), (3, 6), (0, 1), (5, 5), (0, 40)):
+        label = np.zeros((50, 4, 4), np.uint8)
+        label[lo:hi + 1, 1, 1] = 1
+        assignment = P.ep1_assignment(label, 1)
+        weights = P.ep1_support_weights(assignment)
+        assert sorted(weights) == list(range(lo, hi + 1))
+        for z, w in weights.items():
+            own = assignment[z]
+            assert sum(w.values()) == pytest.approx(1.0) and set(w) <= {own - 1, own, own + 1}
+            assert w[own] >= 0.5 and len(w) <= 2
+        assert weights[lo] == {assignment[lo]: 1.0} and weights[hi] == {assignment[hi]: 1.0}
+    weights = P.ep1_support_weights(P.ep1_assignment(np.pad(np.ones((18, 1, 1), np.uint8), ((10, 0), (0, 0), (0, 0))), 1))
+    # Thirds of 6 slices: 10..15, 16..21, 22..27, centres 12.5, 18.5, 24.5.
+    assert weights[12] == {0: 1.0} and weights[13] == pytest.approx({0: 11 / 12, 1: 1 / 12})
+    assert weights[15] == pytest.approx({0: 7 / 12, 1: 5 / 12}) and weights[16] == pytest.approx({1: 7 / 12, 0: 5 / 12})
+    assert weights[21] == pytest.approx({1: 7 / 12, 2: 5 / 12}) and weights[25] == {2: 1.0}
+    assert P.ep1_support_weights({}) == {}
 
 
 def test_area_matched_threshold_follows_the_support_area():

@@ -169,7 +169,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             if variant and P.TEST_TIME[variant].mirrored:
                 predictor = P.MirrorAveragePredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
-                                          area_threshold=bool(variant) and P.TEST_TIME[variant].area_threshold))
+                                          area_threshold=bool(variant) and P.TEST_TIME[variant].area_threshold,
+                                          blend_supports=bool(variant) and P.TEST_TIME[variant].blended))
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
@@ -311,6 +312,9 @@ def parse(argv):
     parser.add_argument("--mirror-average", action="store_true",
                         help="also score each model with its probabilities averaged over the episode and its "
                              "left-right mirror (row <model>+mirror; same trained weights; twice the time)")
+    parser.add_argument("--blend-supports", action="store_true",
+                        help="also score each model with EP1's query slices mixing the two nearest thirds' "
+                             "support predictions by position (row <model>+blend; same trained weights)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -385,7 +389,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
         variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement \
-            + ["at"] * args.area_threshold + ["mirror"] * args.mirror_average
+            + ["at"] * args.area_threshold + ["mirror"] * args.mirror_average \
+            + ["blend"] * args.blend_supports
         for model in models:
             for fold, queries in plan:
                 for variant in variants if model != "registration" else [""]:
