@@ -156,17 +156,44 @@ TEST_TIME = {
 }
 
 
+def test_time(key: str) -> TestTime:
+    """The test-time option of a row's ``+`` part; ``blend+at`` combines options (their model
+    options merged, their switches all on). Unknown keys raise one clear line."""
+    parts = key.split("+")
+    unknown = [k for k in parts if k not in TEST_TIME]
+    if unknown or not key:
+        raise FewShotSegError(f"unknown test-time option '{key}'; available: {', '.join(TEST_TIME)} "
+                              "(combined with '+', e.g. blend+at)")
+    if len(parts) == 1:
+        return TEST_TIME[key]
+    if len(set(parts)) < len(parts) or sum(bool(TEST_TIME[k].model_options) for k in parts) > 1:
+        raise FewShotSegError(f"test-time options '{key}': each at most once, and one of qp, sr at most")
+    options = [TEST_TIME[k] for k in parts]
+    return TestTime({k: v for o in options for k, v in o.model_options.items()},
+                    "; ".join(o.what for o in options),
+                    area_threshold=any(o.area_threshold for o in options),
+                    mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options))
+
+
 def family_of(row: str) -> str:
     """The registered model a row varies: ``crtpnet-mask+qp`` -> ``crtpnet``."""
     name = row.partition("+")[0]
     return VARIANTS[name].model if name in VARIANTS else name
 
 
+def test_time_of(key: str):
+    """`test_time` of a key, or None where it names no option (``""`` or an unknown one)."""
+    try:
+        return test_time(key)
+    except FewShotSegError:
+        return None
+
+
 def describe(row: str) -> str:
     """What a row changes against its registered model, in words."""
     name, _, test_time = row.partition("+")
     parts = ([VARIANTS[name].what] if name in VARIANTS else []) + (
-        [TEST_TIME[test_time].what] if test_time in TEST_TIME else [])
+        [test_time_of(test_time).what] if test_time_of(test_time) else [])
     return "; ".join(parts) or "nothing: the model as registered"
 
 

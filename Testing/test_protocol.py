@@ -212,6 +212,8 @@ def test_bad_data_folder_is_one_clear_line(tmp_path, capsys):
     assert err.startswith("fewshot_protocol: error: no image_N.nii.gz / label_N.nii.gz pairs")
     assert run_protocol(tmp_path, "--data", str(tmp_path / "absent")) == 2
     assert "data folder not found" in capsys.readouterr().err
+    assert run_protocol(tmp_path, "--models", "registration", "--test-time", "blend+bogus") == 2
+    assert capsys.readouterr().err.strip().startswith("fewshot_protocol: error: unknown test-time option 'blend+bogus'")
 
 
 def test_trained_model_setting2_smoke_run(chaos_dir, tmp_path, capsys):
@@ -270,7 +272,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average", "--blend-supports") == 0
+                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -280,7 +282,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     for row, what in (("crtpnet-sameslice+qp", "query prototypes"), ("crtpnet-sameslice+sr", "20 Adam steps"),
                       ("crtpnet-sameslice+at", "query-adaptive threshold"),
                       ("crtpnet-sameslice+mirror", "left-right mirrored"),
-                      ("crtpnet-sameslice+blend", "blended supports")):
+                      ("crtpnet-sameslice+blend", "blended supports"),
+                      ("crtpnet-sameslice+blend+at", "query-adaptive threshold")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
@@ -297,6 +300,9 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
                for r in adaptive["rows"])
     blended = json.loads((folder / "crtpnet-sameslice+blend" / "fold_0_s1.json").read_text())
     assert [r["ep2"] for r in blended["rows"]] == [r["ep2"] for r in fold["rows"]]
+    both = json.loads((folder / "crtpnet-sameslice+blend+at" / "fold_0_s1.json").read_text())
+    assert any("blended supports" in n for n in both["notes"]) and all("ep1_thresholds" in r for r in both["rows"])
+    assert P.family_of("crtpnet-sameslice+blend+at") == "crtpnet"
     # A longer-training row trains its model steps_scale times the budget's steps, in the same table.
     longer = json.loads((tmp_path / "work" / "crtpnet-4x" / "fold_0" / "s1" / "config.json").read_text())
     assert longer["steps"] == 4 and P.steps_of("crtpnet", 1) == 1
@@ -329,6 +335,17 @@ def test_blended_supports_weigh_the_nearest_thirds_by_position():
     assert weights[15] == pytest.approx({0: 7 / 12, 1: 5 / 12}) and weights[16] == pytest.approx({1: 7 / 12, 0: 5 / 12})
     assert weights[21] == pytest.approx({1: 7 / 12, 2: 5 / 12}) and weights[25] == {2: 1.0}
     assert P.ep1_support_weights({}) == {}
+
+
+def test_test_time_options_combine_with_plus():
+    combined = P.test_time("blend+mirror+qp")
+    assert combined.blended and combined.mirrored and not combined.area_threshold
+    assert combined.model_options == {"query_prototypes": True} and "blended supports" in combined.what
+    assert P.test_time("at") is P.TEST_TIME["at"] and P.test_time_of("nope") is None
+    for bad in ("", "at+at", "qp+sr", "blend+"):
+        with pytest.raises(FewShotSegError, match="test-time option"):
+            P.test_time(bad)
+    assert "left-right mirrored" in P.describe("dfdt-4x+blend+mirror") and "4x" in P.describe("dfdt-4x+blend+mirror")
 
 
 def test_area_matched_threshold_follows_the_support_area():

@@ -130,11 +130,12 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
 def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None,
              variant: str = ""):
     """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made).
-    ``variant``: a key of ``P.TEST_TIME``: the same trained weights, scored with that option."""
+    ``variant``: a `P.test_time` key (``at``, ``blend+at``): the same trained weights, scored with it."""
     from Training.provenance import hardware
     start = time.perf_counter()
     notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
     evaluations = []
+    option = P.test_time(variant) if variant else P.TestTime({}, "")
     if model == "registration":
         ev = P.evaluate(P.RegistrationPredictor(PreprocessConfig(size=args.size)), data_dir, fold.support,
                         queries, list(P.CLASSES), progress=log)
@@ -151,11 +152,11 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         if model in P.VARIANTS:
             notes.append(f"{P.VARIANTS[model].model} variant: {P.VARIANTS[model].what}")
         if variant:
-            notes.append(P.TEST_TIME[variant].what)
+            notes.append(option.what)
         for path, classes in jobs:
             ckpt = load_checkpoint(path, device=args.device)
             if variant:
-                ckpt.model.config.update(P.TEST_TIME[variant].model_options)
+                ckpt.model.config.update(option.model_options)
             leaked = trained_on_queries(ckpt.provenance, data_dir, queries)
             if leaked:
                 compliant = False
@@ -166,11 +167,11 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                                 "hardware": ckpt.provenance.get("hardware"),
                                 "code_version": ckpt.provenance.get("code_version")})
             predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
-            if variant and P.TEST_TIME[variant].mirrored:
+            if option.mirrored:
                 predictor = P.MirrorAveragePredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
-                                          area_threshold=bool(variant) and P.TEST_TIME[variant].area_threshold,
-                                          blend_supports=bool(variant) and P.TEST_TIME[variant].blended))
+                                          area_threshold=option.area_threshold,
+                                          blend_supports=option.blended))
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
@@ -315,6 +316,9 @@ def parse(argv):
     parser.add_argument("--blend-supports", action="store_true",
                         help="also score each model with EP1's query slices mixing the two nearest thirds' "
                              "support predictions by position (row <model>+blend; same trained weights)")
+    parser.add_argument("--test-time", default="",
+                        help="further test-time rows, comma-separated, each one option or several joined by "
+                             "'+' (e.g. blend+at,blend+mirror: row <model>+blend+at; same trained weights)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -351,7 +355,11 @@ def prepare(args):
     for m in models:
         if m not in known:
             raise FewShotSegError(f"unknown model '{m}'; available: {', '.join(known)}")
-    if args.query_prototypes:
+    args.test_time = [k.strip() for k in args.test_time.split(",") if k.strip()]
+    for key in args.test_time:
+        P.test_time(key)  # fails early, naming the key
+    wants_qp = args.query_prototypes or any("qp" in key.split("+") for key in args.test_time)
+    if wants_qp:
         from FewShotSegLib.models.registry import model_class
         for m in models:
             if m != "registration" and not model_class(P.model_of(m)[0]).supports_query_prototypes:
@@ -361,7 +369,7 @@ def prepare(args):
     for c in args.checkpoint:
         path = Path(c).resolve()
         ckpt = load_checkpoint(path)  # fails early, naming the file
-        if args.query_prototypes and not ckpt.model.supports_query_prototypes:
+        if wants_qp and not ckpt.model.supports_query_prototypes:
             raise FewShotSegError(f"--query-prototypes: {path} holds a '{ckpt.model.name}' model, which does "
                                   "not take query prototypes (alpnet and crtpnet do)")
         checkpoints.append((f"{_safe(path.stem)}-checkpoint", path, ckpt.preprocess.size))
@@ -390,7 +398,8 @@ def main(argv=None) -> int:
         settings, models, checkpoints, data_dir, plan, base = prepare(args)
         variants = [""] + ["qp"] * args.query_prototypes + ["sr"] * args.support_refinement \
             + ["at"] * args.area_threshold + ["mirror"] * args.mirror_average \
-            + ["blend"] * args.blend_supports
+            + ["blend"] * args.blend_supports + args.test_time
+        variants = list(dict.fromkeys(variants))
         for model in models:
             for fold, queries in plan:
                 for variant in variants if model != "registration" else [""]:
