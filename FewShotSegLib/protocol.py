@@ -156,7 +156,7 @@ TEST_TIME = {
 }
 
 
-def test_time(key: str) -> TestTime:
+def test_time_option(key: str) -> TestTime:
     """The test-time option of a row's ``+`` part; ``blend+at`` combines options (their model
     options merged, their switches all on). Unknown keys raise one clear line."""
     parts = key.split("+")
@@ -181,19 +181,19 @@ def family_of(row: str) -> str:
     return VARIANTS[name].model if name in VARIANTS else name
 
 
-def test_time_of(key: str):
-    """`test_time` of a key, or None where it names no option (``""`` or an unknown one)."""
+def known_test_time(key: str):
+    """`test_time_option` of a key, or None where it names no option (``""`` or an unknown one)."""
     try:
-        return test_time(key)
+        return test_time_option(key)
     except FewShotSegError:
         return None
 
 
 def describe(row: str) -> str:
     """What a row changes against its registered model, in words."""
-    name, _, test_time = row.partition("+")
+    name, _, key = row.partition("+")
     parts = ([VARIANTS[name].what] if name in VARIANTS else []) + (
-        [test_time_of(test_time).what] if test_time_of(test_time) else [])
+        [known_test_time(key).what] if known_test_time(key) else [])
     return "; ".join(parts) or "nothing: the model as registered"
 
 

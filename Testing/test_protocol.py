@@ -338,13 +338,13 @@ def test_blended_supports_weigh_the_nearest_thirds_by_position():
 
 
 def test_test_time_options_combine_with_plus():
-    combined = P.test_time("blend+mirror+qp")
+    combined = P.test_time_option("blend+mirror+qp")
     assert combined.blended and combined.mirrored and not combined.area_threshold
     assert combined.model_options == {"query_prototypes": True} and "blended supports" in combined.what
-    assert P.test_time("at") is P.TEST_TIME["at"] and P.test_time_of("nope") is None
+    assert P.test_time_option("at") is P.TEST_TIME["at"] and P.known_test_time("nope") is None
     for bad in ("", "at+at", "qp+sr", "blend+"):
         with pytest.raises(FewShotSegError, match="test-time option"):
-            P.test_time(bad)
+            P.test_time_option(bad)
     assert "left-right mirrored" in P.describe("dfdt-4x+blend+mirror") and "4x" in P.describe("dfdt-4x+blend+mirror")
 
 

@@ -130,12 +130,12 @@ def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir
 def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_dir: Path, checkpoint=None,
              variant: str = ""):
     """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made).
-    ``variant``: a `P.test_time` key (``at``, ``blend+at``): the same trained weights, scored with it."""
+    ``variant``: a `P.test_time_option` key (``at``, ``blend+at``): the same trained weights, scored with it."""
     from Training.provenance import hardware
     start = time.perf_counter()
     notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
     evaluations = []
-    option = P.test_time(variant) if variant else P.TestTime({}, "")
+    option = P.test_time_option(variant) if variant else P.TestTime({}, "")
     if model == "registration":
         ev = P.evaluate(P.RegistrationPredictor(PreprocessConfig(size=args.size)), data_dir, fold.support,
                         queries, list(P.CLASSES), progress=log)
@@ -357,7 +357,7 @@ def prepare(args):
             raise FewShotSegError(f"unknown model '{m}'; available: {', '.join(known)}")
     args.test_time = [k.strip() for k in args.test_time.split(",") if k.strip()]
     for key in args.test_time:
-        P.test_time(key)  # fails early, naming the key
+        P.test_time_option(key)  # fails early, naming the key
     wants_qp = args.query_prototypes or any("qp" in key.split("+") for key in args.test_time)
     if wants_qp:
         from FewShotSegLib.models.registry import model_class
