@@ -192,8 +192,8 @@ def known_test_time(key: str):
 def describe(row: str) -> str:
     """What a row changes against its registered model, in words."""
     name, _, key = row.partition("+")
-    parts = ([VARIANTS[name].what] if name in VARIANTS else []) + (
-        [known_test_time(key).what] if known_test_time(key) else [])
+    option = known_test_time(key)
+    parts = ([VARIANTS[name].what] if name in VARIANTS else []) + ([option.what] if option else [])
     return "; ".join(parts) or "nothing: the model as registered"
 
 
