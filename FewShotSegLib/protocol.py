@@ -94,6 +94,8 @@ VARIANTS = {
     "alpnet-os4": Variant("alpnet", {"output_stride": 4}, "64x64 features: output stride 4"),
     "crtpnet-4x": Variant("crtpnet", {}, "4x the budget's training steps (does the budget limit it?)",
                           steps_scale=4),
+    "crtpnet-8x": Variant("crtpnet", {}, "8x the budget's training steps (do steps still help past 4x?)",
+                          steps_scale=8),
     "dfdt-4x": Variant("dfdt", {}, "4x the budget's training steps (does DFDT gain more from them than crtpnet?)",
                        steps_scale=4),
     "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
