@@ -289,9 +289,10 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
         assert f"| **{row}** (ours) | S1 |" in (tmp_path / "results" / "protocol_t.md").read_text()
     assert P.family_of("crtpnet-sameslice+sr") == "crtpnet" and P.describe("alpnet") == "nothing: the model as registered"
-    # Variant and test-time rows keep their own fold figure but stay out of the run's
-    # example figure (it would grow by a tile strip per row); here every row is one.
-    assert (folder / "crtpnet-sameslice+sr" / "fold_0_s1.png").stat().st_size > 1000
+    # Variant and test-time rows keep their fold figure in the work dir, out of the results
+    # (committed: ~0.2 MB a fold) and out of the run's example figure; here every row is one.
+    assert (tmp_path / "work" / "figures" / "crtpnet-sameslice+sr" / "fold_0_s1.png").stat().st_size > 1000
+    assert not list(folder.glob("*/*.png"))
     assert not (tmp_path / "results" / "protocol_t_examples.png").exists()
     # The adaptive threshold changes EP1's binarisation only: one threshold per third, in range; EP2 as before.
     adaptive = json.loads((folder / "crtpnet-sameslice+at" / "fold_0_s1.json").read_text())

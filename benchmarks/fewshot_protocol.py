@@ -230,17 +230,27 @@ def process(args, base, model, fold, queries, settings, data_dir, checkpoint=Non
         log(f"{model} fold {fold.index}: queries {','.join(queries)}, support {fold.support}")
         payload, examples = run_fold(args, base, model, fold, queries, "s1", data_dir)
         for setting, path, key in todo:
-            _write(path, {**payload, "setting": setting, "key": key}, examples)
+            _write(args, path, {**payload, "setting": setting, "key": key}, examples)
         return
     for setting, path, key in todo:
         log(f"{row} fold {fold.index} {setting}: queries {','.join(queries)}, support {fold.support}")
         payload, examples = run_fold(args, base, model, fold, queries, setting, data_dir, checkpoint, variant)
-        _write(path, {**payload, "key": key}, examples)
+        _write(args, path, {**payload, "key": key}, examples)
 
 
-def _write(path: Path, payload: dict, examples) -> None:
+def fold_figure_path(args, path: Path) -> Path:
+    """Where a fold's example figure goes: beside its JSON for a registered model or the
+    baseline; under the work dir (not committed) for variant and test-time rows, whose
+    ~0.2 MB figures had grown benchmarks/results past 35 MB."""
+    row = path.parent.name
+    if P.family_of(row) == row:
+        return path.with_suffix(".png")
+    return args.work_dir / "figures" / row / path.with_suffix(".png").name
+
+
+def _write(args, path: Path, payload: dict, examples) -> None:
     if examples:
-        save_overview(path.with_suffix(".png"), examples, tile=160)
+        save_overview(fold_figure_path(args, path), examples, tile=160)
     write_json(path, payload)
     m = payload["mean_dice"]
     log(f"  -> {path}: mean Dice EP1 {m['ep1']:.3f}  EP1+post {m['ep1_post']:.3f}  EP2 {m['ep2']:.3f}  "
