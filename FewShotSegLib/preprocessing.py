@@ -25,14 +25,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from .errors import FewShotSegError
+
+if TYPE_CHECKING:  # the annotation only; training from slice packs runs without SimpleITK
+    import SimpleITK as sitk
 
 MODALITIES = ("auto", "ct", "mr")
 _CHUNK_VOXELS = 1 << 22        # voxels per chunk when scanning a volume (16 MB as float32)
@@ -530,6 +532,8 @@ def prepare_volume(image: sitk.Image, axis: Union[str, int], cfg: PreprocessConf
     ``axis``: 'axial' | 'coronal' | 'sagittal' (see `imageio.array_axis_for`) or a numpy
     axis index. Cheap: model-grid slices are made by `PreparedVolume.model_slices`.
     """
+    import SimpleITK as sitk
+
     from .imageio import array_axis_for
 
     if not isinstance(image, sitk.Image):

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from FewShotSegLib.imageio import read_image
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 
 SUPERPIXEL_PARAMS = {"scale": 1.0, "sigma": 1.0, "min_size": 400}
@@ -104,6 +103,7 @@ class VolumeSlices:
                  exclude_labels: tuple | None = None):
         """``exclude_labels``: ``(label file, values)``; slices whose label contains ANY of
         the values take no part in any episode (few-shot setting 2, see `excluded_slices`)."""
+        from FewShotSegLib.imageio import read_image  # SimpleITK: not needed for slice packs
         self.image_path, self.label_path = Path(image_path), label_path and Path(label_path)
         image = read_image(self.image_path)
         prepared = prepare_volume(image, axis, preprocess)

@@ -40,11 +40,13 @@ from FewShotSegLib.models import build_model  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.episodes import (AugmentConfig, EpisodeDataset, EpisodeSampler, VolumeSlices,  # noqa: E402
                                worker_init)
+from Training.slice_packs import load_pack  # noqa: E402
 from FewShotSegLib.model_store import sha256_of  # noqa: E402
 from Training.provenance import cores, display_path, git_commit, hardware  # noqa: E402
 
 DATA_DEFAULTS = {
     "images": [],                 # globs of unlabeled volumes (superpixel episodes)
+    "packs": [],                  # globs of slice packs (Training/slice_packs.py): the same, pre-computed
     "exclude": [],                # globs removed from "images" (e.g. a test fold)
     "labels": [],                 # [image glob, label glob] pairs (supervised episodes)
     "label_probability": None,    # share of labelled episodes when both kinds exist
@@ -54,7 +56,8 @@ DATA_DEFAULTS = {
     "adjacent_probability": 0.0,  # query = neighbouring slice instead of the same slice
     # few-shot setting 2: {"labels": [label globs], "values": [ints]}; a slice of an "images"
     # volume whose label (paired by the numbers in the file names) holds ANY of the values
-    # is never used (strict rule, SSL-ALPNet). None: keep every slice.
+    # is never used (strict rule, SSL-ALPNet). Packs carry their labels' per-slice values, so
+    # packs alone need only {"values": [ints]}. None: keep every slice.
     "exclude_labels": None,
 }
 DEFAULTS = {
@@ -154,16 +157,26 @@ def _pairs(pairs, bases) -> list[tuple[Path, Path]]:
     return out
 
 
-def _exclusion_labels(spec, images: list[Path], bases) -> dict:
-    """``data.exclude_labels`` -> {image: (its label file, values)}. Every image needs its
-    label (same numbers in the file name): a slice we cannot check would leak a test class."""
+def _exclusion_values(spec, images: list[Path]) -> tuple:
+    """The label values of ``data.exclude_labels`` (``()`` for None), its shape checked."""
     if spec is None:
-        return {}
-    if not isinstance(spec, dict) or set(spec) != {"labels", "values"}:
-        raise FewShotSegError('data.exclude_labels must be {"labels": [globs], "values": [ints]}')
+        return ()
+    keys = {"labels", "values"} if images else {"values"}
+    if not isinstance(spec, dict) or not keys <= set(spec) <= {"labels", "values"}:
+        raise FewShotSegError('data.exclude_labels must be {"labels": [globs], "values": [ints]}'
+                              + ("" if images else ' (or {"values": [ints]} for packs alone)'))
     values = spec["values"]
     if not isinstance(values, list) or not values or not all(isinstance(v, int) and v > 0 for v in values):
         raise FewShotSegError(f"data.exclude_labels.values must be positive integers, not {values!r}")
+    return tuple(values)
+
+
+def _exclusion_labels(spec, images: list[Path], bases) -> dict:
+    """``data.exclude_labels`` -> {image: (its label file, values)}. Every image needs its
+    label (same numbers in the file name): a slice we cannot check would leak a test class."""
+    values = _exclusion_values(spec, images)
+    if not values or not images:
+        return {}
     patterns = [spec["labels"]] if isinstance(spec["labels"], str) else list(spec["labels"])
     key = lambda p: tuple(re.findall(r"\d+", p.name))  # noqa: E731
     labels = {}
@@ -303,8 +316,9 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     excluded = set(_expand(data["exclude"], bases, required=False))
     images = [p for p in (_expand(data["images"], bases) if data["images"] else []) if p not in excluded]
     pairs = [(i, lab) for i, lab in _pairs(data["labels"], bases) if i not in excluded]
-    if not images and not pairs:
-        raise FewShotSegError("the config lists no training images (data.images or data.labels)")
+    packs = [p for p in (_expand(data["packs"], bases) if data["packs"] else []) if p not in excluded]
+    if not images and not pairs and not packs:
+        raise FewShotSegError("the config lists no training images (data.images, data.packs or data.labels)")
     cache = data.get("cache_dir")
     cache = (ROOT / cache) if cache and not os.path.isabs(cache) else cache
     if world > 1 and cache:
@@ -314,13 +328,15 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     excluding = _exclusion_labels(data.get("exclude_labels"), images, bases)
     volumes = [VolumeSlices(p, preprocess, data["axis"], cache, exclude_labels=excluding.get(p)) for p in images]
     volumes += [VolumeSlices(i, preprocess, data["axis"], None, label_path=lab) for i, lab in pairs]
+    values = _exclusion_values(data.get("exclude_labels"), images)
+    volumes += [load_pack(p, preprocess, data["axis"], values) for p in packs]
     try:
         sampler = EpisodeSampler(volumes, augment, seed=config["seed"], rank=rank,
                                  adjacent_probability=data.get("adjacent_probability", 0.0),
                                  label_probability=data.get("label_probability"))
     except ValueError as exc:
         raise FewShotSegError(f"no usable training slices: {exc}") from None
-    files = images + [f for pair in pairs for f in pair]
+    files = images + [f for pair in pairs for f in pair] + packs
     return sampler, files, preprocess
 
 
@@ -386,6 +402,9 @@ def make_scheduler(optimizer, config):
 
 def _train(config, resume, argv, device, rank, world, out) -> Path:
     sampler, files, preprocess = build_sampler(config, rank, world, device)
+    # a pack stands for its source scan: the protocol checks these hashes against its query scans
+    pack_sources = {display_path(v.image_path): v.pack_meta["source_sha256"]
+                    for v in sampler.volumes if hasattr(v, "pack_meta")}
     torch.manual_seed(config["seed"])  # same initial weights on every rank
     model = build_model(config["model"], **config["model_config"]).to(device).train()
     freeze_early_layers(model, config["freeze_backbone_blocks"])
@@ -462,12 +481,14 @@ def _train(config, resume, argv, device, rank, world, out) -> Path:
             "world_size": world, "config": json.dumps(config, default=str)})
         provenance = {
             "data": [display_path(p) for p in files], "data_sha256": {display_path(p): sha256_of(p) for p in files},
+            "pack_sources_sha256": pack_sources,
             "steps": step, "episodes": step * world * config["batch_size"], "command": command,
             "arguments": list(argv) if argv is not None else None, "code_version": git_commit(),
             "wall_seconds": round(elapsed, 1), "hardware": hardware(device, world), "world_size": world,
             "torch": str(torch.__version__), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "seed": config["seed"], "final": final, "config": json.dumps(config, default=str),
-            "training": ("self-supervised superpixel episodes" if config["data"]["images"] else "")
+            "training": ("self-supervised superpixel episodes" if config["data"]["images"] or config["data"]["packs"]
+                         else "")
                         + (" + supervised label episodes" if labelled else "")}
         save_checkpoint(out / f"{config['name']}.pt", model, preprocess=preprocess, provenance=provenance,
                         card=config.get("card", {}))

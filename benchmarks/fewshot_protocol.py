@@ -35,6 +35,7 @@ from FewShotSegLib.model_store import sha256_of  # noqa: E402
 from FewShotSegLib.models import available_models  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
+from Training.slice_packs import SUFFIX as PACK_SUFFIX  # noqa: E402
 
 PROG = "fewshot_protocol"
 DEFAULT_CONFIG = ROOT / "Training" / "configs" / "ssl_default.json"
@@ -61,7 +62,8 @@ def _device(name: str) -> str:
 def trained_on_queries(provenance: dict, data_dir: Path, queries: list[str]) -> list[str]:
     """Query scans whose image a checkpoint was trained on: by content (sha256) when the
     provenance has hashes, else by file name."""
-    hashes = set((provenance.get("data_sha256") or {}).values())
+    hashes = set((provenance.get("data_sha256") or {}).values()) | set(
+        (provenance.get("pack_sources_sha256") or {}).values())  # a slice pack stands for its scan
     names = {Path(p).name for p in provenance.get("data") or []}
     hit = []
     for case in queries:
@@ -87,31 +89,42 @@ def can_rescore(args, model: str, fold: P.Fold, setting: str, checkpoint) -> boo
     return all((fold_model_dir(args, model, fold, g) / "model.pt").is_file() for g in groups)
 
 
-def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir: Path) -> Path:
-    """Train (or resume, or reuse) one fold's model on the images outside the fold.
+def fold_training_config(args, base: dict, model: str, fold: P.Fold, group, data_dir: Path,
+                         packs: Path | None = None) -> dict:
+    """The training config of one fold's model: the images outside the fold, or, with
+    ``packs`` (a folder of `Training.slice_packs` files, for a leased GPU), their packs.
 
     ``group``: None for setting 1; the test classes for setting 2, whose slices the
     training config's ``exclude_labels`` removes (strict rule)."""
-    from Training.train import load_config, train
     out = fold_model_dir(args, model, fold, group)
-    setting = out.name
     chaos = data_dir / "chaos_t2"
     data = {**base.get("data", {}), **P.training_data_of(model), "labels": [], "exclude": [],
-            "images": [str(chaos / f"image_{c}.nii.gz") for c in fold.train],
             "preprocess": {**base.get("data", {}).get("preprocess", {}), "size": args.size},
-            "cache_dir": str(args.cache_dir),
-            "exclude_labels": None if group is None else {
-                "labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train], "values": list(group)}}
+            "cache_dir": str(args.cache_dir)}
+    if packs is None:
+        data.update(images=[str(chaos / f"image_{c}.nii.gz") for c in fold.train], exclude_labels=None if (
+            group is None) else {"labels": [str(chaos / f"label_{c}.nii.gz") for c in fold.train],
+                                 "values": list(group)})
+    else:
+        data.update(images=[], packs=[str(packs / f"image_{c}{PACK_SUFFIX}") for c in fold.train],
+                    exclude_labels=None if group is None else {"values": list(group)})
     arch, options = P.model_of(model)
-    steps = P.steps_of(model, args.steps)
-    config = {**base, **P.training_of(model), "name": "model", "model": arch, "steps": steps, "device": args.device,
-              "model_config": {**base.get("model_config", {}), **options}, "out": str(out), "data": data,
-              "card": {"description": f"few-shot protocol, fold {fold.index}, {setting}: self-supervised on "
-                                      f"the {len(fold.train)} scans outside the fold"}}
+    config = {**base, **P.training_of(model), "name": "model", "model": arch, "steps": P.steps_of(model, args.steps),
+              "device": args.device, "model_config": {**base.get("model_config", {}), **options}, "out": str(out),
+              "data": data, "card": {"description": f"few-shot protocol, fold {fold.index}, {out.name}: "
+                                                    f"self-supervised on the {len(fold.train)} scans outside the fold"}}
     if args.threads:
         config["num_threads"] = args.threads
     if args.device.startswith("cuda"):
         config.setdefault("num_workers", 4)  # episodes are built on the CPU, ahead of the GPU
+    return config
+
+
+def train_fold_model(args, base: dict, model: str, fold: P.Fold, group, data_dir: Path) -> Path:
+    """Train (or resume, or reuse) one fold's model on the images outside the fold."""
+    from Training.train import load_config, train
+    config = fold_training_config(args, base, model, fold, group, data_dir)
+    out, setting, steps = Path(config["out"]), Path(config["out"]).name, config["steps"]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
     release = out / "model.pt"

@@ -166,13 +166,19 @@ class EffNetLite0Backbone(nn.Module):
     TAPS = {4: 2, 8: 4, 16: 10}  # stride -> index of the last block at that stride
 
     def __init__(self, pretrained=True, weights=None, output_stride=8):
+        """``weights``: the whole classifier's state dict (the package's file) or this
+        backbone's own (`save_backbone_weights`: 2.8 MB instead of 19, for a leased machine)."""
         super().__init__()
         full = EfficientNetLite0()
-        if pretrained:
-            path = weights or effnet_lite0_weights_path()
-            _strict_load(full, _load_state_dict(path), path)
+        path = (weights or effnet_lite0_weights_path()) if pretrained else None
+        state = _load_state_dict(path) if path else None
+        whole = state is not None and "_fc.weight" in state
+        if whole:
+            _strict_load(full, state, path)
         self._conv_stem, self._bn0 = full._conv_stem, full._bn0
         self._blocks = nn.ModuleList(list(full._blocks)[: self.TAPS[16] + 1])  # head never runs
+        if state is not None and not whole:
+            _strict_load(self, state, path)
         self.output_stride = output_stride
         self.taps = [s for s in (4, 8, 16) if s >= output_stride]
         self.out_channels = sum({4: 24, 8: 40, 16: 112}[s] for s in self.taps)
@@ -187,6 +193,18 @@ class EffNetLite0Backbone(nn.Module):
         size = outs[0].shape[-2:]
         return torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
                                       for o in outs[1:]], dim=1)
+
+
+def save_backbone_weights(path, name: str = "effnet-lite0") -> Path:
+    """The ImageNet initialisation of ``name``'s backbone alone, as a state dict file
+    (``backbone_weights`` of a model config); written whole or not at all."""
+    backbone = build_backbone(name, pretrained=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(backbone.state_dict(), tmp)
+    tmp.replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- ResNet
