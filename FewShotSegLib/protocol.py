@@ -96,9 +96,9 @@ VARIANTS = {
                           steps_scale=4),
     "crtpnet-8x": Variant("crtpnet", {}, "8x the budget's training steps (do steps still help past 4x?)",
                           steps_scale=8),
-    "crtpnet-4x-ft": Variant("crtpnet", {}, "4x the budget's steps with the whole backbone trained (the CPU "
-                             "budget freezes its first 5 blocks, the stride-8 features among them, for speed)",
-                             steps_scale=4, training={"freeze_backbone_blocks": 0}),
+    "crtpnet-ft": Variant("crtpnet", {}, "the whole backbone trained (the CPU budget freezes its first 5 "
+                          "blocks, the stride-8 features among them, for speed)",
+                          training={"freeze_backbone_blocks": 0}),
     "dfdt-4x": Variant("dfdt", {}, "4x the budget's training steps (does DFDT gain more from them than crtpnet?)",
                        steps_scale=4),
     "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
