@@ -141,3 +141,33 @@ def test_device_flow_arithmetic_manifest_and_import(tmp_path, monkeypatch):
                     provenance={"final": False, "steps": 700})
     with pytest.raises(FewShotSegError, match="not a finished training"):
         D.import_models(type("A", (), {"folder": str(returned), "run_name": "gpu"})())
+
+
+def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monkeypatch, capsys):
+    """The whole lent-GPU flow on the CPU, in a copy of the layout: every scan packed, one
+    config per (fold, setting / group), all trained at once, the checkpoints returned and
+    placed where the protocol looks for them."""
+    import benchmarks.protocol_on_device as D
+    monkeypatch.setattr(D, "ROOT", tmp_path)
+    assert D.main(["pack", "--models", "crtpnet", "--folds", "0", "--settings", "1,2", "--size", str(SIZE),
+                   "--probe-steps", "2", "--workers", "0", "--data", str(chaos_dir.parent)]) == 0
+    manifest = D.verify(tmp_path / D.PACK)
+    assert [c["name"] for c in manifest["configs"]] == ["crtpnet__fold_0__s1", "crtpnet__fold_0__s2_1-4",
+                                                         "crtpnet__fold_0__s2_2-3"]
+    assert len(list((tmp_path / D.PACK / "packs").glob("*.pack.xz"))) == 20
+    s2 = json.loads((tmp_path / D.PACK / "configs" / "crtpnet__fold_0__s2_1-4.json").read_text())
+    assert s2["data"]["exclude_labels"] == {"values": [1, 4]} and len(s2["data"]["packs"]) == 16
+    assert not any("image_1." in p or "image_5." in p for p in s2["data"]["packs"])   # fold 0's queries
+    out = tmp_path / "returned"
+    assert D.main(["train", "--device", "cpu", "--minutes", "0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "device_train.json").read_text())
+    assert report["steps"] == 2 and report["exit_codes"] == [0, 0, 0] and len(report["returned"]) == 3
+    capsys.readouterr()
+    assert D.main(["import", str(out), "--run-name", "gpu"]) == 0
+    assert "--models crtpnet --folds 0 --settings 1,2 --steps 2 --size 64" in capsys.readouterr().out
+    placed = tmp_path / "runs" / "protocol" / "gpu" / "crtpnet" / "fold_0"
+    assert sorted(p.name for p in placed.iterdir()) == ["s1", "s2_1-4", "s2_2-3"]
+    # a damaged pack is caught before any training starts
+    victim = next((tmp_path / D.PACK / "packs").glob("*.pack.xz"))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    assert D.main(["train", "--device", "cpu", "--minutes", "0.5", "--out", str(out)]) == 2

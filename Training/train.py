@@ -406,7 +406,12 @@ def _train(config, resume, argv, device, rank, world, out) -> Path:
     pack_sources = {display_path(v.image_path): v.pack_meta["source_sha256"]
                     for v in sampler.volumes if hasattr(v, "pack_meta")}
     torch.manual_seed(config["seed"])  # same initial weights on every rank
-    model = build_model(config["model"], **config["model_config"]).to(device).train()
+    model_config = dict(config["model_config"])
+    if model_config.get("backbone_weights") and model_config.get("pretrained", True):
+        # like the data globs: relative to the config's folder, then the repository root
+        bases = [Path(config.get("_config_dir", ROOT)), ROOT]
+        model_config["backbone_weights"] = str(_expand([model_config["backbone_weights"]], bases)[0])
+    model = build_model(config["model"], **model_config).to(device).train()
     freeze_early_layers(model, config["freeze_backbone_blocks"])
     loss_module = EpisodeLoss(model, config["class_weights"], config["align_weight"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -38,8 +38,9 @@ if str(ROOT) not in sys.path:
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.model_store import sha256_of  # noqa: E402
 
-PACK = Path(".devpack")                    # relative: the configs must work in the device's copy
+PACK = Path(".devpack")                    # under ROOT; ignored by git, carried to the device
 MANIFEST = "manifest.json"
+TRAIN_SCRIPT = ROOT / "Training" / "train.py"
 BACKBONE = "backbone-effnet-lite0.pt"
 
 
@@ -94,11 +95,12 @@ def pack(args) -> Path:
         for fold in folds:
             for setting in settings:
                 for group in ([None] if setting == "s1" else P.S2_GROUPS):
-                    config = FP.fold_training_config(fold_args, base, row, fold, group, data_dir, PACK / "packs")
+                    # paths relative to the config's folder: the pack works wherever it is copied
+                    config = FP.fold_training_config(fold_args, base, row, fold, group, data_dir, Path("../packs"))
                     config["steps"] = args.probe_steps    # the first leg; `train` resumes to K x the row's scale
                     config["num_workers"] = args.workers
                     config["checkpoint_every"] = args.probe_steps
-                    config["model_config"]["backbone_weights"] = str(PACK / BACKBONE)
+                    config["model_config"]["backbone_weights"] = f"../{BACKBONE}"
                     name = _stem(row, fold.index, Path(config["out"]).name)
                     write_json(out / "configs" / f"{name}.json", config)
                     configs.append({"name": name, "row": row, "fold": fold.index, "setting": Path(config["out"]).name,
@@ -128,24 +130,15 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
-def _last_step(run_dir: Path) -> tuple[int, float]:
-    """(step, seconds) of a run's last log line."""
-    lines = (ROOT / run_dir / "log.jsonl").read_text().strip().splitlines()
-    for line in reversed(lines):
-        entry = json.loads(line)
-        if "step" in entry and "seconds" in entry:
-            return int(entry["step"]), float(entry["seconds"])
-    return 0, 0.0
-
-
 def _run_all(configs: list[dict], folder: Path, extra: list[str], logs: Path, deadline: float) -> list[int]:
     """Every training at once (one process each); their exit codes. At ``deadline`` (time.time())
     the ones still running are asked to stop (SIGTERM: state saved, checkpoint not final)."""
     procs = []
     for c in configs:
         handle = open(logs / f"{c['name']}.log", "a")
-        procs.append((subprocess.Popen([sys.executable, str(ROOT / "Training" / "train.py"), "--config",
-                                        str(folder / "configs" / f"{c['name']}.json"), *extra],
+        procs.append((subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config",
+                                        str(folder / "configs" / f"{c['name']}.json"),
+                                        "--out", str(ROOT / c["out"]), *extra],
                                        cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}), handle))
     codes = []
