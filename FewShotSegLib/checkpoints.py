@@ -10,7 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -39,18 +39,30 @@ class LoadedCheckpoint:
     extra: dict = field(default_factory=dict)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
+def atomic_write(path, write: Callable[[BinaryIO], None], shared: bool = False) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, then rename: never a
+    half-written file. ``shared``: the umask's usual mode instead of mkstemp's 0600 (a cache
+    that other users or DDP ranks read)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        if shared:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model: torch.nn.Module, *, kind: str = "fewshot",

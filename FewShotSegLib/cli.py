@@ -15,7 +15,6 @@ from .progress import progress_bar
 
 
 def cmd_propagate(args) -> int:
-    import numpy as np
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint
     from .imageio import read_image, read_mask_like, select_label

@@ -9,7 +9,6 @@ resume and its error messages. Real-scan tests skip without ../shared/data; size
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ refiner trainer and the `fewshotseg refine` command. Tiny models keep it fast on
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

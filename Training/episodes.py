@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
+from FewShotSegLib.checkpoints import atomic_write
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 
 SUPERPIXEL_PARAMS = {"scale": 1.0, "sigma": 1.0, "min_size": 400}
@@ -147,19 +146,7 @@ class VolumeSlices:
         regions = np.stack([superpixels(s) for s in self.slices.numpy()])
         if path is not None:
             # a unique temporary name: several DDP ranks may fill the same cache at once
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez_compressed(f, regions=regions)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write(path, lambda f: np.savez_compressed(f, regions=regions), shared=True)
         return regions
 
     def _valid_slices(self) -> list[tuple[int, np.ndarray]]:

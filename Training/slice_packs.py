@@ -18,13 +18,12 @@ from __future__ import annotations
 import io
 import json
 import lzma
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from FewShotSegLib.checkpoints import atomic_write
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.model_store import sha256_of
 from FewShotSegLib.preprocessing import PreprocessConfig
@@ -66,17 +65,7 @@ def write_pack(image_path, out_path, preprocess: PreprocessConfig, axis: str = "
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes, regions=volume.regions.astype(np.int16), classes=classes,
              meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:  # a pack is whole or absent
-        with os.fdopen(fd, "wb") as f:
-            f.write(lzma.compress(buffer.getvalue(), preset=9))
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out_path
+    return atomic_write(out_path, lambda f: f.write(lzma.compress(buffer.getvalue(), preset=9)))  # whole or absent
 
 
 def read_pack(path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
