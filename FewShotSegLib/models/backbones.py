@@ -198,13 +198,9 @@ class EffNetLite0Backbone(nn.Module):
 def save_backbone_weights(path, name: str = "effnet-lite0") -> Path:
     """The ImageNet initialisation of ``name``'s backbone alone, as a state dict file
     (``backbone_weights`` of a model config); written whole or not at all."""
-    backbone = build_backbone(name, pretrained=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(backbone.state_dict(), tmp)
-    tmp.replace(path)
-    return path
+    from ..checkpoints import atomic_write
+    state = build_backbone(name, pretrained=True).state_dict()
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 # ----------------------------------------------------------------------------- ResNet
