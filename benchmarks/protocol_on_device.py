@@ -67,10 +67,13 @@ def pack(args) -> Path:
     cases = P.protocol_cases(data_dir)
     folds = P.select_folds(P.make_folds(cases), args.folds)
     rows = [r.strip() for r in args.models.split(",") if r.strip()]
+    from FewShotSegLib.models import available_models
     for row in rows:
-        P.model_of(row)  # a variant or a registered model
         if row == "registration" or "+" in row:
             raise FewShotSegError(f"'{row}' trains nothing: pack a model or a variant")
+        if P.model_of(row)[0] not in available_models():
+            raise FewShotSegError(f"unknown model '{row}'; available: {', '.join(available_models())} "
+                                  f"or a variant ({', '.join(P.VARIANTS)})")
     settings = [f"s{s.strip()}" for s in args.settings.split(",") if s.strip()]
     if not set(settings) <= {"s1", "s2"}:
         raise FewShotSegError(f"--settings must be 1, 2 or 1,2, not '{args.settings}'")
