@@ -140,7 +140,8 @@ def test_device_flow_arithmetic_manifest_and_import(tmp_path, monkeypatch):
     save_checkpoint(returned / "alpnet__fold_3__s1.pt", model, preprocess=PreprocessConfig(size=SIZE),
                     provenance={"final": False, "steps": 700})
     with pytest.raises(FewShotSegError, match="not a finished training"):
-        D.import_models(type("A", (), {"folder": str(returned), "run_name": "gpu"})())
+        D.import_models(type("A", (), {"folder": str(returned), "run_name": "gpu2"})())
+    assert not (tmp_path / "runs" / "protocol" / "gpu2").exists()          # nothing placed on an error
 
 
 def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monkeypatch, capsys):

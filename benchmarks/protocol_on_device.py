@@ -80,7 +80,8 @@ def pack(args) -> Path:
     base = json.loads(FP.DEFAULT_CONFIG.read_text())   # as the protocol reads it
     if load_config(FP.DEFAULT_CONFIG, {})["lr_schedule"] != "step":
         raise FewShotSegError("the probe-then-resume schedule needs lr_schedule 'step'")
-    out = ROOT / PACK
+    final = ROOT / PACK
+    out = final.with_name(final.name + ".partial")   # the old pack stays usable until the new one is whole
     if out.exists():
         shutil.rmtree(out)
     chaos = data_dir / "chaos_t2"
@@ -114,6 +115,10 @@ def pack(args) -> Path:
                                 "code_version": git_commit(),
                                 "sha256": {str(p.relative_to(out)): sha256_of(p) for p in files}})
     total = sum(p.stat().st_size for p in files) / 2**20
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    out = final
     log(f"wrote {out} ({total:.1f} MiB, {len(configs)} trainings); on the device: carry '{PACK}' and run\n"
         f"  python3 benchmarks/protocol_on_device.py train --minutes 8 --out $OUT")
     return out
@@ -184,7 +189,8 @@ def train_on_device(args) -> dict:
     rates = {}
     for c in configs:   # the probe's second half: past start-up and cuDNN's autotuning
         entries = [json.loads(x) for x in (ROOT / c["out"] / "log.jsonl").read_text().splitlines()]
-        timed = [e for e in entries if "step_seconds" in e][len(entries) // 2:]
+        timed = [e for e in entries if "step_seconds" in e]
+        timed = timed[len(timed) // 2:]
         rates[c["name"]] = sum(e["step_seconds"] for e in timed) / max(len(timed), 1)
     restart = 40.0  # seconds: processes, packs and CUDA start again for the second leg
     left = args.minutes * 60 - (probe_end - start) - restart
@@ -215,23 +221,25 @@ def import_models(args) -> list[Path]:
     from FewShotSegLib.checkpoints import load_checkpoint
     source = Path(args.folder)
     report = json.loads((source / "device_train.json").read_text()) if (source / "device_train.json").is_file() else {}
-    placed, steps, sizes = [], set(), set()
-    for path in sorted(source.glob("*__fold_*__*.pt")):
+    plan, steps, sizes = [], set(), set()
+    for path in sorted(source.glob("*__fold_*__*.pt")):   # every file checked before any is placed
         row, fold, setting = path.stem.split("__")
-        ckpt = load_checkpoint(path)   # weights_only; a damaged file stops here, nothing placed
+        ckpt = load_checkpoint(path)   # weights_only; a damaged file stops here
         if not ckpt.provenance.get("final"):
             raise FewShotSegError(f"{path.name} is not a finished training")
         steps.add(int(ckpt.provenance["steps"]))
         sizes.add(int(ckpt.preprocess.size))
-        target = ROOT / "runs" / "protocol" / args.run_name / row / fold / setting / "model.pt"
+        plan.append((path, ROOT / "runs" / "protocol" / args.run_name / row / fold / setting / "model.pt"))
+    if not plan:
+        raise FewShotSegError(f"no <row>__fold_<k>__<setting>.pt checkpoints in {source}")
+    if len(steps) != 1:
+        raise FewShotSegError(f"the checkpoints stopped at different steps {sorted(steps)}: score them one by one")
+    from FewShotSegLib import protocol as P
+    placed = []
+    for path, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
         placed.append(target)
-    if not placed:
-        raise FewShotSegError(f"no <row>__fold_<k>__<setting>.pt checkpoints in {source}")
-    from FewShotSegLib import protocol as P
-    if len(steps) != 1:
-        raise FewShotSegError(f"the checkpoints stopped at different steps {sorted(steps)}: score them one by one")
     folds = sorted({p.parts[-3].split("_")[1] for p in placed})
     settings = sorted({p.parts[-2][1] for p in placed})
     log(f"placed {len(placed)} checkpoints ({report.get('gpu') or 'device'}, {min(steps)} steps); score them with:")
