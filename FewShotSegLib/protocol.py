@@ -99,6 +99,8 @@ VARIANTS = {
     "crtpnet-ft": Variant("crtpnet", {}, "the whole backbone trained (the CPU budget freezes its first 5 "
                           "blocks, the stride-8 features among them, for speed)",
                           training={"freeze_backbone_blocks": 0}),
+    "crtpnet-4x-ft": Variant("crtpnet", {}, "4x the budget's training steps with the whole backbone trained "
+                             "(do the two levers add up?)", steps_scale=4, training={"freeze_backbone_blocks": 0}),
     "dfdt-4x": Variant("dfdt", {}, "4x the budget's training steps (does DFDT gain more from them than crtpnet?)",
                        steps_scale=4),
     "crtpnet-bg02": Variant("crtpnet", {}, "episode loss weights background 0.2 : foreground 1 (SSL-ALPNet's "
