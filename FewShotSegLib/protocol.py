@@ -145,6 +145,7 @@ class TestTime:
     area_threshold: bool = False    # EP1: per-third threshold matching the support's organ area
     mirrored: bool = False          # average with the left-right mirrored episode (MirrorAveragePredictor)
     blended: bool = False           # EP1: blend the two nearest thirds' supports (ep1_support_weights)
+    smoothed: bool = False          # EP1 and EP2: probabilities smoothed across adjacent slices
 
 
 TEST_TIME = {
@@ -160,6 +161,8 @@ TEST_TIME = {
     "blend": TestTime({}, "blended supports (EP1): each query slice's probability mixes the predictions of the "
                           "two nearest thirds' support slices, linearly in its position (the same three labelled "
                           "slices; the papers use its own third's alone; EP2 unchanged)", blended=True),
+    "zs": TestTime({}, "slice smoothing: each scored query slice's probability averaged with its neighbours' "
+                       "(weights 1/4, 1/2, 1/4 along the scan, over the scored slices only)", smoothed=True),
 }
 
 
@@ -179,7 +182,8 @@ def test_time_option(key: str) -> TestTime:
     return TestTime({k: v for o in options for k, v in o.model_options.items()},
                     "; ".join(o.what for o in options),
                     area_threshold=any(o.area_threshold for o in options),
-                    mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options))
+                    mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
+                    smoothed=any(o.smoothed for o in options))
 
 
 def family_of(row: str) -> str:
@@ -335,6 +339,26 @@ def ep1_support_weights(assignment: dict) -> dict:
     return weights
 
 
+def smooth_across_slices(probs: torch.Tensor, slices) -> torch.Tensor:
+    """``probs`` [slices, H, W] with each of ``slices`` averaged with its scored neighbours
+    (weights 1/4, 1/2, 1/4, renormalised where a neighbour is not scored); other slices as
+    they were.
+
+    Why: every query slice is predicted on its own, so an organ's probability flickers from
+    slice to slice where the anatomy changes slowly; the neighbours are a free second and
+    third opinion. Only scored slices take part, so no prediction leaks from outside EP1's
+    range."""
+    idx = sorted(int(z) for z in slices)
+    if len(idx) < 2:
+        return probs
+    out = probs.clone()
+    scored = set(idx)
+    for z in idx:
+        near = [(z + d, w) for d, w in ((-1, 0.25), (0, 0.5), (1, 0.25)) if z + d in scored]
+        out[z] = sum(w * probs[k] for k, w in near) / sum(w for _, w in near)
+    return out
+
+
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class Counts:
@@ -465,12 +489,13 @@ class FoldEvaluation:
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
              axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
-             blend_supports: bool = False) -> FoldEvaluation:
+             blend_supports: bool = False, smooth_slices: bool = False) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
     ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5).
     ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
+    ``smooth_slices``: EP1 and EP2 smooth the probabilities across slices (`smooth_across_slices`).
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
     studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
@@ -510,6 +535,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                 own = [z for z, p in assignment.items() if p == part]
                 if own:
                     thresholds.append((part, own, THRESHOLD))
+            if smooth_slices:
+                probs = smooth_across_slices(probs, assignment)
             volume = q_prep.probs_to_volume(probs)
             if on_ep1 is not None and assignment:
                 on_ep1({"row": row, "volume": volume, "truth": truth, "parts": [(p, zs) for p, zs, _ in thresholds],
@@ -526,6 +553,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                                if assignment else None)
             i = pos[ep2_slice]
             probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
+            if smooth_slices:
+                probs = smooth_across_slices(probs, range(n))
             ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
             row["ep2"] = count(ep2_pred, truth).to_dict()
             row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()

@@ -271,7 +271,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at") == 0
+                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -282,7 +282,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
                       ("crtpnet-sameslice+at", "query-adaptive threshold"),
                       ("crtpnet-sameslice+mirror", "left-right mirrored"),
                       ("crtpnet-sameslice+blend", "blended supports"),
-                      ("crtpnet-sameslice+blend+at", "query-adaptive threshold")):
+                      ("crtpnet-sameslice+blend+at", "query-adaptive threshold"),
+                      ("crtpnet-sameslice+zs", "slice smoothing")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
@@ -335,6 +336,21 @@ def test_blended_supports_weigh_the_nearest_thirds_by_position():
     assert weights[15] == pytest.approx({0: 7 / 12, 1: 5 / 12}) and weights[16] == pytest.approx({1: 7 / 12, 0: 5 / 12})
     assert weights[21] == pytest.approx({1: 7 / 12, 2: 5 / 12}) and weights[25] == {2: 1.0}
     assert P.ep1_support_weights({}) == {}
+
+
+def test_slice_smoothing_averages_scored_neighbours_only():
+    """+zs: a one-slice spike spreads 1/4 to each scored neighbour; the range's end slices
+    renormalise over the neighbours they have; slices outside the scored range stay as they were."""
+    probs = torch.zeros((8, 2, 2))
+    probs[3] = 1.0
+    probs[0] = 0.7   # outside the scored range 2..5: must neither change nor leak in
+    out = P.smooth_across_slices(probs, range(2, 6))
+    assert out[3].tolist() == [[0.5, 0.5], [0.5, 0.5]] and out[4].tolist() == [[0.25, 0.25], [0.25, 0.25]]
+    assert out[2] == pytest.approx(torch.full((2, 2), 0.25 / 0.75))   # end slice: 1/4 of 3 over 3/4
+    assert out[0].tolist() == probs[0].tolist() and out[1].sum() == 0 and out[5].sum() == 0
+    assert probs[3].sum() == 4   # the input is not modified
+    assert P.smooth_across_slices(probs, [3]) is probs
+    assert P.test_time_option("blend+zs").smoothed and not P.test_time_option("blend").smoothed
 
 
 def test_test_time_options_combine_with_plus():
