@@ -339,15 +339,20 @@ def test_blended_supports_weigh_the_nearest_thirds_by_position():
 
 
 def test_slice_smoothing_averages_scored_neighbours_only():
-    """+zs: a one-slice spike spreads 1/4 to each scored neighbour; the range's end slices
-    renormalise over the neighbours they have; slices outside the scored range stay as they were."""
+    """+zs: a one-slice spike spreads to its scored neighbours by the kernel; the range's end
+    slices renormalise over the neighbours they have; slices outside the scored range stay
+    as they were."""
     probs = torch.zeros((8, 2, 2))
     probs[3] = 1.0
     probs[0] = 0.7   # outside the scored range 2..5: must neither change nor leak in
-    out = P.smooth_across_slices(probs, range(2, 6))
+    kernel = {-1: 0.25, 0: 0.5, 1: 0.25}
+    out = P.smooth_across_slices(probs, range(2, 6), kernel)
     assert out[3].tolist() == [[0.5, 0.5], [0.5, 0.5]] and out[4].tolist() == [[0.25, 0.25], [0.25, 0.25]]
     assert out[2] == pytest.approx(torch.full((2, 2), 0.25 / 0.75))   # end slice: 1/4 of 3 over 3/4
     assert out[0].tolist() == probs[0].tolist() and out[1].sum() == 0 and out[5].sum() == 0
+    wide = P.smooth_across_slices(probs, range(0, 8))   # the default: 1,2,3,2,1 over 9
+    assert sum(P.SLICE_KERNEL.values()) == pytest.approx(1.0)
+    assert wide[5] == pytest.approx(torch.full((2, 2), 1 / 9)) and wide[6].sum() == 0
     assert probs[3].sum() == 4   # the input is not modified
     assert P.smooth_across_slices(probs, [3]) is probs
     assert P.test_time_option("blend+zs").smoothed and not P.test_time_option("blend").smoothed
