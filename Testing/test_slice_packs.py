@@ -150,6 +150,7 @@ def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monke
     placed where the protocol looks for them."""
     import benchmarks.protocol_on_device as D
     monkeypatch.setattr(D, "ROOT", tmp_path)
+    monkeypatch.setattr(D, "DEADLINE_GRACE_S", 600.0)   # 3 trainings at once on a shared 2-core CPU
     assert D.main(["pack", "--models", "crtpnet", "--folds", "0", "--settings", "1,2", "--size", str(SIZE),
                    "--probe-steps", "2", "--workers", "0", "--data", str(chaos_dir.parent)]) == 0
     manifest = D.verify(tmp_path / D.PACK)

@@ -160,6 +160,10 @@ def _run_all(configs: list[dict], folder: Path, extra: list[str], logs: Path, de
     return codes
 
 
+# seconds past --minutes before unfinished trainings are stopped (tests on a loaded CPU raise it)
+DEADLINE_GRACE_S = 30.0
+
+
 def common_steps(probe: int, seconds_per_step: float, seconds_left: float, scale: int = 1, quantum: int = 500) -> int:
     """The step count K (a multiple of ``quantum``, at least ``probe``) that all runs reach
     in ``seconds_left`` at the slowest run's speed; ``scale``: the row's steps multiple."""
@@ -180,7 +184,7 @@ def train_on_device(args) -> dict:
     probe = manifest["probe_steps"]
     log(f"{len(configs)} trainings, probe leg {probe} steps, GPU: "
         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    deadline = start + args.minutes * 60 + 30
+    deadline = start + args.minutes * 60 + DEADLINE_GRACE_S
     device = ["--device", args.device]
     codes = _run_all(configs, folder, device, logs, deadline)
     if any(codes):
