@@ -42,6 +42,7 @@ PACK = Path(".devpack")                    # under ROOT; ignored by git, carried
 MANIFEST = "manifest.json"
 TRAIN_SCRIPT = ROOT / "Training" / "train.py"
 BACKBONE = "backbone-effnet-lite0.pt"
+DEADLINE_GRACE_S = 30.0                    # past --minutes before unfinished trainings are stopped
 
 
 def log(message: str) -> None:
@@ -158,10 +159,6 @@ def _run_all(configs: list[dict], folder: Path, extra: list[str], logs: Path, de
             codes.append(proc.wait())
         handle.close()
     return codes
-
-
-# seconds past --minutes before unfinished trainings are stopped (tests on a loaded CPU raise it)
-DEADLINE_GRACE_S = 30.0
 
 
 def common_steps(probe: int, seconds_per_step: float, seconds_left: float, scale: int = 1, quantum: int = 500) -> int:
