@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import glob
 import json
 import math
@@ -388,6 +389,9 @@ def train(config: dict, resume: bool = False, argv=None) -> Path:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
         if dist.is_initialized():
+            # Free what DDP may leave in reference cycles while its process group still
+            # exists, not at interpreter exit (a rank once aborted at exit under load).
+            gc.collect()
             dist.destroy_process_group()
 
 
