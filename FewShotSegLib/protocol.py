@@ -136,6 +136,11 @@ def training_data_of(row: str) -> dict:
     return dict(variant.training_data) if variant else {}
 
 
+# +zs: a triangle over 5 slices, {offset: weight}; the row's description is written from it.
+_SLICE_WEIGHTS = (1, 2, 3, 2, 1)
+SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w in enumerate(_SLICE_WEIGHTS)}
+
+
 # Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
 @dataclass(frozen=True)
 class TestTime:
@@ -162,7 +167,8 @@ TEST_TIME = {
                           "two nearest thirds' support slices, linearly in its position (the same three labelled "
                           "slices; the papers use its own third's alone; EP2 unchanged)", blended=True),
     "zs": TestTime({}, "slice smoothing: each scored query slice's probability averaged with its neighbours' "
-                       "(a triangle over 5 slices, weights 1,2,3,2,1 /9, over the scored slices only)", smoothed=True),
+                       f"(a triangle over {len(_SLICE_WEIGHTS)} slices, weights {','.join(map(str, _SLICE_WEIGHTS))} "
+                       f"/{sum(_SLICE_WEIGHTS)}, over the scored slices only)", smoothed=True),
 }
 
 
@@ -337,9 +343,6 @@ def ep1_support_weights(assignment: dict) -> dict:
         other = abs(z - centres[p]) / abs(centres[side] - centres[p])
         weights[z] = {p: 1.0 - other, side: other}
     return weights
-
-
-SLICE_KERNEL = {-2: 1 / 9, -1: 2 / 9, 0: 3 / 9, 1: 2 / 9, 2: 1 / 9}   # +zs: a triangle over 5 slices
 
 
 def smooth_across_slices(probs: torch.Tensor, slices, kernel: dict = SLICE_KERNEL) -> torch.Tensor:
