@@ -1,12 +1,13 @@
 """What scores a protocol episode: one support slice and its mask against query slices,
 as foreground probabilities on the model grid. `protocol.evaluate` takes any of these:
 a trained few-shot model, the non-learned registration comparator, an ensemble, or a
-mirrored test-time augmentation of another predictor. Each has ``preprocess``, ``name``,
+test-time augmentation of another predictor (mirrored, multi-scale). Each has ``preprocess``, ``name``,
 ``prepare(images) -> features`` (once per slice) and ``predict(support, mask, queries)``."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import FewShotSegError
 from .preprocessing import PreprocessConfig
@@ -92,3 +93,57 @@ class MirrorAveragePredictor:
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
         mirrored = self.member.predict(support[1], support_mask.flip(-1), queries[:, 1]).flip(-1)
         return (self.member.predict(support[0], support_mask, queries[:, 0]) + mirrored) / 2
+
+
+# +ms: the scales averaged, as multiples of the grid. Chosen on the shipped checkpoint, not
+# on the fold models (README: protocol, row +ms).
+MULTI_SCALES = (1.0, 1.25)
+
+
+class _PerScale:
+    """Prepared features of the same slices at several scales, indexed like one tensor."""
+
+    def __init__(self, per_scale: list):
+        self.per_scale = per_scale
+
+    def __getitem__(self, index):
+        return _PerScale([f[index] for f in self.per_scale])
+
+    def __len__(self) -> int:
+        return len(self.per_scale[0])
+
+
+class MultiScalePredictor:
+    """Test-time augmentation: a predictor's probabilities averaged over the episode
+    resampled to several grid sizes (support, support mask and queries alike; bilinear),
+    each resampled back. A fully convolutional network sees an enlarged slice with finer
+    features per organ, and the scales err differently."""
+
+    def __init__(self, member, scales=MULTI_SCALES):
+        if not scales or min(scales) <= 0:
+            raise FewShotSegError(f"multi-scale: scales must be positive, not {scales}")
+        self.member, self.scales = member, tuple(float(s) for s in scales)
+        self.name, self.preprocess = f"{member.name} multi-scale", member.preprocess
+
+    @staticmethod
+    def _resized(x: torch.Tensor, side: int) -> torch.Tensor:
+        if x.shape[-1] == side and x.shape[-2] == side:
+            return x
+        flat = x.reshape(-1, 1, *x.shape[-2:]).float()
+        return F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False).reshape(
+            *x.shape[:-2], side, side)
+
+    def _side(self, scale: float) -> int:
+        return max(16, round(self.preprocess.size * scale))
+
+    def prepare(self, images: torch.Tensor) -> _PerScale:
+        return _PerScale([self.member.prepare(self._resized(images, self._side(s))) for s in self.scales])
+
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        side = support_mask.shape[-1]
+        total = 0
+        for k, scale in enumerate(self.scales):
+            mask = self._resized(support_mask, self._side(scale))
+            probs = self.member.predict(support.per_scale[k], mask, queries.per_scale[k])
+            total = total + self._resized(probs, side)
+        return total / len(self.scales)

@@ -44,6 +44,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from .episode_predictors import MULTI_SCALES
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
@@ -151,6 +152,7 @@ class TestTime:
     mirrored: bool = False          # average with the left-right mirrored episode (MirrorAveragePredictor)
     blended: bool = False           # EP1: blend the two nearest thirds' supports (ep1_support_weights)
     smoothed: bool = False          # EP1 and EP2: probabilities smoothed across adjacent slices
+    multiscale: bool = False        # average over the episode at several grid sizes (MultiScalePredictor)
 
 
 TEST_TIME = {
@@ -169,6 +171,9 @@ TEST_TIME = {
     "zs": TestTime({}, "slice smoothing: each scored query slice's probability averaged with its neighbours' "
                        f"(a triangle over {len(_SLICE_WEIGHTS)} slices, weights {','.join(map(str, _SLICE_WEIGHTS))} "
                        f"/{sum(_SLICE_WEIGHTS)}, over the scored slices only)", smoothed=True),
+    "ms": TestTime({}, "multi-scale: the probabilities averaged over the episode resampled to "
+                       f"{' and '.join(f'{v:g}' for v in MULTI_SCALES)} times the grid (support, mask, queries; "
+                       "resampled back)", multiscale=True),
 }
 
 
@@ -189,7 +194,7 @@ def test_time_option(key: str) -> TestTime:
                     "; ".join(o.what for o in options),
                     area_threshold=any(o.area_threshold for o in options),
                     mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
-                    smoothed=any(o.smoothed for o in options))
+                    smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options))
 
 
 def family_of(row: str) -> str:
@@ -458,7 +463,7 @@ def area_matched_threshold(probs: np.ndarray, pixel_mm2: float, target_mm2: floa
 
 # The predictors evaluate() takes (kept importable from here: P.ModelPredictor, ...).
 from .episode_predictors import (EnsemblePredictor, MirrorAveragePredictor, ModelPredictor,  # noqa: E402,F401
-                                 RegistrationPredictor)
+                                 MultiScalePredictor, RegistrationPredictor)
 
 
 # ----------------------------------------------------------------------------- one fold

@@ -408,6 +408,38 @@ def test_mirror_average_is_exactly_mirror_equivariant():
     assert torch.allclose(plain, expected, atol=1e-6)
 
 
+def test_multi_scale_averages_the_episode_over_grid_sizes():
+    """+ms runs the whole episode (support, its mask, queries) at each scale of the grid and
+    averages the probabilities resampled back; at scale 1 alone it is the member itself.
+    It wraps a mirrored predictor too (its features are kept per scale)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    net = P.ModelPredictor(build_model("alpnet", backbone="effnet-lite0", pretrained=False),
+                           PreprocessConfig(size=64))
+    images = torch.rand(3, 64, 64)
+    mask = torch.zeros(64, 64)
+    mask[20:40, 10:30] = 1
+
+    def run(predictor, imgs, support_mask):
+        feats = predictor.prepare(imgs)
+        return predictor.predict(feats[0], support_mask, feats[[1, 2]])
+
+    def resized(x, side):
+        return F.interpolate(x[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+
+    assert torch.allclose(run(P.MultiScalePredictor(net, (1.0,)), images, mask), run(net, images, mask))
+    two = run(P.MultiScalePredictor(net, (1.0, 1.5)), images, mask)
+    enlarged = resized(run(net, resized(images, 96), resized(mask[None], 96)[0]), 64)
+    assert two.shape == (2, 64, 64) and torch.allclose(two, (run(net, images, mask) + enlarged) / 2, atol=1e-6)
+    mirrored = run(P.MultiScalePredictor(P.MirrorAveragePredictor(net), (1.0, 1.5)), images, mask)
+    assert mirrored.shape == (2, 64, 64) and not torch.allclose(mirrored, two, atol=1e-4)
+    assert mask.sum() == 400   # the support mask is not modified
+    for bad in ((), (0.0, 1.0)):
+        with pytest.raises(FewShotSegError, match="multi-scale"):
+            P.MultiScalePredictor(net, bad)
+    assert P.test_time_option("blend+ms").multiscale and "1.25 times the grid" in P.describe("crtpnet+ms")
+
+
 def test_fold_notes_merge_without_losing_a_shared_note():
     """A note every fold shares stays whole in the table (its parenthesis included); notes
     that differ only in their parenthesis (each fold's scans) become the common text."""

@@ -182,6 +182,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
             if option.mirrored:
                 predictor = P.MirrorAveragePredictor(predictor)
+            if option.multiscale:   # outermost: its features are per scale, not one tensor
+                predictor = P.MultiScalePredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
                                           area_threshold=option.area_threshold,
                                           blend_supports=option.blended, smooth_slices=option.smoothed))
