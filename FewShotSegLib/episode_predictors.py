@@ -97,7 +97,7 @@ class MirrorAveragePredictor:
 
 # +ms: the scales averaged, as multiples of the grid. Chosen on the shipped checkpoint, not
 # on the fold models (README: protocol, row +ms).
-MULTI_SCALES = (1.0, 1.25)
+MULTI_SCALES = (1.0, 1.5)
 
 
 class _PerScale:

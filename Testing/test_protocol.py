@@ -437,7 +437,7 @@ def test_multi_scale_averages_the_episode_over_grid_sizes():
     for bad in ((), (0.0, 1.0)):
         with pytest.raises(FewShotSegError, match="multi-scale"):
             P.MultiScalePredictor(net, bad)
-    assert P.test_time_option("blend+ms").multiscale and "1.25 times the grid" in P.describe("crtpnet+ms")
+    assert P.test_time_option("blend+ms").multiscale and "1 and 1.5 times the grid" in P.describe("crtpnet+ms")
 
 
 def test_fold_notes_merge_without_losing_a_shared_note():
