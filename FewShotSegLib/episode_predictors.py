@@ -1,8 +1,9 @@
 """What scores a protocol episode: one support slice and its mask against query slices,
 as foreground probabilities on the model grid. `protocol.evaluate` takes any of these:
 a trained few-shot model, the non-learned registration comparator, an ensemble, or a
-test-time augmentation of another predictor (mirrored, multi-scale). Each has ``preprocess``, ``name``,
-``prepare(images) -> features`` (once per slice) and ``predict(support, mask, queries)``."""
+test-time augmentation of another predictor (mirrored, multi-scale). Each has
+``preprocess``, ``name``, ``prepare(images) -> features`` (once per slice) and
+``predict(support, mask, queries)``."""
 from __future__ import annotations
 
 import numpy as np
