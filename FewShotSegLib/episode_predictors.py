@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import FewShotSegError
+from .models.multiscale import MULTI_SCALES, resized, scaled_side
 from .preprocessing import PreprocessConfig
 
 
@@ -96,11 +96,6 @@ class MirrorAveragePredictor:
         return (self.member.predict(support[0], support_mask, queries[:, 0]) + mirrored) / 2
 
 
-# +ms: the scales averaged, as multiples of the grid. Chosen on the shipped checkpoint, not
-# on the fold models (README: protocol, row +ms).
-MULTI_SCALES = (1.0, 1.5)
-
-
 class _PerScale:
     """Prepared features of the same slices at several scales, indexed like one tensor."""
 
@@ -126,25 +121,17 @@ class MultiScalePredictor:
         self.member, self.scales = member, tuple(float(s) for s in scales)
         self.name, self.preprocess = f"{member.name} multi-scale", member.preprocess
 
-    @staticmethod
-    def _resized(x: torch.Tensor, side: int) -> torch.Tensor:
-        if x.shape[-1] == side and x.shape[-2] == side:
-            return x
-        flat = x.reshape(-1, 1, *x.shape[-2:]).float()
-        return F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False).reshape(
-            *x.shape[:-2], side, side)
-
     def _side(self, scale: float) -> int:
-        return max(16, round(self.preprocess.size * scale))
+        return scaled_side(self.preprocess.size, scale)
 
     def prepare(self, images: torch.Tensor) -> _PerScale:
-        return _PerScale([self.member.prepare(self._resized(images, self._side(s))) for s in self.scales])
+        return _PerScale([self.member.prepare(resized(images, self._side(s))) for s in self.scales])
 
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
         side = support_mask.shape[-1]
         total = 0
         for k, scale in enumerate(self.scales):
-            mask = self._resized(support_mask, self._side(scale))
+            mask = resized(support_mask, self._side(scale))
             probs = self.member.predict(support.per_scale[k], mask, queries.per_scale[k])
-            total = total + self._resized(probs, side)
+            total = total + resized(probs, side)
         return total / len(self.scales)

@@ -44,10 +44,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .episode_predictors import MULTI_SCALES
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
+from .models.multiscale import MULTI_SCALES
 from .postprocessing import fill_holes_per_slice
 from .preprocessing import prepare_volume
 

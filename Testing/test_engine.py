@@ -270,3 +270,57 @@ def test_test_time_options_do_not_stick_to_the_loaded_model():
             propagate(image, support, Loaded, PropagationOptions(support_refinement_steps=bad))
     with pytest.raises(FewShotSegError, match="registration_shrink"):
         PropagationOptions(registration_shrink=None).validate()
+
+
+def test_multi_scale_model_averages_its_member_over_grid_sizes():
+    """MultiScaleModel keeps the model interface: one packed feature tensor per slice
+    (so the propagation's cache and support stacking work unchanged), and its logits
+    softmax to the mean of the member's probabilities at each scale, resampled back."""
+    import torch.nn.functional as F
+    from FewShotSegLib.models.multiscale import MultiScaleModel
+    torch.manual_seed(0)
+    member = build_model("alpnet", pretrained=False).eval()
+    images = torch.rand(3, 1, 64, 64)
+    masks = torch.zeros(1, 64, 64)
+    masks[0, 20:40, 10:30] = 1
+
+    def probs(model, imgs, m):
+        feats = model.encode(imgs)
+        return torch.softmax(model.segment(feats[:1], m, feats[1:]), 1)
+
+    def resized(x, side):
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+    with torch.inference_mode():
+        assert torch.allclose(probs(MultiScaleModel(member, 64, (1.0,)), images, masks),
+                              probs(member, images, masks), atol=1e-5)
+        wrapped = MultiScaleModel(member, 64, (1.0, 1.5))
+        feats = wrapped.encode(images)
+        assert feats.dim() == 3 and feats.shape[0] == 3     # [N, C, packed cells]
+        enlarged = resized(probs(member, resized(images, 96), resized(masks[None], 96)[0]), 64)
+        expected = (probs(member, images, masks) + enlarged) / 2
+        assert torch.allclose(probs(wrapped, images, masks), expected, atol=1e-5)
+        with pytest.raises(FewShotSegError, match="not packed"):
+            wrapped.segment(feats[:1, :, :-1], masks, feats[1:, :, :-1])
+    assert wrapped.config is member.config and wrapped.name == "alpnet"
+    with pytest.raises(FewShotSegError, match="multi-scale"):
+        MultiScaleModel(member, 64, (0.0, 1.0))
+
+
+def test_propagation_multi_scale_option_runs_both_modes_and_changes_the_probabilities():
+    class Loaded:   # what propagate reads of a LoadedCheckpoint
+        model = build_model("alpnet", pretrained=False).eval()
+        preprocess = PreprocessConfig(size=64)
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(6, 48, 48)).astype(np.float32)
+    volume[:, 15:30, 15:30] += 3.0
+    support = np.zeros(volume.shape, bool)
+    support[3, 15:30, 15:30] = True
+    image = sitk.GetImageFromArray(volume)
+    for mode in ("chained", "direct"):
+        plain = propagate(image, support, Loaded, PropagationOptions(mode=mode, registration_weight=0))
+        multi = propagate(image, support, Loaded, PropagationOptions(mode=mode, registration_weight=0,
+                                                                     multi_scale=True))
+        assert multi.mask.shape == volume.shape and multi.mask[3].astype(bool).tolist() == support[3].tolist()
+        assert not np.allclose(multi.probability, plain.probability, atol=1e-4)

@@ -49,6 +49,8 @@ def _describe(result) -> str:
     text += f", intensity stop rule {agreement:g}" if agreement else ", no intensity stop rule"
     if opts.get("query_prototypes"):
         text += ", + query prototypes"
+    if opts.get("multi_scale"):
+        text += ", + multi-scale (1 and 1.5x grid)"
     if opts.get("support_refinement_steps"):
         text += f", + support refinement ({opts['support_refinement_steps']:g} steps)"
     return text
@@ -104,6 +106,7 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
         hardware.add(result["hardware"])
         weight = result.get("registration_weight")
         settings = f"{result['mode']}, " + ("default fusion" if weight is None else f"fusion {weight:g}")
+        settings += ", multi-scale (1, 1.5x grid)" if result.get("multi_scale") else ""
         for case, c in result["cases"].items():
             logic = (f"{c['logic_seconds']:.2f} | {c['logic_to_cli_ratio']:.2f}" if "logic_seconds" in c
                      else "– | –")
@@ -169,9 +172,17 @@ def render(config: dict) -> str:
              "`support_refinement_steps`). The refinement runs were timed while two training jobs shared "
              "the 2 cores; the others on a quiet machine.", "",
              product_table(config["support_refinement"], floors=False, cases=SUBSET), "",
+             "### Test-time multi-scale (CHAOS-T2, all 20 cases)", "",
+             "The model also run at 1.5 times its grid and the probabilities averaged (option "
+             "`multi_scale`, `--multi-scale`; the protocol's `+ms`). The multi-scale runs were timed while "
+             "two training jobs shared the 2 cores; the others on a quiet machine.", "",
+             product_table(config["multi_scale"], floors=False), "",
              "### TotalSegmentator CT case (agreement with its model-made labels)", "",
              totalseg_table(config["product"]), "",
              "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
+             "Multi-scale against single scale, both timed alike: one torch thread while two training "
+             "jobs shared the 2 cores (slower than the table above; compare the two rows of a case).", "",
+             speed_table(("speed_single_scale_loaded.json", "speed_multiscale.json")), "",
              "### Refinement (held-out CHAOS-T2 cases)", "", refine_table(config["refine"])]
     protocol = sorted(RESULTS.glob("protocol_*.md"))
     if protocol:
@@ -212,6 +223,8 @@ DEFAULT_CONFIG = {
     "support_refinement": ["product_fewshotseg-default_chained.json", "product_abl_default_sr_5cases.json",
                            "product_fewshotseg-default_chained_model_only.json",
                            "product_abl_model_only_sr_5cases.json"],
+    "multi_scale": ["product_fewshotseg-default_chained.json", "product_abl_default_ms.json",
+                    "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_ms.json"],
     "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
                "refine_holdout_perturbed.json"],
 }

@@ -75,7 +75,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(image, support, model, mode, result_path, registration_weight=None):
+def _child(image, support, model, mode, result_path, registration_weight=None, multi_scale=False):
     """Runs inside a fresh process: one propagation, timed, with the network's share."""
     import SimpleITK as sitk
     from FewShotSegLib.checkpoints import load_checkpoint
@@ -88,7 +88,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None):
     sup = sitk.GetArrayFromImage(read_mask_like(support, img)) > 0
     ckpt = load_checkpoint(resolve_model_path(model))
     t1 = time.perf_counter()
-    options = PropagationOptions(mode=mode)
+    options = PropagationOptions(mode=mode, multi_scale=multi_scale)
     if registration_weight is not None:
         options.registration_weight = registration_weight
     result = propagate(img, sup, ckpt, options)
@@ -129,10 +129,11 @@ def main(argv=None):
     parser.add_argument("--no-logic", action="store_true", help="skip the Slicer Logic timing (needs slicer-core)")
     parser.add_argument("--registration-weight", type=float, default=None,
                         help="chained: override the fusion weight (0 = the network alone)")
+    parser.add_argument("--multi-scale", action="store_true", help="propagate with the model at 1 and 1.5x its grid")
     parser.add_argument("--tag", default=None, help="results file speed_<tag>.json (default speed.json)")
     args = parser.parse_args(argv)
     if args.child:
-        _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight)
+        _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight, args.multi_scale)
         return
     if args.logic_child:
         _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3])
@@ -142,7 +143,7 @@ def main(argv=None):
     data_dir = shared_data_dir(args.data)
     results = {"hardware": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
                            f"({torch.get_num_threads()} threads)", "mode": args.mode,
-               "registration_weight": args.registration_weight, "cases": {}}
+               "registration_weight": args.registration_weight, "multi_scale": args.multi_scale, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         geometry = make_cases(data_dir, work)
@@ -150,6 +151,7 @@ def main(argv=None):
             image, support = work / f"{name}.nii.gz", work / f"{name}_support.nii.gz"
             res_file = work / f"{name}.json"
             weight = [] if args.registration_weight is None else ["--registration-weight", str(args.registration_weight)]
+            weight += ["--multi-scale"] * args.multi_scale
             cmd = [sys.executable, __file__, "--mode", args.mode, "--child", str(image), str(support), "_",
                    str(res_file)] + (["--model", args.model] if args.model else []) + weight
             subprocess.run(cmd, check=True)
@@ -161,7 +163,7 @@ def main(argv=None):
             subprocess.run(cli, check=True, cwd=ROOT)
             cli_seconds = time.perf_counter() - t0
             logic = {}
-            if not args.no_logic and args.registration_weight is None:  # the Logic runs the defaults
+            if not args.no_logic and args.registration_weight is None and not args.multi_scale:  # the defaults
                 logic_file = work / f"{name}_logic.json"
                 cmd = [sys.executable, __file__, "--mode", args.mode, "--logic-child", str(image), str(support), "_",
                        str(logic_file)] + (["--model", args.model] if args.model else [])
