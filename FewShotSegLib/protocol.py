@@ -48,6 +48,7 @@ from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
 from .models.multiscale import MULTI_SCALES
+from .models.support_zoom import SUPPORT_ZOOMS
 from .postprocessing import fill_holes_per_slice
 from .preprocessing import prepare_volume
 
@@ -153,6 +154,7 @@ class TestTime:
     blended: bool = False           # EP1: blend the two nearest thirds' supports (ep1_support_weights)
     smoothed: bool = False          # EP1 and EP2: probabilities smoothed across adjacent slices
     multiscale: bool = False        # average over the episode at several grid sizes (MultiScalePredictor)
+    support_zoom: bool = False      # the support slice also zoomed about its organ (SupportZoomModel)
 
 
 TEST_TIME = {
@@ -174,6 +176,9 @@ TEST_TIME = {
     "ms": TestTime({}, "multi-scale: the probabilities averaged over the episode resampled to "
                        f"{' and '.join(f'{v:g}' for v in MULTI_SCALES)} times the grid (support, mask, queries; "
                        "resampled back)", multiscale=True),
+    "sz": TestTime({}, "support zoom: the support slice and its mask also zoomed by "
+                       f"{' and '.join(f'{v:g}' for v in SUPPORT_ZOOMS)} about the organ's centre, as further "
+                       "supports (still one labelled slice)", support_zoom=True),
 }
 
 
@@ -194,7 +199,8 @@ def test_time_option(key: str) -> TestTime:
                     "; ".join(o.what for o in options),
                     area_threshold=any(o.area_threshold for o in options),
                     mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
-                    smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options))
+                    smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options),
+                    support_zoom=any(o.support_zoom for o in options))
 
 
 def family_of(row: str) -> str:

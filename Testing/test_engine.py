@@ -324,3 +324,43 @@ def test_propagation_multi_scale_option_runs_both_modes_and_changes_the_probabil
                                                                      multi_scale=True))
         assert multi.mask.shape == volume.shape and multi.mask[3].astype(bool).tolist() == support[3].tolist()
         assert not np.allclose(multi.probability, plain.probability, atol=1e-4)
+
+
+def test_support_zoom_enlarges_about_the_organ_and_adds_supports():
+    """The zoomed copy grows the organ about its own centre; SupportZoomModel scores the
+    queries against the support plus its zoomed copies (as the member would, given them),
+    and its packed features survive the protocol's mirror and multi-scale wrappers."""
+    from FewShotSegLib import episode_predictors as EP
+    from FewShotSegLib.models.support_zoom import SupportZoomModel, mask_centre, zoom_about
+    mask = torch.zeros(64, 64)
+    mask[10:20, 30:50] = 1                        # rows 10-19, cols 30-49
+    cy, cx = mask_centre(mask)
+    assert cy == pytest.approx((15 + 0.0) / 32 - 1) and cx == pytest.approx(40 / 32 - 1)
+    assert torch.allclose(zoom_about(mask[None], 1.0, (cy, cx), "zeros")[0], mask, atol=1e-4)
+    bigger = zoom_about(mask[None], 1.5, (cy, cx), "zeros")[0] > 0.5
+    assert 2.0 < bigger.sum() / mask.sum() < 2.5 and bigger[15, 40] and not bigger[15, 60]
+    assert mask_centre(torch.zeros(8, 8)) == (0.0, 0.0)
+
+    torch.manual_seed(0)
+    member = build_model("alpnet", pretrained=False).eval()
+    wrapped = SupportZoomModel(member, (1.25,))
+    images = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        packed = wrapped.encode(images)
+        got = wrapped.segment(packed[:1], mask[None], packed[1:])
+        centre = mask_centre(mask)
+        zoomed = zoom_about(images[0], 1.25, centre, "border")
+        feats = member.encode(torch.cat([images[:1], zoomed[None]]))
+        want = member.segment(feats, torch.stack([mask, zoom_about(mask[None], 1.25, centre, "zeros")[0]]),
+                              member.encode(images[1:]))
+        assert torch.allclose(got, want, atol=1e-5)
+        with pytest.raises(FewShotSegError, match="not packed"):
+            wrapped.segment(packed[:1, :-1], mask[None], packed[1:, :-1])
+        net = EP.ModelPredictor(wrapped, PreprocessConfig(size=64))
+        tta = EP.MultiScalePredictor(EP.MirrorAveragePredictor(net), (1.0, 1.5))
+        prepared = tta.prepare(images[:, 0])
+        probs = tta.predict(prepared[0], mask, prepared[[1, 2]])
+    assert probs.shape == (2, 64, 64) and bool(((probs >= 0) & (probs <= 1)).all())
+    assert wrapped.config is member.config and wrapped.name == "alpnet"
+    with pytest.raises(FewShotSegError, match="support zoom"):
+        SupportZoomModel(member, ())

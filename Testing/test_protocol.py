@@ -438,6 +438,9 @@ def test_multi_scale_averages_the_episode_over_grid_sizes():
         with pytest.raises(FewShotSegError, match="multi-scale"):
             P.MultiScalePredictor(net, bad)
     assert P.test_time_option("blend+ms").multiscale and "1 and 1.5 times the grid" in P.describe("crtpnet+ms")
+    zoomed = P.test_time_option("blend+ms+sz")
+    assert zoomed.support_zoom and zoomed.multiscale and not P.test_time_option("ms").support_zoom
+    assert "zoomed by 1.12 and 1.25 about the organ's centre" in P.describe("crtpnet+sz")
 
 
 def test_fold_notes_merge_without_losing_a_shared_note():

@@ -33,6 +33,7 @@ from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
 from FewShotSegLib.model_store import sha256_of  # noqa: E402
 from FewShotSegLib.models import available_models  # noqa: E402
+from FewShotSegLib.models.support_zoom import SupportZoomModel  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.slice_packs import SUFFIX as PACK_SUFFIX  # noqa: E402
@@ -179,7 +180,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             checkpoints.append({"path": str(path), "steps": ckpt.provenance.get("steps"), "classes": classes,
                                 "hardware": ckpt.provenance.get("hardware"),
                                 "code_version": ckpt.provenance.get("code_version")})
-            predictor = P.ModelPredictor(ckpt.model, ckpt.preprocess, args.device, args.batch_size, model)
+            network = SupportZoomModel(ckpt.model) if option.support_zoom else ckpt.model
+            predictor = P.ModelPredictor(network, ckpt.preprocess, args.device, args.batch_size, model)
             if option.mirrored:
                 predictor = P.MirrorAveragePredictor(predictor)
             if option.multiscale:   # outermost: its features are per scale, not one tensor

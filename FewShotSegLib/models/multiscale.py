@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FewShotSegError
+from .wrapper import ModelWrapper
 
 # the scales averaged, as multiples of the grid; chosen on the shipped checkpoint, not on
 # the protocol's fold models (README: protocol, row +ms)
@@ -33,7 +34,7 @@ def scaled_side(size: int, scale: float) -> int:
     return max(16, round(size * scale))
 
 
-class MultiScaleModel(nn.Module):
+class MultiScaleModel(ModelWrapper):
     """``member`` at each of ``scales`` x its grid ``size``.
 
     ``encode`` returns ``[N,C,sum(h*w)]``: each scale's feature map flattened and
@@ -42,25 +43,12 @@ class MultiScaleModel(nn.Module):
     as logits, so a softmax gives the average back."""
 
     def __init__(self, member: nn.Module, size: int, scales=MULTI_SCALES):
-        super().__init__()
+        super().__init__(member)
         if not scales or min(scales) <= 0:
             raise FewShotSegError(f"multi-scale: scales must be positive, not {tuple(scales)}")
-        self.member, self.size = member, int(size)
+        self.size = int(size)
         self.scales = tuple(float(s) for s in scales)
         self.shapes: list[tuple[int, int]] = []   # feature map (h, w) per scale, set by encode
-
-    # the member's identity and inference options (the same dict: propagation sets them)
-    @property
-    def name(self) -> str:
-        return self.member.name
-
-    @property
-    def config(self) -> dict:
-        return self.member.config
-
-    @property
-    def supports_query_prototypes(self) -> bool:
-        return bool(getattr(self.member, "supports_query_prototypes", False))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 3:
