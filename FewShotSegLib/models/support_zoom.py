@@ -1,9 +1,10 @@
 """Support zoom: more supports from the one labelled slice, the slice and its mask zoomed
-in and out about the organ's centre.
+about the organ's centre.
 
 Organs differ in size between subjects by tens of percent, and a prototype model matches
 local parts of the support organ to the query's; zoomed copies of the support give it
-parts at the sizes the query may show. Still one labelled slice (1-shot): the extra
+parts at the sizes the query may show. Enlarged copies help, shrunk ones were measured to
+hurt (README), so the default zooms only enlarge. Still one labelled slice (1-shot): the extra
 supports are made from it, as SSL-ALPNet's training episodes are made from one slice.
 
 `SupportZoomModel` keeps the model interface. Its ``encode`` packs each slice's features
