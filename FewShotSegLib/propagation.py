@@ -76,7 +76,7 @@ class PropagationOptions:
     # the model also run at 1.5x its grid, probabilities averaged (models/multiscale.py). It
     # lifts the protocol's cross-scan episodes (+1.2 EP1) but not this same-scan walk
     # (CHAOS-T2 mean Dice 0.806 -> 0.803 with fusion, 0.707 -> 0.697 model alone), at
-    # about 3x the network time and +70-100 MB peak memory (README): off by default
+    # about 3x the network time and +65-95 MB peak memory (README): off by default
     multi_scale: bool = False
     postprocess: bool = True
 
