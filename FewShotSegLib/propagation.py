@@ -97,6 +97,9 @@ class PropagationOptions:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
         if not _whole(self.support_refinement_steps, 0):
             raise FewShotSegError("support_refinement_steps must be a whole number >= 0")
+        for name in ("query_prototypes", "multi_scale", "postprocess"):
+            if getattr(self, name) not in (True, False):  # also 0/1, as the benchmarks' --option pass
+                raise FewShotSegError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
 
 def _whole(value, least: int) -> bool:

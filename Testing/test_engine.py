@@ -270,6 +270,10 @@ def test_test_time_options_do_not_stick_to_the_loaded_model():
             propagate(image, support, Loaded, PropagationOptions(support_refinement_steps=bad))
     with pytest.raises(FewShotSegError, match="registration_shrink"):
         PropagationOptions(registration_shrink=None).validate()
+    for name in ("multi_scale", "query_prototypes", "postprocess"):
+        with pytest.raises(FewShotSegError, match=f"{name} must be true or false, not 'yes'"):
+            PropagationOptions(**{name: "yes"}).validate()
+    PropagationOptions(multi_scale=1.0, postprocess=0).validate()  # the benchmarks pass numbers
 
 
 def test_multi_scale_model_averages_its_member_over_grid_sizes():

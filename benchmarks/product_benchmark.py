@@ -27,6 +27,7 @@ from FewShotSegLib.evaluation import (CHAOS_ORGANS, TOTALSEG_ORGANS, chaos_cases
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.imageio import read_image  # noqa: E402
 from FewShotSegLib.model_store import resolve_model_path  # noqa: E402
+from FewShotSegLib.models.multiscale import MULTI_SCALES  # noqa: E402
 from FewShotSegLib.propagation import PropagationOptions  # noqa: E402
 
 FLOORS = {"copy support to every slice": 0.381, "copy support to the true extent (oracle)": 0.668}
@@ -57,6 +58,7 @@ def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None, s
     payload = {
         "benchmark": "product: support = largest-area slice, every slice scored, 3D Dice",
         "model": name, "mode": mode, "options": options.__dict__,
+        "multi_scales": list(MULTI_SCALES) if options.multi_scale else None,
         "chaos_t2": chaos, "totalseg_ct_agreement": summarise(ct_scores) if ct_scores else None,
         "floors_mean_dice": FLOORS,
         "per_case": [s.to_dict() for s in scores + ct_scores],

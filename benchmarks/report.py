@@ -38,6 +38,12 @@ def _registration(opts) -> str:
     return f"demons 1/{opts['registration_shrink']:g} grid, {opts['registration_iterations']:g} it."
 
 
+def _scales(result) -> str:
+    """The grid scales of a multi-scale run; files written before the scales were recorded
+    used (1, 1.5), the only scales the option had then."""
+    return ", ".join(f"{v:g}" for v in (result.get("multi_scales") or (1, 1.5)))
+
+
 def _describe(result) -> str:
     opts = result.get("options") or {}
     if result["mode"] == "registration":
@@ -50,7 +56,7 @@ def _describe(result) -> str:
     if opts.get("query_prototypes"):
         text += ", + query prototypes"
     if opts.get("multi_scale"):
-        text += ", + multi-scale (1 and 1.5x grid)"
+        text += f", + multi-scale ({_scales(result)} x grid)"
     if opts.get("support_refinement_steps"):
         text += f", + support refinement ({opts['support_refinement_steps']:g} steps)"
     return text
@@ -106,7 +112,7 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
         hardware.add(result["hardware"])
         weight = result.get("registration_weight")
         settings = f"{result['mode']}, " + ("default fusion" if weight is None else f"fusion {weight:g}")
-        settings += ", multi-scale (1, 1.5x grid)" if result.get("multi_scale") else ""
+        settings += f", multi-scale ({_scales(result)} x grid)" if result.get("multi_scale") else ""
         for case, c in result["cases"].items():
             logic = (f"{c['logic_seconds']:.2f} | {c['logic_to_cli_ratio']:.2f}" if "logic_seconds" in c
                      else "– | –")

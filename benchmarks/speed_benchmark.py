@@ -139,11 +139,13 @@ def main(argv=None):
         _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3])
         return
     from FewShotSegLib.evaluation import shared_data_dir, write_json
+    from FewShotSegLib.models.multiscale import MULTI_SCALES
     import torch
     data_dir = shared_data_dir(args.data)
     results = {"hardware": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
                            f"({torch.get_num_threads()} threads)", "mode": args.mode,
-               "registration_weight": args.registration_weight, "multi_scale": args.multi_scale, "cases": {}}
+               "registration_weight": args.registration_weight, "multi_scale": args.multi_scale,
+               "multi_scales": list(MULTI_SCALES) if args.multi_scale else None, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         geometry = make_cases(data_dir, work)
