@@ -135,3 +135,39 @@ class MultiScalePredictor:
             probs = self.member.predict(support.per_scale[k], mask, queries.per_scale[k])
             total = total + resized(probs, side)
         return total / len(self.scales)
+
+
+class _WithBoxes:
+    """Prepared features of slices with their body boxes, indexed like one tensor."""
+
+    def __init__(self, feats, boxes: torch.Tensor):
+        self.feats, self.boxes = feats, boxes
+
+    def __getitem__(self, index):
+        return _WithBoxes(self.feats[index], self.boxes[index])
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+class LocationPriorPredictor:
+    """A predictor's probabilities times a location prior (`location_prior`): the support
+    mask carried into each query's body box, so look-alikes far from where the organ
+    sits (the other kidney) lose their score. Wraps any predictor, outermost."""
+
+    def __init__(self, member, margin: float | None = None, sigma: float | None = None):
+        from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
+        self.margin = PRIOR_MARGIN if margin is None else float(margin)
+        self.sigma = PRIOR_SIGMA if sigma is None else float(sigma)
+        if self.margin < 0 or self.sigma <= 0:
+            raise FewShotSegError(f"location prior: margin must be >= 0 and sigma > 0, not {margin}, {sigma}")
+        self.member, self.name, self.preprocess = member, f"{member.name} location prior", member.preprocess
+
+    def prepare(self, images: torch.Tensor) -> _WithBoxes:
+        from .location_prior import body_boxes
+        return _WithBoxes(self.member.prepare(images), body_boxes(images))
+
+    def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
+        from .location_prior import location_prior
+        probs = self.member.predict(support.feats, support_mask, queries.feats)
+        return probs * location_prior(support_mask, support.boxes, queries.boxes, self.margin, self.sigma)

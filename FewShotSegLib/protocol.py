@@ -47,6 +47,7 @@ from scipy import ndimage
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
+from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
 from .models.multiscale import MULTI_SCALES
 from .models.support_zoom import SUPPORT_ZOOMS
 from .postprocessing import fill_holes_per_slice
@@ -155,6 +156,7 @@ class TestTime:
     smoothed: bool = False          # EP1 and EP2: probabilities smoothed across adjacent slices
     multiscale: bool = False        # average over the episode at several grid sizes (MultiScalePredictor)
     support_zoom: bool = False      # the support slice also zoomed about its organ (SupportZoomModel)
+    location_prior: bool = False    # probabilities times the support's place in the body (LocationPriorPredictor)
 
 
 TEST_TIME = {
@@ -179,6 +181,10 @@ TEST_TIME = {
     "sz": TestTime({}, "support zoom: the support slice and its mask also zoomed by "
                        f"{' and '.join(f'{v:g}' for v in SUPPORT_ZOOMS)} about the organ's centre, as further "
                        "supports (still one labelled slice)", support_zoom=True),
+    "loc": TestTime({}, "location prior: the probabilities times a prior that is 1 within "
+                        f"{PRIOR_MARGIN:g} of the body's size of the support mask mapped by the two body outlines' "
+                        f"boxes, a Gaussian of {PRIOR_SIGMA:g} beyond (the support slice's label only)",
+                    location_prior=True),
 }
 
 
@@ -200,7 +206,8 @@ def test_time_option(key: str) -> TestTime:
                     area_threshold=any(o.area_threshold for o in options),
                     mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
                     smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options),
-                    support_zoom=any(o.support_zoom for o in options))
+                    support_zoom=any(o.support_zoom for o in options),
+                    location_prior=any(o.location_prior for o in options))
 
 
 def family_of(row: str) -> str:
@@ -468,8 +475,9 @@ def area_matched_threshold(probs: np.ndarray, pixel_mm2: float, target_mm2: floa
 
 
 # The predictors evaluate() takes (kept importable from here: P.ModelPredictor, ...).
-from .episode_predictors import (EnsemblePredictor, MirrorAveragePredictor, ModelPredictor,  # noqa: E402,F401
-                                 MultiScalePredictor, RegistrationPredictor)
+from .episode_predictors import (EnsemblePredictor, LocationPriorPredictor,  # noqa: E402,F401
+                                 MirrorAveragePredictor, ModelPredictor, MultiScalePredictor,
+                                 RegistrationPredictor)
 
 
 # ----------------------------------------------------------------------------- one fold

@@ -186,6 +186,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                 predictor = P.MirrorAveragePredictor(predictor)
             if option.multiscale:   # outermost: its features are per scale, not one tensor
                 predictor = P.MultiScalePredictor(predictor)
+            if option.location_prior:   # outermost of all: it multiplies the finished probabilities
+                predictor = P.LocationPriorPredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
                                           area_threshold=option.area_threshold,
                                           blend_supports=option.blended, smooth_slices=option.smoothed))
