@@ -23,6 +23,16 @@ def _unique(values) -> list:
     return list(dict.fromkeys(v for v in values if v not in (None, "")))
 
 
+def _load_range(results: list[dict]) -> str | None:
+    """'load up to 3.1 (2 of 5 folds recorded)': the busiest 1-min load average while a CPU
+    fold ran (older fold files did not record it)."""
+    loads = [r["cpu_load"] for r in results if r.get("cpu_load") is not None and r.get("device") == "cpu"]
+    if not loads:
+        return None
+    part = "" if len(loads) == len(results) else f" ({len(loads)} of {len(results)} folds recorded)"
+    return f"1-min load up to {max(loads):.1f}{part}"
+
+
 def summarise(fold_results: list[dict]) -> dict:
     """One entry per (model, setting): Dice per class and mean for EP1 / EP2 (each also +post),
     pooled over every scored scan of the folds present (each scan is in one fold only)."""
@@ -47,6 +57,7 @@ def summarise(fold_results: list[dict]) -> dict:
             "hardware": _unique([r.get("hardware") for r in results]
                                 + [f"trained on {c['hardware']}" for r in results for c in r.get("checkpoints", [])
                                    if c.get("hardware") and c.get("hardware") != r.get("hardware")]),
+            "cpu_load": _load_range(results),
             "compliant": all(r.get("compliant", True) for r in results),
             "notes": _merge_notes(n for r in results for n in r.get("notes", [])),
         })
@@ -123,7 +134,7 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
             f"{'/'.join(map(str, e['budget']))} ({'/'.join(map(str, e['steps']))}, "
             f"{'/'.join(map(str, e['size']))})",
             f"{_duration(e['training_seconds'])} / {_duration(e['eval_seconds'])}",
-            "; ".join(e["hardware"]), note]) + " |")
+            "; ".join(e["hardware"] + ([e["cpu_load"]] if e.get("cpu_load") else [])), note]) + " |")
     for name, (s1, s2) in PAPERS.items():
         for setting, value in (("S1", s1), ("S2", s2)):
             lines.append(f"| {name} (paper) | {setting} | – | – | – | – | {value:.2f} | – | – | – | 0-4 (20) "

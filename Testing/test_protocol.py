@@ -177,6 +177,7 @@ def test_registration_smoke_run_writes_table_resumes_and_keeps_results(chaos_dir
     fold = json.loads(folds[0].read_text())
     assert fold["queries"] == ["1"] and fold["support"] == "8" and len(fold["rows"]) == 4
     assert fold["budget"] == "smoke" and fold["size"] == 64 and "threads" in fold["hardware"]
+    assert fold["cpu_load"] is None or fold["cpu_load"] >= 0   # how busy the cores were (wall times)
     row = fold["rows"][0]
     assert row["organ"] == "liver" and 0 < row["ep1"]["dice"] <= 1 and row["query_range"] == [12, 35]
     summary = json.loads((results / "protocol_t.json").read_text())
@@ -453,6 +454,14 @@ def test_fold_notes_merge_without_losing_a_shared_note():
     assert _merge_notes([shared, per_fold[0], shared, per_fold[1]]) == \
         [shared, "not protocol-compliant: trained on all scans"]
     assert _merge_notes([per_fold[0]]) == per_fold[:1]
+
+
+def test_cpu_load_is_shown_beside_the_hardware_when_folds_recorded_it():
+    from FewShotSegLib.protocol_report import _load_range
+    folds = [{"device": "cpu", "cpu_load": 2.46}, {"device": "cpu", "cpu_load": 3.1}]
+    assert _load_range(folds) == "1-min load up to 3.1"
+    assert _load_range(folds + [{"device": "cpu"}]) == "1-min load up to 3.1 (2 of 3 folds recorded)"
+    assert _load_range([{"device": "cuda", "cpu_load": 5.0}, {"device": "cpu"}]) is None
 
 
 def test_variants_compare_with_their_model_on_shared_folds_only():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -146,7 +147,7 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
     """Evaluate one (model, setting, fold); returns the JSON payload (rows + how made).
     ``variant``: a `P.test_time_option` key (``at``, ``blend+at``): the same trained weights, scored with it."""
     from Training.provenance import hardware
-    start = time.perf_counter()
+    start, load_at_start = time.perf_counter(), _cpu_load()
     notes, checkpoints, train_seconds, compliant = [], [], 0.0, True
     evaluations = []
     option = P.test_time_option(variant) if variant else P.TestTime({}, "")
@@ -205,10 +206,21 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         "training_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "hardware": hardware(torch.device(args.device), 1), "device": args.device, "torch": torch.__version__,
+        # other jobs on the same cores inflate the wall times: the 1-min load average says how busy it was
+        "cpu_load": max((v for v in (load_at_start, _cpu_load()) if v is not None), default=None),
         "checkpoints": checkpoints, "compliant": compliant, "notes": notes, "rows": rows,
         "mean_dice": {k: P.mean_dice(rows, k)["mean"] for k in P.SCORES},
     }
     return payload, examples
+
+
+def _cpu_load() -> float | None:
+    """The 1-minute load average (runnable processes; > the core count: jobs waited), or None
+    where the system does not say."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _row_name(model: str, variant: str) -> str:
