@@ -24,7 +24,7 @@ def _unique(values) -> list:
 
 
 def _load_range(results: list[dict]) -> str | None:
-    """'load up to 3.1 (2 of 5 folds recorded)': the busiest 1-min load average while a CPU
+    """'1-min load up to 3.1 (2 of 5 folds recorded)': the busiest 1-min load average while a CPU
     fold ran (older fold files did not record it)."""
     loads = [r["cpu_load"] for r in results if r.get("cpu_load") is not None and r.get("device") == "cpu"]
     if not loads:
