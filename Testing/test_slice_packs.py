@@ -144,6 +144,36 @@ def test_device_flow_arithmetic_manifest_and_import(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "protocol" / "gpu2").exists()          # nothing placed on an error
 
 
+def test_returned_checkpoints_come_back_in_tars_under_the_lease_file_limits(tmp_path):
+    import tarfile
+    import benchmarks.protocol_on_device as D
+    made = {}
+    for k in range(5):
+        made[f"crtpnet__fold_{k}__s1"] = tmp_path / f"m{k}.pt"
+        made[f"crtpnet__fold_{k}__s1"].write_bytes(bytes([k]) * (5 * 2**20))   # 5 MiB each
+    out = tmp_path / "out"
+    out.mkdir()
+    assert D.bundle(made, out) == sorted(made)
+    tars = sorted(out.glob("checkpoints_*.tar"))
+    assert len(tars) == 3 and all(t.stat().st_size <= 16 * 2**20 for t in tars)   # 2 + 2 + 1 per tar
+    into = tmp_path / "into"
+    into.mkdir()
+    found = D.unbundle(out, into)
+    assert sorted(p.name for p in found) == sorted(f"{n}.pt" for n in made)
+    assert (into / "crtpnet__fold_3__s1.pt").read_bytes() == made["crtpnet__fold_3__s1"].read_bytes()
+    # a member that is not a returned checkpoint (a path, another name) is refused, not extracted
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "checkpoints_0.tar", "w") as tar:
+        tar.add(made["crtpnet__fold_0__s1"], arcname="../../evil.pt")
+    with pytest.raises(FewShotSegError, match="not a returned checkpoint"):
+        D.unbundle(bad, into)
+    assert not (tmp_path / "evil.pt").exists()
+    (bad / "checkpoints_0.tar").write_bytes(b"not a tar")
+    with pytest.raises(FewShotSegError, match="damaged"):
+        D.unbundle(bad, into)
+
+
 def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monkeypatch, capsys):
     """The whole lent-GPU flow on the CPU, in a copy of the layout: every scan packed, one
     config per (fold, setting / group), all trained at once, the checkpoints returned and
@@ -164,6 +194,9 @@ def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monke
     assert D.main(["train", "--device", "cpu", "--minutes", "0.5", "--out", str(out)]) == 0
     report = json.loads((out / "device_train.json").read_text())
     assert report["steps"] == 2 and report["exit_codes"] == [0, 0, 0] and len(report["returned"]) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints_0.tar", "device_train.json", "logs.tar.gz"]
+    config = json.loads((tmp_path / D.PACK / "configs" / "crtpnet__fold_0__s1.json").read_text())
+    assert config["amp"] == "off" and config["num_threads"] == 1
     capsys.readouterr()
     assert D.main(["import", str(out), "--run-name", "gpu"]) == 0
     assert "--models crtpnet --folds 0 --settings 1,2 --steps 2 --size 64" in capsys.readouterr().out

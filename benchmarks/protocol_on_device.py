@@ -14,8 +14,9 @@ one training config per (row, fold, setting), built by the protocol's own
 `fold_training_config`. ``train`` runs every config at once on the GPU: a first leg of
 ``--probe-steps`` steps measures the speed, then all resume to one common step count K
 that ends inside ``--minutes`` (SSL-ALPNet's step schedule does not depend on the total,
-so the resumed run is the K-step run). It returns the release checkpoints and a JSON of
-what ran. ``import`` puts them where `fewshot_protocol.py` looks for trained fold models
+so the resumed run is the K-step run). It returns the release checkpoints (bundled in
+tars of at most 12 MiB: a lease returns 8 files of 16 MiB at most), their step logs and a
+JSON of what ran. ``import`` puts them where `fewshot_protocol.py` looks for trained fold models
 and prints the command that scores them (with ``--steps K``, so they are reused, not
 retrained).
 """
@@ -24,9 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +47,9 @@ MANIFEST = "manifest.json"
 TRAIN_SCRIPT = ROOT / "Training" / "train.py"
 BACKBONE = "backbone-effnet-lite0.pt"
 DEADLINE_GRACE_S = 30.0                    # past --minutes before unfinished trainings are stopped
+SPEED_MARGIN = 0.9                         # the second leg plans on 90 % of the time left: one stopped run is lost
+BUNDLE_BYTES = 12 * 2**20                  # files come back from the device at most 16 MiB each, 8 in all
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9.+-]+__fold_[0-9]+__s[0-9_-]+\.pt$")
 
 
 def log(message: str) -> None:
@@ -104,6 +111,8 @@ def pack(args) -> Path:
                     config = FP.fold_training_config(fold_args, base, row, fold, group, data_dir, Path("../packs"))
                     config["steps"] = args.probe_steps    # the first leg; `train` resumes to K x the row's scale
                     config["num_workers"] = args.workers
+                    config["num_threads"] = args.threads   # 15 trainings share the machine's cores
+                    config["amp"] = args.amp   # off: the same fp32 training as the CPU rows, only faster
                     config["checkpoint_every"] = args.probe_steps
                     config["model_config"]["backbone_weights"] = f"../{BACKBONE}"
                     name = _stem(row, fold.index, Path(config["out"]).name)
@@ -168,6 +177,40 @@ def common_steps(probe: int, seconds_per_step: float, seconds_left: float, scale
     return max(probe, (probe + more) // (quantum * scale) * quantum * scale)
 
 
+def bundle(checkpoints: dict[str, Path], out: Path) -> list[str]:
+    """``checkpoints`` ({name: path}) into ``checkpoints_<i>.tar`` files of at most
+    BUNDLE_BYTES each (a lease returns at most 8 files); the names bundled."""
+    parts, size = [[]], 0
+    for name, path in sorted(checkpoints.items()):
+        if parts[-1] and size + path.stat().st_size > BUNDLE_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append((name, path))
+        size += path.stat().st_size
+    for i, part in enumerate(p for p in parts if p):
+        with tarfile.open(out / f"checkpoints_{i}.tar", "w") as tar:
+            for name, path in part:
+                tar.add(path, arcname=f"{name}.pt")
+    return sorted(checkpoints)
+
+
+def unbundle(source: Path, into: Path) -> list[Path]:
+    """The checkpoints of ``source``: its ``*.pt`` files and the members of its
+    ``checkpoints_*.tar`` (plain files with a checkpoint's name only), extracted into ``into``."""
+    found = sorted(source.glob("*__fold_*__*.pt"))
+    for archive in sorted(source.glob("checkpoints_*.tar")):
+        try:
+            with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    if not (member.isfile() and CHECKPOINT_NAME.match(member.name)):
+                        raise FewShotSegError(f"{archive.name} holds '{member.name}', not a returned checkpoint")
+                    (into / member.name).write_bytes(tar.extractfile(member).read())
+                    found.append(into / member.name)
+        except tarfile.TarError as exc:
+            raise FewShotSegError(f"{archive.name} is damaged: {exc}") from None
+    return found
+
+
 def train_on_device(args) -> dict:
     import torch
     start = time.time()
@@ -194,23 +237,31 @@ def train_on_device(args) -> dict:
         timed = timed[len(timed) // 2:]
         rates[c["name"]] = sum(e["step_seconds"] for e in timed) / max(len(timed), 1)
     restart = 40.0  # seconds: processes, packs and CUDA start again for the second leg
-    left = args.minutes * 60 - (probe_end - start) - restart
+    left = (args.minutes * 60 - (probe_end - start) - restart) * SPEED_MARGIN
     k = common_steps(probe, max(rates.values()), left, max(c["steps_scale"] for c in configs))
     log(f"probe done in {probe_end - start:.0f} s; slowest {max(rates.values()) * 1000:.1f} ms/step "
         f"with all {len(configs)} running; resuming all to {k} steps")
     if k > probe:
         codes = _run_all(configs, folder, [*device, "--resume", "--steps", str(k)], logs, deadline)
-    returned = []
-    for c, code in zip(configs, codes):
-        model = ROOT / c["out"] / "model.pt"
-        if code == 0 and model.is_file():
-            shutil.copy2(model, out / f"{c['name']}.pt")
-            returned.append(c["name"])
+    from FewShotSegLib.checkpoints import load_checkpoint
+    # a finished release checkpoint comes back even where its run failed later: a second leg
+    # that broke off leaves the probe's (its steps in the report; `import` wants one count)
+    finished = {c["name"]: ROOT / c["out"] / "model.pt" for c in configs
+                if (ROOT / c["out"] / "model.pt").is_file()
+                and load_checkpoint(ROOT / c["out"] / "model.pt").provenance.get("final")}
+    steps_returned = {name: int(load_checkpoint(path).provenance["steps"]) for name, path in finished.items()}
+    returned = bundle(finished, out)
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:   # the step logs: speeds and losses, here
+        for c in configs:
+            for path, name in [(ROOT / c["out"] / "log.jsonl", f"{c['name']}.jsonl"),
+                               (logs / f"{c['name']}.log", f"{c['name']}.log")]:
+                if path.is_file():
+                    tar.add(path, arcname=name)
     report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "code_version": manifest.get("code_version"),
               "torch": torch.__version__, "trainings": len(configs), "probe_steps": probe, "steps": k,
               "seconds_per_step_with_all_running": rates, "wall_seconds": round(time.time() - start, 1),
-              "exit_codes": codes, "returned": returned}
+              "exit_codes": codes, "returned": returned, "steps_returned": steps_returned}
     (out / "device_train.json").write_text(json.dumps(report, indent=1))
     log(json.dumps(report))
     return report
@@ -219,18 +270,23 @@ def train_on_device(args) -> dict:
 # ----------------------------------------------------------------------------- here: import
 def import_models(args) -> list[Path]:
     """Returned checkpoints into runs/protocol/<run>/<row>/fold_<k>/<setting>/model.pt."""
-    from FewShotSegLib.checkpoints import load_checkpoint
     source = Path(args.folder)
     report = json.loads((source / "device_train.json").read_text()) if (source / "device_train.json").is_file() else {}
+    with tempfile.TemporaryDirectory() as unpacked:
+        return _place(source, unbundle(source, Path(unpacked)), report, args.run_name)
+
+
+def _place(source: Path, paths: list[Path], report: dict, run_name: str) -> list[Path]:
+    from FewShotSegLib.checkpoints import load_checkpoint
     plan, steps, sizes = [], set(), set()
-    for path in sorted(source.glob("*__fold_*__*.pt")):   # every file checked before any is placed
+    for path in paths:   # every file checked before any is placed
         row, fold, setting = path.stem.split("__")
         ckpt = load_checkpoint(path)   # weights_only; a damaged file stops here
         if not ckpt.provenance.get("final"):
             raise FewShotSegError(f"{path.name} is not a finished training")
         steps.add(int(ckpt.provenance["steps"]))
         sizes.add(int(ckpt.preprocess.size))
-        plan.append((path, ROOT / "runs" / "protocol" / args.run_name / row / fold / setting / "model.pt"))
+        plan.append((path, ROOT / "runs" / "protocol" / run_name / row / fold / setting / "model.pt"))
     if not plan:
         raise FewShotSegError(f"no <row>__fold_<k>__<setting>.pt checkpoints in {source}")
     if len(steps) != 1:
@@ -245,7 +301,7 @@ def import_models(args) -> list[Path]:
     settings = sorted({p.parts[-2][1] for p in placed})
     log(f"placed {len(placed)} checkpoints ({report.get('gpu') or 'device'}, {min(steps)} steps); score them with:")
     for row in sorted({p.parts[-4] for p in placed}):
-        log(f"  python benchmarks/fewshot_protocol.py --budget full --device cpu --run-name {args.run_name} "
+        log(f"  python benchmarks/fewshot_protocol.py --budget full --device cpu --run-name {run_name} "
             f"--models {row} --folds {','.join(folds)} --settings {','.join(settings)} "
             f"--steps {min(steps) // P.steps_of(row, 1)} --size {max(sizes)}")
     return placed
@@ -261,7 +317,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--probe-steps", type=int, default=500)
     p.add_argument("--workers", type=int, default=2, help="episode-building processes per training")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each training's main process "
+                   "(it mostly launches GPU work; the default, all cores each, oversubscribes the machine)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
+    p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off",
+                   help="mixed precision of the trainings (off: as the CPU rows were trained)")
     t = sub.add_parser("train", help="device: train every packed config, return the checkpoints")
     t.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of this command")
     t.add_argument("--out", default=os.environ.get("OUT", "out/device"))
