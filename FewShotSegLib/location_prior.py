@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-# Body: the largest connected region above 15 % of the way from the slice's 1st to its
-# 99th intensity percentile (air is dark in CT and MRI alike).
-BODY_LEVEL = 0.15
+from .preprocessing import body_mask
+
 # Prior: 1 within MARGIN of the mapped support mask, then exp(-x^2 / 2 SIGMA^2); both as
 # fractions of the query body's size (the root of its box area). Set before scoring, not
 # tuned on the protocol's folds.
@@ -31,12 +30,10 @@ def body_boxes(images: torch.Tensor) -> torch.Tensor:
     the whole slice where nothing stands out."""
     boxes = []
     for image in images.detach().cpu().float().numpy():
-        lo, hi = np.percentile(image, [1, 99])
-        labels, count = ndimage.label(image > lo + BODY_LEVEL * (hi - lo))
-        if count == 0 or hi <= lo:
+        body = body_mask(image)   # the training's own: its superpixels lie inside it
+        if not body.any():
             boxes.append([0, image.shape[0] - 1, 0, image.shape[1] - 1])
             continue
-        body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
         rows, cols = np.flatnonzero(body.any(1)), np.flatnonzero(body.any(0))
         boxes.append([rows[0], rows[-1], cols[0], cols[-1]])
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)

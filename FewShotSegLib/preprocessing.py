@@ -547,3 +547,17 @@ def prepare_volume(image: sitk.Image, axis: Union[str, int], cfg: PreprocessConf
     array = sitk.GetArrayViewFromImage(image)
     spacing = tuple(reversed(image.GetSpacing()))
     return PreparedVolume(array, spacing, axis_index, cfg, keep_alive=image)
+
+
+def body_mask(slice2d: np.ndarray) -> np.ndarray:
+    """The patient, not the air around (air is dark in CT and MRI alike): above 10 % of the
+    way from the 5th to the 99th intensity percentile, opened, the largest component, holes
+    filled. Training keeps its superpixels inside it; the location prior boxes it."""
+    from scipy import ndimage
+    lo, hi = np.percentile(slice2d, [5, 99])
+    fg = ndimage.binary_opening(slice2d > lo + 0.1 * (hi - lo), iterations=2)
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    largest = np.argmax(ndimage.sum(fg, labels, range(1, n + 1))) + 1
+    return ndimage.binary_fill_holes(labels == largest)

@@ -9,7 +9,7 @@ from FewShotSegLib import protocol as P
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.location_prior import body_boxes, location_prior, mapped_mask
 from FewShotSegLib.models import build_model
-from FewShotSegLib.preprocessing import PreprocessConfig
+from FewShotSegLib.preprocessing import PreprocessConfig, body_mask
 
 
 def _body(top, bottom, left, right, side=64):
@@ -23,6 +23,15 @@ def test_body_box_is_the_largest_bright_region():
     image[0:3, 0:3] = 1.0   # a small bright speck (a marker, an arm) is not the body
     blank = torch.zeros(64, 64)
     assert body_boxes(torch.stack([image, blank])).tolist() == [[10, 50, 5, 60], [0, 63, 0, 63]]
+
+
+def test_body_box_is_the_trainings_body_mask_dark_band_included():
+    """The boxes come from `preprocessing.body_mask`, the training's body: a body whose lower
+    part is dark (a fat band, coil fall-off near the dome) is boxed whole, not its bright top."""
+    image = _body(10, 50, 5, 60)
+    image[31:51, 5:61] = 0.12   # faint, but above 10 % of the way from the 5th to the 99th percentile
+    assert body_boxes(image[None]).tolist() == [[10, 50, 5, 60]]
+    assert torch.equal(body_boxes(image[None]), body_boxes(torch.from_numpy(body_mask(image.numpy()) * 1.0)[None]))
 
 
 def test_support_mask_follows_the_body_box():

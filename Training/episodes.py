@@ -27,7 +27,7 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from FewShotSegLib.checkpoints import atomic_write
-from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
+from FewShotSegLib.preprocessing import PreprocessConfig, body_mask, prepare_volume
 
 SUPERPIXEL_PARAMS = {"scale": 1.0, "sigma": 1.0, "min_size": 400}
 MIN_REGION_PX = 200          # a pseudo-organ smaller than this teaches nothing useful
@@ -51,17 +51,6 @@ class AugmentConfig:
     elastic_alpha: float = 10.0
     elastic_sigma: float = 5.0
     gamma: tuple = (0.5, 1.5)
-
-
-def body_mask(slice2d: np.ndarray) -> np.ndarray:
-    """The patient, not the air around: threshold, largest component, holes filled."""
-    threshold = np.percentile(slice2d, 5) + 0.1 * (np.percentile(slice2d, 99) - np.percentile(slice2d, 5))
-    fg = ndimage.binary_opening(slice2d > threshold, iterations=2)
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return fg
-    largest = np.argmax(ndimage.sum(fg, labels, range(1, n + 1))) + 1
-    return ndimage.binary_fill_holes(labels == largest)
 
 
 def superpixels(slice2d: np.ndarray) -> np.ndarray:
