@@ -197,6 +197,10 @@ def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints_0.tar", "device_train.json", "logs.tar.gz"]
     config = json.loads((tmp_path / D.PACK / "configs" / "crtpnet__fold_0__s1.json").read_text())
     assert config["amp"] == "off" and config["num_threads"] == 1
+    # a second call on the still-warm machine continues every run from its state, no probe
+    assert D.main(["train", "--device", "cpu", "--minutes", "0.5", "--steps", "3", "--out", str(tmp_path / "more")]) == 0
+    more = json.loads((tmp_path / "more" / "device_train.json").read_text())
+    assert more["steps"] == 3 and set(more["steps_returned"].values()) == {3} and more["exit_codes"] == [0, 0, 0]
     capsys.readouterr()
     assert D.main(["import", str(out), "--run-name", "gpu"]) == 0
     assert "--models crtpnet --folds 0 --settings 1,2 --steps 2 --size 64" in capsys.readouterr().out

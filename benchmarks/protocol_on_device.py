@@ -226,23 +226,28 @@ def train_on_device(args) -> dict:
         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     deadline = start + args.minutes * 60 + DEADLINE_GRACE_S
     device = ["--device", args.device]
-    codes = _run_all(configs, folder, device, logs, deadline)
-    if any(codes):
-        raise FewShotSegError(f"a probe training failed (exit codes {codes}); see runs/device/logs")
-    probe_end = time.time()
     rates = {}
-    for c in configs:   # the probe's second half: past start-up and cuDNN's autotuning
-        entries = [json.loads(x) for x in (ROOT / c["out"] / "log.jsonl").read_text().splitlines()]
-        timed = [e for e in entries if "step_seconds" in e]
-        timed = timed[len(timed) // 2:]
-        rates[c["name"]] = sum(e["step_seconds"] for e in timed) / max(len(timed), 1)
-    restart = 40.0  # seconds: processes, packs and CUDA start again for the second leg
-    left = (args.minutes * 60 - (probe_end - start) - restart) * SPEED_MARGIN
-    k = common_steps(probe, max(rates.values()), left, max(c["steps_scale"] for c in configs))
-    log(f"probe done in {probe_end - start:.0f} s; slowest {max(rates.values()) * 1000:.1f} ms/step "
-        f"with all {len(configs)} running; resuming all to {k} steps")
-    if k > probe:
+    if args.steps:   # a still-warm machine: every run continues from its saved state to --steps
+        k = args.steps
+        log(f"resuming all {len(configs)} to {k} steps, no probe")
         codes = _run_all(configs, folder, [*device, "--resume", "--steps", str(k)], logs, deadline)
+    else:
+        codes = _run_all(configs, folder, device, logs, deadline)
+        if any(codes):
+            raise FewShotSegError(f"a probe training failed (exit codes {codes}); see runs/device/logs")
+        probe_end = time.time()
+        for c in configs:   # the probe's second half: past start-up and cuDNN's autotuning
+            entries = [json.loads(x) for x in (ROOT / c["out"] / "log.jsonl").read_text().splitlines()]
+            timed = [e for e in entries if "step_seconds" in e]
+            timed = timed[len(timed) // 2:]
+            rates[c["name"]] = sum(e["step_seconds"] for e in timed) / max(len(timed), 1)
+        restart = 40.0  # seconds: processes, packs and CUDA start again for the second leg
+        left = (args.minutes * 60 - (probe_end - start) - restart) * SPEED_MARGIN
+        k = common_steps(probe, max(rates.values()), left, max(c["steps_scale"] for c in configs))
+        log(f"probe done in {probe_end - start:.0f} s; slowest {max(rates.values()) * 1000:.1f} ms/step "
+            f"with all {len(configs)} running; resuming all to {k} steps")
+        if k > probe:
+            codes = _run_all(configs, folder, [*device, "--resume", "--steps", str(k)], logs, deadline)
     from FewShotSegLib.checkpoints import load_checkpoint
     # a finished release checkpoint comes back even where its run failed later: a second leg
     # that broke off leaves the probe's (its steps in the report; `import` wants one count)
@@ -326,6 +331,9 @@ def main(argv=None) -> int:
     t.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of this command")
     t.add_argument("--out", default=os.environ.get("OUT", "out/device"))
     t.add_argument("--device", default="cuda", help="cuda (the lease) or cpu (a rehearsal here)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="no probe: continue every run from its saved state to this many steps (a second "
+                        "call while the machine is still warm: the states are there, not here)")
     i = sub.add_parser("import", help="here: place returned checkpoints for fewshot_protocol.py")
     i.add_argument("folder")
     i.add_argument("--run-name", default="gpu")
