@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .protocol import CLASSES, PAPER_ABLATION, PAPERS, SCORES, describe, family_of, mean_dice
+from .protocol import BUDGETS, CLASSES, PAPER_ABLATION, PAPERS, SCORES, describe, family_of, mean_dice
 
 SHORT = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
 SETTINGS = {"s1": "S1", "s2": "S2"}
@@ -118,11 +118,15 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
              "The '+ 3D post' columns are our option on the same predictions (largest 3D component, "
              "holes filled; see the protocol below), not the papers' scoring.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if any(b != "full" for e in summary["results"] for b in e["budget"]):
-        lines[4:4] = ["Rows whose budget is not `full` trained far fewer steps than the papers (`cpu`: "
-                      "3000 steps per model on a 2-core CPU; `smoke`: a check of the pipeline), so they "
+    full = BUDGETS["full"]["steps"]
+    if any(b != "full" for e in summary["results"] for b in e["budget"]) or any(
+            s is not None and s < full for e in summary["results"] for s in e["steps"]):
+        lines[4:4] = [f"Rows with fewer than the `full` budget's {full} steps per model trained far fewer "
+                      "than the papers (~100k): `cpu` 3000 steps per model on a 2-core CPU; a `full` row "
+                      "with fewer steps got what a GPU lease allowed; `smoke` checks the pipeline. They "
                       "are not a like-for-like comparison with the papers; rows with fewer than 20 scans "
-                      "do not cover the 5 folds.", ""]
+                      "do not cover the 5 folds. 'train wall' sums the fold models' own training times "
+                      "(models trained side by side took less wall time than that).", ""]
     for e in summary["results"]:
         per = e["ep1"]["per_class"]
         note = "; ".join(e["notes"]) if e["notes"] else ("" if e["compliant"] else "not protocol-compliant")

@@ -1,7 +1,7 @@
 """The papers' few-shot protocol on CHAOS-T2 in one command (5 folds, EP1/EP2, settings 1/2).
 
     python benchmarks/fewshot_protocol.py --budget smoke --threads 1           # 2-core CPU, minutes
-    python benchmarks/fewshot_protocol.py --budget full --device cuda          # all folds, ~1 h on one GPU
+    python benchmarks/fewshot_protocol.py --budget full --device cuda          # all folds, 20000 steps per model
     python benchmarks/fewshot_protocol.py --models registration --folds 0,1    # the non-learned row only
     python benchmarks/fewshot_protocol.py --checkpoint Resources/Models/fewshotseg-default.pt --settings 1
 
