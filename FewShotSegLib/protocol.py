@@ -235,9 +235,9 @@ def describe(row: str) -> str:
 # Run sizes. full: the hour on one GPU. SSL-ALPNet trains 100k steps per model; on
 # one H200 the 15 models (5 folds x setting 1 + two setting-2 groups) trained at once at
 # 0.13 s per step each, ~117 steps/s together (measured 2026-12-04, one episode worker
-# each; GPU and cores both full), so 15 x 20000 steps take ~43 min. cpu: every fold on a 2-core CPU at
-# 3000 steps (18-22 min per model, one thread per process, one process per core). smoke:
-# proves the pipeline on a 2-core CPU in minutes.
+# each; GPU and cores both full), so 15 x 20000 steps take ~43 min. cpu: every fold on a
+# 2-core CPU at 3000 steps (18-22 min per model, one thread per process, one process per
+# core). smoke: proves the pipeline on a 2-core CPU in minutes.
 BUDGETS = {
     "full": {"steps": 20000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},
     "cpu": {"steps": 3000, "size": 256, "folds": "0,1,2,3,4", "max_queries": None},

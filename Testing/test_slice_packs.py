@@ -200,6 +200,8 @@ def test_pack_then_train_as_on_the_device_then_import(chaos_dir, tmp_path, monke
     # a second call on the still-warm machine continues every run from its state, no probe
     assert D.main(["train", "--device", "cpu", "--minutes", "0.5", "--steps", "3", "--out", str(tmp_path / "more")]) == 0
     more = json.loads((tmp_path / "more" / "device_train.json").read_text())
+    assert D.main(["train", "--device", "cpu", "--steps", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
     assert more["steps"] == 3 and set(more["steps_returned"].values()) == {3} and more["exit_codes"] == [0, 0, 0]
     capsys.readouterr()
     assert D.main(["import", str(out), "--run-name", "gpu"]) == 0

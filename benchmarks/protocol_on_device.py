@@ -213,6 +213,8 @@ def unbundle(source: Path, into: Path) -> list[Path]:
 
 def train_on_device(args) -> dict:
     import torch
+    if args.steps is not None and args.steps < 1:
+        raise FewShotSegError(f"--steps must be a positive step count, not {args.steps}")
     start = time.time()
     folder = ROOT / PACK
     manifest = verify(folder)
@@ -251,10 +253,12 @@ def train_on_device(args) -> dict:
     from FewShotSegLib.checkpoints import load_checkpoint
     # a finished release checkpoint comes back even where its run failed later: a second leg
     # that broke off leaves the probe's (its steps in the report; `import` wants one count)
-    finished = {c["name"]: ROOT / c["out"] / "model.pt" for c in configs
-                if (ROOT / c["out"] / "model.pt").is_file()
-                and load_checkpoint(ROOT / c["out"] / "model.pt").provenance.get("final")}
-    steps_returned = {name: int(load_checkpoint(path).provenance["steps"]) for name, path in finished.items()}
+    finished, steps_returned = {}, {}
+    for c in configs:
+        model = ROOT / c["out"] / "model.pt"
+        provenance = load_checkpoint(model).provenance if model.is_file() else {}
+        if provenance.get("final"):
+            finished[c["name"]], steps_returned[c["name"]] = model, int(provenance["steps"])
     returned = bundle(finished, out)
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:   # the step logs: speeds and losses, here
         for c in configs:
