@@ -52,6 +52,7 @@ from .models.multiscale import MULTI_SCALES
 from .models.support_zoom import SUPPORT_ZOOMS
 from .postprocessing import fill_holes_per_slice
 from .preprocessing import prepare_volume
+from .self_support import SELF_SUPPORT_MIX, predicted_extent, self_supported
 
 N_FOLDS = 5
 PARTS = 3                                   # EP1: thirds of the class range
@@ -157,6 +158,7 @@ class TestTime:
     multiscale: bool = False        # average over the episode at several grid sizes (MultiScalePredictor)
     support_zoom: bool = False      # the support slice also zoomed about its organ (SupportZoomModel)
     location_prior: bool = False    # probabilities times the support's place in the body (LocationPriorPredictor)
+    self_support: bool = False      # a second pass supported by the query's own slices (self_support)
 
 
 TEST_TIME = {
@@ -185,6 +187,12 @@ TEST_TIME = {
                         f"{PRIOR_MARGIN:g} of the body's size of the support mask mapped by the two body outlines' "
                         f"boxes, a Gaussian of {PRIOR_SIGMA:g} beyond (the support slice's label only)",
                     location_prior=True),
+    "ss": TestTime({}, "query self-support: a second pass whose supports are the query's own slices at the "
+                       "centres of the scored range's thirds (EP1; EP2: of the first pass's largest 3D region's "
+                       "slices), each labelled by the first pass (largest region at 0.5); a slice between two "
+                       f"blends them by position; averaged {1 - SELF_SUPPORT_MIX:g}/{SELF_SUPPORT_MIX:g} with "
+                       "the first pass (no query label read)",
+                   self_support=True),
 }
 
 
@@ -207,7 +215,8 @@ def test_time_option(key: str) -> TestTime:
                     mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
                     smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options),
                     support_zoom=any(o.support_zoom for o in options),
-                    location_prior=any(o.location_prior for o in options))
+                    location_prior=any(o.location_prior for o in options),
+                    self_support=any(o.self_support for o in options))
 
 
 def family_of(row: str) -> str:
@@ -516,13 +525,15 @@ class FoldEvaluation:
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
              axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
-             blend_supports: bool = False, smooth_slices: bool = False) -> FoldEvaluation:
+             blend_supports: bool = False, smooth_slices: bool = False,
+             self_support: bool = False) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
     ``area_threshold``: EP1 binarises each third with `area_matched_threshold` (else 0.5).
     ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
     ``smooth_slices``: EP1 and EP2 smooth the probabilities across slices (`smooth_across_slices`).
+    ``self_support``: EP1 and EP2 add a pass supported by the query's own slices (`self_supported`).
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
     studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
@@ -562,6 +573,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                 own = [z for z, p in assignment.items() if p == part]
                 if own:
                     thresholds.append((part, own, THRESHOLD))
+            if self_support and assignment:
+                probs = self_supported(predictor, q_feats, probs, assignment)
             if smooth_slices:
                 probs = smooth_across_slices(probs, assignment)
             volume = q_prep.probs_to_volume(probs)
@@ -580,6 +593,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                                if assignment else None)
             i = pos[ep2_slice]
             probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
+            if self_support and predicted_extent(probs):
+                probs = self_supported(predictor, q_feats, probs, predicted_extent(probs))
             if smooth_slices:
                 probs = smooth_across_slices(probs, range(n))
             ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD

@@ -272,7 +272,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs") == 0
+                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs,ss") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -284,7 +284,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
                       ("crtpnet-sameslice+mirror", "left-right mirrored"),
                       ("crtpnet-sameslice+blend", "blended supports"),
                       ("crtpnet-sameslice+blend+at", "query-adaptive threshold"),
-                      ("crtpnet-sameslice+zs", "slice smoothing")):
+                      ("crtpnet-sameslice+zs", "slice smoothing"),
+                      ("crtpnet-sameslice+ss", "query self-support")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])

@@ -191,7 +191,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                 predictor = P.LocationPriorPredictor(predictor)
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
                                           area_threshold=option.area_threshold,
-                                          blend_supports=option.blended, smooth_slices=option.smoothed))
+                                          blend_supports=option.blended, smooth_slices=option.smoothed,
+                                          self_support=option.self_support))
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
