@@ -64,19 +64,19 @@ class RegistrationPredictor:
 
 
 class EnsemblePredictor:
-    """Several predictors on the same grid, their foreground probabilities averaged; the
-    features of one slice are stacked along dim 1, one per member."""
+    """Several predictors on the same grid, their foreground probabilities averaged; a
+    slice's features are one entry per member (members may differ in architecture)."""
 
     def __init__(self, members: list, name: str = "ensemble"):
         if not members or any(m.preprocess != members[0].preprocess for m in members):
             raise FewShotSegError("ensemble members must share one pre-processing (grid size, intensities)")
         self.members, self.name, self.preprocess = members, name, members[0].preprocess
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.prepare(images) for m in self.members], 1)
+    def prepare(self, images: torch.Tensor) -> "_Stacked":
+        return _Stacked([m.prepare(images) for m in self.members])
 
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
-        return sum(m.predict(support[k], support_mask, queries[:, k])
+        return sum(m.predict(support.parts[k], support_mask, queries.parts[k])
                    for k, m in enumerate(self.members)) / len(self.members)
 
 
@@ -96,17 +96,18 @@ class MirrorAveragePredictor:
         return (self.member.predict(support[0], support_mask, queries[:, 0]) + mirrored) / 2
 
 
-class _PerScale:
-    """Prepared features of the same slices at several scales, indexed like one tensor."""
+class _Stacked:
+    """Prepared features of the same slices in several forms (one per scale, one per
+    ensemble member), indexed like one tensor."""
 
-    def __init__(self, per_scale: list):
-        self.per_scale = per_scale
+    def __init__(self, parts: list):
+        self.parts = parts
 
     def __getitem__(self, index):
-        return _PerScale([f[index] for f in self.per_scale])
+        return _Stacked([f[index] for f in self.parts])
 
     def __len__(self) -> int:
-        return len(self.per_scale[0])
+        return len(self.parts[0])
 
 
 class MultiScalePredictor:
@@ -124,15 +125,15 @@ class MultiScalePredictor:
     def _side(self, scale: float) -> int:
         return scaled_side(self.preprocess.size, scale)
 
-    def prepare(self, images: torch.Tensor) -> _PerScale:
-        return _PerScale([self.member.prepare(resized(images, self._side(s))) for s in self.scales])
+    def prepare(self, images: torch.Tensor) -> _Stacked:
+        return _Stacked([self.member.prepare(resized(images, self._side(s))) for s in self.scales])
 
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
         side = support_mask.shape[-1]
         total = 0
         for k, scale in enumerate(self.scales):
             mask = resized(support_mask, self._side(scale))
-            probs = self.member.predict(support.per_scale[k], mask, queries.per_scale[k])
+            probs = self.member.predict(support.parts[k], mask, queries.parts[k])
             total = total + resized(probs, side)
         return total / len(self.scales)
 

@@ -181,8 +181,18 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             checkpoints.append({"path": str(path), "steps": ckpt.provenance.get("steps"), "classes": classes,
                                 "hardware": ckpt.provenance.get("hardware"),
                                 "code_version": ckpt.provenance.get("code_version")})
-            network = SupportZoomModel(ckpt.model) if option.support_zoom else ckpt.model
-            predictor = P.ModelPredictor(network, ckpt.preprocess, args.device, args.batch_size, model)
+            members = [(ckpt, model)]
+            if option.ensemble:
+                partner, compliant = ensemble_partner(args, path, fold, queries, data_dir, notes, compliant)
+                partner.model.config.update(option.model_options)
+                train_seconds += float(partner.provenance.get("wall_seconds") or 0)
+                checkpoints.append({"path": str(partner.path), "steps": partner.provenance.get("steps"),
+                                    "classes": classes, "hardware": partner.provenance.get("hardware"),
+                                    "code_version": partner.provenance.get("code_version"), "ensemble": True})
+                members.append((partner, "ensemble partner"))
+            predictors = [P.ModelPredictor(SupportZoomModel(c.model) if option.support_zoom else c.model,
+                                           c.preprocess, args.device, args.batch_size, name) for c, name in members]
+            predictor = predictors[0] if len(predictors) == 1 else P.EnsemblePredictor(predictors, model)
             if option.mirrored:
                 predictor = P.MirrorAveragePredictor(predictor)
             if option.multiscale:   # outermost: its features are per scale, not one tensor
@@ -215,6 +225,21 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
     return payload, examples
 
 
+def ensemble_partner(args, path: Path, fold: P.Fold, queries, data_dir: Path, notes: list, compliant: bool):
+    """The ``+ens`` partner of the fold model at ``path``: the same fold and setting under
+    ``--ensemble-with``; a partner trained on a query scan makes the row non-compliant."""
+    partner_path = args.ensemble_with / f"fold_{fold.index}" / path.parent.name / "model.pt"
+    if not partner_path.is_file():
+        raise FewShotSegError(f"+ens: no fold model {partner_path} (--ensemble-with must hold "
+                              "fold_<k>/<s1|s2_a-b>/model.pt of a finished protocol run)")
+    partner = load_checkpoint(partner_path, device=args.device)
+    leaked = trained_on_queries(partner.provenance, data_dir, queries)
+    if leaked:
+        notes.append(f"not protocol-compliant: the ensemble partner was trained on query scans {','.join(leaked)}")
+    notes.append(f"ensemble partner: {partner_path.parent.parent.parent} ({partner.provenance.get('steps')} steps)")
+    return partner, compliant and not leaked
+
+
 def _cpu_load() -> float | None:
     """The 1-minute load average (runnable processes; > the core count: jobs waited), or None
     where the system does not say."""
@@ -231,10 +256,13 @@ def _row_name(model: str, variant: str) -> str:
 def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
     """What a finished fold file must match to be reused (else: another --run-name)."""
     steps = None if model == "registration" or checkpoint else P.steps_of(model.partition("+")[0], args.steps)
-    return {"model": model, "setting": setting, "fold": fold.index, "queries": queries, "support": fold.support,
-            "steps": steps, "size": args.size,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
+    key = {"model": model, "setting": setting, "fold": fold.index, "queries": queries, "support": fold.support,
+           "steps": steps, "size": args.size,
+           "checkpoint": str(checkpoint) if checkpoint else None,
+           "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
+    if "ens" in model.split("+")[1:]:   # only these rows: older fold files keep their keys
+        key["ensemble_with"] = str(args.ensemble_with)
+    return key
 
 
 def process(args, base, model, fold, queries, settings, data_dir, checkpoint=None, variant="") -> None:
@@ -361,6 +389,9 @@ def parse(argv):
     parser.add_argument("--test-time", default="",
                         help="further test-time rows, comma-separated, each one option or several joined by "
                              "'+' (e.g. blend+at,blend+mirror: row <model>+blend+at; same trained weights)")
+    parser.add_argument("--ensemble-with", default=None, metavar="DIR",
+                        help="for +ens rows: the fold models of another protocol run to average with, "
+                             "DIR/fold_<k>/<s1|s2_a-b>/model.pt (e.g. runs/protocol/cpu_3k/crtpnet)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
                              "folds whose models are gone keep their results)")
@@ -400,6 +431,13 @@ def prepare(args):
     args.test_time = [k.strip() for k in args.test_time.split(",") if k.strip()]
     for key in args.test_time:
         P.test_time_option(key)  # fails early, naming the key
+    if any("ens" in key.split("+") for key in args.test_time):
+        if not args.ensemble_with or not Path(args.ensemble_with).is_dir():
+            raise FewShotSegError("test-time option ens needs --ensemble-with DIR, an existing folder of fold "
+                                  f"models (got {args.ensemble_with!r})")
+        if args.checkpoint:
+            raise FewShotSegError("test-time option ens pairs fold models; it does not apply to --checkpoint")
+    args.ensemble_with = Path(args.ensemble_with).resolve() if args.ensemble_with else None
     wants_qp = args.query_prototypes or any("qp" in key.split("+") for key in args.test_time)
     if wants_qp:
         from FewShotSegLib.models.registry import model_class

@@ -1,0 +1,103 @@
+"""The protocol's test-time options: what a ``<model>+<key>`` row changes at inference, with
+the same trained weights (`protocol.evaluate` and benchmarks/fewshot_protocol.py read them).
+Each option's description is written from its constants, so a row's notes say what ran."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import FewShotSegError
+from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
+from .models.multiscale import MULTI_SCALES
+from .models.support_zoom import SUPPORT_ZOOMS
+from .self_support import SELF_SUPPORT_MIX
+
+# +zs: a triangle over 5 slices, {offset: weight}; the row's description is written from it.
+_SLICE_WEIGHTS = (1, 2, 3, 2, 1)
+SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w in enumerate(_SLICE_WEIGHTS)}
+
+
+# Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
+@dataclass(frozen=True)
+class TestTime:
+    """What a ``+key`` row changes at inference: model options, and/or EP1's binarisation."""
+    model_options: dict
+    what: str
+    area_threshold: bool = False    # EP1: per-third threshold matching the support's organ area
+    mirrored: bool = False          # average with the left-right mirrored episode (MirrorAveragePredictor)
+    blended: bool = False           # EP1: blend the two nearest thirds' supports (ep1_support_weights)
+    smoothed: bool = False          # EP1 and EP2: probabilities smoothed across adjacent slices
+    multiscale: bool = False        # average over the episode at several grid sizes (MultiScalePredictor)
+    support_zoom: bool = False      # the support slice also zoomed about its organ (SupportZoomModel)
+    location_prior: bool = False    # probabilities times the support's place in the body (LocationPriorPredictor)
+    self_support: bool = False      # a second pass supported by the query's own slices (self_support)
+    ensemble: bool = False          # averaged with a second fold model (EnsemblePredictor; --ensemble-with)
+
+
+TEST_TIME = {
+    "qp": TestTime({"query_prototypes": True},
+                   "test-time query prototypes (a second pass adds the query's confident pixels)"),
+    "sr": TestTime({"support_refinement_steps": 20},
+                   "test-time prototype refinement: 20 Adam steps fitting the prototypes to their support slice"),
+    "at": TestTime({}, "query-adaptive threshold (EP1): per third, the threshold in 0.4..0.7 whose mean "
+                       "organ area per query slice is nearest the support slice's (EP2 keeps 0.5)",
+                   area_threshold=True),
+    "mirror": TestTime({}, "test-time augmentation: the probabilities averaged with those of the left-right "
+                           "mirrored support and query (mirrored back)", mirrored=True),
+    "blend": TestTime({}, "blended supports (EP1): each query slice's probability mixes the predictions of the "
+                          "two nearest thirds' support slices, linearly in its position (the same three labelled "
+                          "slices; the papers use its own third's alone; EP2 unchanged)", blended=True),
+    "zs": TestTime({}, "slice smoothing: each scored query slice's probability averaged with its neighbours' "
+                       f"(a triangle over {len(_SLICE_WEIGHTS)} slices, weights {','.join(map(str, _SLICE_WEIGHTS))} "
+                       f"/{sum(_SLICE_WEIGHTS)}, over the scored slices only)", smoothed=True),
+    "ms": TestTime({}, "multi-scale: the probabilities averaged over the episode resampled to "
+                       f"{' and '.join(f'{v:g}' for v in MULTI_SCALES)} times the grid (support, mask, queries; "
+                       "resampled back)", multiscale=True),
+    "sz": TestTime({}, "support zoom: the support slice and its mask also zoomed by "
+                       f"{' and '.join(f'{v:g}' for v in SUPPORT_ZOOMS)} about the organ's centre, as further "
+                       "supports (still one labelled slice)", support_zoom=True),
+    "loc": TestTime({}, "location prior: the probabilities times a prior that is 1 within "
+                        f"{PRIOR_MARGIN:g} of the body's size of the support mask mapped by the two body outlines' "
+                        f"boxes, a Gaussian of {PRIOR_SIGMA:g} beyond (the support slice's label only)",
+                    location_prior=True),
+    "ss": TestTime({}, "query self-support: a second pass whose supports are the query's own slices at the "
+                       "centres of the scored range's thirds (EP1; EP2: of the first pass's largest 3D region's "
+                       "slices), each labelled by the first pass (largest region at 0.5); a slice between two "
+                       f"blends them by position; averaged {1 - SELF_SUPPORT_MIX:g}/{SELF_SUPPORT_MIX:g} with "
+                       "the first pass (no query label read)",
+                   self_support=True),
+    "ens": TestTime({}, "ensemble: the probabilities averaged with those of a second model of the same fold and "
+                        "setting, trained on the same scans outside the fold (named in the row's checkpoints)",
+                    ensemble=True),
+}
+
+
+def test_time_option(key: str) -> TestTime:
+    """The test-time option of a row's ``+`` part; ``blend+at`` combines options (their model
+    options merged, their switches all on). Unknown keys raise one clear line."""
+    parts = key.split("+")
+    unknown = [k for k in parts if k not in TEST_TIME]
+    if unknown or not key:
+        raise FewShotSegError(f"unknown test-time option '{key}'; available: {', '.join(TEST_TIME)} "
+                              "(combined with '+', e.g. blend+at)")
+    if len(parts) == 1:
+        return TEST_TIME[key]
+    if len(set(parts)) < len(parts) or sum(bool(TEST_TIME[k].model_options) for k in parts) > 1:
+        raise FewShotSegError(f"test-time options '{key}': each at most once, and one of qp, sr at most")
+    options = [TEST_TIME[k] for k in parts]
+    return TestTime({k: v for o in options for k, v in o.model_options.items()},
+                    "; ".join(o.what for o in options),
+                    area_threshold=any(o.area_threshold for o in options),
+                    mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
+                    smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options),
+                    support_zoom=any(o.support_zoom for o in options),
+                    location_prior=any(o.location_prior for o in options),
+                    self_support=any(o.self_support for o in options),
+                    ensemble=any(o.ensemble for o in options))
+
+
+def known_test_time(key: str):
+    """`test_time_option` of a key, or None where it names no option (``""`` or an unknown one)."""
+    try:
+        return test_time_option(key)
+    except FewShotSegError:
+        return None
