@@ -505,8 +505,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                                if assignment else None)
             i = pos[ep2_slice]
             probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
-            if self_support and predicted_extent(probs):
-                probs = self_supported(predictor, q_feats, probs, predicted_extent(probs))
+            if self_support and (extent := predicted_extent(probs)):
+                probs = self_supported(predictor, q_feats, probs, extent)
             if smooth_slices:
                 probs = smooth_across_slices(probs, range(n))
             ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD

@@ -3,7 +3,7 @@ the same trained weights (`protocol.evaluate` and benchmarks/fewshot_protocol.py
 Each option's description is written from its constants, so a row's notes say what ran."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import FewShotSegError
 from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
@@ -84,15 +84,10 @@ def test_time_option(key: str) -> TestTime:
     if len(set(parts)) < len(parts) or sum(bool(TEST_TIME[k].model_options) for k in parts) > 1:
         raise FewShotSegError(f"test-time options '{key}': each at most once, and one of qp, sr at most")
     options = [TEST_TIME[k] for k in parts]
+    switches = [f.name for f in fields(TestTime) if f.name not in ("model_options", "what")]
     return TestTime({k: v for o in options for k, v in o.model_options.items()},
                     "; ".join(o.what for o in options),
-                    area_threshold=any(o.area_threshold for o in options),
-                    mirrored=any(o.mirrored for o in options), blended=any(o.blended for o in options),
-                    smoothed=any(o.smoothed for o in options), multiscale=any(o.multiscale for o in options),
-                    support_zoom=any(o.support_zoom for o in options),
-                    location_prior=any(o.location_prior for o in options),
-                    self_support=any(o.self_support for o in options),
-                    ensemble=any(o.ensemble for o in options))
+                    **{name: any(getattr(o, name) for o in options) for name in switches})
 
 
 def known_test_time(key: str):
