@@ -49,7 +49,8 @@ def anchor_slices(weights: dict) -> dict:
     own = {}
     for z, w in weights.items():
         own.setdefault(max(w, key=w.get), []).append(z)
-    return {p: min(zs, key=lambda z: (abs(z - float(np.mean(zs))), z)) for p, zs in own.items()}
+    centres = {p: float(np.mean(zs)) for p, zs in own.items()}
+    return {p: min(zs, key=lambda z: (abs(z - centres[p]), z)) for p, zs in own.items()}
 
 
 def self_supported(predictor, q_feats, probs: torch.Tensor, slices, anchors: int = SELF_SUPPORT_ANCHORS,

@@ -48,10 +48,11 @@ def test_ensemble_row_pairs_the_same_fold_and_setting_and_fails_clearly(chaos_di
     assert "ens needs --ensemble-with" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
+    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "1", "--steps", "1",
                         "--test-time", "ens", "--ensemble-with", str(empty)) == 2
     err = capsys.readouterr().err
     assert "+ens: no fold model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "work" / "alpnet").exists()              # refused before any training
     folder = tmp_path / "results" / "protocol" / "t"
     assert not (folder / "crtpnet+ens").exists()                    # nothing half-written
     assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",

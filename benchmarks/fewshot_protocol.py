@@ -76,10 +76,14 @@ def trained_on_queries(provenance: dict, data_dir: Path, queries: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- training
+def setting_dir(group) -> str:
+    """A fold model's folder name: s1, or s2_<classes> for a setting-2 group."""
+    return "s1" if group is None else "s2_" + "-".join(map(str, group))
+
+
 def fold_model_dir(args, model: str, fold: P.Fold, group) -> Path:
     """Where one fold's model trains: .../<model>/fold_<k>/s1 or s2_<classes>."""
-    setting = "s1" if group is None else "s2_" + "-".join(map(str, group))
-    return args.work_dir / _safe(model) / f"fold_{fold.index}" / setting
+    return args.work_dir / _safe(model) / f"fold_{fold.index}" / setting_dir(group)
 
 
 def can_rescore(args, model: str, fold: P.Fold, setting: str, checkpoint) -> bool:
@@ -463,6 +467,13 @@ def prepare(args):
             raise FewShotSegError(f"--cases {args.cases}: none is a query scan of fold {fold.index} "
                                   f"({','.join(fold.queries)})")
         plan.append((fold, queries))
+    if args.ensemble_with and any("ens" in key.split("+") for key in args.test_time):
+        dirs = [setting_dir(g) for g in ([None] if "s1" in settings else []) + (args.groups if "s2" in settings else [])]
+        missing = [args.ensemble_with / f"fold_{fold.index}" / d / "model.pt" for fold, _ in plan for d in dirs]
+        missing = [p for p in missing if not p.is_file()]
+        if missing:   # before any training: a partner that is not there costs nothing
+            raise FewShotSegError(f"+ens: no fold model {missing[0]} (--ensemble-with must hold "
+                                  "fold_<k>/<s1|s2_a-b>/model.pt of a finished protocol run)")
     try:
         base = json.loads(Path(args.config).read_text())
     except (OSError, json.JSONDecodeError) as exc:
