@@ -49,7 +49,7 @@ from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
 from .postprocessing import fill_holes_per_slice
 from .preprocessing import prepare_volume
-from .protocol_options import (SLICE_KERNEL, TEST_TIME, TestTime, known_test_time,  # noqa: F401
+from .protocol_options import (SLICE_KERNEL, SUPPORT_TUNING, TEST_TIME, TestTime, known_test_time,  # noqa: F401
                                test_time_option)
 from .self_support import predicted_extent, self_supported
 
@@ -435,10 +435,27 @@ class FoldEvaluation:
     seconds: float = 0.0
 
 
+def _dice(counts: dict | None) -> str:
+    return f"{counts['dice']:.3f}" if counts else "  -  "
+
+
+def support_examples(data_dir: Path, case: str, classes, preprocess, axis: str = "axial") -> dict:
+    """EP1's labelled support slices of ``classes`` on the model grid, ``{class: (images,
+    masks)}``: the labels a test may read, as examples for test-time tuning."""
+    image, label = load_chaos_case(data_dir, case)
+    ax = array_axis_for(image, axis)
+    prep = prepare_volume(image, ax, preprocess)
+    out = {}
+    for c in classes:
+        zs = ep1_support_slices(label, c, ax)
+        out[c] = (prep.model_slices(zs), prep.mask_to_model(label == c, indices=zs))
+    return out
+
+
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
              axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
              blend_supports: bool = False, smooth_slices: bool = False,
-             self_support: bool = False) -> FoldEvaluation:
+             self_support: bool = False, score_ep2: bool = True) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
@@ -446,6 +463,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
     ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
     ``smooth_slices``: EP1 and EP2 smooth the probabilities across slices (`smooth_across_slices`).
     ``self_support``: EP1 and EP2 add a pass supported by the query's own slices (`self_supported`).
+    ``score_ep2``: False leaves EP2 unscored (None), for models tuned on EP1's three labelled slices.
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
     studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
@@ -503,18 +521,20 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
             row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
             row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
                                if assignment else None)
-            i = pos[ep2_slice]
-            probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
-            if self_support and (extent := predicted_extent(probs)):
-                probs = self_supported(predictor, q_feats, probs, extent)
-            if smooth_slices:
-                probs = smooth_across_slices(probs, range(n))
-            ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
-            row["ep2"] = count(ep2_pred, truth).to_dict()
-            row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()
+            row["ep2"] = row["ep2_post"] = None
+            if score_ep2:
+                i = pos[ep2_slice]
+                probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
+                if self_support and (extent := predicted_extent(probs)):
+                    probs = self_supported(predictor, q_feats, probs, extent)
+                if smooth_slices:
+                    probs = smooth_across_slices(probs, range(n))
+                ep2_pred = q_prep.probs_to_volume(probs) >= THRESHOLD
+                row["ep2"] = count(ep2_pred, truth).to_dict()
+                row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()
             out.rows.append(row)
-            say(f"  {case:>3} {CLASSES[c]:13s} EP1 {row['ep1']['dice'] if row['ep1'] else float('nan'):.3f}"
-                f"  EP2 {row['ep2']['dice']:.3f}  EP2+post {row['ep2_post']['dice']:.3f}")
+            say(f"  {case:>3} {CLASSES[c]:13s} EP1 {_dice(row['ep1'])}  EP2 {_dice(row['ep2'])}  "
+                f"EP2+post {_dice(row['ep2_post'])}")
             if qi == 0 and assignment:
                 out.examples.append(_example(c, (s_image, s_label, s_axis, ep2_slice, support_case),
                                              (q_image, truth, ep1_pred, q_axis, assignment, case), row))

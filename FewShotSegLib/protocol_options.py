@@ -16,6 +16,11 @@ _SLICE_WEIGHTS = (1, 2, 3, 2, 1)
 SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w in enumerate(_SLICE_WEIGHTS)}
 
 
+# +tune: SGD steps of the training loss on the support scan's labelled slices
+# (Training/support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
+SUPPORT_TUNING = {"steps": 30, "lr": 1e-3}
+
+
 # Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
 @dataclass(frozen=True)
 class TestTime:
@@ -31,6 +36,7 @@ class TestTime:
     location_prior: bool = False    # probabilities times the support's place in the body (LocationPriorPredictor)
     self_support: bool = False      # a second pass supported by the query's own slices (self_support)
     ensemble: bool = False          # averaged with a second fold model (EnsemblePredictor; --ensemble-with)
+    support_tuning: bool = False    # each model tuned on the support scan's EP1 slices first (EP2 not scored)
 
 
 TEST_TIME = {
@@ -65,9 +71,14 @@ TEST_TIME = {
                        f"blends them by position; averaged {1 - SELF_SUPPORT_MIX:g}/{SELF_SUPPORT_MIX:g} with "
                        "the first pass (no query label read)",
                    self_support=True),
-    "ens": TestTime({}, "ensemble: the probabilities averaged with those of a second model of the same fold and "
-                        "setting, trained on the same scans outside the fold (named in the row's checkpoints)",
+    "ens": TestTime({}, "ensemble: the probabilities averaged with those of the same fold's and setting's model "
+                        "of each further run named (--ensemble-with), trained on the same scans outside the fold "
+                        "(named in the row's checkpoints)",
                     ensemble=True),
+    "tune": TestTime({}, f"test-time tuning (EP1): each model first tuned {SUPPORT_TUNING['steps']} SGD steps "
+                         f"(lr {SUPPORT_TUNING['lr']:g}) of its training loss on episodes between the support "
+                         "scan's three labelled slices of each test organ, augmented as in training (no query "
+                         "label; EP2 not scored: it allows one labelled slice)", support_tuning=True),
 }
 
 

@@ -63,3 +63,14 @@ def test_ensemble_row_pairs_the_same_fold_and_setting_and_fails_clearly(chaos_di
     assert len(paired["checkpoints"]) == 2 and paired["checkpoints"][1]["ensemble"]
     assert paired["compliant"] and any("ensemble partner" in n for n in paired["notes"])
     assert paired["key"]["ensemble_with"] == str(partner.resolve()) and "ensemble_with" not in alone["key"]
+    # several folders: one partner each; the same row with other partners is refused, kept as it was
+    two = f"{partner},{partner}"
+    assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
+                        "--test-time", "ens", "--ensemble-with", two) == 2
+    assert "use another --run-name" in capsys.readouterr().err
+    assert json.loads((folder / "crtpnet+ens" / "fold_0_s1.json").read_text()) == paired
+    assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
+                        "--test-time", "ens", "--ensemble-with", two, "--run-name", "t3") == 0
+    three = json.loads((tmp_path / "results" / "protocol" / "t3" / "crtpnet+ens" / "fold_0_s1.json").read_text())
+    assert [r["ep1"]["dice"] for r in three["rows"]] == pytest.approx([r["ep1"]["dice"] for r in alone["rows"]])
+    assert len(three["checkpoints"]) == 3 and sum("ensemble partner" in n for n in three["notes"]) == 2

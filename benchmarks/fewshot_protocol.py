@@ -38,6 +38,7 @@ from FewShotSegLib.models.support_zoom import SupportZoomModel  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.slice_packs import SUFFIX as PACK_SUFFIX  # noqa: E402
+from Training.support_tuning import tuned_on_support  # noqa: E402
 
 PROG = "fewshot_protocol"
 DEFAULT_CONFIG = ROOT / "Training" / "configs" / "ssl_default.json"
@@ -187,13 +188,20 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                                 "code_version": ckpt.provenance.get("code_version")})
             members = [(ckpt, model)]
             if option.ensemble:
-                partner, compliant = ensemble_partner(args, path, fold, queries, data_dir, notes, compliant)
-                partner.model.config.update(option.model_options)
-                train_seconds += float(partner.provenance.get("wall_seconds") or 0)
-                checkpoints.append({"path": str(partner.path), "steps": partner.provenance.get("steps"),
-                                    "classes": classes, "hardware": partner.provenance.get("hardware"),
-                                    "code_version": partner.provenance.get("code_version"), "ensemble": True})
-                members.append((partner, "ensemble partner"))
+                for partner, compliant in ensemble_partners(args, path, fold, queries, data_dir, notes, compliant):
+                    partner.model.config.update(option.model_options)
+                    train_seconds += float(partner.provenance.get("wall_seconds") or 0)
+                    checkpoints.append({"path": str(partner.path), "steps": partner.provenance.get("steps"),
+                                        "classes": classes, "hardware": partner.provenance.get("hardware"),
+                                        "code_version": partner.provenance.get("code_version"), "ensemble": True})
+                    members.append((partner, "ensemble partner"))
+            tune_seconds = 0.0
+            if option.support_tuning:   # before any wrapping: each member tuned on the same labelled slices
+                tune_seconds = time.perf_counter()
+                examples = P.support_examples(data_dir, fold.support, classes, ckpt.preprocess)
+                for c, _ in members:
+                    c.model = tuned_on_support(c.model, examples, seed=fold.index, **P.SUPPORT_TUNING)
+                tune_seconds = time.perf_counter() - tune_seconds
             predictors = [P.ModelPredictor(SupportZoomModel(c.model) if option.support_zoom else c.model,
                                            c.preprocess, args.device, args.batch_size, name) for c, name in members]
             predictor = predictors[0] if len(predictors) == 1 else P.EnsemblePredictor(predictors, model)
@@ -206,7 +214,9 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
             evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
                                           area_threshold=option.area_threshold,
                                           blend_supports=option.blended, smooth_slices=option.smoothed,
-                                          self_support=option.self_support))
+                                          self_support=option.self_support,
+                                          score_ep2=not option.support_tuning))
+            evaluations[-1].seconds += tune_seconds   # test-time work: counted with the evaluation
         steps, size = checkpoints[0]["steps"], predictor.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
@@ -229,19 +239,23 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
     return payload, examples
 
 
-def ensemble_partner(args, path: Path, fold: P.Fold, queries, data_dir: Path, notes: list, compliant: bool):
-    """The ``+ens`` partner of the fold model at ``path``: the same fold and setting under
-    ``--ensemble-with``; a partner trained on a query scan makes the row non-compliant."""
-    partner_path = args.ensemble_with / f"fold_{fold.index}" / path.parent.name / "model.pt"
-    if not partner_path.is_file():
-        raise FewShotSegError(f"+ens: no fold model {partner_path} (--ensemble-with must hold "
-                              "fold_<k>/<s1|s2_a-b>/model.pt of a finished protocol run)")
-    partner = load_checkpoint(partner_path, device=args.device)
-    leaked = trained_on_queries(partner.provenance, data_dir, queries)
-    if leaked:
-        notes.append(f"not protocol-compliant: the ensemble partner was trained on query scans {','.join(leaked)}")
-    notes.append(f"ensemble partner: {partner_path.parent.parent.parent} ({partner.provenance.get('steps')} steps)")
-    return partner, compliant and not leaked
+def ensemble_partners(args, path: Path, fold: P.Fold, queries, data_dir: Path, notes: list, compliant: bool):
+    """The ``+ens`` partners of the fold model at ``path``, with the row's compliance so far:
+    the same fold and setting under each ``--ensemble-with`` folder; a partner trained on a
+    query scan makes the row non-compliant."""
+    for folder in args.ensemble_with:
+        partner_path = folder / f"fold_{fold.index}" / path.parent.name / "model.pt"
+        if not partner_path.is_file():
+            raise FewShotSegError(f"+ens: no fold model {partner_path} (--ensemble-with must hold "
+                                  "fold_<k>/<s1|s2_a-b>/model.pt of a finished protocol run)")
+        partner = load_checkpoint(partner_path, device=args.device)
+        leaked = trained_on_queries(partner.provenance, data_dir, queries)
+        if leaked:
+            notes.append(f"not protocol-compliant: the ensemble partner was trained on query scans "
+                         f"{','.join(leaked)}")
+        notes.append(f"ensemble partner: {folder} ({partner.provenance.get('steps')} steps)")
+        compliant = compliant and not leaked
+        yield partner, compliant
 
 
 def _cpu_load() -> float | None:
@@ -265,7 +279,7 @@ def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
            "checkpoint": str(checkpoint) if checkpoint else None,
            "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
     if "ens" in model.split("+")[1:]:   # only these rows: older fold files keep their keys
-        key["ensemble_with"] = str(args.ensemble_with)
+        key["ensemble_with"] = ",".join(map(str, args.ensemble_with))   # one folder: as before
     return key
 
 
@@ -317,8 +331,9 @@ def _write(args, path: Path, payload: dict, examples) -> None:
         save_overview(fold_figure_path(args, path), examples, tile=160)
     write_json(path, payload)
     m = payload["mean_dice"]
-    log(f"  -> {path}: mean Dice EP1 {m['ep1']:.3f}  EP1+post {m['ep1_post']:.3f}  EP2 {m['ep2']:.3f}  "
-        f"EP2+post {m['ep2_post']:.3f}")
+    log(f"  -> {path}: mean Dice " + "  ".join(
+        f"{name} {'-' if m[key] is None else format(m[key], '.3f')}"
+        for key, name in (("ep1", "EP1"), ("ep1_post", "EP1+post"), ("ep2", "EP2"), ("ep2_post", "EP2+post"))))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -393,8 +408,8 @@ def parse(argv):
     parser.add_argument("--test-time", default="",
                         help="further test-time rows, comma-separated, each one option or several joined by "
                              "'+' (e.g. blend+at,blend+mirror: row <model>+blend+at; same trained weights)")
-    parser.add_argument("--ensemble-with", default=None, metavar="DIR",
-                        help="for +ens rows: the fold models of another protocol run to average with, "
+    parser.add_argument("--ensemble-with", default=None, metavar="DIR[,DIR...]",
+                        help="for +ens rows: the fold models of other protocol runs to average with, "
                              "DIR/fold_<k>/<s1|s2_a-b>/model.pt (e.g. runs/protocol/cpu_3k/crtpnet)")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished folds again with their trained models (no training; "
@@ -435,13 +450,14 @@ def prepare(args):
     args.test_time = [k.strip() for k in args.test_time.split(",") if k.strip()]
     for key in args.test_time:
         P.test_time_option(key)  # fails early, naming the key
+    folders = [f.strip() for f in (args.ensemble_with or "").split(",") if f.strip()]
     if any("ens" in key.split("+") for key in args.test_time):
-        if not args.ensemble_with or not Path(args.ensemble_with).is_dir():
-            raise FewShotSegError("test-time option ens needs --ensemble-with DIR, an existing folder of fold "
-                                  f"models (got {args.ensemble_with!r})")
+        if not folders or not all(Path(f).is_dir() for f in folders):
+            raise FewShotSegError("test-time option ens needs --ensemble-with DIR[,DIR...], existing folders of "
+                                  f"fold models (got {args.ensemble_with!r})")
         if args.checkpoint:
             raise FewShotSegError("test-time option ens pairs fold models; it does not apply to --checkpoint")
-    args.ensemble_with = Path(args.ensemble_with).resolve() if args.ensemble_with else None
+    args.ensemble_with = [Path(f).resolve() for f in folders]
     wants_qp = args.query_prototypes or any("qp" in key.split("+") for key in args.test_time)
     if wants_qp:
         from FewShotSegLib.models.registry import model_class
@@ -469,7 +485,8 @@ def prepare(args):
         plan.append((fold, queries))
     if args.ensemble_with and any("ens" in key.split("+") for key in args.test_time):
         dirs = [setting_dir(g) for g in ([None] if "s1" in settings else []) + (args.groups if "s2" in settings else [])]
-        missing = [args.ensemble_with / f"fold_{fold.index}" / d / "model.pt" for fold, _ in plan for d in dirs]
+        missing = [f / f"fold_{fold.index}" / d / "model.pt" for f in args.ensemble_with for fold, _ in plan
+                   for d in dirs]
         missing = [p for p in missing if not p.is_file()]
         if missing:   # before any training: a partner that is not there costs nothing
             raise FewShotSegError(f"+ens: no fold model {missing[0]} (--ensemble-with must hold "

@@ -1,0 +1,81 @@
+"""Test-time tuning on the support scan's labelled slices (Training/support_tuning.py, row
+``<model>+tune``): the checkpoint's model is left as it was, the tuned copy is reproducible
+and learns from the examples, frozen layers stay frozen, and the protocol row scores EP1
+only (EP2 allows one labelled slice) with its errors clear."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from FewShotSegLib import protocol as P
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.models import build_model
+from FewShotSegLib.preprocessing import PreprocessConfig
+from Training.support_tuning import tuned_on_support
+from Training.train import EpisodeLoss, freeze_early_layers
+
+from test_protocol import run_protocol
+
+
+def _examples(size=64):
+    """Two slices of a bright square 'organ' on a darker body, at two places."""
+    images = torch.full((2, size, size), -1.0)
+    masks = torch.zeros(2, size, size)
+    for k, (y, x) in enumerate(((16, 20), (24, 28))):
+        images[k, y:y + 20, x:x + 20] = 2.0
+        masks[k, y:y + 20, x:x + 20] = 1.0
+    return {1: (images, masks)}
+
+
+def _episode_loss(model, examples) -> float:
+    """The tuning objective on the un-augmented pair (slice 0 supports slice 1)."""
+    images, masks = examples[1]
+    probe = copy.deepcopy(model).train()   # train mode as in tuning; its statistics move in the copy
+    with torch.no_grad():
+        seg, align = EpisodeLoss(probe, [0.05, 1.0], 1.0)(images[:1], masks[:1], images[1:], masks[1:])
+    return float(seg + align)
+
+
+def test_tuning_returns_a_reproducible_copy_that_fits_the_examples_and_keeps_frozen_layers():
+    torch.manual_seed(0)
+    model = build_model("crtpnet", backbone="effnet-lite0", pretrained=False).eval()
+    freeze_early_layers(model, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    examples = _examples()
+    start = _episode_loss(model, examples)
+    tuned = tuned_on_support(model, examples, steps=40, lr=1e-3, seed=3)
+    again = tuned_on_support(model, examples, steps=40, lr=1e-3, seed=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())        # checkpoint kept
+    params = dict(tuned.named_parameters())
+    assert frozen and all(torch.equal(params[n], dict(model.named_parameters())[n]) for n in frozen)
+    assert any(not torch.equal(params[n], p) for n, p in model.named_parameters() if n not in frozen)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
+    assert not tuned.training and _episode_loss(tuned, examples) < 0.7 * start            # it learned
+
+
+def test_tuning_refuses_examples_without_the_organ():
+    model = build_model("alpnet", backbone="effnet-lite0", pretrained=False)
+    images, masks = _examples()[1]
+    with pytest.raises(FewShotSegError, match="labelled support slice"):
+        tuned_on_support(model, {1: (images, torch.zeros_like(masks))}, steps=1, lr=1e-3)
+    with pytest.raises(FewShotSegError, match="steps must be"):
+        tuned_on_support(model, _examples(), steps=-1, lr=1e-3)
+
+
+def test_tune_row_scores_ep1_only_and_says_why(chaos_dir, tmp_path):
+    assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
+                        "--test-time", "tune") == 0
+    folder = tmp_path / "results" / "protocol" / "t"
+    tuned = json.loads((folder / "crtpnet+tune" / "fold_0_s1.json").read_text())
+    assert all(r["ep1"] is not None and r["ep2"] is None and r["ep2_post"] is None for r in tuned["rows"])
+    assert tuned["mean_dice"]["ep2"] is None and tuned["mean_dice"]["ep1"] is not None
+    assert any("test-time tuning" in n and "EP2 not scored" in n for n in tuned["notes"])
+    examples = P.support_examples(chaos_dir.parent, tuned["support"], list(P.CLASSES), PreprocessConfig(size=64))
+    assert all(len(imgs) == 3 and masks.amax() > 0.5 for imgs, masks in examples.values())   # EP1's 3 slices
+    table = (tmp_path / "results" / "protocol_t.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| **crtpnet+tune**"))
+    assert row.split("|")[9].strip() == "–"                                                  # EP2 column
