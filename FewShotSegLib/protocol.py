@@ -439,23 +439,35 @@ def _dice(counts: dict | None) -> str:
     return f"{counts['dice']:.3f}" if counts else "  -  "
 
 
-def support_examples(data_dir: Path, case: str, classes, preprocess, axis: str = "axial") -> dict:
-    """EP1's labelled support slices of ``classes`` on the model grid, ``{class: (images,
-    masks)}``: the labels a test may read, as examples for test-time tuning."""
+def support_examples(data_dir: Path, case: str, classes, preprocess, episode: str = "ep1",
+                     axis: str = "axial") -> dict:
+    """The labelled support slices of ``episode`` (EP1: three per class, EP2: one) on the
+    model grid, ``{class: (images, masks)}``: the labels its test may read, as examples
+    for test-time tuning."""
     image, label = load_chaos_case(data_dir, case)
     ax = array_axis_for(image, axis)
     prep = prepare_volume(image, ax, preprocess)
     out = {}
     for c in classes:
-        zs = ep1_support_slices(label, c, ax)
+        zs = ep1_support_slices(label, c, ax) if episode == "ep1" else [ep2_support_slice(label, c, ax)]
         out[c] = (prep.model_slices(zs), prep.mask_to_model(label == c, indices=zs))
+    return out
+
+
+def merged_episodes(ep1: FoldEvaluation, ep2: FoldEvaluation) -> FoldEvaluation:
+    """One evaluation from an EP1-only and an EP2-only one of the same scans and classes."""
+    out = FoldEvaluation(examples=ep1.examples, seconds=ep1.seconds + ep2.seconds)
+    for a, b in zip(ep1.rows, ep2.rows, strict=True):
+        if (a["case"], a["class"]) != (b["case"], b["class"]):
+            raise FewShotSegError("merged_episodes: the two evaluations scored different scans or classes")
+        out.rows.append({**a, "ep2": b["ep2"], "ep2_post": b["ep2_post"]})
     return out
 
 
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
              axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
              blend_supports: bool = False, smooth_slices: bool = False,
-             self_support: bool = False, score_ep2: bool = True) -> FoldEvaluation:
+             self_support: bool = False, episodes=("ep1", "ep2")) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
     Each query slice is encoded once and serves every class and both evaluations.
@@ -463,7 +475,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
     ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
     ``smooth_slices``: EP1 and EP2 smooth the probabilities across slices (`smooth_across_slices`).
     ``self_support``: EP1 and EP2 add a pass supported by the query's own slices (`self_supported`).
-    ``score_ep2``: False leaves EP2 unscored (None), for models tuned on EP1's three labelled slices.
+    ``episodes``: those scored; the other's scores are None (a model tuned on EP1's three
+    labelled slices may not score EP2: `merged_episodes` joins two such evaluations).
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
     studies of the binarisation: benchmarks/binarisation_study.py)."""
     start = time.perf_counter()
@@ -490,39 +503,41 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
             row = {"case": case, "class": int(c), "organ": CLASSES[c], "support_case": support_case,
                    "support_slices_ep1": ep1_slices, "support_slice_ep2": ep2_slice,
                    "query_range": [min(assignment), max(assignment)] if assignment else None}
-            probs = torch.zeros((n, s_prep.size, s_prep.size))
-            thresholds = []
-            weights = (ep1_support_weights(assignment) if blend_supports
-                       else {z: {p: 1.0} for z, p in assignment.items()})
-            for part in range(PARTS):
-                zs = [z for z, w in weights.items() if part in w]
-                if zs:
-                    i = pos[ep1_slices[part]]
-                    w = torch.tensor([weights[z][part] for z in zs])[:, None, None]
-                    probs[zs] += w * predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
-                own = [z for z, p in assignment.items() if p == part]
-                if own:
-                    thresholds.append((part, own, THRESHOLD))
-            if self_support and assignment:
-                probs = self_supported(predictor, q_feats, probs, assignment)
-            if smooth_slices:
-                probs = smooth_across_slices(probs, assignment)
-            volume = q_prep.probs_to_volume(probs)
-            if on_ep1 is not None and assignment:
-                on_ep1({"row": row, "volume": volume, "truth": truth, "parts": [(p, zs) for p, zs, _ in thresholds],
-                        "q_image": q_image, "q_axis": q_axis, "s_image": s_image, "s_label": s_label,
-                        "s_axis": s_axis, "class": c, "ep1_slices": ep1_slices})
-            if area_threshold:
-                thresholds = [(part, zs, area_matched_threshold(
-                    np.moveaxis(np.take(volume, zs, axis=q_axis), q_axis, 0), pixel_area(q_image, q_axis),
-                    support_area(s_image, s_label, c, ep1_slices[part], s_axis))) for part, zs, _ in thresholds]
-                row["ep1_thresholds"] = [t for _, _, t in thresholds]
-            ep1_pred = thresholded(volume, q_axis, [(zs, t) for _, zs, t in thresholds])
-            row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
-            row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
-                               if assignment else None)
+            row["ep1"] = row["ep1_post"] = None
+            if "ep1" in episodes:
+                probs = torch.zeros((n, s_prep.size, s_prep.size))
+                thresholds = []
+                weights = (ep1_support_weights(assignment) if blend_supports
+                           else {z: {p: 1.0} for z, p in assignment.items()})
+                for part in range(PARTS):
+                    zs = [z for z, w in weights.items() if part in w]
+                    if zs:
+                        i = pos[ep1_slices[part]]
+                        w = torch.tensor([weights[z][part] for z in zs])[:, None, None]
+                        probs[zs] += w * predictor.predict(s_feats[i], s_masks[c][i], q_feats[zs])
+                    own = [z for z, p in assignment.items() if p == part]
+                    if own:
+                        thresholds.append((part, own, THRESHOLD))
+                if self_support and assignment:
+                    probs = self_supported(predictor, q_feats, probs, assignment)
+                if smooth_slices:
+                    probs = smooth_across_slices(probs, assignment)
+                volume = q_prep.probs_to_volume(probs)
+                if on_ep1 is not None and assignment:
+                    on_ep1({"row": row, "volume": volume, "truth": truth, "parts": [(p, zs) for p, zs, _ in thresholds],
+                            "q_image": q_image, "q_axis": q_axis, "s_image": s_image, "s_label": s_label,
+                            "s_axis": s_axis, "class": c, "ep1_slices": ep1_slices})
+                if area_threshold:
+                    thresholds = [(part, zs, area_matched_threshold(
+                        np.moveaxis(np.take(volume, zs, axis=q_axis), q_axis, 0), pixel_area(q_image, q_axis),
+                        support_area(s_image, s_label, c, ep1_slices[part], s_axis))) for part, zs, _ in thresholds]
+                    row["ep1_thresholds"] = [t for _, _, t in thresholds]
+                ep1_pred = thresholded(volume, q_axis, [(zs, t) for _, zs, t in thresholds])
+                row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
+                row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
+                                   if assignment else None)
             row["ep2"] = row["ep2_post"] = None
-            if score_ep2:
+            if "ep2" in episodes:
                 i = pos[ep2_slice]
                 probs = predictor.predict(s_feats[i], s_masks[c][i], q_feats[list(range(n))])
                 if self_support and (extent := predicted_extent(probs)):
@@ -535,7 +550,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
             out.rows.append(row)
             say(f"  {case:>3} {CLASSES[c]:13s} EP1 {_dice(row['ep1'])}  EP2 {_dice(row['ep2'])}  "
                 f"EP2+post {_dice(row['ep2_post'])}")
-            if qi == 0 and assignment:
+            if qi == 0 and assignment and "ep1" in episodes:
                 out.examples.append(_example(c, (s_image, s_label, s_axis, ep2_slice, support_case),
                                              (q_image, truth, ep1_pred, q_axis, assignment, case), row))
     out.seconds = time.perf_counter() - start

@@ -18,7 +18,7 @@ SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w i
 
 # +tune: SGD steps of the training loss on the support scan's labelled slices
 # (Training/support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
-SUPPORT_TUNING = {"steps": 30, "lr": 1e-3}
+SUPPORT_TUNING = {"steps": 300, "lr": 1e-3}
 
 
 # Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
@@ -36,7 +36,7 @@ class TestTime:
     location_prior: bool = False    # probabilities times the support's place in the body (LocationPriorPredictor)
     self_support: bool = False      # a second pass supported by the query's own slices (self_support)
     ensemble: bool = False          # averaged with a second fold model (EnsemblePredictor; --ensemble-with)
-    support_tuning: bool = False    # each model tuned on the support scan's EP1 slices first (EP2 not scored)
+    support_tuning: bool = False    # each model first tuned on its episode's labelled support slices
 
 
 TEST_TIME = {
@@ -75,10 +75,10 @@ TEST_TIME = {
                         "of each further run named (--ensemble-with), trained on the same scans outside the fold "
                         "(named in the row's checkpoints)",
                     ensemble=True),
-    "tune": TestTime({}, f"test-time tuning (EP1): each model first tuned {SUPPORT_TUNING['steps']} SGD steps "
-                         f"(lr {SUPPORT_TUNING['lr']:g}) of its training loss on episodes between the support "
-                         "scan's three labelled slices of each test organ, augmented as in training (no query "
-                         "label; EP2 not scored: it allows one labelled slice)", support_tuning=True),
+    "tune": TestTime({}, f"test-time tuning: each model first tuned {SUPPORT_TUNING['steps']} SGD steps "
+                         f"(lr {SUPPORT_TUNING['lr']:g}) of its training loss on episodes between its "
+                         "episode's labelled support slices of each test organ (EP1: the three; EP2: the one), "
+                         "augmented as in training (no query label read)", support_tuning=True),
 }
 
 

@@ -66,16 +66,26 @@ def test_tuning_refuses_examples_without_the_organ():
         tuned_on_support(model, _examples(), steps=-1, lr=1e-3)
 
 
-def test_tune_row_scores_ep1_only_and_says_why(chaos_dir, tmp_path):
-    assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
-                        "--test-time", "tune") == 0
-    folder = tmp_path / "results" / "protocol" / "t"
-    tuned = json.loads((folder / "crtpnet+tune" / "fold_0_s1.json").read_text())
-    assert all(r["ep1"] is not None and r["ep2"] is None and r["ep2_post"] is None for r in tuned["rows"])
-    assert tuned["mean_dice"]["ep2"] is None and tuned["mean_dice"]["ep1"] is not None
-    assert any("test-time tuning" in n and "EP2 not scored" in n for n in tuned["notes"])
-    examples = P.support_examples(chaos_dir.parent, tuned["support"], list(P.CLASSES), PreprocessConfig(size=64))
-    assert all(len(imgs) == 3 and masks.amax() > 0.5 for imgs, masks in examples.values())   # EP1's 3 slices
-    table = (tmp_path / "results" / "protocol_t.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| **crtpnet+tune**"))
-    assert row.split("|")[9].strip() == "–"                                                  # EP2 column
+def test_tune_rows_tune_each_episode_on_its_own_labelled_slices(chaos_dir, tmp_path, monkeypatch):
+    """With 0 steps the +tune row scores exactly as the plain one (the EP1-only and EP2-only
+    evaluations merge back into one); with steps, both episodes are scored and say so."""
+    def run(steps, name):
+        monkeypatch.setitem(P.SUPPORT_TUNING, "steps", steps)
+        assert run_protocol(tmp_path, "--models", "crtpnet", "--settings", "1", "--steps", "1",
+                            "--test-time", "tune", "--run-name", name) == 0
+        return json.loads((tmp_path / "results" / "protocol" / name / "crtpnet+tune" / "fold_0_s1.json").read_text())
+
+    untuned, tuned = run(0, "t0"), run(3, "t3")
+    plain = json.loads((tmp_path / "results" / "protocol" / "t0" / "crtpnet" / "fold_0_s1.json").read_text())
+    for key in ("ep1", "ep1_post", "ep2", "ep2_post"):
+        assert [r[key]["dice"] for r in untuned["rows"]] == pytest.approx([r[key]["dice"] for r in plain["rows"]])
+        assert all(r[key] is not None for r in tuned["rows"])
+    assert tuned["key"]["support_tuning"]["steps"] == 3 and "support_tuning" not in plain["key"]
+    assert any("test-time tuning" in n and "EP2: the one" in n for n in tuned["notes"])
+    for episode, count in (("ep1", 3), ("ep2", 1)):
+        examples = P.support_examples(chaos_dir.parent, tuned["support"], list(P.CLASSES),
+                                      PreprocessConfig(size=64), episode)
+        assert all(len(imgs) == count and masks.amax() > 0.5 for imgs, masks in examples.values())
+    ev1, ev2 = P.FoldEvaluation(rows=[{"case": "1", "class": 1}]), P.FoldEvaluation(rows=[{"case": "1", "class": 2}])
+    with pytest.raises(FewShotSegError, match="different scans or classes"):
+        P.merged_episodes(ev1, ev2)

@@ -195,29 +195,8 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                                         "classes": classes, "hardware": partner.provenance.get("hardware"),
                                         "code_version": partner.provenance.get("code_version"), "ensemble": True})
                     members.append((partner, "ensemble partner"))
-            tune_seconds = 0.0
-            if option.support_tuning:   # before any wrapping: each member tuned on the same labelled slices
-                tune_seconds = time.perf_counter()
-                examples = P.support_examples(data_dir, fold.support, classes, ckpt.preprocess)
-                for c, _ in members:
-                    c.model = tuned_on_support(c.model, examples, seed=fold.index, **P.SUPPORT_TUNING)
-                tune_seconds = time.perf_counter() - tune_seconds
-            predictors = [P.ModelPredictor(SupportZoomModel(c.model) if option.support_zoom else c.model,
-                                           c.preprocess, args.device, args.batch_size, name) for c, name in members]
-            predictor = predictors[0] if len(predictors) == 1 else P.EnsemblePredictor(predictors, model)
-            if option.mirrored:
-                predictor = P.MirrorAveragePredictor(predictor)
-            if option.multiscale:   # outermost: its features are per scale, not one tensor
-                predictor = P.MultiScalePredictor(predictor)
-            if option.location_prior:   # outermost of all: it multiplies the finished probabilities
-                predictor = P.LocationPriorPredictor(predictor)
-            evaluations.append(P.evaluate(predictor, data_dir, fold.support, queries, classes, progress=log,
-                                          area_threshold=option.area_threshold,
-                                          blend_supports=option.blended, smooth_slices=option.smoothed,
-                                          self_support=option.self_support,
-                                          score_ep2=not option.support_tuning))
-            evaluations[-1].seconds += tune_seconds   # test-time work: counted with the evaluation
-        steps, size = checkpoints[0]["steps"], predictor.preprocess.size
+            evaluations.append(score_fold_model(args, option, model, members, data_dir, fold, queries, classes))
+        steps, size = checkpoints[0]["steps"], ckpt.preprocess.size
     rows = sorted((r for ev in evaluations for r in ev.rows), key=lambda r: (queries.index(r["case"]), r["class"]))
     examples = sorted((e for ev in evaluations for e in ev.examples),
                       key=lambda e: list(P.CLASSES.values()).index(e[0]))
@@ -237,6 +216,49 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
         "mean_dice": {k: P.mean_dice(rows, k)["mean"] for k in P.SCORES},
     }
     return payload, examples
+
+
+def row_predictor(args, option: P.TestTime, model: str, members: list):
+    """The row's predictor over ``members`` ``[(network, preprocess, name)]``, wrapped by its
+    test-time options."""
+    predictors = [P.ModelPredictor(SupportZoomModel(net) if option.support_zoom else net, prep, args.device,
+                                   args.batch_size, name) for net, prep, name in members]
+    predictor = predictors[0] if len(predictors) == 1 else P.EnsemblePredictor(predictors, model)
+    if option.mirrored:
+        predictor = P.MirrorAveragePredictor(predictor)
+    if option.multiscale:   # outermost: its features are per scale, not one tensor
+        predictor = P.MultiScalePredictor(predictor)
+    if option.location_prior:   # outermost of all: it multiplies the finished probabilities
+        predictor = P.LocationPriorPredictor(predictor)
+    return predictor
+
+
+def score_fold_model(args, option: P.TestTime, model: str, members: list, data_dir: Path, fold: P.Fold,
+                     queries, classes) -> P.FoldEvaluation:
+    """EP1 and EP2 of one fold model (with its ensemble partners, ``[(checkpoint, name)]``).
+    With +tune each episode gets copies tuned on its own labelled slices only (EP1: three per
+    organ, EP2: one), so each reads no label its protocol does not give; the tuning time is
+    test time and counts with the evaluation."""
+    def score(nets, episodes):
+        return P.evaluate(row_predictor(args, option, model, [(net, c.preprocess, name) for net, (c, name)
+                                                               in zip(nets, members)]),
+                          data_dir, fold.support, queries, classes, progress=log, episodes=episodes,
+                          area_threshold=option.area_threshold, blend_supports=option.blended,
+                          smooth_slices=option.smoothed, self_support=option.self_support)
+
+    if not option.support_tuning:
+        return score([c.model for c, _ in members], ("ep1", "ep2"))
+    parts = []
+    for episode in ("ep1", "ep2"):
+        start = time.perf_counter()
+        examples = P.support_examples(data_dir, fold.support, classes, members[0][0].preprocess, episode)
+        nets = [tuned_on_support(c.model, examples, seed=fold.index, **P.SUPPORT_TUNING) for c, _ in members]
+        log(f"  {episode}: {len(nets)} model(s) tuned on the support's labelled slices "
+            f"({time.perf_counter() - start:.0f} s)")
+        tuned_seconds = time.perf_counter() - start
+        parts.append(score(nets, (episode,)))
+        parts[-1].seconds += tuned_seconds
+    return P.merged_episodes(*parts)
 
 
 def ensemble_partners(args, path: Path, fold: P.Fold, queries, data_dir: Path, notes: list, compliant: bool):
@@ -280,6 +302,8 @@ def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
            "s2_groups": [list(g) for g in args.groups] if setting == "s2" else None}
     if "ens" in model.split("+")[1:]:   # only these rows: older fold files keep their keys
         key["ensemble_with"] = ",".join(map(str, args.ensemble_with))   # one folder: as before
+    if "tune" in model.split("+")[1:]:
+        key["support_tuning"] = dict(P.SUPPORT_TUNING)
     return key
 
 
