@@ -28,7 +28,7 @@ def cmd_propagate(args) -> int:
         raise FewShotSegError("--uncertainty needs --refine (the uncertainty comes from the refiner's samples)")
     options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
                                  batch_size=args.batch_size, num_threads=args.threads,
-                                 multi_scale=args.multi_scale)
+                                 multi_scale=args.multi_scale, adapt_steps=args.adapt_steps)
     if args.registration_weight is not None:
         options.registration_weight = args.registration_weight
     options.validate()
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chained: weight of the registration-carried mask fused with the model (0..1, default 0.75; 0 = model only)")
     p.add_argument("--multi-scale", action="store_true",
                    help="also run the model at 1.5x its grid and average (about 3x the network time)")
+    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                   help="first tune a copy of the model N steps on the painted slice(s) (slower; 0 = off)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
     p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
     p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")

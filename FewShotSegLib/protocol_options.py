@@ -17,7 +17,7 @@ SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w i
 
 
 # +tune: SGD steps of the training loss on the support scan's labelled slices
-# (Training/support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
+# (support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
 SUPPORT_TUNING = {"steps": 300, "lr": 1e-3}
 
 

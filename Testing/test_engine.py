@@ -164,6 +164,35 @@ def test_cancel_raises_and_returns_nothing(tiny_checkpoint, chaos_case):
         propagate(image, support, load_checkpoint(tiny_checkpoint), PropagationOptions(), cancel=cancel)
 
 
+def test_adapting_tunes_a_copy_on_the_painted_slice_reports_progress_and_cancels(tiny_checkpoint, chaos_case):
+    """adapt_steps: the walk runs with a copy tuned on the painted slice (other
+    probabilities than without), the loaded model is left as it was, progress stays in
+    order, and Cancel during the tuning writes nothing."""
+    image, label = chaos_case
+    support, _ = largest_slice_support(label == 1, 0)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    before = {k: v.clone() for k, v in ckpt.model.state_dict().items()}
+    plain = propagate(image, support, ckpt, PropagationOptions(mode="direct"))
+    seen = []
+    adapted = propagate(image, support, ckpt, PropagationOptions(mode="direct", adapt_steps=3),
+                        progress=lambda f, m: seen.append((f, m)))
+    assert all(torch.equal(before[k], v) for k, v in ckpt.model.state_dict().items())
+    assert adapted.adapt_seconds > 0 and plain.adapt_seconds == 0
+    assert not np.allclose(adapted.probability, plain.probability)
+    assert any("adapting" in m for _, m in seen) and [f for f, _ in seen] == sorted(f for f, _ in seen)
+    with pytest.raises(FewShotSegError, match="adapt_steps"):
+        propagate(image, support, ckpt, PropagationOptions(adapt_steps=-1))
+    calls = []
+
+    def cancel_while_tuning():
+        calls.append(1)
+        return len(calls) > 3     # after the volume is prepared: inside the tuning steps
+
+    with pytest.raises(PropagationCancelled):
+        propagate(image, support, ckpt, PropagationOptions(adapt_steps=50), cancel=cancel_while_tuning)
+    assert len(calls) < 10
+
+
 def test_bad_options_and_supports(tiny_checkpoint, chaos_case):
     image, label = chaos_case
     ckpt = load_checkpoint(tiny_checkpoint)

@@ -1,4 +1,4 @@
-"""Test-time tuning on the support scan's labelled slices (Training/support_tuning.py, row
+"""Test-time tuning on the support scan's labelled slices (FewShotSegLib/support_tuning.py, row
 ``<model>+tune``): the checkpoint's model is left as it was, the tuned copy is reproducible
 and learns from the examples, frozen layers stay frozen, and the protocol row scores EP1
 only (EP2 allows one labelled slice) with its errors clear."""
@@ -14,7 +14,7 @@ from FewShotSegLib import protocol as P
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig
-from Training.support_tuning import tuned_on_support
+from FewShotSegLib.support_tuning import tuned_on_support
 from Training.train import EpisodeLoss, freeze_early_layers
 
 from test_protocol import run_protocol

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from FewShotSegLib.episode_loss import EpisodeLoss  # noqa: E402,F401  (the loss trained on)
 from FewShotSegLib.checkpoints import load_training_state, save_checkpoint, save_training_state  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.models import build_model  # noqa: E402
@@ -195,35 +195,6 @@ def _exclusion_labels(spec, images: list[Path], bases) -> dict:
 
 
 # ----------------------------------------------------------------------------- pieces
-class EpisodeLoss(torch.nn.Module):
-    """Segmentation CE on the query + PANet prototype alignment (query prediction re-segments
-    the support). A module so that DDP sees one forward per step.
-
-    Alignment mask: the query's soft foreground probability (our choice; PANet uses the
-    arg-max), so the alignment term also shapes the query prediction.
-    """
-
-    def __init__(self, model, class_weights, align_weight):
-        super().__init__()
-        self.model = model
-        self.register_buffer("weights", torch.tensor(class_weights, dtype=torch.float32))
-        self.align_weight = align_weight
-
-    def forward(self, s_img, s_mask, q_img, q_mask):
-        b = s_img.shape[0]
-        feats = self.model.encode(torch.cat([s_img, q_img])[:, None])  # one encoder pass
-        s_feat, q_feat = feats[:b], feats[b:]
-        seg = align = s_img.new_zeros(())
-        for i in range(b):  # the model's segment() handles one episode (S supports, Q queries)
-            logits = self.model.segment(s_feat[i:i + 1], s_mask[i:i + 1], q_feat[i:i + 1])
-            seg = seg + F.cross_entropy(logits.float(), q_mask[i:i + 1].long(), weight=self.weights)
-            if self.align_weight:
-                pred = torch.softmax(logits.float(), 1)[:, 1]
-                back = self.model.segment(q_feat[i:i + 1], pred, s_feat[i:i + 1])
-                align = align + F.cross_entropy(back.float(), s_mask[i:i + 1].long(), weight=self.weights)
-        return seg / b, align / b
-
-
 def freeze_early_layers(model, blocks: int) -> None:
     """Keep the stem and the first ``blocks`` backbone blocks at their ImageNet weights.
 

@@ -38,7 +38,7 @@ from FewShotSegLib.models.support_zoom import SupportZoomModel  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.slice_packs import SUFFIX as PACK_SUFFIX  # noqa: E402
-from Training.support_tuning import tuned_on_support  # noqa: E402
+from FewShotSegLib.support_tuning import tuned_on_support  # noqa: E402
 
 PROG = "fewshot_protocol"
 DEFAULT_CONFIG = ROOT / "Training" / "configs" / "ssl_default.json"

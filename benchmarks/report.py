@@ -59,6 +59,8 @@ def _describe(result) -> str:
         text += f", + multi-scale ({_scales(result)} x grid)"
     if opts.get("support_refinement_steps"):
         text += f", + support refinement ({opts['support_refinement_steps']:g} steps)"
+    if opts.get("adapt_steps"):
+        text += f", + adapted to the painted slice ({opts['adapt_steps']:g} steps)"
     return text
 
 
@@ -183,6 +185,11 @@ def render(config: dict) -> str:
              "`multi_scale`, `--multi-scale`; the protocol's `+ms`). The multi-scale runs were timed while "
              "two training jobs shared the 2 cores; the others on a quiet machine.", "",
              product_table(config["multi_scale"], floors=False), "",
+             "### Test-time adaptation to the painted slice (CHAOS-T2 cases 1, 2, 3, 5, 8)", "",
+             "A copy of the model tuned on the painted slice before the walk (option `adapt_steps`, "
+             "`--adapt-steps`; `support_tuning.py`, the protocol's `+tune`). The adapted runs were timed "
+             "while two protocol jobs shared the 2 cores; the others on a quiet machine.", "",
+             product_table(config["adaptation"], floors=False, cases=SUBSET), "",
              "### TotalSegmentator CT case (agreement with its model-made labels)", "",
              totalseg_table(config["product"]), "",
              "### Speed and memory of `fewshotseg propagate`", "", speed_table(), "",
@@ -231,6 +238,9 @@ DEFAULT_CONFIG = {
                            "product_abl_model_only_sr_5cases.json"],
     "multi_scale": ["product_fewshotseg-default_chained.json", "product_abl_default_ms.json",
                     "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_ms.json"],
+    "adaptation": ["product_fewshotseg-default_chained.json", "product_abl_default_adapt100_5cases.json",
+                   "product_fewshotseg-default_chained_model_only.json",
+                   "product_abl_model_only_adapt100_5cases.json"],
     "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
                "refine_holdout_perturbed.json"],
 }
