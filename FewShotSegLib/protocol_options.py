@@ -10,6 +10,7 @@ from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
 from .models.multiscale import MULTI_SCALES
 from .models.support_zoom import SUPPORT_ZOOMS
 from .self_support import SELF_SUPPORT_MIX
+from .support_tuning import TUNE_LR
 
 # +zs: a triangle over 5 slices, {offset: weight}; the row's description is written from it.
 _SLICE_WEIGHTS = (1, 2, 3, 2, 1)
@@ -18,7 +19,7 @@ SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w i
 
 # +tune: SGD steps of the training loss on the support scan's labelled slices
 # (support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
-SUPPORT_TUNING = {"steps": 300, "lr": 1e-3}
+SUPPORT_TUNING = {"steps": 300, "lr": TUNE_LR}
 
 
 # Test-time options scored with a row's own trained weights (row ``<model>+<key>``).

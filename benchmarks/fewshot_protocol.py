@@ -253,9 +253,8 @@ def score_fold_model(args, option: P.TestTime, model: str, members: list, data_d
         start = time.perf_counter()
         examples = P.support_examples(data_dir, fold.support, classes, members[0][0].preprocess, episode)
         nets = [tuned_on_support(c.model, examples, seed=fold.index, **P.SUPPORT_TUNING) for c, _ in members]
-        log(f"  {episode}: {len(nets)} model(s) tuned on the support's labelled slices "
-            f"({time.perf_counter() - start:.0f} s)")
         tuned_seconds = time.perf_counter() - start
+        log(f"  {episode}: {len(nets)} model(s) tuned on the support's labelled slices ({tuned_seconds:.0f} s)")
         parts.append(score(nets, (episode,)))
         parts[-1].seconds += tuned_seconds
     return P.merged_episodes(*parts)
