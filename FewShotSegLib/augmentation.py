@@ -1,6 +1,8 @@
 """SSL-ALPNet's episode augmentation (affine + elastic + gamma), shared by self-supervised
 training (Training/episodes.py) and test-time tuning on the painted slices
-(`support_tuning`), so that both see the same kind of image pairs."""
+(`support_tuning`), so that both see the same kind of image pairs. An optional random
+intensity curve (off by default) teaches that an organ need not keep its brightness from
+one scan to the next."""
 from __future__ import annotations
 
 import math
@@ -27,6 +29,28 @@ class AugmentConfig:
     elastic_alpha: float = 10.0
     elastic_sigma: float = 5.0
     gamma: tuple = (0.5, 1.5)
+    intensity_remap: float = 0.0   # probability of a random non-monotonic intensity curve (ours)
+
+
+REMAP_KNOTS = 6   # knots of the random curve over the image's [0, 1] range
+
+
+def remap_intensities(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``image`` through a random piecewise-linear curve (``REMAP_KNOTS`` knots, each level
+    drawn in [0, 1], so not monotonic), mixed with the identity by a random weight.
+
+    Why: in one scan the spleen is twice as bright as the liver, in another as dark; a
+    prototype matched on brightness alone misses it (CHAOS-T2 case 15). Independent curves on
+    support and query make an episode whose organ changed brightness but kept its shape, place
+    and texture. The result stays within the image's [min, max]."""
+    lo, hi = image.min(), image.max()
+    span = (hi - lo).clamp_min(1e-6)
+    x = ((image - lo) / span).clamp(0, 1) * (REMAP_KNOTS - 1)
+    levels = torch.rand(REMAP_KNOTS, generator=gen)
+    left = x.floor().long().clamp(max=REMAP_KNOTS - 2)
+    curve = levels[left] + (x - left) * (levels[left + 1] - levels[left])
+    keep = float(torch.rand((), generator=gen))
+    return (keep * x / (REMAP_KNOTS - 1) + (1 - keep) * curve) * span + lo
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -37,7 +61,8 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
-    """Affine + elastic + gamma; ``image [S,S]`` float, ``mask [S,S]`` float -> same shapes.
+    """Affine + elastic + gamma (+ the random intensity curve, with probability
+    ``cfg.intensity_remap``); ``image [S,S]`` float, ``mask [S,S]`` float -> same shapes.
 
     One sampling grid moves image (bilinear) and mask (nearest) together; gamma acts on
     the intensities mapped to [0,1] and back. Deterministic given ``gen``. Should the
@@ -77,4 +102,6 @@ def augment(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: to
     lo, hi = img.min(), img.max()
     span = (hi - lo).clamp_min(1e-6)
     img = ((img - lo) / span).clamp(0, 1).pow(gamma) * span + lo
+    if cfg.intensity_remap > 0 and float(torch.rand((), generator=gen)) < cfg.intensity_remap:
+        img = remap_intensities(img, gen)
     return img, msk

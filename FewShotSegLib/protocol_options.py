@@ -20,6 +20,9 @@ SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w i
 # +tune: SGD steps of the training loss on the support scan's labelled slices
 # (support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
 SUPPORT_TUNING = {"steps": 300, "lr": TUNE_LR}
+# +ir: the probability that a tuning episode's image (support and query, each on its own)
+# goes through a random intensity curve (augmentation.remap_intensities).
+TUNING_REMAP = 0.5
 
 
 # Test-time options scored with a row's own trained weights (row ``<model>+<key>``).
@@ -38,6 +41,7 @@ class TestTime:
     self_support: bool = False      # a second pass supported by the query's own slices (self_support)
     ensemble: bool = False          # averaged with a second fold model (EnsemblePredictor; --ensemble-with)
     support_tuning: bool = False    # each model first tuned on its episode's labelled support slices
+    tuning_remap: bool = False      # that tuning also draws random intensity curves (needs tune)
 
 
 TEST_TIME = {
@@ -80,6 +84,10 @@ TEST_TIME = {
                          f"(lr {SUPPORT_TUNING['lr']:g}) of its training loss on episodes between its "
                          "episode's labelled support slices of each test organ (EP1: the three; EP2: the one), "
                          "augmented as in training (no query label read)", support_tuning=True),
+    "ir": TestTime({}, f"intensity remap in test-time tuning: each tuning image (support and query) also, with "
+                       f"probability {TUNING_REMAP:g}, through its own random non-monotonic intensity curve (the "
+                       "organ changes brightness between support and query, not shape or place)",
+                   tuning_remap=True),
 }
 
 
@@ -91,6 +99,8 @@ def test_time_option(key: str) -> TestTime:
     if unknown or not key:
         raise FewShotSegError(f"unknown test-time option '{key}'; available: {', '.join(TEST_TIME)} "
                               "(combined with '+', e.g. blend+at)")
+    if "ir" in parts and "tune" not in parts:
+        raise FewShotSegError(f"test-time options '{key}': ir changes test-time tuning; add tune (e.g. tune+ir)")
     if len(parts) == 1:
         return TEST_TIME[key]
     if len(set(parts)) < len(parts) or sum(bool(TEST_TIME[k].model_options) for k in parts) > 1:

@@ -25,13 +25,13 @@ CLASS_WEIGHTS = (0.05, 1.0)   # background, foreground: the training's weights
 
 
 def tuned_on_support(model: torch.nn.Module, examples: dict, steps: int, lr: float = TUNE_LR, seed: int = 0,
-                     on_step=None) -> torch.nn.Module:
+                     on_step=None, augment_cfg: AugmentConfig | None = None) -> torch.nn.Module:
     """A copy of ``model`` tuned on ``examples``: ``{class: (images [N,S,S], masks [N,S,S])}``
     on the model grid (several slices of one organ make cross-slice episodes).
 
     Deterministic given ``seed``; parameters the checkpoint keeps frozen stay frozen; runs
     where the model's parameters are. ``on_step(done, steps)`` after each step (progress;
-    it may raise to cancel)."""
+    it may raise to cancel). ``augment_cfg``: the training's augmentation unless given."""
     usable = {c: (imgs, masks) for c, (imgs, masks) in examples.items() if len(imgs) and bool((masks > 0.5).any())}
     if not usable:
         raise FewShotSegError("test-time tuning needs at least one labelled support slice with the organ in it")
@@ -45,7 +45,7 @@ def tuned_on_support(model: torch.nn.Module, examples: dict, steps: int, lr: flo
     params = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=TUNE_MOMENTUM, weight_decay=TUNE_WEIGHT_DECAY)
     gen, pick = torch.Generator().manual_seed(seed), random.Random(seed)   # augmentation on the CPU
-    cfg, classes = AugmentConfig(), sorted(usable)
+    cfg, classes = augment_cfg or AugmentConfig(), sorted(usable)
     tuned.train()
     with torch.enable_grad():
         for step in range(steps):

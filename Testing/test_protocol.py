@@ -365,7 +365,8 @@ def test_test_time_options_combine_with_plus():
     assert combined.blended and combined.mirrored and not combined.area_threshold
     assert combined.model_options == {"query_prototypes": True} and "blended supports" in combined.what
     assert P.test_time_option("at") is P.TEST_TIME["at"] and P.known_test_time("nope") is None
-    for bad in ("", "at+at", "qp+sr", "blend+"):
+    assert P.test_time_option("ss+tune+ir").tuning_remap and not P.test_time_option("tune").tuning_remap
+    for bad in ("", "at+at", "qp+sr", "blend+", "ss+ir"):
         with pytest.raises(FewShotSegError, match="test-time option"):
             P.test_time_option(bad)
     assert "left-right mirrored" in P.describe("dfdt-4x+blend+mirror") and "4x" in P.describe("dfdt-4x+blend+mirror")
@@ -528,3 +529,5 @@ def test_every_variant_builds_and_names_known_training_keys(row):
     assert all(built.config[key] == value for key, value in options.items())
     assert set(variant.training_data) <= set(DATA_DEFAULTS) and set(variant.training) <= set(DEFAULTS)
     assert variant.steps_scale >= 1 and P.steps_of(row, 1000) == 1000 * variant.steps_scale
+    from FewShotSegLib.augmentation import AugmentConfig
+    AugmentConfig(**variant.training.get("augment", {}))   # augment keys are its fields

@@ -138,6 +138,28 @@ def test_augment_is_deterministic_given_the_generator():
     assert set(torch.unique(runs[0][1]).tolist()) <= {0.0, 1.0}   # masks stay binary (nearest)
 
 
+def test_intensity_remap_changes_brightness_not_geometry_and_is_off_by_default():
+    """The random curve (AugmentConfig.intensity_remap) keeps the image within its range and
+    the mask untouched, can darken a bright organ below its surroundings (not monotonic), and
+    draws nothing when off, so runs without it are as before."""
+    from FewShotSegLib.augmentation import remap_intensities
+    img = torch.zeros(64, 64)
+    img[20:40, 20:40] = 1.0
+    organ = img > 0.5
+    darker = 0
+    for seed in range(40):
+        out = remap_intensities(img, torch.Generator().manual_seed(seed))
+        assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
+        assert torch.unique(out[organ]).numel() == 1     # one level in, one level out: a curve
+        darker += bool(out[organ][0] < out[~organ][0])
+    assert 0 < darker < 40                               # the organ got darker than its body in some
+    mask = organ.float()
+    plain = augment(img, mask, AugmentConfig(), torch.Generator().manual_seed(1))
+    off = augment(img, mask, AugmentConfig(intensity_remap=0.0), torch.Generator().manual_seed(1))
+    on = augment(img, mask, AugmentConfig(intensity_remap=1.0), torch.Generator().manual_seed(1))
+    assert torch.equal(plain[0], off[0]) and torch.equal(on[1], plain[1]) and not torch.equal(on[0], plain[0])
+
+
 def test_training_lowers_the_loss(tmp_path, chaos_dir):
     path = write_config(tmp_path, chaos_dir, steps=30, checkpoint_every=100, lr=0.01)
     config = load_config(path, {})

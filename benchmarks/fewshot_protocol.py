@@ -38,6 +38,7 @@ from FewShotSegLib.models.support_zoom import SupportZoomModel  # noqa: E402
 from FewShotSegLib.overview import save_overview  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.slice_packs import SUFFIX as PACK_SUFFIX  # noqa: E402
+from FewShotSegLib.augmentation import AugmentConfig  # noqa: E402
 from FewShotSegLib.support_tuning import tuned_on_support  # noqa: E402
 
 PROG = "fewshot_protocol"
@@ -252,7 +253,9 @@ def score_fold_model(args, option: P.TestTime, model: str, members: list, data_d
     for episode in ("ep1", "ep2"):
         start = time.perf_counter()
         examples = P.support_examples(data_dir, fold.support, classes, members[0][0].preprocess, episode)
-        nets = [tuned_on_support(c.model, examples, seed=fold.index, **P.SUPPORT_TUNING) for c, _ in members]
+        augment_cfg = AugmentConfig(intensity_remap=P.TUNING_REMAP) if option.tuning_remap else None
+        nets = [tuned_on_support(c.model, examples, seed=fold.index, augment_cfg=augment_cfg, **P.SUPPORT_TUNING)
+                for c, _ in members]
         tuned_seconds = time.perf_counter() - start
         log(f"  {episode}: {len(nets)} model(s) tuned on the support's labelled slices ({tuned_seconds:.0f} s)")
         parts.append(score(nets, (episode,)))
@@ -303,6 +306,8 @@ def fold_key(args, model, fold, queries, setting, checkpoint) -> dict:
         key["ensemble_with"] = ",".join(map(str, args.ensemble_with))   # one folder: as before
     if "tune" in model.split("+")[1:]:
         key["support_tuning"] = dict(P.SUPPORT_TUNING)
+    if "ir" in model.split("+")[1:]:
+        key["tuning_remap"] = P.TUNING_REMAP
     return key
 
 
