@@ -110,12 +110,12 @@ VARIANTS = {
                             "0.05 : 1 pushes towards over-segmentation)", training={"class_weights": [0.2, 1.0]}),
     "crtpnet-cos": Variant("crtpnet", {}, "cosine learning rate to 0 over the budget (SSL-ALPNet's x0.95 "
                            "per 1000 steps hardly decays in a short budget)", training={"lr_schedule": "cosine"}),
+    "crtpnet-cos3": Variant("crtpnet", {}, "cosine learning rate from 3x the rate (3e-3) to 0 over the budget",
+                            training={"lr_schedule": "cosine", "lr": 3e-3}),
     "crtpnet-ir": Variant("crtpnet", {}, "each episode image (support and query on their own) also, with "
                           "probability 0.5, through a random non-monotonic intensity curve (an organ's brightness "
                           "differs between scans: CHAOS-T2 case 15's spleen is as dark as its liver, case 19's "
                           "twice as bright)", training={"augment": {"intensity_remap": 0.5}}),
-    "crtpnet-cos3": Variant("crtpnet", {}, "cosine learning rate from 3x the rate (3e-3) to 0 over the budget",
-                            training={"lr_schedule": "cosine", "lr": 3e-3}),
 }
 
 

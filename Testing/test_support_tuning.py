@@ -57,6 +57,20 @@ def test_tuning_returns_a_reproducible_copy_that_fits_the_examples_and_keeps_fro
     assert not tuned.training and _episode_loss(tuned, examples) < 0.7 * start            # it learned
 
 
+def test_tuning_takes_its_augmentation_from_the_caller():
+    """+ir tunes with random intensity curves: another copy than the default augmentation's,
+    as reproducible."""
+    from FewShotSegLib.augmentation import AugmentConfig
+    torch.manual_seed(0)
+    model = build_model("alpnet", backbone="effnet-lite0", pretrained=False).eval()
+    curved = [tuned_on_support(model, _examples(), steps=3, lr=1e-3, seed=1,
+                               augment_cfg=AugmentConfig(intensity_remap=1.0)) for _ in range(2)]
+    default = tuned_on_support(model, _examples(), steps=3, lr=1e-3, seed=1)
+    same = [torch.equal(a, b) for a, b in zip(curved[0].state_dict().values(), curved[1].state_dict().values())]
+    differ = [torch.equal(a, b) for a, b in zip(curved[0].state_dict().values(), default.state_dict().values())]
+    assert all(same) and not all(differ)
+
+
 def test_tuning_refuses_examples_without_the_organ():
     model = build_model("alpnet", backbone="effnet-lite0", pretrained=False)
     images, masks = _examples()[1]
