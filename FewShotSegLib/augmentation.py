@@ -31,6 +31,11 @@ class AugmentConfig:
     gamma: tuple = (0.5, 1.5)
     intensity_remap: float = 0.0   # probability of a random non-monotonic intensity curve (ours)
 
+    def __post_init__(self):
+        value = self.intensity_remap
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"intensity_remap must be a probability in [0, 1] (got {value!r})")
+
 
 REMAP_KNOTS = 6   # knots of the random curve over the image's [0, 1] range
 

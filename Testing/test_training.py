@@ -160,6 +160,14 @@ def test_intensity_remap_changes_brightness_not_geometry_and_is_off_by_default()
     assert torch.equal(plain[0], off[0]) and torch.equal(on[1], plain[1]) and not torch.equal(on[0], plain[0])
 
 
+@pytest.mark.parametrize("value", ["yes", 1.5, -0.1, True])
+def test_a_bad_intensity_remap_is_one_clear_line_when_the_config_loads(tmp_path, chaos_dir, value):
+    path = write_config(tmp_path, chaos_dir, steps=1, augment={"intensity_remap": value})
+    with pytest.raises(FewShotSegError, match=r"invalid augment settings: intensity_remap must be a probability"):
+        load_config(path, {})
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_lowers_the_loss(tmp_path, chaos_dir):
     path = write_config(tmp_path, chaos_dir, steps=30, checkpoint_every=100, lr=0.01)
     config = load_config(path, {})

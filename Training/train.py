@@ -123,6 +123,10 @@ def load_config(path: Path, overrides: dict) -> dict:
         raise FewShotSegError(f"{path}: lr_schedule must be 'step' or 'cosine'")
     if config["amp"] not in ("auto", "bf16", "fp16", "off"):
         raise FewShotSegError(f"{path}: amp must be auto, bf16, fp16 or off")
+    try:   # here, before any output folder exists; build_sampler checks configs made in code
+        AugmentConfig(**config.get("augment") or {})
+    except (TypeError, ValueError) as exc:
+        raise FewShotSegError(f"{path}: invalid augment settings: {exc}") from None
     return config
 
 
@@ -280,10 +284,10 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     """
     data = config["data"]
     bases = [Path(config.get("_config_dir", ROOT)), ROOT]
+    preprocess = PreprocessConfig.from_dict(data.get("preprocess", {}))
     try:
-        preprocess = PreprocessConfig.from_dict(data.get("preprocess", {}))
         augment = AugmentConfig(**config.get("augment", {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise FewShotSegError(f"invalid augment settings: {exc}") from None
     excluded = set(_expand(data["exclude"], bases, required=False))
     images = [p for p in (_expand(data["images"], bases) if data["images"] else []) if p not in excluded]
