@@ -28,7 +28,8 @@ def cmd_propagate(args) -> int:
         raise FewShotSegError("--uncertainty needs --refine (the uncertainty comes from the refiner's samples)")
     options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
                                  batch_size=args.batch_size, num_threads=args.threads,
-                                 multi_scale=args.multi_scale, adapt_steps=args.adapt_steps)
+                                 multi_scale=args.multi_scale, adapt_steps=args.adapt_steps,
+                                 intensity_gate=not args.no_intensity_gate)
     if args.registration_weight is not None:
         options.registration_weight = args.registration_weight
     options.validate()
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the model at 1.5x its grid and average (about 3x the network time)")
     p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
                    help="first tune a copy of the model N steps on the painted slice(s) (slower; 0 = off)")
+    p.add_argument("--no-intensity-gate", action="store_true",
+                   help="keep voxels whose intensity is far from the structure's (default: dropped)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
     p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
     p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")

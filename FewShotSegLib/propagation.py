@@ -30,7 +30,7 @@ from .errors import FewShotSegError
 from .extent import intensity_agreement, intensity_band
 from .imageio import array_axis_for
 from .models.multiscale import MultiScaleModel
-from .postprocessing import clean_mask
+from .postprocessing import clean_mask, intensity_gated
 from .preprocessing import prepare_volume
 from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK, WalkFields, propagate_by_registration
 
@@ -82,6 +82,10 @@ class PropagationOptions:
     # (support_tuning.py: episodes between augmented painted slices, the training loss);
     # 0 = off. Slower (about 0.2 s a step on a 2-core CPU); gain measured in the README
     adapt_steps: int = 0
+    # drop mask voxels far (3 robust SDs) in intensity from the confident and painted ones
+    # (postprocessing.intensity_gated; the protocol's +ig). On by default: CHAOS-T2 mean Dice
+    # 0.806 -> 0.818 (network alone 0.707 -> 0.735), CT agreement 0.864 -> 0.901 (README)
+    intensity_gate: bool = True
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -102,7 +106,7 @@ class PropagationOptions:
         for name in ("support_refinement_steps", "adapt_steps"):
             if not _whole(getattr(self, name), 0):
                 raise FewShotSegError(f"{name} must be a whole number >= 0")
-        for name in ("query_prototypes", "multi_scale", "postprocess"):
+        for name in ("query_prototypes", "multi_scale", "intensity_gate", "postprocess"):
             if getattr(self, name) not in (True, False):  # also 0/1, as the benchmarks' --option pass
                 raise FewShotSegError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
@@ -282,6 +286,8 @@ class Propagator:
         for p in self.painted:
             prob_moved[p] = support_moved[p]
         mask = self._threshold(prob_moved)
+        if self.options.intensity_gate:
+            mask = self._gated(mask, prob_moved)
         if self.options.postprocess:
             mask = clean_mask(mask, self.support, self.axis_index)
         else:
@@ -303,6 +309,16 @@ class Propagator:
         if rows:
             lo, hi = rows[0], rows[-1] + 1
             np.moveaxis(mask, self.axis_index, 0)[lo:hi] = prob_moved[lo:hi] >= self.options.threshold
+        return mask
+
+    def _gated(self, mask: np.ndarray, prob_moved: np.ndarray) -> np.ndarray:
+        """`intensity_gated` over the slab that holds the mask (painted slices have
+        probability 1, so they are always in the confident core)."""
+        rows = sorted(set(self.touched) | set(self.painted))
+        lo, hi = rows[0], rows[-1] + 1
+        moved = np.moveaxis(mask, self.axis_index, 0)
+        image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)
+        moved[lo:hi] = intensity_gated(moved[lo:hi], image[lo:hi], prob_moved[lo:hi])
         return mask
 
     def _run_model(self):

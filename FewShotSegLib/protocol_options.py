@@ -9,6 +9,7 @@ from .errors import FewShotSegError
 from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
 from .models.multiscale import MULTI_SCALES
 from .models.support_zoom import SUPPORT_ZOOMS
+from .postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS
 from .self_support import SELF_SUPPORT_MIX
 from .support_tuning import TUNE_LR
 
@@ -42,6 +43,7 @@ class TestTime:
     ensemble: bool = False          # averaged with a second fold model (EnsemblePredictor; --ensemble-with)
     support_tuning: bool = False    # each model first tuned on its episode's labelled support slices
     tuning_remap: bool = False      # that tuning also draws random intensity curves (needs tune)
+    intensity_gate: bool = False    # EP1 and EP2: the mask keeps the intensities of its confident centre
 
 
 TEST_TIME = {
@@ -88,6 +90,11 @@ TEST_TIME = {
                        f"probability {TUNING_REMAP:g}, through its own random non-monotonic intensity curve (the "
                        "organ changes brightness between support and query, not shape or place)",
                    tuning_remap=True),
+    "ig": TestTime({}, "intensity gate: each binarised mask loses the voxels more than "
+                       f"{GATE_ROBUST_SDS:g} robust SDs (1.4826 MAD) from the median intensity of its confident "
+                       f"voxels (probability >= {GATE_CORE_PROBABILITY:g}; EP1: of the scored slices), then keeps "
+                       "its largest 3D region, holes filled (the query scan's own intensities; no label read)",
+                   intensity_gate=True),
 }
 
 

@@ -143,6 +143,26 @@ def test_intensity_stop_rule_only_shortens_the_walks(tiny_checkpoint, chaos_case
         PropagationOptions(min_intensity_agreement=1.5).validate()
 
 
+def test_intensity_gate_only_removes_off_intensity_voxels_and_keeps_the_painting(tiny_checkpoint, chaos_case):
+    """Option intensity_gate (on by default): the gated mask (before clean-up) is the
+    ungated one less voxels whose intensity is far from the organ's; the painted slice
+    stays exactly as painted."""
+    image, label = chaos_case
+    support, z = largest_slice_support(label == 1, 0)     # the liver: the untrained walk goes on
+    ckpt = load_checkpoint(tiny_checkpoint)
+    options = dict(mode="direct", registration_weight=0, postprocess=False)
+    plain = propagate(image, support, ckpt, PropagationOptions(**options, intensity_gate=False)).mask.astype(bool)
+    gated = propagate(image, support, ckpt, PropagationOptions(**options, intensity_gate=True)).mask.astype(bool)
+    assert not (gated & ~plain).any() and (gated[z] == support[z]).all()
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    removed, painted = plain & ~gated, support.astype(bool)
+    assert removed.any()                      # a barely trained model spills onto other tissue
+    centre = np.median(array[painted])
+    assert np.median(np.abs(array[removed] - centre)) > 3 * np.median(np.abs(array[painted] - centre))
+    with pytest.raises(FewShotSegError, match="intensity_gate must be true or false"):
+        PropagationOptions(intensity_gate="yes").validate()
+
+
 def test_registration_mode_needs_no_model(chaos_case):
     image, label = chaos_case
     truth = label == 4

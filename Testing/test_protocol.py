@@ -121,6 +121,28 @@ def test_ep2_post_processing_keeps_the_largest_component():
     assert out[2, 2, 2] and not out[4, 7, 7] and out.sum() == 3 * 16
 
 
+def test_intensity_gate_cuts_a_leak_of_other_tissue_and_never_adds():
+    """Row +ig: a bright organ whose mask leaks into dark tissue through a bridge loses the
+    leak; the statistics come from the confident voxels of the given slices only."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(20, 5, (6, 32, 32)).astype(np.float32)          # dark surroundings
+    organ = np.zeros(image.shape, bool)
+    organ[1:5, 8:20, 8:20] = True
+    image[organ] = rng.uniform(92, 108, organ.sum())                     # one tissue
+    image[2, 12, 12] = 20                                               # a dark vessel inside: kept
+    mask = organ.copy()
+    mask[1:5, 14:16, 20:30] = True                                       # the leak, darker tissue
+    probs = np.where(organ, 0.95, 0.0) + np.where(mask & ~organ, 0.6, 0.0)
+    gated = P.gated_mask(mask, image, probs, 0)
+    assert (gated == organ).all()
+    from FewShotSegLib.postprocessing import intensity_gated
+    assert not (intensity_gated(mask, image, probs) & ~mask).any()      # never adds a voxel
+    # Statistics from slices without confident organ voxels: the whole mask there, a wider spread.
+    loose = P.gated_mask(mask, image, np.zeros(image.shape), 0, slices=[1, 2])
+    assert loose.sum() >= gated.sum()
+    assert P.test_time_option("ss+ig").intensity_gate and not P.test_time_option("ss").intensity_gate
+
+
 # ----------------------------------------------------------------------------- setting 2
 def test_strict_exclusion_drops_exactly_the_slices_with_the_class(chaos_dir, tmp_path):
     image_path, label_path = chaos_dir / "image_5.nii.gz", chaos_dir / "label_5.nii.gz"
@@ -272,7 +294,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs,ss") == 0
+                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs,ss,ig") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -285,7 +307,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
                       ("crtpnet-sameslice+blend", "blended supports"),
                       ("crtpnet-sameslice+blend+at", "query-adaptive threshold"),
                       ("crtpnet-sameslice+zs", "slice smoothing"),
-                      ("crtpnet-sameslice+ss", "query self-support")):
+                      ("crtpnet-sameslice+ss", "query self-support"),
+                      ("crtpnet-sameslice+ig", "intensity gate")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])
@@ -493,13 +516,17 @@ def test_variants_compare_with_their_model_on_shared_folds_only():
 
 
 def test_binarisation_study_rescores_the_protocol_predictions(chaos_dir, tmp_path):
-    """The study's rules binarise the protocol's own EP1 probabilities: its 'fixed 0.5'
-    and 'area per third' rules give exactly the protocol rows' EP1 (plain and +at); an
+    """The study's rules binarise the protocol's own EP1 probabilities: its 'fixed 0.5',
+    'area per third', 'largest component' and row +ig's gate give exactly the protocol
+    rows' EP1 (plain, +at, + 3D post, +ig); an
     ensemble of a model with itself changes nothing; a missing fold model is one line."""
     from benchmarks.binarisation_study import RULES, main as study
-    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "1", "--steps", "1", "--area-threshold") == 0
+    assert run_protocol(tmp_path, "--models", "alpnet", "--settings", "1", "--steps", "1", "--area-threshold",
+                        "--test-time", "ig") == 0
     folder = tmp_path / "results" / "protocol" / "t"
     plain = json.loads((folder / "alpnet" / "fold_0_s1.json").read_text())["mean_dice"]["ep1"]
+    post = json.loads((folder / "alpnet" / "fold_0_s1.json").read_text())["mean_dice"]["ep1_post"]
+    gated = json.loads((folder / "alpnet+ig" / "fold_0_s1.json").read_text())["mean_dice"]["ep1"]
     adaptive = json.loads((folder / "alpnet+at" / "fold_0_s1.json").read_text())["mean_dice"]["ep1"]
     common = ["--work-dir", str(tmp_path / "work"), "--folds", "0", "--max-queries", "1"]
     assert study(["--models", "alpnet", "--out", str(tmp_path / "one.json"), *common]) == 0
@@ -507,6 +534,8 @@ def test_binarisation_study_rescores_the_protocol_predictions(chaos_dir, tmp_pat
     assert set(rules) == set(RULES) and all(0 <= r["mean"] <= 100 for r in rules.values())
     assert rules["fixed 0.5"]["mean"] == pytest.approx(100 * plain, abs=0.006)
     assert rules["area per third"]["mean"] == pytest.approx(100 * adaptive, abs=0.006)
+    assert rules["largest component"]["mean"] == pytest.approx(100 * post, abs=0.006)
+    assert rules["intensity gate 3 SD, core 0.8"]["mean"] == pytest.approx(100 * gated, abs=0.006)
     assert study(["--models", "alpnet,alpnet", "--out", str(tmp_path / "two.json"), *common]) == 0
     twice = json.loads((tmp_path / "two.json").read_text())["rules"]
     assert twice["fixed 0.5"]["mean"] == pytest.approx(rules["fixed 0.5"]["mean"], abs=0.01)

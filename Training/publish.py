@@ -81,6 +81,8 @@ def main(argv=None):
             mode += f" fused with registration (weight {options['registration_weight']:g})"
         if options.get("min_intensity_agreement"):
             mode += f", intensity stop rule {options['min_intensity_agreement']:g}"
+        if options.get("intensity_gate"):
+            mode += ", intensity gate"
         measured = {
             "summary": (f"Product benchmark ({bench['benchmark']}), mode {mode}: CHAOS-T2 "
                         f"{chaos['cases']} volumes, mean Dice {chaos['mean_dice']:.3f}; TotalSegmentator CT "

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from skimage.filters import threshold_otsu
 
@@ -30,6 +31,7 @@ from FewShotSegLib import protocol as P  # noqa: E402
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
+from FewShotSegLib.postprocessing import intensity_gated  # noqa: E402
 from FewShotSegLib.preprocessing import prepare_volume  # noqa: E402
 
 FIXED = (0.4, 0.5, 0.6, 0.7)
@@ -45,7 +47,15 @@ RULES.update({
     "area per third": "per third, the threshold in 0.4..0.7 whose mean organ area per slice is nearest its "
                       "support's (protocol row +at)",
     "area per third, 0.3..0.85": "the same over 0.3..0.85",
+    "largest component": "threshold 0.5, then the largest 3D region, holes filled (the '+ 3D post' column)",
 })
+# The intensity gate (protocol row +ig, FewShotSegLib/postprocessing.py) at its own and nearby
+# settings: (robust SDs, confident-core probability). Its row's setting was read off these.
+GATES = {f"intensity gate {k:g} SD, core {c:g}": (k, c)
+         for k, c in ((3.0, 0.8), (2.0, 0.8), (4.0, 0.8), (5.0, 0.8), (3.0, 0.7), (3.0, 0.9))}
+RULES.update({rule: f"threshold 0.5, then voxels over {k:g} robust SDs from the median of those at probability "
+                    f">= {c:g} removed, largest 3D region" + (" (protocol row +ig)" if i == 0 else "")
+              for i, (rule, (k, c)) in enumerate(GATES.items())})
 
 
 def support_leave_one_out(predictor, ctx) -> float:
@@ -88,6 +98,14 @@ def _threshold(rule: str, ctx, predictor, part: int, zs: list) -> float:
 def binarise(rule: str, ctx, predictor) -> np.ndarray:
     """The EP1 mask of ``rule`` (only the scored slices can be foreground)."""
     parts = ctx["parts"]
+    if rule == "largest component" or rule in GATES:
+        mask = P.thresholded(ctx["volume"], ctx["q_axis"], [(zs, P.THRESHOLD) for _, zs in parts])
+        if rule == "largest component":
+            return P.largest_component(mask, ctx["q_axis"])
+        k, c = GATES[rule]
+        image = sitk.GetArrayViewFromImage(ctx["q_image"])
+        return P.largest_component(intensity_gated(mask, image, ctx["volume"], c, k, within=P.thresholded(
+            np.ones(mask.shape), ctx["q_axis"], [(zs, 0) for _, zs in parts])), ctx["q_axis"])
     if rule == "area per slice":                  # the area rule, one query slice at a time
         parts = [(part, [z]) for part, zs in parts for z in zs]
     return P.thresholded(ctx["volume"], ctx["q_axis"],

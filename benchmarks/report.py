@@ -47,7 +47,8 @@ def _scales(result) -> str:
 def _describe(result) -> str:
     opts = result.get("options") or {}
     if result["mode"] == "registration":
-        return f"registration only (no model; {_registration(opts)})"
+        return f"registration only (no model; {_registration(opts)})" + (
+            ", + intensity gate" if opts.get("intensity_gate") else "")
     text = f"`{result['model']}`, {result['mode']}"
     if opts.get("registration_weight"):
         text += f" + registration fusion {opts['registration_weight']:g} ({_registration(opts)})"
@@ -61,7 +62,7 @@ def _describe(result) -> str:
         text += f", + support refinement ({opts['support_refinement_steps']:g} steps)"
     if opts.get("adapt_steps"):
         text += f", + adapted to the painted slice ({opts['adapt_steps']:g} steps)"
-    return text
+    return text + (", + intensity gate" if opts.get("intensity_gate") else "")
 
 
 def on_cases(result: dict, cases: list[str]) -> dict:
@@ -159,7 +160,10 @@ def binarisation_table(paths: list[Path]) -> str:
     heads = [" + ".join(r["models"]) + f" (folds {','.join(map(str, r['folds']))})" for r in results]
     lines = ["| rule (EP1, setting 1, mean Dice %) | " + " | ".join(heads) + " |",
              "|---|" + "---|" * len(results)]
-    for rule, first in results[0]["rules"].items():
+    rules = {}                                   # every study's rules, in order of first appearance
+    for r in results:
+        rules.update({rule: v for rule, v in r["rules"].items() if rule not in rules})
+    for rule, first in rules.items():
         cells = [f"{r['rules'][rule]['mean']:.2f}" if rule in r["rules"] else "–" for r in results]
         lines.append(f"| {rule}: {first['what']} | " + " | ".join(cells) + " |")
     hardware = sorted({r["hardware"] for r in results})
@@ -219,8 +223,10 @@ def render(config: dict) -> str:
 
 SUBSET = ["1", "2", "3", "5", "8"]     # the quick-ablation cases
 DEFAULT_CONFIG = {
-    "product": ["product_fewshotseg-default_chained.json", "product_fewshotseg-default_chained_fusion05.json",
-                "product_fewshotseg-default_chained_model_only.json", "product_registration.json",
+    "product": ["product_fewshotseg-default_chained.json", "product_abl_default_no_gate.json",
+                "product_fewshotseg-default_chained_fusion05.json",
+                "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_no_gate.json",
+                "product_registration.json", "product_abl_registration_no_gate.json",
                 "product_fewshotseg-default_chained_fusion05_no_stop_rule.json",
                 "product_fewshotseg-default_chained_no_stop_rule.json"],
     "ablation": ["product_abl_chained_noagree.json", "product_abl_chained_agree.json", "product_abl_agree06.json",
@@ -228,18 +234,18 @@ DEFAULT_CONFIG = {
                  "product_abl_fuse07_agree.json", "product_abl_registration.json"],
     "registration": ["product_abl_registration_sitk.json", "product_registration_torchdemons.json",
                      "product_abl_registration_s2i20.json", "product_abl_registration_s4i20.json",
-                     "product_registration.json", "product_abl_registration_s4i80.json",
+                     "product_abl_registration_no_gate.json", "product_abl_registration_s4i80.json",
                      "product_abl_registration_s8i40.json", "product_abl_default_sitk.json",
-                     "product_fewshotseg-default_chained.json", "product_abl_default_s4i80.json"],
-    "query_prototypes": ["product_fewshotseg-default_chained.json", "product_abl_default_qp.json",
-                         "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_qp.json"],
-    "support_refinement": ["product_fewshotseg-default_chained.json", "product_abl_default_sr_5cases.json",
-                           "product_fewshotseg-default_chained_model_only.json",
+                     "product_abl_default_no_gate.json", "product_abl_default_s4i80.json"],
+    "query_prototypes": ["product_abl_default_no_gate.json", "product_abl_default_qp.json",
+                         "product_abl_model_only_no_gate.json", "product_abl_model_only_qp.json"],
+    "support_refinement": ["product_abl_default_no_gate.json", "product_abl_default_sr_5cases.json",
+                           "product_abl_model_only_no_gate.json",
                            "product_abl_model_only_sr_5cases.json"],
-    "multi_scale": ["product_fewshotseg-default_chained.json", "product_abl_default_ms.json",
-                    "product_fewshotseg-default_chained_model_only.json", "product_abl_model_only_ms.json"],
-    "adaptation": ["product_fewshotseg-default_chained.json", "product_abl_default_adapt100_5cases.json",
-                   "product_fewshotseg-default_chained_model_only.json",
+    "multi_scale": ["product_abl_default_no_gate.json", "product_abl_default_ms.json",
+                    "product_abl_model_only_no_gate.json", "product_abl_model_only_ms.json"],
+    "adaptation": ["product_abl_default_no_gate.json", "product_abl_default_adapt100_5cases.json",
+                   "product_abl_model_only_no_gate.json",
                    "product_abl_model_only_adapt100_5cases.json"],
     "refine": ["refine_holdout_default_chained.json", "refine_holdout_registration_keep.json",
                "refine_holdout_perturbed.json"],
