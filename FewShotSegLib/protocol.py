@@ -47,7 +47,7 @@ from scipy import ndimage
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
-from .postprocessing import fill_holes_per_slice, intensity_gated
+from .postprocessing import GATE_CORE_PROBABILITY, fill_holes_per_slice, intensity_gated
 from .preprocessing import prepare_volume
 from .protocol_options import (SLICE_KERNEL, SUPPORT_TUNING, TEST_TIME, TUNING_REMAP, TestTime,  # noqa: F401
                                known_test_time, test_time_option)
@@ -362,16 +362,19 @@ def largest_component(mask: np.ndarray, axis_index: int = 0) -> np.ndarray:
     return fill_holes_per_slice(labels == (int(np.argmax(sizes)) + 1), axis_index)
 
 
-def gated_mask(mask: np.ndarray, image: np.ndarray, probs: np.ndarray, axis_index: int, slices=None) -> np.ndarray:
-    """Row +ig: `intensity_gated` (statistics from ``slices`` along the axis when given:
-    EP1's scored ones), then `largest_component` (the gate can cut a leak's bridge)."""
+def gated_mask(mask: np.ndarray, image: np.ndarray, probs: np.ndarray, axis_index: int, slices=None,
+               whole_mask: bool = False) -> np.ndarray:
+    """Rows +ig / +igw: `intensity_gated` (statistics from ``slices`` along the axis when
+    given: EP1's scored ones; +igw: from the whole mask, not its confident voxels), then
+    `largest_component` (the gate can cut a leak's bridge)."""
     within = None
     if slices is not None:
         within = np.zeros(mask.shape, bool)
         index = [slice(None)] * mask.ndim
         index[axis_index] = list(slices)
         within[tuple(index)] = True
-    return largest_component(intensity_gated(mask, image, probs, within=within), axis_index)
+    core = 0.0 if whole_mask else GATE_CORE_PROBABILITY
+    return largest_component(intensity_gated(mask, image, probs, core, within=within), axis_index)
 
 
 AREA_THRESHOLDS = np.round(np.arange(0.4, 0.7001, 0.05), 2)   # the query-adaptive threshold's choices
@@ -483,7 +486,7 @@ def merged_episodes(ep1: FoldEvaluation, ep2: FoldEvaluation) -> FoldEvaluation:
 def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str], classes,
              axis: str = "axial", progress=None, area_threshold: bool = False, on_ep1=None,
              blend_supports: bool = False, smooth_slices: bool = False,
-             self_support: bool = False, intensity_gate: bool = False,
+             self_support: bool = False, intensity_gate: bool = False, gate_whole_mask: bool = False,
              episodes=("ep1", "ep2")) -> FoldEvaluation:
     """Score ``classes`` on the query scans with EP1 and EP2 from one support scan.
 
@@ -492,8 +495,8 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
     ``blend_supports``: EP1 mixes the two nearest thirds' supports (`ep1_support_weights`).
     ``smooth_slices``: EP1 and EP2 smooth the probabilities across slices (`smooth_across_slices`).
     ``self_support``: EP1 and EP2 add a pass supported by the query's own slices (`self_supported`).
-    ``intensity_gate``: EP1 and EP2 masks keep their confident centre's intensities, then
-    their largest region (`gated_mask`).
+    ``intensity_gate``: EP1 and EP2 masks keep their confident centre's intensities (with
+    ``gate_whole_mask``: the whole mask's), then their largest region (`gated_mask`).
     ``episodes``: those scored; the other's scores are None (a model tuned on EP1's three
     labelled slices may not score EP2: `merged_episodes` joins two such evaluations).
     ``on_ep1(context)``: sees each EP1 probability volume before it is binarised (for
@@ -554,7 +557,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                     row["ep1_thresholds"] = [t for _, _, t in thresholds]
                 ep1_pred = thresholded(volume, q_axis, [(zs, t) for _, zs, t in thresholds])
                 if intensity_gate and assignment:
-                    ep1_pred = gated_mask(ep1_pred, q_array, volume, q_axis, list(assignment))
+                    ep1_pred = gated_mask(ep1_pred, q_array, volume, q_axis, list(assignment), gate_whole_mask)
                 row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
                 row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
                                    if assignment else None)
@@ -569,7 +572,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                 volume = q_prep.probs_to_volume(probs)
                 ep2_pred = volume >= THRESHOLD
                 if intensity_gate:
-                    ep2_pred = gated_mask(ep2_pred, q_array, volume, q_axis)
+                    ep2_pred = gated_mask(ep2_pred, q_array, volume, q_axis, whole_mask=gate_whole_mask)
                 row["ep2"] = count(ep2_pred, truth).to_dict()
                 row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()
             out.rows.append(row)

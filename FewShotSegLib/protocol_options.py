@@ -44,6 +44,7 @@ class TestTime:
     support_tuning: bool = False    # each model first tuned on its episode's labelled support slices
     tuning_remap: bool = False      # that tuning also draws random intensity curves (needs tune)
     intensity_gate: bool = False    # EP1 and EP2: the mask keeps the intensities of its confident centre
+    gate_whole_mask: bool = False   # that gate's statistics from the whole mask, not its confident centre
 
 
 TEST_TIME = {
@@ -95,6 +96,11 @@ TEST_TIME = {
                        f"voxels (probability >= {GATE_CORE_PROBABILITY:g}; EP1: of the scored slices), then keeps "
                        "its largest 3D region, holes filled (the query scan's own intensities; no label read)",
                    intensity_gate=True),
+    "igw": TestTime({}, f"intensity gate, whole mask: each binarised mask loses the voxels more than "
+                        f"{GATE_ROBUST_SDS:g} robust SDs (1.4826 MAD) from the median intensity of the whole mask "
+                        "(EP1: of the scored slices), then keeps its largest 3D region, holes filled (the query "
+                        "scan's own intensities; no label read)",
+                    intensity_gate=True, gate_whole_mask=True),
 }
 
 
@@ -112,6 +118,8 @@ def test_time_option(key: str) -> TestTime:
         return TEST_TIME[key]
     if len(set(parts)) < len(parts) or sum(bool(TEST_TIME[k].model_options) for k in parts) > 1:
         raise FewShotSegError(f"test-time options '{key}': each at most once, and one of qp, sr at most")
+    if {"ig", "igw"} <= set(parts):
+        raise FewShotSegError(f"test-time options '{key}': one of ig, igw at most (two statistics of one gate)")
     options = [TEST_TIME[k] for k in parts]
     switches = [f.name for f in fields(TestTime) if f.name not in ("model_options", "what")]
     return TestTime({k: v for o in options for k, v in o.model_options.items()},

@@ -135,12 +135,16 @@ def test_intensity_gate_cuts_a_leak_of_other_tissue_and_never_adds():
     probs = np.where(organ, 0.95, 0.0) + np.where(mask & ~organ, 0.6, 0.0)
     gated = P.gated_mask(mask, image, probs, 0)
     assert (gated == organ).all()
+    assert (P.gated_mask(mask, image, np.zeros(image.shape), 0, whole_mask=True) == organ).all()   # +igw
     from FewShotSegLib.postprocessing import intensity_gated
     assert not (intensity_gated(mask, image, probs) & ~mask).any()      # never adds a voxel
     # Statistics from slices without confident organ voxels: the whole mask there, a wider spread.
     loose = P.gated_mask(mask, image, np.zeros(image.shape), 0, slices=[1, 2])
     assert loose.sum() >= gated.sum()
     assert P.test_time_option("ss+ig").intensity_gate and not P.test_time_option("ss").intensity_gate
+    assert P.test_time_option("igw").gate_whole_mask and not P.test_time_option("ig").gate_whole_mask
+    with pytest.raises(FewShotSegError, match="one of ig, igw"):
+        P.test_time_option("ig+igw")
 
 
 # ----------------------------------------------------------------------------- setting 2
@@ -294,7 +298,7 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
     assert base["data"]["adjacent_probability"] == 0.3                       # the default it ablates
     assert run_protocol(tmp_path, "--models", "crtpnet-sameslice,crtpnet-4x,crtpnet-bg02", "--settings", "1",
                         "--steps", "1", "--query-prototypes", "--support-refinement", "--area-threshold",
-                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs,ss,ig") == 0
+                        "--mirror-average", "--blend-supports", "--test-time", "blend+at,at,zs,ss,ig,igw") == 0
     config = json.loads((tmp_path / "work" / "crtpnet-sameslice" / "fold_0" / "s1" / "config.json").read_text())
     assert config["model"] == "crtpnet" and config["data"]["adjacent_probability"] == 0.0
     assert config["data"]["preprocess"]["size"] == 64 and len(config["data"]["images"]) == 16
@@ -308,7 +312,8 @@ def test_episode_variant_and_test_time_rows(chaos_dir, tmp_path):
                       ("crtpnet-sameslice+blend+at", "query-adaptive threshold"),
                       ("crtpnet-sameslice+zs", "slice smoothing"),
                       ("crtpnet-sameslice+ss", "query self-support"),
-                      ("crtpnet-sameslice+ig", "intensity gate")):
+                      ("crtpnet-sameslice+ig", "intensity gate"),
+                      ("crtpnet-sameslice+igw", "median intensity of the whole mask")):
         scored = json.loads((folder / row / "fold_0_s1.json").read_text())
         assert scored["model"] == row and scored["checkpoints"][0]["path"] == fold["checkpoints"][0]["path"]
         assert any(what in n for n in scored["notes"]) and any("same-slice" in n for n in scored["notes"])

@@ -51,11 +51,13 @@ RULES.update({
 })
 # The intensity gate (protocol row +ig, FewShotSegLib/postprocessing.py) at its own and nearby
 # settings: (robust SDs, confident-core probability). Its row's setting was read off these.
-GATES = {f"intensity gate {k:g} SD, core {c:g}": (k, c)
-         for k, c in ((3.0, 0.8), (2.0, 0.8), (4.0, 0.8), (5.0, 0.8), (3.0, 0.7), (3.0, 0.9))}
-RULES.update({rule: f"threshold 0.5, then voxels over {k:g} robust SDs from the median of those at probability "
-                    f">= {c:g} removed, largest 3D region" + (" (protocol row +ig)" if i == 0 else "")
-              for i, (rule, (k, c)) in enumerate(GATES.items())})
+GATES = {f"intensity gate {k:g} SD, " + (f"core {c:g}" if c else "whole mask"): (k, c)
+         for k, c in ((3.0, 0.8), (3.0, 0.0), (2.0, 0.8), (4.0, 0.8), (5.0, 0.8), (3.0, 0.7), (3.0, 0.9))}
+_GATE_ROWS = {(3.0, 0.8): " (protocol row +ig)", (3.0, 0.0): " (protocol row +igw)"}
+RULES.update({rule: f"threshold 0.5, then voxels over {k:g} robust SDs from the median of "
+                    + (f"those at probability >= {c:g}" if c else "the whole mask")
+                    + " removed, largest 3D region" + _GATE_ROWS.get((k, c), "")
+              for rule, (k, c) in GATES.items()})
 
 
 def support_leave_one_out(predictor, ctx) -> float:

@@ -246,7 +246,7 @@ def score_fold_model(args, option: P.TestTime, model: str, members: list, data_d
                           data_dir, fold.support, queries, classes, progress=log, episodes=episodes,
                           area_threshold=option.area_threshold, blend_supports=option.blended,
                           smooth_slices=option.smoothed, self_support=option.self_support,
-                          intensity_gate=option.intensity_gate)
+                          intensity_gate=option.intensity_gate, gate_whole_mask=option.gate_whole_mask)
 
     if not option.support_tuning:
         return score([c.model for c, _ in members], ("ep1", "ep2"))
