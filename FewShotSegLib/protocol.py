@@ -47,7 +47,7 @@ from scipy import ndimage
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
 from .imageio import array_axis_for
-from .postprocessing import GATE_CORE_PROBABILITY, fill_holes_per_slice, intensity_gated
+from .postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS, fill_holes_per_slice, intensity_gated
 from .preprocessing import prepare_volume
 from .protocol_options import (SLICE_KERNEL, SUPPORT_TUNING, TEST_TIME, TUNING_REMAP, TestTime,  # noqa: F401
                                known_test_time, test_time_option)
@@ -363,9 +363,9 @@ def largest_component(mask: np.ndarray, axis_index: int = 0) -> np.ndarray:
 
 
 def gated_mask(mask: np.ndarray, image: np.ndarray, probs: np.ndarray, axis_index: int, slices=None,
-               whole_mask: bool = False) -> np.ndarray:
+               core_probability: float = GATE_CORE_PROBABILITY, robust_sds: float = GATE_ROBUST_SDS) -> np.ndarray:
     """Rows +ig / +igw: `intensity_gated` (statistics from ``slices`` along the axis when
-    given: EP1's scored ones; +igw: from the whole mask, not its confident voxels), then
+    given: EP1's scored ones; +igw: ``core_probability`` 0, the whole mask), then
     `largest_component` (the gate can cut a leak's bridge)."""
     within = None
     if slices is not None:
@@ -373,8 +373,8 @@ def gated_mask(mask: np.ndarray, image: np.ndarray, probs: np.ndarray, axis_inde
         index = [slice(None)] * mask.ndim
         index[axis_index] = list(slices)
         within[tuple(index)] = True
-    core = 0.0 if whole_mask else GATE_CORE_PROBABILITY
-    return largest_component(intensity_gated(mask, image, probs, core, within=within), axis_index)
+    return largest_component(intensity_gated(mask, image, probs, core_probability, robust_sds, within=within),
+                             axis_index)
 
 
 AREA_THRESHOLDS = np.round(np.arange(0.4, 0.7001, 0.05), 2)   # the query-adaptive threshold's choices
@@ -518,6 +518,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
         q_prep = prepare_volume(q_image, q_axis, predictor.preprocess)
         n = q_prep.num_slices
         q_array = sitk.GetArrayViewFromImage(q_image) if intensity_gate else None
+        gate_core = 0.0 if gate_whole_mask else GATE_CORE_PROBABILITY
         q_feats = predictor.prepare(q_prep.model_slices(np.arange(n)))
         for c in classes:
             truth = q_label == c
@@ -557,7 +558,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                     row["ep1_thresholds"] = [t for _, _, t in thresholds]
                 ep1_pred = thresholded(volume, q_axis, [(zs, t) for _, zs, t in thresholds])
                 if intensity_gate and assignment:
-                    ep1_pred = gated_mask(ep1_pred, q_array, volume, q_axis, list(assignment), gate_whole_mask)
+                    ep1_pred = gated_mask(ep1_pred, q_array, volume, q_axis, list(assignment), gate_core)
                 row["ep1"] = count(ep1_pred, truth, list(assignment), q_axis).to_dict() if assignment else None
                 row["ep1_post"] = (count(largest_component(ep1_pred, q_axis), truth, list(assignment), q_axis).to_dict()
                                    if assignment else None)
@@ -572,7 +573,7 @@ def evaluate(predictor, data_dir: Path, support_case: str, query_cases: list[str
                 volume = q_prep.probs_to_volume(probs)
                 ep2_pred = volume >= THRESHOLD
                 if intensity_gate:
-                    ep2_pred = gated_mask(ep2_pred, q_array, volume, q_axis, whole_mask=gate_whole_mask)
+                    ep2_pred = gated_mask(ep2_pred, q_array, volume, q_axis, core_probability=gate_core)
                 row["ep2"] = count(ep2_pred, truth).to_dict()
                 row["ep2_post"] = count(largest_component(ep2_pred, q_axis), truth).to_dict()
             out.rows.append(row)

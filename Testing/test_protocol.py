@@ -135,7 +135,7 @@ def test_intensity_gate_cuts_a_leak_of_other_tissue_and_never_adds():
     probs = np.where(organ, 0.95, 0.0) + np.where(mask & ~organ, 0.6, 0.0)
     gated = P.gated_mask(mask, image, probs, 0)
     assert (gated == organ).all()
-    assert (P.gated_mask(mask, image, np.zeros(image.shape), 0, whole_mask=True) == organ).all()   # +igw
+    assert (P.gated_mask(mask, image, np.zeros(image.shape), 0, core_probability=0) == organ).all()   # +igw
     from FewShotSegLib.postprocessing import intensity_gated
     assert not (intensity_gated(mask, image, probs) & ~mask).any()      # never adds a voxel
     # Statistics from slices without confident organ voxels: the whole mask there, a wider spread.

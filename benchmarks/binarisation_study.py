@@ -31,7 +31,6 @@ from FewShotSegLib import protocol as P  # noqa: E402
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
-from FewShotSegLib.postprocessing import intensity_gated  # noqa: E402
 from FewShotSegLib.preprocessing import prepare_volume  # noqa: E402
 
 FIXED = (0.4, 0.5, 0.6, 0.7)
@@ -105,9 +104,8 @@ def binarise(rule: str, ctx, predictor) -> np.ndarray:
         if rule == "largest component":
             return P.largest_component(mask, ctx["q_axis"])
         k, c = GATES[rule]
-        image = sitk.GetArrayViewFromImage(ctx["q_image"])
-        return P.largest_component(intensity_gated(mask, image, ctx["volume"], c, k, within=P.thresholded(
-            np.ones(mask.shape), ctx["q_axis"], [(zs, 0) for _, zs in parts])), ctx["q_axis"])
+        return P.gated_mask(mask, sitk.GetArrayViewFromImage(ctx["q_image"]), ctx["volume"], ctx["q_axis"],
+                            [z for _, zs in parts for z in zs], core_probability=c, robust_sds=k)
     if rule == "area per slice":                  # the area rule, one query slice at a time
         parts = [(part, [z]) for part, zs in parts for z in zs]
     return P.thresholded(ctx["volume"], ctx["q_axis"],
