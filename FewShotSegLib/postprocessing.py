@@ -83,7 +83,8 @@ def clean_mask(mask: np.ndarray, painted: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
-# The intensity gate (protocol row +ig): where the prediction is confident, and how far off.
+# The intensity gate (on by default in propagation; protocol rows +ig, +igw): where the
+# prediction is confident, and how far off.
 GATE_CORE_PROBABILITY = 0.8
 GATE_ROBUST_SDS = 3.0
 GATE_SAMPLE = 200_000        # at most this many confident voxels give the statistics
@@ -106,11 +107,10 @@ def intensity_gated(mask: np.ndarray, image: np.ndarray, probs: np.ndarray,
     if box is None:
         return mask.copy()
     inner, image, probs = mask[box], np.asarray(image)[box], np.asarray(probs)[box]   # a CT organ: a small box
-    core = inner & (probs >= core_probability)
-    if within is not None:
-        core &= np.asarray(within, bool)[box]
+    counted = inner if within is None else inner & np.asarray(within, bool)[box]
+    core = counted & (probs >= core_probability)
     if np.count_nonzero(core) < 50:
-        core = inner if within is None else inner & np.asarray(within, bool)[box]
+        core = counted
     out = mask.copy()
     if not core.any():
         return out
