@@ -285,41 +285,49 @@ class Propagator:
         prob_moved = np.moveaxis(probs_vol, self.axis_index, 0)
         for p in self.painted:
             prob_moved[p] = support_moved[p]
-        mask = self._threshold(prob_moved)
-        if self.options.intensity_gate:
-            mask = self._gated(mask, prob_moved)
-        if self.options.postprocess:
-            mask = clean_mask(mask, self.support, self.axis_index)
-        else:
-            moved = np.moveaxis(mask, self.axis_index, 0)
-            for p in self.painted:
-                moved[p] = support_moved[p]
+        mask = np.zeros(self.support.shape, np.uint8)
+        box = self._result_box(prob_moved, support_moved)
+        if box is not None:
+            np.moveaxis(mask, self.axis_index, 0)[box] = self._finished_mask(
+                prob_moved[box], support_moved[box], box)
         self.progress(1.0, f"{done} slices propagated")
-        mask = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
         return PropagationResult(mask=mask, probability=probs_vol.astype(np.float32, copy=False),
                                  slices_done=done, seconds=time.perf_counter() - start,
                                  network_seconds=self.network_seconds, stopped_at=stops,
                                  adapt_seconds=self.adapt_seconds)
 
-    def _threshold(self, prob_moved: np.ndarray) -> np.ndarray:
-        """probability >= threshold, computed only over the slab of slices that hold any
-        probability (a CT walk touches a few dozen of its hundreds of slices)."""
-        mask = np.zeros(self.support.shape, bool)
-        rows = sorted(set(self.touched) | set(self.painted))
-        if rows:
-            lo, hi = rows[0], rows[-1] + 1
-            np.moveaxis(mask, self.axis_index, 0)[lo:hi] = prob_moved[lo:hi] >= self.options.threshold
-        return mask
+    def _result_box(self, prob_moved: np.ndarray, support_moved: np.ndarray) -> Optional[tuple]:
+        """The box (slices first) holding every nonzero probability and the painting.
 
-    def _gated(self, mask: np.ndarray, prob_moved: np.ndarray) -> np.ndarray:
-        """`intensity_gated` over the slab that holds the mask (painted slices have
-        probability 1, so they are always in the confident core)."""
+        Outside it the mask is 0 whatever the threshold, and the gate and the clean-up
+        already work inside the mask's box: post-processing there alone gives the same
+        mask, without whole-volume passes (a CT organ fills a small part of its scan)."""
         rows = sorted(set(self.touched) | set(self.painted))
+        if not rows:
+            return None
         lo, hi = rows[0], rows[-1] + 1
-        moved = np.moveaxis(mask, self.axis_index, 0)
-        image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)
-        moved[lo:hi] = intensity_gated(moved[lo:hi], image[lo:hi], prob_moved[lo:hi])
-        return mask
+        present = (prob_moved[lo:hi] > 0) | support_moved[lo:hi]
+        in_rows = np.flatnonzero(present.any(axis=(0, 2)))
+        in_cols = np.flatnonzero(present.any(axis=(0, 1)))
+        if in_rows.size == 0:
+            return None
+        return (slice(lo, hi), slice(int(in_rows[0]), int(in_rows[-1]) + 1),
+                slice(int(in_cols[0]), int(in_cols[-1]) + 1))
+
+    def _finished_mask(self, probs: np.ndarray, support: np.ndarray, box: tuple) -> np.ndarray:
+        """Threshold, intensity gate and 3D clean-up of the boxed probabilities (slices
+        first); the painted slices come back exactly as painted."""
+        mask = probs >= self.options.threshold
+        if self.options.intensity_gate:
+            # painted slices have probability 1, so they are always in the confident core
+            image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)[box]
+            mask = intensity_gated(mask, image, probs)
+        if self.options.postprocess:
+            mask = clean_mask(mask, support, 0)
+        else:
+            painted = [p - box[0].start for p in self.painted]
+            mask[painted] = support[painted]
+        return mask.view(np.uint8)
 
     def _run_model(self):
         opts = self.options

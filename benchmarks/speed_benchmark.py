@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -142,8 +140,8 @@ def main(argv=None):
     from FewShotSegLib.models.multiscale import MULTI_SCALES
     import torch
     data_dir = shared_data_dir(args.data)
-    results = {"hardware": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
-                           f"({torch.get_num_threads()} threads)", "mode": args.mode,
+    from Training.provenance import hardware
+    results = {"hardware": f"{hardware(torch.device('cpu'), 1)}, torch {torch.__version__}", "mode": args.mode,
                "registration_weight": args.registration_weight, "multi_scale": args.multi_scale,
                "multi_scales": list(MULTI_SCALES) if args.multi_scale else None, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
