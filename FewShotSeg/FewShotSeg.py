@@ -54,6 +54,7 @@ class FewShotSegParameterNode:
     mode: Annotated[str, Choice(list(MODES))] = "chained"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
+    intensityGate: bool = True
     refineSamples: int = 4
     refineSteps: int = 4
 
@@ -199,7 +200,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._startOrCancel(self.runner, "Cannot propagate.",
                             lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
-                                                       mode=p.mode, axis=p.axis, device=p.device),
+                                                       mode=p.mode, axis=p.axis, device=p.device,
+                                                       intensityGate=p.intensityGate),
                             self.logic.compute, self.onResult)
 
     def _startOrCancel(self, runner, errorTitle, prepare, compute, onResult):

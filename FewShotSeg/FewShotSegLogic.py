@@ -51,6 +51,7 @@ class PropagationJob:
     axisIndex: int                # numpy axis of the volume array
     device: str
     paintedSlices: list = field(default_factory=list)
+    intensityGate: bool = True    # drop voxels whose intensity is far from the organ's
     prepareSeconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -168,13 +169,19 @@ class FewShotSegLogic:
                                   f"(available: {', '.join(self.availableDevices())})")
 
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
-                axis: str = "auto", device: str = "cpu") -> PropagationJob:
-        """Validate the inputs and copy image + painted voxels out of the scene."""
+                axis: str = "auto", device: str = "cpu", intensityGate: bool = True) -> PropagationJob:
+        """Validate the inputs and copy image + painted voxels out of the scene.
+
+        ``intensityGate``: drop the voxels whose intensity lies far from that of the
+        structure's confident core (the engine's default; off keeps every voxel the model
+        and registration gave)."""
         start = time.perf_counter()
         if self.isBusy:
             raise FewShotSegError("a propagation is already running: wait for it or cancel it")
         if mode not in MODES:
             raise FewShotSegError(f"unknown mode '{mode}'; choose {' or '.join(MODES)}")
+        if not isinstance(intensityGate, (bool, np.bool_)):
+            raise FewShotSegError(f"intensityGate must be True or False, not {intensityGate!r}")
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         modelPath = self.modelPath(model)
         self._checkDevice(device)
@@ -192,7 +199,7 @@ class FewShotSegLogic:
                                   "nothing to propagate to")
         painted = [int(i) for i in np.flatnonzero(np.moveaxis(support, axisIndex, 0).reshape(n, -1).any(1))]
         job = PropagationJob(volumeNode, segmentationNode, segmentId, image, support, modelPath, mode,
-                             axisName, axisIndex, device, painted)
+                             axisName, axisIndex, device, painted, intensityGate=bool(intensityGate))
         if len(painted) == n:
             job.notes.append(f"every {axisName} slice is painted: nothing left to fill")
         job.prepareSeconds = time.perf_counter() - start
@@ -229,7 +236,8 @@ class FewShotSegLogic:
             model = self.loadModel(job.modelPath, job.device)
             if cancel and cancel():
                 raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
-            options = PropagationOptions(mode=job.mode, axis=job.axis, device=job.device)
+            options = PropagationOptions(mode=job.mode, axis=job.axis, device=job.device,
+                                         intensity_gate=job.intensityGate)
             result = propagate(job.image, job.support, model, options, progress=progress, cancel=cancel)
             if result.mask.shape != job.support.shape:
                 raise FewShotSegError(f"the engine returned shape {result.mask.shape}, "
@@ -466,10 +474,11 @@ class FewShotSegLogic:
     # -- all three, for scripts and tests --------------------------------------------------
     def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
                   axis: str = "auto", device: str = "cpu", progress: Optional[Progress] = None,
-                  cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None) -> PropagationSummary:
+                  cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None,
+                  intensityGate: bool = True) -> PropagationSummary:
         """Synchronous propagation; the segmentation is unchanged whenever this raises."""
         start = time.perf_counter()
-        job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device)
+        job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device, intensityGate)
         result = self.compute(job, progress, cancel)
         summary = self.apply(job, result, saveStateForUndo, editorNode)
         summary.seconds = time.perf_counter() - start

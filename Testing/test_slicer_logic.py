@@ -197,6 +197,22 @@ def test_logic_matches_engine_run_on_the_file(logic, chaos, tiny_checkpoint):
     assert dice(onFileGrid, direct) >= 0.99
 
 
+def test_intensity_gate_switch_reaches_the_engine(logic, chaos, tiny_checkpoint):
+    """The panel's "Intensity gate" (on by default): off keeps every voxel the model gave,
+    so its segment holds the gated one and more (an untrained model spills onto other
+    tissue); the painted slice stays as painted either way."""
+    history = segmentationHistory(chaos.seg)
+    history.SaveState()
+    run(logic, chaos, tiny_checkpoint)
+    gated = snapshot(chaos.seg, chaos.image)[chaos.liver].astype(bool)
+    assert history.RestorePreviousState()
+    run(logic, chaos, tiny_checkpoint, intensityGate=False)
+    ungated = snapshot(chaos.seg, chaos.image)[chaos.liver].astype(bool)
+    assert not (gated & ~ungated).any() and (ungated & ~gated).any()
+    assert np.array_equal(gated[chaos.k], chaos.painted[chaos.k])
+    assert np.array_equal(ungated[chaos.k], chaos.painted[chaos.k])
+
+
 def sceneNodeIds(scene) -> set:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
@@ -292,6 +308,7 @@ def test_segmentation_geometry_differs_from_volume(logic, scene, chaos, tiny_che
     ("missing checkpoint", "checkpoint not found"),
     ("bad mode", "unknown mode"),
     ("bad device", "not available"),
+    ("bad gate switch", "intensityGate must be True or False"),
 ])
 def test_bad_inputs(logic, scene, chaos, tiny_checkpoint, what, match):
     volume, seg, segmentId, model = chaos.image, chaos.seg, chaos.liver, tiny_checkpoint
@@ -314,6 +331,8 @@ def test_bad_inputs(logic, scene, chaos, tiny_checkpoint, what, match):
         kwargs["mode"] = "sideways"
     elif what == "bad device":
         kwargs["device"] = "tpu"
+    elif what == "bad gate switch":
+        kwargs["intensityGate"] = "yes"
     before = snapshot(chaos.seg, chaos.image)
     with pytest.raises(FewShotSegError, match=match):
         logic.propagate(volume, seg, segmentId, model=model, **kwargs)

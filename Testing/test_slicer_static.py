@@ -86,6 +86,18 @@ def test_effect_class_is_named_after_its_file():
     assert text.count("self.scriptedEffect.saveStateForUndo()") == 1 and "modifySelectedSegmentByLabelmap" in text
 
 
+def test_every_effect_parameter_read_has_a_default_and_is_saved():
+    """An effect parameter read without a default is "" (0) on first use: a switch that
+    is on by default (IntensityGate) would silently start off."""
+    text = (MODULE / "FewShotSegEffect" / "SegmentEditorFewShotPropagateEffect.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'(?:integerParameter|parameter|p)\("(\w+)"\)', text))
+    defaults = set(re.findall(r'setParameterDefault\("(\w+)"', text))
+    saved = set(re.findall(r'setParameter\("(\w+)"', text))
+    assert {"Model", "Mode", "Axis", "Device", "Preview", "IntensityGate"} <= read
+    assert read <= defaults, f"read without a default: {sorted(read - defaults)}"
+    assert read <= saved, f"read but never saved from the GUI: {sorted(read - saved)}"
+
+
 def imported_modules(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -66,10 +66,14 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.deviceComboBox = qt.QComboBox()
         self.deviceComboBox.addItem("cpu")  # cuda / mps added on activate(): no torch import here
         self.previewCheckBox = qt.QCheckBox("Preview before applying")
+        self.gateCheckBox = qt.QCheckBox("Intensity gate")
+        self.gateCheckBox.toolTip = ("Drop filled voxels whose intensity lies far from that of the structure's "
+                                     "confident core (leaks onto fat, muscle or bowel)")
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Axis:", self.axisComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
+        self.scriptedEffect.addOptionsWidget(self.gateCheckBox)
         self.scriptedEffect.addOptionsWidget(self.previewCheckBox)
 
         self.propagateButton = qt.QPushButton("Propagate")
@@ -110,7 +114,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                 self.modelComboBox.addItem(info.name)
         for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        self.previewCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        for checkBox in (self.previewCheckBox, self.gateCheckBox):
+            checkBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         for spinBox in (self.refineSamplesSpinBox, self.refineStepsSpinBox):
             spinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.propagateButton.connect("clicked()", self.onPropagate)
@@ -128,6 +133,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Axis", "auto")
         self.scriptedEffect.setParameterDefault("Device", "cpu")
         self.scriptedEffect.setParameterDefault("Preview", 0)
+        self.scriptedEffect.setParameterDefault("IntensityGate", 1)
         self.scriptedEffect.setParameterDefault("RefineSamples", 4)
         self.scriptedEffect.setParameterDefault("RefineSteps", 4)
 
@@ -139,9 +145,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             index = combo.findText(self.scriptedEffect.parameter(name))
             combo.setCurrentIndex(max(index, 0))
             combo.blockSignals(wasBlocked)
-        wasBlocked = self.previewCheckBox.blockSignals(True)
-        self.previewCheckBox.checked = self.scriptedEffect.integerParameter("Preview") != 0
-        self.previewCheckBox.blockSignals(wasBlocked)
+        for checkBox, name in ((self.previewCheckBox, "Preview"), (self.gateCheckBox, "IntensityGate")):
+            wasBlocked = checkBox.blockSignals(True)
+            checkBox.checked = self.scriptedEffect.integerParameter(name) != 0
+            checkBox.blockSignals(wasBlocked)
         for spinBox, name in ((self.refineSamplesSpinBox, "RefineSamples"), (self.refineStepsSpinBox, "RefineSteps")):
             wasBlocked = spinBox.blockSignals(True)
             spinBox.value = self.scriptedEffect.integerParameter(name)
@@ -153,6 +160,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("Axis", self.axisComboBox.currentText)
         self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentText)
         self.scriptedEffect.setParameter("Preview", 1 if self.previewCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("IntensityGate", 1 if self.gateCheckBox.checked else 0)
         self.scriptedEffect.setParameter("RefineSamples", self.refineSamplesSpinBox.value)
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
@@ -190,7 +198,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             volume, segmentation, segmentId = self._inputs()
             p = self.scriptedEffect.parameter
             job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
-                                     mode=p("Mode"), axis=p("Axis"), device=p("Device"))
+                                     mode=p("Mode"), axis=p("Axis"), device=p("Device"),
+                                     intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0)
             self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
                               lambda result: self.onResult(job, result))
 
