@@ -6,12 +6,15 @@ Modes
   stays in the support set, and the search is limited to the neighbourhood of the
   previous slice's mask (organs move little from one slice to the next).
 * ``direct``: every slice against the painted slices only (batched, order-free).
-* ``registration``: no learning; slice-to-slice deformable registration (SimpleITK
-  demons) carries the mask along, as a non-learned comparator.
+* ``registration``: no learning; slice-to-slice deformable registration (our torch
+  demons, `registration.py`) carries the mask along, as a non-learned comparator.
 
 In every mode the walk stops by itself where the structure ends (the predicted area
-falls below a fraction of the painted area), then the 3D result is cleaned
-(`postprocessing.clean_mask`) and the painted slices are returned exactly as painted.
+falls below a fraction of the painted area, or its intensities stop looking like the
+painted ones); then the probabilities are thresholded, the intensity gate drops voxels
+far from the structure's intensity (`postprocessing.intensity_gated`), the 3D result is
+cleaned (`postprocessing.clean_mask`) and the painted slices are returned exactly as
+painted.
 """
 from __future__ import annotations
 
