@@ -47,8 +47,10 @@ def test_tuning_returns_a_reproducible_copy_that_fits_the_examples_and_keeps_fro
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     examples = _examples()
     start = _episode_loss(model, examples)
-    tuned = tuned_on_support(model, examples, steps=40, lr=1e-3, seed=3)
-    again = tuned_on_support(model, examples, steps=40, lr=1e-3, seed=3)
+    # 80 steps: at 40 the loss on this one un-augmented pair fell by 13-52 % depending on
+    # the torch thread count (summation order); at 80 by 46-65 % for 1 and 2 threads
+    tuned = tuned_on_support(model, examples, steps=80, lr=1e-3, seed=3)
+    again = tuned_on_support(model, examples, steps=80, lr=1e-3, seed=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())        # checkpoint kept
     params = dict(tuned.named_parameters())
     assert frozen and all(torch.equal(params[n], dict(model.named_parameters())[n]) for n in frozen)
