@@ -130,6 +130,25 @@ def test_large_volume_statistics_match_numpy():
     assert norm.std == pytest.approx(clipped.std(), rel=1e-5)
 
 
+def test_ct_sized_volume_takes_mean_and_sd_from_every_kth_slice_and_still_sees_every_voxel():
+    """Over 16 M voxels the mean and SD come from every k-th slice (a 512x512x300 CT: 0.1 s
+    -> 0.03 s): close to the exact values; the padding value and the NaN check still read
+    every voxel (a NaN in a slice the sample skips is still refused)."""
+    rng = np.random.default_rng(5)
+    depth = np.linspace(-300, 300, 80, dtype=np.float32)[:, None, None]          # varies along the slices
+    arr = (depth + rng.normal(0, 60, size=(80, 512, 512))).astype(np.int16)      # 21 M voxels
+    arr[37, 5, 5] = -2000                                                           # the minimum: a skipped slice
+    norm = IntensityNormalizer.fit(arr, PreprocessConfig(modality="ct"))
+    clipped = np.clip(arr.astype(np.float64), -125, 275)
+    assert abs(norm.mean - clipped.mean()) < 0.02 * clipped.std()
+    assert norm.std == pytest.approx(clipped.std(), rel=0.02)
+    assert norm.clipped_min == -125.0
+    as_float = arr.astype(np.float32)
+    as_float[37, 9, 9] = np.nan
+    with pytest.raises(FewShotSegError, match="non-finite"):
+        IntensityNormalizer.fit(as_float, PreprocessConfig(modality="ct"))
+
+
 # ----------------------------------------------------------------------------- slice sampler
 def test_sampler_geometry():
     s = SliceSampler((256, 256), (1.25, 1.25), 256)
