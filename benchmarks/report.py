@@ -201,7 +201,8 @@ def render(config: dict) -> str:
              "it reaches the threshold. Above 0.75 the carried mask alone can no longer keep a voxel: its soft "
              "(bilinearly warped) edge is trimmed at every slice unless the network backs it, so the walk's "
              "mask stops creeping outward. (It is the edge, not a veto: dropping only the voxels where the "
-             "network says below 0.05 or 0.15 measured 0.816 and 0.817.) That trims the liver's leaks on "
+             "network says below 0.05 or 0.15, a throwaway variant that is not an option and has no results file, "
+             "measured 0.816 and 0.817.) That trims the liver's leaks on "
              "CHAOS-T2's 7.7 mm slices, but on the CT (3 mm slices, 50-odd steps, where the registration is "
              "reliable and the network is not) the trimming adds up and cuts the kidneys: the default "
              "stays 0.5.", "",
