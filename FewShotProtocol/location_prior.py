@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .preprocessing import body_mask
+from FewShotSegLib.preprocessing import body_mask
 
 # Prior: 1 within MARGIN of the mapped support mask, then exp(-x^2 / 2 SIGMA^2); both as
 # fractions of the query body's size (the root of its box area). Set before scoring, not

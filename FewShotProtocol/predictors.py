@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import FewShotSegError
-from .models.multiscale import MULTI_SCALES, resized, scaled_side
-from .preprocessing import PreprocessConfig
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.models.multiscale import MULTI_SCALES, resized, scaled_side
+from FewShotSegLib.preprocessing import PreprocessConfig
 
 
 class ModelPredictor:
@@ -52,7 +52,7 @@ class RegistrationPredictor:
         return images.numpy()
 
     def predict(self, support, support_mask: torch.Tensor, queries) -> torch.Tensor:
-        from .registration import FIELD_BATCH, slice_fields, warp_mask
+        from FewShotSegLib.registration import FIELD_BATCH, slice_fields, warp_mask
         moving = torch.from_numpy(np.ascontiguousarray(support, dtype=np.float32))
         out = []
         for start in range(0, len(queries), FIELD_BATCH):

@@ -44,17 +44,17 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .errors import FewShotSegError
-from .evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
-from .imageio import array_axis_for
-from .postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS, fill_holes_per_slice, intensity_gated
-from .preprocessing import prepare_volume
-from .protocol_options import (SLICE_KERNEL, SUPPORT_TUNING, TEST_TIME, TUNING_REMAP, TestTime,  # noqa: F401
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.evaluation import CHAOS_ORGANS, chaos_cases, load_chaos_case
+from FewShotSegLib.imageio import array_axis_for
+from FewShotSegLib.postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS, fill_holes_per_slice, intensity_gated
+from FewShotSegLib.preprocessing import prepare_volume
+from .options import (SLICE_KERNEL, SUPPORT_TUNING, TEST_TIME, TUNING_REMAP, TestTime,  # noqa: F401
                                known_test_time, test_time_option)
 from .self_support import predicted_extent, self_supported
+from .thirds import PARTS, chunk_of, ep1_support_weights  # noqa: F401 (P.chunk_of, ...)
 
 N_FOLDS = 5
-PARTS = 3                                   # EP1: thirds of the class range
 CLASSES = {v: k for k, v in CHAOS_ORGANS.items()}    # 1 liver, 2 right_kidney, ...
 S2_GROUPS = ((1, 4), (2, 3))                # SSL-ALPNet LABEL_GROUP for CHAOS-T2
 THRESHOLD = 0.5
@@ -174,7 +174,7 @@ BUDGETS = {
 def data_folder(data: str | Path | None) -> Path:
     """``--data``: the shared data folder (holding chaos_t2/), or the chaos_t2 folder itself;
     default ``../shared/data`` or $FEWSHOTSEG_DATA. Returns the folder holding chaos_t2/."""
-    from .evaluation import shared_data_dir
+    from FewShotSegLib.evaluation import shared_data_dir
     base = shared_data_dir(data)
     return base.parent if base.name == "chaos_t2" and not (base / "chaos_t2").is_dir() else base
 
@@ -250,11 +250,6 @@ def ep2_support_slice(label: np.ndarray, value: int, axis_index: int = 0) -> int
     return _at_fractions(slices, [0.5])[0]
 
 
-def chunk_of(z: int, z_min: int, z_max: int, parts: int = PARTS) -> int:
-    """Which third of the inclusive range [z_min, z_max] slice ``z`` falls in."""
-    return min(parts - 1, (z - z_min) * parts // (z_max - z_min + 1))
-
-
 def ep1_assignment(label: np.ndarray, value: int, axis_index: int = 0, parts: int = PARTS) -> dict:
     """{query slice: support index 0..parts-1} over the query's ground-truth z-range."""
     slices = class_slices(label, value, axis_index)
@@ -262,31 +257,6 @@ def ep1_assignment(label: np.ndarray, value: int, axis_index: int = 0, parts: in
         return {}
     lo, hi = int(slices[0]), int(slices[-1])
     return {z: chunk_of(z, lo, hi, parts) for z in range(lo, hi + 1)}
-
-
-def ep1_support_weights(assignment: dict) -> dict:
-    """{query slice: {support index: weight}} for the blended-supports option, from an
-    `ep1_assignment`.
-
-    Why: a slice near the border of two thirds resembles both thirds' support slices about
-    equally, yet the protocol matches it with one. Each support stands at the centre of its
-    third (as it stands at (2p+1)/6 of its own scan's range); a slice's weight moves linearly
-    from its own third's centre to the neighbouring one's, and slices beyond the outermost
-    centres keep their own support. Its own third weighs at least half (thirds are
-    contiguous and differ in size by one slice at most)."""
-    centres = {}
-    for z, p in assignment.items():
-        centres.setdefault(p, []).append(z)
-    centres = {p: float(np.mean(zs)) for p, zs in centres.items()}
-    weights = {}
-    for z, p in assignment.items():
-        side = p - 1 if z < centres[p] else p + 1
-        if side not in centres or z == centres[p]:
-            weights[z] = {p: 1.0}
-            continue
-        other = abs(z - centres[p]) / abs(centres[side] - centres[p])
-        weights[z] = {p: 1.0 - other, side: other}
-    return weights
 
 
 def smooth_across_slices(probs: torch.Tensor, slices, kernel: dict = SLICE_KERNEL) -> torch.Tensor:
@@ -416,29 +386,21 @@ def area_matched_threshold(probs: np.ndarray, pixel_mm2: float, target_mm2: floa
 
 
 # The predictors evaluate() takes (kept importable from here: P.ModelPredictor, ...).
-from .episode_predictors import (EnsemblePredictor, LocationPriorPredictor,  # noqa: E402,F401
+from .predictors import (EnsemblePredictor, LocationPriorPredictor,  # noqa: E402,F401
                                  MirrorAveragePredictor, ModelPredictor, MultiScalePredictor,
                                  RegistrationPredictor)
 
 
 # ----------------------------------------------------------------------------- one fold
-def _upright(slice2d: np.ndarray, image) -> np.ndarray:
-    """An axial slice as radiologists view it (anterior up, patient's right on the left),
-    whatever the scan's direction cosines; only for the example figure."""
-    d = np.asarray(image.GetDirection()).reshape(3, 3)
-    out = slice2d[::-1] if d[1, 1] < 0 else slice2d
-    return np.ascontiguousarray(out[:, ::-1] if d[0, 0] < 0 else out)
-
-
 def _example(c, support, query, row) -> tuple:
     """Figure tiles of one class: the support slice (EP1's middle third, = EP2's), the middle
     query slice of the class with its label, and with the EP1 prediction."""
-    from .overview import overlay
+    from FewShotSegLib.overview import overlay, radiological
     s_image, s_label, s_axis, s_z, s_case = support
     q_image, truth, pred, q_axis, assignment, q_case = query
     z = (min(assignment) + max(assignment)) // 2
-    s_cut = lambda a: _upright(np.take(a, s_z, axis=s_axis), s_image)  # noqa: E731
-    q_cut = lambda a: _upright(np.take(a, z, axis=q_axis), q_image)  # noqa: E731
+    s_cut = lambda a: radiological(np.take(a, s_z, axis=s_axis), s_image, s_axis)  # noqa: E731
+    q_cut = lambda a: radiological(np.take(a, z, axis=q_axis), q_image, q_axis)  # noqa: E731
     q_grey = q_cut(sitk.GetArrayViewFromImage(q_image))
     return (CLASSES[c], [
         (f"support {s_case}:{s_z}", overlay(s_cut(sitk.GetArrayViewFromImage(s_image)),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from FewShotSegLib.overview import save_figure, save_png
+
 from .protocol import BUDGETS, CLASSES, PAPER_ABLATION, PAPERS, SCORES, describe, family_of, mean_dice
 
 SHORT = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
@@ -200,8 +202,7 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
     ax.legend(fontsize=8, ncol=4, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path, dpi=fig.dpi)
     plt.close(fig)
     return path
 
@@ -220,9 +221,7 @@ def stack_images(paths: list[tuple[str, Path]], path: Path) -> Path | None:
         draw.text((4, y + 3), title, fill=(255, 255, 0))
         canvas.paste(im, (0, y + head))
         y += im.height + head
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_png(canvas, path)
 
 
 def class_names(values) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .errors import FewShotSegError
+from FewShotSegLib.errors import FewShotSegError
 from .location_prior import PRIOR_MARGIN, PRIOR_SIGMA
-from .models.multiscale import MULTI_SCALES
-from .models.support_zoom import SUPPORT_ZOOMS
-from .postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS
+from FewShotSegLib.models.multiscale import MULTI_SCALES
+from FewShotSegLib.models.support_zoom import SUPPORT_ZOOMS
+from FewShotSegLib.postprocessing import GATE_CORE_PROBABILITY, GATE_ROBUST_SDS
 from .self_support import SELF_SUPPORT_MIX
-from .support_tuning import TUNE_LR
+from FewShotSegLib.support_tuning import TUNE_LR
 
 # +zs: a triangle over 5 slices, {offset: weight}; the row's description is written from it.
 _SLICE_WEIGHTS = (1, 2, 3, 2, 1)

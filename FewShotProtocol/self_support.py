@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .thirds import chunk_of, ep1_support_weights
+
 SELF_SUPPORT_MIX = 0.5      # weight of the self-supported pass in the final probabilities
 SELF_SUPPORT_ANCHORS = 3  # pseudo-labelled query slices, evenly over the scored range
 MIN_PSEUDO_PIXELS = 16      # a pseudo-label smaller than this (model grid) is not used
@@ -60,7 +62,6 @@ def self_supported(predictor, q_feats, probs: torch.Tensor, slices, anchors: int
     with its pseudo-label; a slice between two anchors blends their predictions by
     position (`ep1_support_weights`). An anchor whose pseudo-label is too small lends the
     first pass instead. ``rounds`` > 1 labels the anchors again from the mixed result."""
-    from .protocol import chunk_of, ep1_support_weights
     scored = sorted(int(z) for z in slices)
     lo, hi = scored[0], scored[-1]
     weights = ep1_support_weights({z: chunk_of(z, lo, hi, anchors) for z in scored})
