@@ -19,7 +19,7 @@ SLICE_KERNEL = {k - len(_SLICE_WEIGHTS) // 2: w / sum(_SLICE_WEIGHTS) for k, w i
 
 
 # +tune: SGD steps of the training loss on the support scan's labelled slices
-# (support_tuning.py); chosen on the shipped checkpoint (README, protocol section).
+# (support_tuning.py); chosen on the shipped checkpoint (docs/PROTOCOL.md).
 SUPPORT_TUNING = {"steps": 300, "lr": TUNE_LR}
 # +ir: the probability that a tuning episode's image (support and query, each on its own)
 # goes through a random intensity curve (augmentation.remap_intensities).
