@@ -188,3 +188,17 @@ def test_suggestions_name_filled_slices_only(kidney, model):
     scores = [s.score for s in result.suggestions]
     assert scores == sorted(scores, reverse=True)
     assert all(isinstance(s.reason, str) and s.reason for s in result.suggestions)
+
+
+def test_session_keeps_the_same_scan_and_resets_for_another(kidney, chaos_dir):
+    image, truth, first, last = kidney
+    support = painted(truth, [(first + last) // 2])
+    session = PropagationSession()
+    propagate(image, support, None, REGISTRATION, session=session)
+    reloaded = read_image(chaos_dir / "image_1.nii.gz")           # same voxels, new object
+    again = propagate(reloaded, support, None, REGISTRATION, session=session)
+    assert again.walks_computed == 0 and again.walks_reused == 2
+    edited = sitk.Image(reloaded)
+    edited[10, 10, 10] = edited[10, 10, 10] + 100                  # one voxel differs
+    other = propagate(edited, support, None, REGISTRATION, session=session)
+    assert other.walks_reused == 0 and other.walks_computed == 2
