@@ -50,6 +50,7 @@ class PropagationSession:
     def __init__(self):
         self.key: Optional[tuple] = None
         self.image = None
+        self._fingerprint: Optional[tuple] = None
         self.prepared = None
         self.slices: Optional[SliceImages] = None
         self.features: Optional[FeatureCache] = None
@@ -57,20 +58,28 @@ class PropagationSession:
         self.walks: dict[tuple, Walk] = {}
         self.reused = self.computed = 0     # walks, in the last run
 
-    def _image_key(self, image: sitk.Image) -> tuple:
-        if image is self.image and self.key is not None:
-            return self.key[0]
-        return image_fingerprint(image)
+    def _same_image(self, image: sitk.Image) -> bool:
+        """The same object, or the same voxels and geometry (checksummed only then: a CT
+        takes about 0.1 s)."""
+        if self.image is None or image is self.image:
+            return image is self.image
+        if self._fingerprint is None:
+            self._fingerprint = image_fingerprint(self.image)
+        return image_fingerprint(image) == self._fingerprint
 
     def open(self, image: sitk.Image, model, axis_index: int, options, make_prepared) -> None:
         """Keep the caches when the same image, model, axis and options come again."""
         model_id = id(getattr(model, "model", model)) if model is not None else None
         preprocess = repr(getattr(model, "preprocess", None))
         walk_options = tuple(getattr(options, name) for name in WALK_OPTIONS)
-        key = (self._image_key(image), model_id, preprocess, axis_index, walk_options, str(options.device))
+        key = (model_id, preprocess, axis_index, walk_options, str(options.device))
         self.reused = self.computed = 0
-        if key == self.key:
+        same_image = self._same_image(image)
+        if same_image and key == self.key:
+            self.image = image
             return
+        if not same_image:
+            self._fingerprint = None
         self.key, self.image, self.walks = key, image, {}
         self.prepared = make_prepared()
         self.slices = SliceImages(self.prepared)

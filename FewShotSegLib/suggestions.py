@@ -67,8 +67,9 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
             fraction = w.stop["area_fraction"]
             if fraction >= LARGE_STOP_FRACTION:
                 left = fraction * w.painted_area
-                why = ("its intensities no longer match the painted ones" if w.stop["reason"] == "intensity"
-                       else "its area fell below the limit")
+                why = {"intensity": "its intensities no longer match the painted ones",
+                       "growth": "the mask grew where the painted slices say the structure narrows",
+                       }.get(w.stop["reason"], "its area fell below the limit")
                 _add(scores, w.stop["slice"], left,
                      f"the walk from slice {span.start} stopped here with {fraction:.0%} of the painted area")
                 warnings.append(f"the walk {span.direction} from slice {span.start} stopped at slice "
