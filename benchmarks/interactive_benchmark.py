@@ -201,7 +201,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     if areas.max() == 0:
         raise ValueError("the structure is empty")
     painted, absent = [int(np.argmax(areas))], []
-    dices, seconds, picks = [], [], [painted[0]]
+    dices, seconds, picks, wrong = [], [], [painted[0]], []
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
     runner = None if method == "fill" else EngineRunner(image, model, "registration" if method == "registration"
@@ -223,6 +223,9 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
             pred = support.copy()
         seconds.append(time.perf_counter() - start)
         dices.append(dice(pred, truth))
+        fp = pred & ~truth
+        outside = int(slice_counts(fp, axis)[areas == 0].sum())
+        wrong.append([outside, int(fp.sum()) - outside, int((truth & ~pred).sum())])
         if r == rounds - 1:
             break
         done = set(painted) | set(absent)
@@ -236,6 +239,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
         if nxt is None:
             nxt = worst_slice(pred, truth, axis, done, present_only=(method == "fill"))
         if nxt is None:  # nothing left to correct: the user stops
+            wrong += [wrong[-1]] * (rounds - len(dices))
             dices += [dices[-1]] * (rounds - len(dices))
             break
         if areas[nxt] > 0:
@@ -246,7 +250,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
             picks.append(-1 - nxt)  # negative: marked absent
     drops = int(sum(b < a - 1e-6 for a, b in zip(dices, dices[1:])))
     return {"dice": [round(float(d), 4) for d in dices], "seconds": [round(s, 3) for s in seconds],
-            "picks": picks, "slices": int(truth.shape[axis]), "extent": int((areas > 0).sum()),
+            "picks": picks, "wrong": wrong, "slices": int(truth.shape[axis]), "extent": int((areas > 0).sum()),
             "errors": errors, "fallbacks": fallbacks, "drops": drops, "axis_mismatch": axis_mismatch}
 
 
@@ -293,12 +297,33 @@ def summarise(records: list) -> dict:
                 "seconds_repropagation": round(float(np.mean(again)), 3) if again else None,
                 "exclusions": int(sum(p < 0 for r in rs for p in r["picks"])),
                 "dice_drops": int(sum(r["drops"] for r in rs)),
+                "dice_drops_after_paint": _drops(rs, paint=True),
+                "dice_drops_after_exclusion": _drops(rs, paint=False),
+                "wrong_voxels": _wrong(rs, counts),
                 "errors": int(sum(r["errors"] for r in rs)),
                 "suggest_fallbacks": int(sum(r["fallbacks"] for r in rs)) if method == "suggest" else None,
                 "axis_mismatch": int(sum(r["axis_mismatch"] for r in rs)),
             }
         out[dataset] = methods
     return out
+
+
+def _drops(rs: list, paint: bool) -> int:
+    """Corrections (painted slice, or slice marked absent) after which the Dice fell."""
+    return int(sum(b < a - 1e-6 and ((r["picks"][i + 1] >= 0) == paint)
+                   for r in rs for i, (a, b) in enumerate(zip(r["dice"], r["dice"][1:]))))
+
+
+def _wrong(rs: list, counts: list) -> dict | None:
+    """Mean wrong voxels per structure after N painted slices: false positives on slices where
+    the structure is absent (a walk ran past its end), false positives where it is present,
+    false negatives."""
+    rs = [r for r in rs if "wrong" in r]
+    if not rs:
+        return None
+    names = ("fp_where_absent", "fp_where_present", "fn")
+    return {str(c): {n: round(float(np.mean([r["wrong"][c - 1][k] for r in rs])), 1) for k, n in enumerate(names)}
+            for c in counts}
 
 
 def write_results(path: Path, settings: dict, records: list, threads: int) -> None:
