@@ -148,10 +148,11 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
          inward: Optional[int] = None, towards_absent: bool = False) -> Walk:
     """Carry the painted mask of ``start`` through ``slices`` in order.
 
-    ``inward``: the next painted slice on the other side of ``start``, if any. The stop
-    rule then reads both painted slices: the intensity band of their pixels together, the
-    minimum area from the larger one (an end slice painted small, with its blurred edge,
-    is a poor reference alone), and whether the structure narrows towards this end.
+    ``inward``: the next painted slice on the other side of ``start``, if any. The area
+    rules then read both painted slices: the minimum area from the larger one (an end
+    slice painted small is a poor reference alone), and whether the structure narrows
+    towards this end. The intensity band stays that of ``start``'s own painting: pooled
+    with the other slice's it let walks run on past the structure.
 
     ``towards_absent``: the slice after ``slices`` is marked absent. A walk that reaches it
     without stopping has run past the structure unnoticed, so it ends at the slice whose
@@ -161,8 +162,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     p_mask = ctx.painted_masks(start)
     result = Walk(painted_area=float(p_mask.sum()))
     references = [start] + ([inward] if inward is not None else [])
-    pixels = np.concatenate([ctx.slices.one(i)[ctx.painted_masks(i).numpy() > 0.5] for i in references])
-    band = intensity_band(pixels, np.ones(pixels.shape, bool))
+    band = intensity_band(ctx.slices.one(start), p_mask.numpy() > 0.5)
     reference_area = max(float(ctx.painted_masks(i).sum()) for i in references)
     min_area = ctx.min_area(reference_area)
     narrowing = inward is not None and result.painted_area < TAPER_RATIO * float(ctx.painted_masks(inward).sum())
