@@ -56,6 +56,7 @@ structures (x method) already there (resume).
 
     python benchmarks/interactive_benchmark.py --dataset chaos --methods fill
     nohup python benchmarks/interactive_benchmark.py --dataset both --methods fewshot,suggest,registration &
+    python benchmarks/interactive_benchmark.py --dataset chaos --methods fewshot --option threshold=0.6 --out /tmp/t06.json
     python benchmarks/interactive_benchmark.py --plot        # -> benchmarks/results/interactive.png
 """
 from __future__ import annotations
@@ -182,10 +183,13 @@ def fill_between_slices(support: np.ndarray, spacing) -> np.ndarray:
 class EngineRunner:
     """One (re)propagation of the engine; a session per structure (incremental rounds)."""
 
-    def __init__(self, image, model, mode: str):
+    def __init__(self, image, model, mode: str, extra: dict | None = None):
         from FewShotSegLib.propagation import PropagationOptions, PropagationSession
         self.image, self.model = image, model
-        self.options = PropagationOptions(mode=mode) if mode != "chained" else PropagationOptions()
+        extra = dict(extra or {})
+        if mode != "chained":
+            extra["mode"] = mode
+        self.options = PropagationOptions(**extra)
         self.session = PropagationSession()
 
     def __call__(self, support, exclude):
@@ -194,7 +198,8 @@ class EngineRunner:
         return result.mask.astype(bool), result
 
 
-def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int, model=None) -> dict:
+def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int, model=None,
+                  options: dict | None = None) -> dict:
     """One simulated user on one structure; returns the compact record."""
     from FewShotSegLib.metrics import dice
     areas = slice_counts(truth, axis)
@@ -205,7 +210,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
     runner = None if method == "fill" else EngineRunner(image, model, "registration" if method == "registration"
-                                                         else "chained")
+                                                         else "chained", options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
         result = None
@@ -410,6 +415,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint name or path (default: the shipped model)")
     parser.add_argument("--data", default=None, help="shared data folder (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=1, help="torch / ITK threads (default 1)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
                         help="render benchmarks/results/interactive.png from these JSON files "
                              "(default: every benchmarks/results/interactive_*.json) and exit")
@@ -427,6 +434,24 @@ def main(argv=None) -> int:
         parser.error(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    from FewShotSegLib.propagation import PropagationOptions
+    extra = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        if key not in PropagationOptions.__dataclass_fields__ or key == "mode":
+            parser.error(f"--option {key}: not a PropagationOptions field (mode is chosen by --methods)")
+        low = value.strip().lower()
+        if low in ("none", "true", "false"):
+            extra[key] = {"none": None, "true": True, "false": False}[low]
+        else:
+            try:
+                extra[key] = float(value)
+            except ValueError:
+                extra[key] = value
+    try:
+        PropagationOptions(**extra).validate()
+    except Exception as exc:  # noqa: BLE001 - FewShotSegError, TypeError
+        parser.error(f"--option: {exc}")
     import torch
     torch.set_num_threads(args.threads)
     import SimpleITK as sitk
@@ -443,7 +468,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"interactive_{args.dataset}{'_quick' if args.quick else ''}.json"
     settings = {"rounds": args.rounds, "user": "largest slice, then the worst slice (fill: worst slice where "
                 "present; suggest: suggestions[0])", "model": args.model or "shipped default",
-                "options": "PropagationOptions() defaults; registration: mode='registration'",
+                "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
+                + "; registration: mode='registration'",
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
                         "UseDistanceTransform off, cross element (Slicer's vtkITK settings)"}
     records = []
@@ -451,6 +477,8 @@ def main(argv=None) -> int:
         previous = json.loads(out.read_text())
         if previous.get("settings", {}).get("rounds") != args.rounds:
             parser.error(f"{out} holds a run with another --rounds; choose another --out")
+        if previous.get("settings", {}).get("options") != settings["options"]:
+            parser.error(f"{out} holds a run with other engine options; choose another --out")
         records = previous.get("structures", [])
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
@@ -481,7 +509,7 @@ def main(argv=None) -> int:
             if method == "fill":
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
-            record.update(run_structure(method, image, truth, axis, args.rounds, model))
+            record.update(run_structure(method, image, truth, axis, args.rounds, model, extra))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "
