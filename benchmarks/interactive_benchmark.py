@@ -430,12 +430,13 @@ def main(argv=None) -> int:
                         help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
                         help="render benchmarks/results/interactive.png from these JSON files "
-                             "(default: every benchmarks/results/interactive_*.json) and exit")
+                             "(default: benchmarks/results/interactive_chaos.json and interactive_totalseg.json) and exit")
     parser.add_argument("--png", default=str(RESULTS / "interactive.png"))
     args = parser.parse_args(argv)
 
     if args.plot is not None:
-        paths = args.plot or sorted(RESULTS.glob("interactive_*.json"))
+        paths = args.plot or [p for p in (RESULTS / "interactive_chaos.json", RESULTS / "interactive_totalseg.json")
+                              if p.is_file()]
         print(plot(paths, Path(args.png)))
         return 0
 
