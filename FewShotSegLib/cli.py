@@ -36,9 +36,10 @@ def cmd_propagate(args) -> int:
     image = read_image(args.image)
     support_img = read_mask_like(args.support, image)
     support_arr = sitk.GetArrayViewFromImage(support_img)
+    if args.exclude and not support_arr.any():
+        raise FewShotSegError(f"there are exclusions ({args.exclude}) but no painted voxel in {args.support}: "
+                              "paint the structure on at least one slice")
     support = select_label(support_arr, args.label)
-    if not support.any():
-        raise FewShotSegError(f"{args.support} holds no painted voxel: paint the structure on at least one slice")
     value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     exclude = None
     if args.exclude:

@@ -7,7 +7,8 @@ second run differs from the first only in the spans next to the corrected slice,
   * the encoded features of recent slices and the demons fields of slice pairs (they
     depend on the images only),
   * every walk, keyed by what it depends on (its anchor's mask, its slices, the
-    exclusions on them and the options); a walk whose key is unchanged is reused.
+    exclusions on them and the options); a walk whose key is unchanged is reused. The
+    least recently used walks go first, beyond 64 walks or 256 MB of probabilities.
 It resets itself when the image, the model, the axis or the options differ.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "r
                 "registration_shrink", "registration_iterations", "min_intensity_agreement",
                 "query_prototypes", "support_refinement_steps", "multi_scale", "adapt_steps")
 KEEP_WALKS = 64
+KEEP_WALK_BYTES = 256 << 20      # the walks' probabilities kept, at most (256 KB a 256x256 slice)
 
 
 def image_fingerprint(image: sitk.Image) -> tuple:
@@ -101,6 +103,9 @@ class PropagationSession:
         result = compute()
         self.computed += 1
         self.walks[key] = result
-        while len(self.walks) > KEEP_WALKS:
+        while len(self.walks) > 1 and (len(self.walks) > KEEP_WALKS or self._walk_bytes() > KEEP_WALK_BYTES):
             self.walks.pop(next(iter(self.walks)))
         return result
+
+    def _walk_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for w in self.walks.values() for p in w.probs.values())

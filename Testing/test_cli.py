@@ -206,3 +206,51 @@ def test_bad_input_is_refused_cleanly(problem, case, tiny_model, capsys, tmp_pat
         assert code == 2 and "also an input" in err and Path(support).read_bytes() == before
     else:
         assert_refused(code, err, out, match)
+
+
+def _label_file(array, reference_path, path):
+    ref = sitk.ReadImage(str(reference_path))
+    img = sitk.GetImageFromArray(array.astype(np.uint8))
+    img.CopyInformation(ref)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_exclude_ends_the_structure_and_the_review_is_printed(case, capsys, tmp_path):
+    """--exclude: a slice marked absent is empty and nothing lies beyond it; the command
+    names the slices to check next."""
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case["label"])))
+    spleen = label == 4
+    rows = np.flatnonzero(spleen.any((1, 2)))
+    painted = int(spleen.sum((1, 2)).argmax())
+    stop = min(painted + 2, int(rows[-1]))
+    exclude = np.zeros_like(spleen)
+    exclude[stop] = True
+    exclude_path = _label_file(exclude, case["label"], tmp_path / "exclude.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    code, stdout, err = run_cli(["propagate", case["image"], "--support", case["support"], "--exclude",
+                                 exclude_path, "--mode", "registration", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert not result[stop:].any()
+    assert result[painted + 1].any()
+    assert "check next" in stdout and "slice" in stdout.split("check next", 1)[1]
+
+
+def test_bad_anchor_input_is_refused(case, capsys, tmp_path):
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case["label"])))
+    painted = int((label == 4).sum((1, 2)).argmax())
+    overlap = np.zeros(label.shape, np.uint8)
+    overlap[painted] = 1
+    overlap_path = _label_file(overlap, case["label"], tmp_path / "overlap.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "--exclude", overlap_path,
+                            "--mode", "registration", "-o", out, "-q"], capsys)
+    assert_refused(code, err, out, f"overlaps the painting on slice {painted}")
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "--axis", "sagittal",
+                            "--mode", "registration", "-o", out, "-q"], capsys)
+    assert_refused(code, err, out, "disagrees with the painting")
+    empty_path = _label_file(np.zeros(label.shape, np.uint8), case["label"], tmp_path / "empty.nii.gz")
+    code, _, err = run_cli(["propagate", case["image"], "--support", empty_path, "--exclude", overlap_path,
+                            "--mode", "registration", "-o", out, "-q"], capsys)
+    assert_refused(code, err, out, "no painted voxel")
