@@ -32,6 +32,11 @@ Methods (``--methods``, comma-separated):
   exists in truth; absent-slice corrections never arise. Measured this way on the 20 CHAOS
   cases the baseline reproduces the figures measured elsewhere (0.193 / 0.369 / 0.501 /
   0.613 / 0.765 for 1 / 2 / 3 / 4 / 6 slices): see ``benchmarks/results/interactive_*.json``.
+  This user mostly paints the neighbours of the painted slices (the slices with the most
+  missed voxels), which gives the interpolation nothing to fill.
+* ``fill_spaced``: Fill between slices with a user who follows the effect's own advice
+  ("always leave at least one empty slice between segmented slices"): the worst slice not
+  next to a painted one (the worst slice at all when none is left). A stronger baseline.
 
 If a result is already perfect (no wrong voxel outside the painted slices) the user stops;
 the later counts keep that Dice. A propagation that raises is recorded as an error and its
@@ -56,6 +61,7 @@ structures (x method) already there (resume).
 
     python benchmarks/interactive_benchmark.py --dataset chaos --methods fill
     nohup python benchmarks/interactive_benchmark.py --dataset both --methods fewshot,suggest,registration &
+    python benchmarks/interactive_benchmark.py --dataset chaos --methods fewshot --option threshold=0.6 --out /tmp/t06.json
     python benchmarks/interactive_benchmark.py --plot        # -> benchmarks/results/interactive.png
 """
 from __future__ import annotations
@@ -77,7 +83,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("fewshot", "suggest", "registration", "fill")
+METHODS = ("fewshot", "suggest", "registration", "fill", "fill_spaced")
+FILL_METHODS = ("fill", "fill_spaced")
 REPORT_COUNTS = (1, 2, 3, 4, 6)
 # Fill between slices on the 20 CHAOS-T2 cases x 4 organs, measured elsewhere (issue #34)
 FILL_REFERENCE_CHAOS = {1: 0.193, 2: 0.369, 3: 0.501, 4: 0.613, 6: 0.765}
@@ -182,10 +189,13 @@ def fill_between_slices(support: np.ndarray, spacing) -> np.ndarray:
 class EngineRunner:
     """One (re)propagation of the engine; a session per structure (incremental rounds)."""
 
-    def __init__(self, image, model, mode: str):
+    def __init__(self, image, model, mode: str, extra: dict | None = None):
         from FewShotSegLib.propagation import PropagationOptions, PropagationSession
         self.image, self.model = image, model
-        self.options = PropagationOptions(mode=mode) if mode != "chained" else PropagationOptions()
+        extra = dict(extra or {})
+        if mode != "chained":
+            extra["mode"] = mode
+        self.options = PropagationOptions(**extra)
         self.session = PropagationSession()
 
     def __call__(self, support, exclude):
@@ -194,7 +204,8 @@ class EngineRunner:
         return result.mask.astype(bool), result
 
 
-def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int, model=None) -> dict:
+def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int, model=None,
+                  options: dict | None = None) -> dict:
     """One simulated user on one structure; returns the compact record."""
     from FewShotSegLib.metrics import dice
     areas = slice_counts(truth, axis)
@@ -204,14 +215,14 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     dices, seconds, picks, wrong = [], [], [painted[0]], []
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
-    runner = None if method == "fill" else EngineRunner(image, model, "registration" if method == "registration"
-                                                         else "chained")
+    runner = None if method in FILL_METHODS else EngineRunner(image, model, "registration" if method == "registration"
+                                                         else "chained", options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
         result = None
         start = time.perf_counter()
         try:
-            if method == "fill":
+            if method in FILL_METHODS:
                 pred = fill_between_slices(support, spacing)
             else:
                 pred, result = runner(support, exclude)
@@ -237,7 +248,11 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
             if nxt is None:
                 fallbacks += 1
         if nxt is None:
-            nxt = worst_slice(pred, truth, axis, done, present_only=(method == "fill"))
+            if method == "fill_spaced":  # Slicer's advice: leave an empty slice between painted ones
+                near = {j for i in painted for j in (i - 1, i, i + 1)}
+                nxt = worst_slice(pred, truth, axis, done | near, present_only=True)
+            if nxt is None:
+                nxt = worst_slice(pred, truth, axis, done, present_only=method in FILL_METHODS)
         if nxt is None:  # nothing left to correct: the user stops
             wrong += [wrong[-1]] * (rounds - len(dices))
             dices += [dices[-1]] * (rounds - len(dices))
@@ -369,8 +384,9 @@ def plot(paths: list, out_png: Path) -> Path:
                [d for d in summaries if d not in ("chaos", "totalseg")]
     titles = {"chaos": "CHAOS-T2 MRI (manual labels)", "totalseg": "TotalSegmentator CT (agreement)"}
     labels = {"fewshot": "FewShotSeg, worst slice", "suggest": "FewShotSeg, its own suggestion",
-              "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI)"}
-    styles = {"fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-"}
+              "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI)",
+              "fill_spaced": "Fill between slices, spaced slices"}
+    styles = {"fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in METHODS:
@@ -410,14 +426,17 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint name or path (default: the shipped model)")
     parser.add_argument("--data", default=None, help="shared data folder (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=1, help="torch / ITK threads (default 1)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
                         help="render benchmarks/results/interactive.png from these JSON files "
-                             "(default: every benchmarks/results/interactive_*.json) and exit")
+                             "(default: benchmarks/results/interactive_chaos.json and interactive_totalseg.json) and exit")
     parser.add_argument("--png", default=str(RESULTS / "interactive.png"))
     args = parser.parse_args(argv)
 
     if args.plot is not None:
-        paths = args.plot or sorted(RESULTS.glob("interactive_*.json"))
+        paths = args.plot or [p for p in (RESULTS / "interactive_chaos.json", RESULTS / "interactive_totalseg.json")
+                              if p.is_file()]
         print(plot(paths, Path(args.png)))
         return 0
 
@@ -427,13 +446,31 @@ def main(argv=None) -> int:
         parser.error(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    from FewShotSegLib.propagation import PropagationOptions
+    extra = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        if key not in PropagationOptions.__dataclass_fields__ or key == "mode":
+            parser.error(f"--option {key}: not a PropagationOptions field (mode is chosen by --methods)")
+        low = value.strip().lower()
+        if low in ("none", "true", "false"):
+            extra[key] = {"none": None, "true": True, "false": False}[low]
+        else:
+            try:
+                extra[key] = float(value)
+            except ValueError:
+                extra[key] = value
+    try:
+        PropagationOptions(**extra).validate()
+    except Exception as exc:  # noqa: BLE001 - FewShotSegError, TypeError
+        parser.error(f"--option: {exc}")
     import torch
     torch.set_num_threads(args.threads)
     import SimpleITK as sitk
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     from FewShotSegLib.evaluation import shared_data_dir
     from FewShotSegLib.imageio import array_axis_for
-    if "fill" in methods and importlib.util.find_spec("itk") is None:
+    if set(methods) & set(FILL_METHODS) and importlib.util.find_spec("itk") is None:
         parser.error("method fill needs ITK's contour interpolator: pip install itk-morphologicalcontourinterpolation")
     data_dir = shared_data_dir(args.data)
 
@@ -443,7 +480,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"interactive_{args.dataset}{'_quick' if args.quick else ''}.json"
     settings = {"rounds": args.rounds, "user": "largest slice, then the worst slice (fill: worst slice where "
                 "present; suggest: suggestions[0])", "model": args.model or "shipped default",
-                "options": "PropagationOptions() defaults; registration: mode='registration'",
+                "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
+                + "; registration: mode='registration'",
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
                         "UseDistanceTransform off, cross element (Slicer's vtkITK settings)"}
     records = []
@@ -451,6 +489,8 @@ def main(argv=None) -> int:
         previous = json.loads(out.read_text())
         if previous.get("settings", {}).get("rounds") != args.rounds:
             parser.error(f"{out} holds a run with another --rounds; choose another --out")
+        if previous.get("settings", {}).get("options") != settings["options"]:
+            parser.error(f"{out} holds a run with other engine options; choose another --out")
         records = previous.get("structures", [])
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
@@ -478,10 +518,10 @@ def main(argv=None) -> int:
                 from FewShotSegLib.checkpoints import load_checkpoint
                 from FewShotSegLib.model_store import resolve_model_path
                 model = load_checkpoint(resolve_model_path(args.model), device="cpu")
-            if method == "fill":
+            if method in FILL_METHODS:
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
-            record.update(run_structure(method, image, truth, axis, args.rounds, model))
+            record.update(run_structure(method, image, truth, axis, args.rounds, model, extra))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "
