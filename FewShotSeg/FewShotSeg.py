@@ -16,7 +16,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FewShotSegLogic import AXES, MODES, FewShotSegLogic
+from FewShotSegSlicerLib.logic import AXES, MODES, FewShotSegLogic
 
 
 class FewShotSeg(ScriptedLoadableModule):

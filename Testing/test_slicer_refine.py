@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 import vtk  # noqa: E402
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
-from FewShotSegLogic import FewShotSegLogic, segmentationHistory  # noqa: E402
+from FewShotSegSlicerLib.logic import FewShotSegLogic, segmentationHistory  # noqa: E402
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.refinement import (COLOR_NODE_IDS, UNCERTAINTY_ATTRIBUTE,  # noqa: E402
                                             rankSlices)

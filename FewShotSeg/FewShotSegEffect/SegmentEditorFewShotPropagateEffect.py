@@ -16,7 +16,7 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegLogic import AXES, MODES, FewShotSegLogic
+from FewShotSegSlicerLib.logic import AXES, MODES, FewShotSegLogic
 from FewShotSegSlicerLib import dependencies, geometry
 from FewShotSegSlicerLib.qtsupport import TaskRunner, showUncertaintyOverlay
 

@@ -206,3 +206,34 @@ def segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode) -> bool:
         return False
     offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])  # in volume voxels
     return bool(np.allclose(offset, np.round(offset), atol=1e-3))
+
+
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+
+
+def directionImage(volumeNode):
+    """A 1-voxel SimpleITK image with the volume's direction: enough for the anatomical
+    axis names (FewShotSegLib.imageio.array_axis_for) without copying the voxels."""
+    import SimpleITK as sitk
+
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    origin, spacing, direction = sitkGeometry(volumeNode)
+    image.SetDirection(direction)
+    return image
+
+
+def axisName(image, axisIndex: int) -> str:
+    """The anatomical name of a numpy axis of the volume array."""
+    from FewShotSegLib.imageio import array_axis_for
+
+    for name in AXIS_NAMES:
+        if int(array_axis_for(image, name)) == int(axisIndex):
+            return name
+    return AXIS_NAMES[0]
+
+
+def checkFinite(volumeNode) -> None:
+    """NaN or infinite voxels are refused before anything is computed (no copy made)."""
+    array = slicer.util.arrayFromVolume(volumeNode)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FewShotSegError(f"volume '{volumeNode.GetName()}' contains NaN or infinite voxels")
