@@ -237,3 +237,23 @@ def checkFinite(volumeNode) -> None:
     array = slicer.util.arrayFromVolume(volumeNode)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise FewShotSegError(f"volume '{volumeNode.GetName()}' contains NaN or infinite voxels")
+
+
+def slicePosition(volumeNode, axisIndex: int, sliceIndex: int, mask: "np.ndarray | None" = None) -> tuple:
+    """World (RAS) point on slice ``sliceIndex`` along array axis ``axisIndex``: the centre
+    of ``mask`` on that slice when it has voxels there, else the slice's centre."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    point = [(n - 1) / 2.0 for n in reversed(dims)]  # array order k, j, i
+    if mask is not None:
+        plane = np.moveaxis(np.asarray(mask, bool), axisIndex, 0)[int(sliceIndex)]
+        if plane.any():
+            others = [a for a in range(3) if a != axisIndex]
+            centre = np.argwhere(plane).mean(0)
+            point[others[0]], point[others[1]] = float(centre[0]), float(centre[1])
+    point[axisIndex] = float(sliceIndex)
+    k, j, i = point
+    ras = ijkToRasArray(volumeNode) @ np.array([i, j, k, 1.0])
+    toWorld = vtk.vtkMatrix4x4()
+    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, toWorld):
+        ras = np.array(toWorld.MultiplyPoint(tuple(ras)))
+    return tuple(float(v) for v in ras[:3])

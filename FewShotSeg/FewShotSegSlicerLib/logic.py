@@ -67,6 +67,17 @@ class PropagationJob:
 
 
 @dataclass
+class LookAt:
+    """A slice worth reviewing, with a point on it to jump the slice views to."""
+
+    slice: int
+    label: str
+    position: tuple               # world RAS
+    reason: str = ""
+    score: float = 0.0
+
+
+@dataclass
 class PropagationSummary:
     slicesFilled: int
     paintedSlices: int            # user slices holding voxels (kept exactly)
@@ -79,7 +90,7 @@ class PropagationSummary:
     device: str
     model: str
     endSlices: int = 0            # user slices erased to empty: the structure ends there
-    suggestions: list = field(default_factory=list)   # engine.Suggestion: where to look next
+    suggestions: list = field(default_factory=list)   # LookAt, best first: where to look next
     warnings: list = field(default_factory=list)
 
     def statusText(self) -> str:
@@ -422,8 +433,24 @@ class FewShotSegLogic(RefineMixin):
             engineSeconds=float(result.seconds),
             networkSeconds=float(getattr(result, "network_seconds", 0.0)),
             mode=job.mode, axis=job.axis, device=job.device, model=job.modelPath.stem,
-            endSlices=len(job.endSlices), suggestions=list(getattr(result, "suggestions", []) or []),
+            endSlices=len(job.endSlices), suggestions=self.lookAt(job, result, mask),
             warnings=list(getattr(result, "warnings", []) or []))
+
+    @staticmethod
+    def lookAt(job, result, mask: np.ndarray, limit: int = 5) -> list:
+        """The engine's suggestions as slices to jump to (user slices left out)."""
+        out = []
+        for s in list(getattr(result, "suggestions", []) or []):
+            index = int(s.slice)
+            if index in job.userSlices or not 0 <= index < mask.shape[job.axisIndex]:
+                continue
+            reason = str(getattr(s, "reason", ""))
+            label = f"{job.axis} slice {index}" + (f": {reason}" if reason else "")
+            out.append(LookAt(index, label, geometry.slicePosition(job.volumeNode, job.axisIndex, index, mask),
+                              reason, float(getattr(s, "score", 0.0))))
+            if len(out) == limit:
+                break
+        return out
 
     # -- all steps, for scripts and tests --------------------------------------------------
     def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
@@ -475,5 +502,5 @@ def segmentationHistory(segmentationNode):
     return history
 
 
-__all__ = ["FewShotSegLogic", "PropagationJob", "PropagationSummary", "RefineJob", "RefineSummary",
+__all__ = ["FewShotSegLogic", "LookAt", "PropagationJob", "PropagationSummary", "RefineJob", "RefineSummary",
            "segmentationHistory", "sharedLogic", "MODES", "AXES"]

@@ -63,6 +63,10 @@ class BackgroundTask:
     def finished(self) -> bool:
         return self.ended is not None and not self._thread.is_alive()
 
+    def poll(self) -> bool:
+        """Same call as the worker's PropagationHandle: True once finished."""
+        return self.finished
+
     def status(self) -> tuple[float, str]:
         with self._lock:
             return self.fraction, self.message

@@ -264,6 +264,9 @@ class PropagationHandle:
             return True
         return False
 
+    def status(self) -> tuple[float, str]:
+        return self.fraction, self.message
+
     def cancel(self) -> None:
         if self.finished or self.cancelRequested:
             return
