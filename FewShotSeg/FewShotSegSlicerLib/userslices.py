@@ -143,18 +143,22 @@ def classify(current: np.ndarray, record: Optional[SliceRecord], axis: int, grid
 
 
 def supportAndExclude(current: np.ndarray, axis: int, user: list) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """support = segment on the user slices; exclude = the rest of those slices (a user
-    slice erased to empty is where the structure ends). None when nothing is excluded."""
+    """support = the segment on the user slices; exclude = the user slices erased to empty
+    (the structure ends there: the engine's walks stop before them). The background of a
+    user slice that still holds voxels needs no exclusion: the engine returns such an
+    anchor exactly as drawn. None when no user slice is empty (nothing sent for nothing)."""
     current = np.asarray(current, bool)
-    support = np.zeros_like(current)
     userMask = np.zeros(current.shape[axis], bool)
     userMask[list(user)] = True
     shape = [1, 1, 1]
     shape[axis] = -1
-    onUser = userMask.reshape(shape)
-    np.logical_and(current, onUser, out=support)
-    exclude = onUser & ~current
-    return support, (exclude if exclude.any() else None)
+    support = current & userMask.reshape(shape)
+    empty = [i for i in user if i not in set(nonEmptySlices(support, axis))]
+    if not empty:
+        return support, None
+    endMask = np.zeros(current.shape[axis], bool)
+    endMask[empty] = True
+    return support, np.broadcast_to(endMask.reshape(shape), current.shape).copy()
 
 
 __all__ = ["TAG", "SliceRecord", "UserSlices", "classify", "gridFingerprint", "nonEmptySlices",
