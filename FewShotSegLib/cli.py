@@ -21,7 +21,7 @@ def cmd_propagate(args) -> int:
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
-    inputs = [args.image, args.support]
+    inputs = [p for p in (args.image, args.support, args.exclude) if p]
     out_paths = [p for p in (args.output, args.probability, args.uncertainty) if p]
     _refuse_overwriting_inputs(out_paths, inputs)
     if args.uncertainty and not args.refine:
@@ -37,7 +37,14 @@ def cmd_propagate(args) -> int:
     support_img = read_mask_like(args.support, image)
     support_arr = sitk.GetArrayViewFromImage(support_img)
     support = select_label(support_arr, args.label)
+    if not support.any():
+        raise FewShotSegError(f"{args.support} holds no painted voxel: paint the structure on at least one slice")
     value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
+    exclude = None
+    if args.exclude:
+        exclude = sitk.GetArrayViewFromImage(read_mask_like(args.exclude, image)) != 0
+        if not exclude.any():
+            exclude = None
     model = None
     if args.mode != "registration":
         model = load_checkpoint(resolve_model_path(args.model), device="cpu")
@@ -47,12 +54,12 @@ def cmd_propagate(args) -> int:
                                   expect_kind="refiner", device="cpu")
     update, close = progress_bar(not args.quiet)
     try:
-        result = propagate(image, support, model, options, progress=update)
+        result = propagate(image, support, model, options, progress=update, exclude=exclude)
         mask, probability, uncertainty = result.mask, result.probability, None
         if refiner is not None:
             from .refinement.sampling import RefineOptions, refine
             refined = refine(image, mask.astype(bool), refiner,
-                             RefineOptions(axis=args.axis, device=args.device, num_threads=args.threads),
+                             RefineOptions(axis=result.axis_index, device=args.device, num_threads=args.threads),
                              progress=update, keep=support)
             mask, probability, uncertainty = refined.mask, refined.probability, refined.uncertainty
     finally:
@@ -61,7 +68,18 @@ def cmd_propagate(args) -> int:
                    (args.probability, probability), (args.uncertainty, uncertainty))
     what = " and refined" if refiner is not None else ""
     print(f"{result.slices_done} slices propagated{what} in {result.seconds:.2f} s -> {args.output}")
+    _print_review(result)
     return 0
+
+
+def _print_review(result, top: int = 3) -> None:
+    """Where the user should look next, and walks that ended while the structure was large."""
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.suggestions:
+        print(f"check next (array axis {result.axis_index}, most likely wrong first):")
+        for s in result.suggestions[:top]:
+            print(f"  {s.describe()}")
 
 
 def _label_array(mask, value: int):
@@ -155,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="label value to propagate")
     p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
     p.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
-    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--exclude", default=None, metavar="MASK",
+                   help="label file of voxels that are not the structure (erased); a slice holding only "
+                        "excluded voxels marks where the structure is absent")
+    p.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                   help="slices to propagate across (default auto: the plane the support was painted in)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 2 on CPU, 16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

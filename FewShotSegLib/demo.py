@@ -13,8 +13,8 @@ import SimpleITK as sitk
 
 from .checkpoints import load_checkpoint
 from .errors import FewShotSegError
-from .evaluation import CHAOS_ORGANS, load_chaos_case, score_structure, shared_data_dir
-from .imageio import array_axis_for, label_image_like, write_image
+from .evaluation import CHAOS_ORGANS, load_chaos_case, painting_axis, score_structure, shared_data_dir
+from .imageio import label_image_like, write_image
 from .model_store import resolve_model_path
 from .overview import overlay, save_overview
 from .propagation import PropagationOptions
@@ -30,7 +30,7 @@ def run_demo(data_dir=None, case: str = "1", organ: str = "all", model=None,
     image, label = load_chaos_case(data, case)
     checkpoint = None if mode == "registration" else load_checkpoint(resolve_model_path(model))
     options = PropagationOptions(mode=mode)
-    axis_index = array_axis_for(image, options.axis)
+    axis_index = painting_axis(image, options)
     image_array = sitk.GetArrayViewFromImage(image)
     combined = np.zeros(label.shape, np.uint8)
     rows, scores = [], []

@@ -73,11 +73,20 @@ class CaseScore:
         return dict(self.__dict__)
 
 
+def painting_axis(image: sitk.Image, options: PropagationOptions) -> int:
+    """The array axis a simulated user paints across: the options' axis, or the axial
+    slices when the engine is left to find the axis from the painting."""
+    axis = options.axis
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        return int(axis)
+    return array_axis_for(image, "axial" if str(axis).lower() == "auto" else axis)
+
+
 def score_structure(image: sitk.Image, label_array: np.ndarray, value: int, model,
                     options: PropagationOptions, case: str = "", organ: str = ""):
     """Propagate from the largest slice of label ``value`` and score the 3D result."""
     truth = label_array == value
-    axis_index = array_axis_for(image, options.axis)
+    axis_index = painting_axis(image, options)
     support, index = largest_slice_support(truth, axis_index)
     result = propagate(image, support, model, options)
     pred = result.mask.astype(bool)

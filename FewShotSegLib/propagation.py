@@ -1,8 +1,16 @@
 """Painted slice(s) -> every slice of the volume: the engine behind "paint one slice, click once".
 
+Painted slices are anchors, returned exactly as painted; slices that hold only excluded
+voxels are end anchors, where the structure is absent (`anchors.py`). Between two painted
+slices the structure is carried from both sides and blended by distance; beyond the
+outermost painted slices it is carried outward until it ends. A `PropagationSession`
+keeps what the next run on the same volume can reuse (`session.py`), so a correction
+recomputes only the spans next to it, and every run says which filled slices most likely
+need a look (`suggestions.py`).
+
 Modes
-* ``chained`` (default): walk away from each painted slice in both directions; each
-  prediction becomes a support for the next slice, the nearest painted slice always
+* ``chained`` (default): walk away from each painted slice (`walks.py`); each
+  prediction becomes a support for the next slice, the walk's painted slice always
   stays in the support set, and the search is limited to the neighbourhood of the
   previous slice's mask (organs move little from one slice to the next).
 * ``direct``: every slice against the painted slices only (batched, order-free).
@@ -20,22 +28,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
+from .anchors import axis_name, check_exclusion, plan_spans, resolve_axis, slices_holding
 from .errors import FewShotSegError
 from .extent import intensity_agreement, intensity_band
-from .imageio import array_axis_for
 from .models.multiscale import MultiScaleModel
 from .postprocessing import clean_mask, intensity_gated
 from .preprocessing import prepare_volume
-from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK, WalkFields, propagate_by_registration
+from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK
+from .session import PropagationSession, digest
+from .suggestions import SliceSuggestion, rank_slices
+from .walks import Walk, WalkContext, walk
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -49,7 +58,10 @@ class PropagationCancelled(FewShotSegError):
 @dataclass
 class PropagationOptions:
     mode: str = "chained"
-    axis: str = "axial"
+    # 'auto': the array axis across which the painting lies in the fewest slices (the view
+    # it was painted in); a name (axial, coronal, sagittal) or an array index is checked
+    # against the painting (anchors.resolve_axis)
+    axis: Union[str, int] = "auto"
     device: str = "cpu"
     # slices encoded per forward pass; None = 2 on CPU (per-slice cost measured lowest
     # there: 23 ms at 2 vs 46 ms at 8 on 2 cores; a walk that stops wastes less look-ahead)
@@ -128,7 +140,14 @@ class PropagationResult:
     seconds: float
     network_seconds: float = 0.0  # time inside the network's forward passes
     adapt_seconds: float = 0.0    # tuning the model on the painted slices (adapt_steps)
-    stopped_at: dict = field(default_factory=dict)  # direction -> first slice judged empty
+    stopped_at: dict = field(default_factory=dict)  # "anchor->last slice" -> first slice judged empty
+    axis_index: int = 0           # numpy axis the slices were taken across
+    anchors: list = field(default_factory=list)      # painted slices (returned exactly)
+    end_anchors: list = field(default_factory=list)  # excluded-only slices (structure absent)
+    suggestions: list = field(default_factory=list)  # SliceSuggestion, most likely wrong first
+    warnings: list = field(default_factory=list)     # walks that stopped while the structure was large
+    walks_computed: int = 0       # walks run this time
+    walks_reused: int = 0         # walks taken from the session unchanged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,121 +169,40 @@ def resolve_device(name: str) -> torch.device:
         raise FewShotSegError(f"unknown device '{name}' (use cpu, cuda, mps or auto)") from None
 
 
-def painted_slice_indices(support: np.ndarray, axis_index: int) -> list[int]:
-    moved = np.moveaxis(np.asarray(support, bool), axis_index, 0)
-    return [int(i) for i in np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))]
-
-
-def _walk_plan(painted: list[int], n: int) -> list[tuple[int, list[int]]]:
-    """For each painted slice, the slices it is responsible for, ordered outward.
-
-    Slices between two painted slices are split at the midpoint, each half chained from
-    its nearer painted slice.
-    """
-    plan = []
-    for pos, p in enumerate(painted):
-        lower = painted[pos - 1] if pos > 0 else None
-        upper = painted[pos + 1] if pos + 1 < len(painted) else None
-        down_end = (lower + p) // 2 + 1 if lower is not None else 0
-        up_end = (p + upper + 1) // 2 - 1 if upper is not None else n - 1
-        down = list(range(p - 1, down_end - 1, -1))
-        up = list(range(p + 1, up_end + 1))
-        if down:
-            plan.append((p, down))
-        if up:
-            plan.append((p, up))
-    return plan
-
-
-class _ModelSlices:
-    """Each slice normalised and resized once: the network, the registration and the stop
-    rule all read it (a 512x512 CT slice costs more to resample than to compare)."""
-
-    def __init__(self, prepared, keep: int = 32):
-        self.prepared, self.keep = prepared, keep
-        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def __call__(self, indices: list[int]) -> torch.Tensor:
-        """Tensor[len(indices), size, size] float32."""
-        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
-        if missing:
-            for i, t in zip(missing, self.prepared.model_slices(missing)):
-                self.cache[i] = t
-        for i in indices:
-            self.cache.move_to_end(i)
-        out = torch.stack([self.cache[i] for i in indices])
-        while len(self.cache) > self.keep:
-            self.cache.popitem(last=False)
-        return out
-
-    def one(self, index: int) -> np.ndarray:
-        return self([index])[0].numpy()
-
-
-class _FeatureCache:
-    """Encodes slices in batches on demand and keeps what the walk still needs."""
-
-    def __init__(self, model, slices: _ModelSlices, device, batch_size, timer):
-        self.model, self.slices, self.device = model, slices, device
-        self.batch_size, self.timer = batch_size, timer
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def images(self, indices: list[int]) -> torch.Tensor:
-        return self.slices(indices).to(self.device).unsqueeze(1)
-
-    def get(self, index: int, upcoming: list[int]) -> torch.Tensor:
-        if index not in self.cache:
-            todo = [index] + [i for i in upcoming if i not in self.cache][: self.batch_size - 1]
-            feats = self.timer(self.model.encode, self.images(todo))
-            for i, f in zip(todo, feats):
-                self.cache[i] = f
-        return self.cache[index]
-
-    def forget(self, keep: set[int]) -> None:
-        for i in list(self.cache):
-            if i not in keep:
-                del self.cache[i]
-
-
 class Propagator:
-    """Runs one propagation; a class so the steps stay small and readable."""
+    """Runs one propagation; a class so the steps stay small and readable:
+    anchors and spans (`anchors.py`) -> walks (`walks.py`, cached by `session.py`) ->
+    one probability volume -> threshold, gate, clean-up -> where to look next."""
 
     def __init__(self, image: sitk.Image, support: np.ndarray, model, options: PropagationOptions,
-                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None):
+                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
+                 exclude: Optional[np.ndarray] = None, session: Optional[PropagationSession] = None):
         options.validate()
         self.image, self.options = image, options
         self.support = np.asarray(support, bool)
-        if self.support.shape != sitk.GetArrayViewFromImage(image).shape:
+        shape = sitk.GetArrayViewFromImage(image).shape
+        if self.support.shape != shape:
             raise FewShotSegError(f"support mask shape {self.support.shape} differs from the image "
-                                  f"{sitk.GetArrayViewFromImage(image).shape}; resample it onto the image first")
-        if not self.support.any():
-            raise FewShotSegError("support mask is empty: paint the structure on at least one slice")
+                                  f"{shape}; resample it onto the image first")
+        self.axis_index = resolve_axis(image, self.support, options.axis, exclude)
+        self.exclude = check_exclusion(self.support, exclude, self.axis_index)
         self.model = model
+        self.session = session if session is not None else PropagationSession()
         self.progress = progress or (lambda fraction, message: None)
         self.cancel = cancel or (lambda: False)
-        self.network_seconds = 0.0
-        self.axis_index = array_axis_for(image, options.axis)
         self.n = self.support.shape[self.axis_index]
         if self.n < 2:
-            raise FewShotSegError(f"the volume has a single slice along the {options.axis} axis: "
+            raise FewShotSegError(f"the volume has a single slice across {axis_name(image, self.axis_index)}: "
                                   "nothing to propagate to")
-        self.painted = painted_slice_indices(self.support, self.axis_index)
-        self.touched: list[int] = []   # slices given any probability (set by the run)
-        self._walk = (0.05, 0.9)       # progress fractions: the walk's start and width
+        self.painted = [int(i) for i in slices_holding(self.support, self.axis_index)]
+        excluded_slices = [] if self.exclude is None else slices_holding(self.exclude, self.axis_index)
+        self.ends = sorted(set(int(i) for i in excluded_slices) - set(self.painted))
+        self.spans = plan_spans(self.painted, self.ends, self.n)
         self.adapt_seconds = 0.0
+        self._walk = (0.05, 0.9)       # progress fractions: the walks' start and width
+        self._steps = [0, 1]           # walk steps done, expected
 
     # -- helpers ---------------------------------------------------------------------
-    def _timed(self, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        self.network_seconds += time.perf_counter() - start
-        return out
-
-    def _batch_size(self, device: torch.device) -> int:
-        if self.options.batch_size is not None:
-            return int(self.options.batch_size)
-        return 2 if device.type == "cpu" else 16
-
     def _check_cancel(self):
         if self.cancel():
             raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
@@ -272,40 +210,140 @@ class Propagator:
     def _min_area(self, painted_area: float) -> float:
         return max(4.0, self.options.min_area_fraction * painted_area)
 
-    # -- learned modes -------------------------------------------------------------------
+    def _on_step(self):
+        self._steps[0] += 1
+        done, total = self._steps
+        self.progress(self._walk[0] + self._walk[1] * min(1.0, done / total), f"{done} slices propagated")
+
+    def _preprocess(self):
+        """The model's pre-processing; registration alone uses the default one."""
+        from .preprocessing import PreprocessConfig
+        return getattr(self.model, "preprocess", None) or PreprocessConfig()
+
+    # -- the run -------------------------------------------------------------------------
     def run(self) -> PropagationResult:
         start = time.perf_counter()
-        if self.options.num_threads:
-            torch.set_num_threads(int(self.options.num_threads))
+        opts = self.options
+        if opts.num_threads:
+            torch.set_num_threads(int(opts.num_threads))
         self.progress(0.0, "preparing the volume")
-        if self.options.mode == "registration":
-            probs_vol, done, stops = self._run_registration()
+        session = self.session
+        session.open(self.image, self.model, self.axis_index, opts,
+                     lambda: prepare_volume(self.image, self.axis_index, self._preprocess()))
+        prepared = session.prepared
+        self.painted_masks = dict(zip(self.painted, prepared.mask_to_model(self.support, self.painted)))
+        self._excluded = self._excluded_on_model_grid(prepared)
+        self._check_cancel()
+        network_seconds = 0.0
+        if opts.mode == "registration":
+            ctx = self._context(None, None)
+            walks = self._walks(ctx)
         else:
-            probs_vol, done, stops = self._run_model()
+            walks, network_seconds = self._run_model(prepared)
+        probs_vol, touched = self._probability_volume(prepared, walks)
         self._check_cancel()
         self.progress(0.97, "post-processing")
+        mask, probs_vol = self._finish(probs_vol, touched)
+        suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n)
+        stops = {f"{s.start}->{s.slices[-1]}": ws[0].stop["slice"]
+                 for s, ws in walks.items() if s.kind == "outward" and ws[0].stop is not None}
+        done = sum(w.steps for ws in walks.values() for w in ws)
+        self.progress(1.0, f"{len(touched)} slices filled")
+        return PropagationResult(
+            mask=mask, probability=probs_vol, slices_done=done, seconds=time.perf_counter() - start,
+            network_seconds=network_seconds, stopped_at=stops, adapt_seconds=self.adapt_seconds,
+            axis_index=self.axis_index, anchors=list(self.painted), end_anchors=list(self.ends),
+            suggestions=suggestions, warnings=warnings,
+            walks_computed=session.computed, walks_reused=session.reused)
+
+    def _excluded_on_model_grid(self, prepared) -> dict:
+        """Slice -> excluded pixels on the model grid, for the slices holding exclusions."""
+        if self.exclude is None:
+            return {}
+        rows = [int(i) for i in slices_holding(self.exclude, self.axis_index)]
+        self._exclusion_keys = {i: digest(np.take(self.exclude, i, axis=self.axis_index)) for i in rows}
+        return {i: m >= 0.5 for i, m in zip(rows, prepared.mask_to_model(self.exclude, rows))}
+
+    def _context(self, net, features) -> WalkContext:
+        opts = self.options
+        fields = self.session.fields if (net is None or opts.registration_weight) else None
+        return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
+                           painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
+                           options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
+                           min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step)
+
+    def _walk_key(self, start: int, slices: tuple, stop_rule: bool) -> tuple:
+        excl = tuple((i, self._exclusion_keys[i]) for i in slices if i in self._excluded)
+        key = (start, digest(self.painted_masks[start].numpy()), slices, stop_rule, excl)
+        if self.options.adapt_steps:   # the tuned model depends on every painted slice
+            key += (digest(np.stack([self.painted_masks[p].numpy() for p in self.painted])),)
+        return key
+
+    def _walks(self, ctx: WalkContext) -> dict:
+        """span -> [walk] ('outward') or [walk from below, walk from above] ('between')."""
+        todo = []
+        for span in self.spans:
+            if span.kind == "between":
+                todo.append((span, span.start, span.slices, False))
+                todo.append((span, span.end, span.slices[::-1], False))
+            else:
+                todo.append((span, span.start, span.slices, True))
+        keyed = [(span, start, slices, stop, self._walk_key(start, slices, stop))
+                 for span, start, slices, stop in todo]
+        self._steps = [0, max(1, sum(len(s) for _, _, s, _, k in keyed if k not in self.session.walks))]
+        walks: dict = {}
+        for span, start, slices, stop, key in keyed:
+            w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop))
+            walks.setdefault(span, []).append(w)
+        return walks
+
+    def _probability_volume(self, prepared, walks: dict):
+        """The walks' model-grid probabilities -> one volume; between two painted slices
+        the two sides are blended by distance (each side counts more near its own slice)."""
+        slices = {}
+        for span, ws in walks.items():
+            if span.kind == "between":
+                a, b = span.start, span.end
+                for i in span.slices:
+                    w_a = (b - i) / (b - a)
+                    p_a, p_b = ws[0].probs.get(i), ws[1].probs.get(i)
+                    parts = [w * p for w, p in ((w_a, p_a), (1 - w_a, p_b)) if p is not None]
+                    if parts:
+                        slices[i] = sum(parts)
+            else:
+                slices.update(ws[0].probs)
+        touched = sorted(i for i, p in slices.items() if bool((p > 0).any()))
+        size = prepared.size
+        stack = torch.stack([slices[i] for i in touched]) if touched else torch.zeros((0, size, size))
+        return prepared.slices_to_volume(touched, stack), touched
+
+    def _finish(self, probs_vol: np.ndarray, touched: list[int]):
+        """Painted slices exact, excluded voxels out, then threshold, gate and clean-up
+        inside the box that holds every nonzero probability and the painting."""
         support_moved = np.moveaxis(self.support, self.axis_index, 0)
         prob_moved = np.moveaxis(probs_vol, self.axis_index, 0)
         for p in self.painted:
             prob_moved[p] = support_moved[p]
         mask = np.zeros(self.support.shape, np.uint8)
-        box = self._result_box(prob_moved, support_moved)
+        box = self._result_box(prob_moved, support_moved, touched)
         if box is not None:
-            np.moveaxis(mask, self.axis_index, 0)[box] = self._finished_mask(
-                prob_moved[box], support_moved[box], box)
-        self.progress(1.0, f"{done} slices propagated")
-        return PropagationResult(mask=mask, probability=probs_vol.astype(np.float32, copy=False),
-                                 slices_done=done, seconds=time.perf_counter() - start,
-                                 network_seconds=self.network_seconds, stopped_at=stops,
-                                 adapt_seconds=self.adapt_seconds)
+            excluded = None
+            if self.exclude is not None:
+                excluded = np.moveaxis(self.exclude, self.axis_index, 0)[box]
+                prob_moved[box][excluded] = 0.0
+            inner = self._finished_mask(prob_moved[box], support_moved[box], box)
+            if excluded is not None:
+                inner[excluded] = 0
+            np.moveaxis(mask, self.axis_index, 0)[box] = inner
+        return mask, probs_vol.astype(np.float32, copy=False)
 
-    def _result_box(self, prob_moved: np.ndarray, support_moved: np.ndarray) -> Optional[tuple]:
+    def _result_box(self, prob_moved: np.ndarray, support_moved: np.ndarray, touched) -> Optional[tuple]:
         """The box (slices first) holding every nonzero probability and the painting.
 
         Outside it the mask is 0 whatever the threshold, and the gate and the clean-up
         already work inside the mask's box: post-processing there alone gives the same
         mask, without whole-volume passes (a CT organ fills a small part of its scan)."""
-        rows = sorted(set(self.touched) | set(self.painted))
+        rows = sorted(set(touched) | set(self.painted))
         if not rows:
             return None
         lo, hi = rows[0], rows[-1] + 1
@@ -332,24 +370,20 @@ class Propagator:
             mask[painted] = support[painted]
         return mask.view(np.uint8)
 
-    def _run_model(self):
+    # -- learned modes -------------------------------------------------------------------
+    def _run_model(self, prepared):
         opts = self.options
         device = resolve_device(opts.device)
         model = self.model.model if hasattr(self.model, "model") else self.model
-        preprocess = self.model.preprocess
         if opts.query_prototypes and not getattr(model, "supports_query_prototypes", False):
             raise FewShotSegError(f"model '{model.name}' does not take query prototypes (alpnet and crtpnet do)")
         model.to(device).eval()
-        prepared = prepare_volume(self.image, opts.axis, preprocess)
-        size = prepared.size if hasattr(prepared, "size") else preprocess.size
-        painted_masks = prepared.mask_to_model(self.support)  # [N,size,size] float (only painted rows nonzero)
-        probs = {}
-        self._check_cancel()
         if opts.adapt_steps:
-            model = self._adapted(model, prepared, painted_masks)
-        self.batch = self._batch_size(device)
-        net = MultiScaleModel(model, size) if opts.multi_scale else model
-        cache = _FeatureCache(net, _ModelSlices(prepared), device, self.batch, self._timed)
+            model = self._adapted(model, prepared)
+        self.batch = int(opts.batch_size) if opts.batch_size is not None else (2 if device.type == "cpu" else 16)
+        net = MultiScaleModel(model, prepared.size) if opts.multi_scale else model
+        features = self.session.feature_cache(net, device, self.batch)
+        encode_before = features.seconds
         # this run's inference choices, not the loaded model's (restored afterwards)
         chosen = {"query_prototypes": bool(opts.query_prototypes),
                   "support_refinement_steps": int(opts.support_refinement_steps)}
@@ -357,23 +391,20 @@ class Propagator:
         model.config.update({k: chosen[k] for k in saved})
         try:
             with torch.inference_mode():
-                if opts.mode == "direct":
-                    done, stops = self._direct(net, cache, painted_masks, probs)
-                else:
-                    done, stops = self._chained(net, cache, painted_masks, probs, prepared)
+                ctx = self._context(net, features)
+                walks = self._direct(ctx) if opts.mode == "direct" else self._walks(ctx)
         finally:
             model.config.update(saved)
-        self.touched = sorted(i for i, p in probs.items() if bool(p.any()))
-        stack = torch.stack([probs[i] for i in self.touched]) if self.touched else torch.zeros((0, size, size))
-        return prepared.slices_to_volume(self.touched, stack), done, stops
+        return walks, ctx.network_seconds + features.seconds - encode_before
 
-    def _adapted(self, model, prepared, painted_masks):
+    def _adapted(self, model, prepared):
         """A copy of the model tuned on the painted slices; the walk's progress then starts
         half-way (tuning takes about as long as the walk on a CPU)."""
         from .support_tuning import TUNE_LR, tuned_on_support
 
         steps = int(self.options.adapt_steps)
-        examples = {1: (prepared.model_slices(self.painted), painted_masks[self.painted])}
+        masks = torch.stack([self.painted_masks[p] for p in self.painted])
+        examples = {1: (prepared.model_slices(self.painted), masks)}
 
         def on_step(done, total):
             self._check_cancel()
@@ -386,86 +417,39 @@ class Propagator:
         self._walk = (0.5, 0.45)
         return adapted
 
-    def _foreground(self, model, sup_feats, sup_masks, query_feats):
-        logits = self._timed(model.segment, sup_feats, sup_masks, query_feats)
-        return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
-
-    def _direct(self, model, cache, painted_masks, probs):
-        """Score every slice against all painted slices, then keep the run of slices
-        around the painted ones where the structure is present."""
-        sup_idx = self.painted
-        sup_feats = torch.stack([cache.get(i, sup_idx) for i in sup_idx])
-        sup_masks = painted_masks[sup_idx].to(sup_feats.device)
-        painted_area = float(sup_masks.sum((1, 2)).mean())
-        todo = [i for i in range(self.n) if i not in set(sup_idx)]
+    def _direct(self, ctx: WalkContext) -> dict:
+        """Score every slice of the spans against all painted slices at once (batched), then
+        keep, walking outward, the run of slices where the structure is present."""
+        sup_feats = torch.stack([ctx.features.get(i, self.painted) for i in self.painted])
+        sup_masks = torch.stack([self.painted_masks[i] for i in self.painted]).to(sup_feats.device)
+        todo = sorted({i for span in self.spans for i in span.slices})
+        self._steps = [0, max(1, len(todo))]
+        probs = {}
         for start in range(0, len(todo), self.batch):
             self._check_cancel()
             batch = todo[start:start + self.batch]
-            feats = self._timed(model.encode, cache.images(batch))
-            fg = self._foreground(model, sup_feats, sup_masks, feats)
-            for i, p in zip(batch, fg):
-                probs[i] = p
-            self.progress(self._walk[0] + self._walk[1] * (start + len(batch)) / max(1, len(todo)),
-                          f"{start + len(batch)} of {len(todo)} slices")
-        # the structure ends where a slice first has too little foreground, or foreground
-        # that no longer looks like the painted region (extent.py), walking outward
-        stops = {}
-        for p, walk in _walk_plan(sup_idx, self.n):
-            band = intensity_band(cache.slices.one(p), painted_masks[p].numpy() > 0.5)
-            for i in walk:
+            feats = torch.stack([ctx.features.get(i, batch) for i in batch])
+            for i, p in zip(batch, ctx.foreground(sup_feats, sup_masks, feats)):
+                excluded = ctx.excluded(i)
+                probs[i] = p if excluded is None else p.masked_fill(excluded, 0.0)
+                self._on_step()
+        walks = {}
+        for span in self.spans:
+            w = Walk(painted_area=float(self.painted_masks[span.start].sum()), steps=len(span.slices))
+            band = intensity_band(ctx.slices.one(span.start), self.painted_masks[span.start].numpy() > 0.5)
+            min_area = self._min_area(w.painted_area)
+            for k, i in enumerate(span.slices):
                 mask = (probs[i] >= self.options.threshold).numpy()
-                if float(mask.sum()) < self._min_area(painted_area) or intensity_agreement(
-                        cache.slices.one(i), mask, band) \
-                        < self.options.min_intensity_agreement:
-                    stops[f"{p}->{walk[-1]}"] = i
-                    for j in walk[walk.index(i):]:
-                        probs[j] = torch.zeros_like(probs[j])
+                area = float(mask.sum())
+                if span.kind == "outward" and (area < min_area or intensity_agreement(
+                        ctx.slices.one(i), mask, band) < self.options.min_intensity_agreement):
+                    last = w.areas[span.slices[k - 1]] if k else w.painted_area
+                    w.stop = {"slice": i, "reason": "area" if area < min_area else "intensity",
+                              "area_fraction": last / max(w.painted_area, 1.0)}
                     break
-        return len(todo), stops
-
-    def _chained(self, model, cache, painted_masks, probs, prepared):
-        opts = self.options
-        plan = _walk_plan(self.painted, self.n)
-        total = sum(len(w) for _, w in plan) or 1
-        done, stops = 0, {}
-        radius = self._search_radius_px(prepared)
-        for p, walk in plan:
-            p_feat = cache.get(p, walk)
-            p_mask = painted_masks[p].to(p_feat.device)
-            min_area = self._min_area(float(p_mask.sum()))
-            prev_feat, prev_mask = p_feat, p_mask
-            fuse = opts.registration_weight
-            band = intensity_band(cache.slices.one(p), p_mask.cpu().numpy() > 0.5)
-            fields = WalkFields(cache.slices.one, p, walk, opts.registration_shrink,
-                                opts.registration_iterations) if fuse else None
-            for k, i in enumerate(walk):
-                self._check_cancel()
-                image_i = cache.slices.one(i)   # the stop rule's view of the slice
-                q_feat = cache.get(i, walk[k + 1:])
-                if prev_feat is p_feat:
-                    sup_feats, sup_masks = p_feat[None], p_mask[None]
-                else:
-                    sup_feats = torch.stack([p_feat, prev_feat])
-                    sup_masks = torch.stack([p_mask, prev_mask])
-                fg = self._foreground(model, sup_feats, sup_masks, q_feat[None])[0]
-                if fuse:
-                    carried = fields.carry(k, prev_mask.cpu().numpy())
-                    fg = (1 - fuse) * fg + fuse * torch.from_numpy(carried)
-                if radius is not None:
-                    fg = fg * _dilate(prev_mask.cpu() > 0.5, radius)
-                probs[i] = fg
-                done += 1
-                mask = (fg >= opts.threshold).float()
-                cache.forget({p, i} | set(walk[k + 1:k + 1 + self.batch]))
-                ended = float(mask.sum()) < min_area or intensity_agreement(
-                    image_i, mask.cpu().numpy() > 0.5, band) < opts.min_intensity_agreement
-                if ended:
-                    probs[i] = torch.zeros_like(fg)
-                    stops[f"{p}->{walk[-1]}"] = i
-                    break
-                prev_feat, prev_mask = q_feat, mask.to(q_feat.device)
-                self.progress(self._walk[0] + self._walk[1] * done / total, f"{done} slices propagated")
-        return done, stops
+                w.probs[i], w.areas[i] = probs[i], area
+            walks[span] = [w, w] if span.kind == "between" else [w]
+        return walks
 
     def _search_radius_px(self, prepared) -> Optional[int]:
         if self.options.search_margin_mm is None:
@@ -475,38 +459,24 @@ class Propagator:
             spacing = np.array(self.image.GetSpacing())[::-1]  # array order
             in_plane = [s for a, s in enumerate(spacing) if a != self.axis_index]
             shape = [d for a, d in enumerate(self.support.shape) if a != self.axis_index]
-            pixel_mm = max(shape[0] * in_plane[0], shape[1] * in_plane[1]) / prepared.slices.shape[-1]
+            pixel_mm = max(shape[0] * in_plane[0], shape[1] * in_plane[1]) / prepared.size
         return max(1, int(round(self.options.search_margin_mm / float(pixel_mm))))
-
-    # -- registration mode -----------------------------------------------------------
-    def _run_registration(self):
-        return propagate_by_registration(self, _walk_plan(self.painted, self.n))
-
-
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation by a square of half-width ``radius``.
-
-    A square is separable, and along each axis "any pixel within r" is a window sum > 0,
-    read off a cumulative sum: the cost does not grow with the radius (a (2r+1)^2
-    max-pool took 0.3 s per 256x256 slice on CPU at the usual 25 mm radius).
-    """
-    out = mask.float()
-    for dim in (0, 1):
-        n = out.shape[dim]
-        csum = F.pad(out.cumsum(dim), (0, 0, 1, 0) if dim == 0 else (1, 0, 0, 0))
-        upper = torch.clamp(torch.arange(n) + radius + 1, max=n)
-        lower = torch.clamp(torch.arange(n) - radius, min=0)
-        out = (csum.index_select(dim, upper) - csum.index_select(dim, lower) > 0).float()
-    return out
 
 
 def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,
-              progress: Optional[ProgressCallback] = None,
-              cancel: Optional[CancelCallback] = None) -> PropagationResult:
+              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
+              exclude: Optional[np.ndarray] = None,
+              session: Optional[PropagationSession] = None) -> PropagationResult:
     """Propagate the painted ``support`` (bool, volume array order) through ``image``.
 
     ``model`` is a `checkpoints.LoadedCheckpoint` (its pre-processing is used); not used
-    in ``registration`` mode.
+    in ``registration`` mode. ``exclude`` (bool, same shape): voxels that are never in the
+    result; a slice holding only excluded voxels is an end anchor. ``session``: pass the
+    same `PropagationSession` to every run on one image to recompute only what changed.
     """
     options = options or PropagationOptions()
-    return Propagator(image, support, model, options, progress, cancel).run()
+    return Propagator(image, support, model, options, progress, cancel, exclude, session).run()
+
+
+__all__ = ["PropagationOptions", "PropagationResult", "PropagationSession", "PropagationCancelled",
+           "SliceSuggestion", "propagate", "resolve_axis", "resolve_device", "MODES"]

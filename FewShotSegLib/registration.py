@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .extent import intensity_agreement, intensity_band
 
 DEMONS_ITERATIONS = 40
 DEMONS_SMOOTHING = 1.5          # Gaussian sigma of the field, pixels of the shrunk grid
@@ -136,66 +134,3 @@ def carry_mask(fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray,
     """Warp ``moving_mask`` (on ``moving``) onto ``fixed``; returns a soft mask in [0, 1]."""
     images = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None] for a in (fixed, moving)]
     return warp_mask(moving_mask, slice_fields(*images, shrink, iterations)[0])
-
-
-class WalkFields:
-    """The fields of a walk's consecutive slice pairs, estimated ``FIELD_BATCH`` at a time
-    ahead of need: they depend on the images only, never on the masks."""
-
-    def __init__(self, slice_image: Callable[[int], np.ndarray], start: int, walk: list[int],
-                 shrink: int = REGISTRATION_SHRINK, iterations: int = DEMONS_ITERATIONS):
-        self.slice_image, self.chain = slice_image, [start] + list(walk)
-        self.shrink, self.iterations = shrink, iterations
-        self.fields: dict[int, torch.Tensor] = {}
-
-    def carry(self, step: int, mask) -> np.ndarray:
-        """The mask of slice ``chain[step]`` carried onto ``walk[step]`` (= chain[step + 1])."""
-        if step not in self.fields:
-            todo = range(step, min(step + FIELD_BATCH, len(self.chain) - 1))
-            images = {i: torch.from_numpy(np.ascontiguousarray(self.slice_image(i), dtype=np.float32))
-                      for i in self.chain[todo[0]:todo[-1] + 2]}
-            fixed = torch.stack([images[self.chain[k + 1]] for k in todo])
-            moving = torch.stack([images[self.chain[k]] for k in todo])
-            self.fields = dict(zip(todo, slice_fields(fixed, moving, self.shrink, self.iterations)))
-        return warp_mask(mask, self.fields.pop(step))
-
-
-def propagate_by_registration(propagator, plan):
-    """Run the walk plan of a `Propagator` with registration instead of a network."""
-    opts = propagator.options
-    prepared = propagate_prepare(propagator)
-    painted_masks = prepared.mask_to_model(propagator.support).numpy()
-    n, size = propagator.n, painted_masks.shape[-1]
-    probs = np.zeros((n, size, size), np.float32)
-    total = sum(len(w) for _, w in plan) or 1
-    done, stops = 0, {}
-    for p, walk in plan:
-        image_p = prepared.model_slices([p])[0].numpy()
-        mask_p = painted_masks[p]
-        band = intensity_band(image_p, mask_p > 0.5)
-        min_area = propagator._min_area(float(mask_p.sum()))
-        fields = WalkFields(lambda i: prepared.model_slices([i])[0].numpy(), p, walk,
-                            opts.registration_shrink, opts.registration_iterations)
-        prev_mask = mask_p
-        for k, i in enumerate(walk):
-            propagator._check_cancel()
-            image_i = prepared.model_slices([i])[0].numpy()
-            soft = fields.carry(k, prev_mask)
-            done += 1
-            mask = soft >= opts.threshold
-            agreement = intensity_agreement(image_i, mask, band)
-            if mask.sum() < min_area or agreement < opts.min_intensity_agreement:
-                stops[f"{p}->{walk[-1]}"] = i
-                break
-            probs[i] = soft
-            prev_mask = mask.astype(np.float32)
-            propagator.progress(0.05 + 0.9 * done / total, f"{done} slices registered")
-    propagator.touched = [int(i) for i in np.flatnonzero(probs.reshape(n, -1).any(1))]
-    return prepared.slices_to_volume(propagator.touched, torch.from_numpy(probs[propagator.touched])), done, stops
-
-
-def propagate_prepare(propagator):
-    """The registration works on the intensity pipeline of the default pre-processing."""
-    from .preprocessing import PreprocessConfig, prepare_volume
-    config = getattr(propagator.model, "preprocess", None) or PreprocessConfig()
-    return prepare_volume(propagator.image, propagator.options.axis, config)

@@ -63,19 +63,24 @@ def test_batched_fields_equal_one_pair_at_a_time(chaos_dir):
         np.testing.assert_allclose(R.warp_mask(mask, batched[k]), R.carry_mask(f, m, mask), atol=1e-3)
 
 
-def test_walk_fields_carry_along_the_chain(chaos_dir):
-    """WalkFields(k) is the pair (chain[k] -> chain[k+1]), whatever the batch boundaries."""
+def test_field_cache_carries_along_the_chain(chaos_dir):
+    """FieldCache.carry(chain, k) is the pair (chain[k] -> chain[k+1]), whatever the batch
+    boundaries, and a pair estimated for one walk serves the next walk over it."""
+    from FewShotSegLib.walks import FieldCache, SliceImages
+
     image = read_image(chaos_dir / "image_1.nii.gz")
     prepared = prepare_volume(image, "axial", PreprocessConfig())
     view = lambda i: prepared.model_slices([i])[0].numpy()  # noqa: E731
-    walk = list(range(11, 11 + R.FIELD_BATCH + 3))
-    fields = R.WalkFields(view, 10, walk)
+    chain = [10] + list(range(11, 11 + R.FIELD_BATCH + 3))
+    fields = FieldCache(SliceImages(prepared), R.REGISTRATION_SHRINK, R.DEMONS_ITERATIONS)
     mask = np.zeros(view(10).shape, np.float32)
     mask[100:140, 90:150] = 1
     for k in (0, R.FIELD_BATCH + 1):
-        chain = [10] + walk
         expected = R.carry_mask(view(chain[k + 1]), view(chain[k]), mask)
-        np.testing.assert_allclose(fields.carry(k, mask), expected, atol=1e-3)
+        np.testing.assert_allclose(fields.carry(chain, k, mask), expected, atol=1e-3)
+    known = len(fields.fields)
+    fields.carry(chain[3:], 0, mask)
+    assert len(fields.fields) == known
 
 
 def test_identical_slices_leave_the_mask_in_place():

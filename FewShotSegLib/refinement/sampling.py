@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,7 +38,7 @@ class RefineOptions:
     steps: int = 4                # DDIM steps per sample
     start_t: float = 0.5          # the coarse mask is noised to start_t * T
     seed: Optional[int] = 0       # None: not reproducible
-    axis: str = "axial"
+    axis: Union[str, int] = "axial"   # an anatomical name or a numpy axis index
     margin_mm: float = 10.0       # crop = bounding box of the coarse mask + this margin
     device: str = "cpu"
     batch_slices: int = 4         # slices per forward pass (x K samples)
@@ -166,8 +166,10 @@ def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOption
     size = int(options.crop_size or _crop_size(refiner))
 
     progress(0.0, "preparing the volume")
-    axis_index = array_axis_for(image, options.axis)
-    prepared = prepare_volume(image, options.axis, refiner.preprocess)
+    axis = options.axis
+    is_index = isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
+    axis_index = int(axis) if is_index else array_axis_for(image, axis)
+    prepared = prepare_volume(image, axis_index, refiner.preprocess)
     anchors_model = prepared.mask_to_model(coarse) > 0.5          # [N, M, M] bool tensor
     margin_px = options.margin_mm / model_pixel_mm(image, axis_index, prepared, anchors_model.shape[-1])
     plan = slice_plan(np.moveaxis(coarse, axis_index, 0), options.neighbours)

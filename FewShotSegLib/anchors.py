@@ -1,0 +1,168 @@
+"""What the user gave: which axis the slices are along, which slices are anchors, and the
+spans between them that the engine has to fill.
+
+* The axis comes from the painting: the array axis across which the painted voxels lie
+  in the fewest slices (the slice view the user painted in), whatever the volume's
+  orientation (oblique, flipped, re-oriented stacks included).
+* Every slice holding painted voxels is a *positive anchor*: it comes back exactly as
+  painted. A slice holding excluded voxels and no painted one is an *end anchor*: the
+  structure is absent there, and no walk crosses it.
+* Between two positive anchors the structure is carried from both sides ("between"
+  span); from a positive anchor towards an end anchor or the volume's end it is carried
+  outward until the stop rule says the structure has ended ("outward" span).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import FewShotSegError
+
+ANATOMICAL_AXES = ("axial", "coronal", "sagittal")
+
+
+def slices_holding(mask: np.ndarray, axis_index: int) -> np.ndarray:
+    """Indices of the slices across ``axis_index`` that hold any voxel of ``mask``."""
+    other = tuple(a for a in range(mask.ndim) if a != axis_index)
+    return np.flatnonzero(np.asarray(mask, bool).any(axis=other))
+
+
+def axis_name(image: sitk.Image, axis_index: int) -> str:
+    """'axial slices (array axis 0)': the anatomical plane closest to the slices, for messages."""
+    from .imageio import array_axis_for
+
+    for name in ANATOMICAL_AXES:
+        if array_axis_for(image, name) == axis_index:
+            return f"{name} slices (array axis {axis_index})"
+    return f"array axis {axis_index}"
+
+
+def _second_plane(support: np.ndarray, best: int, counts: list[int]) -> Optional[tuple[int, int]]:
+    """(axis, index) of a plane across another axis that alone accounts for two or more of
+    the slices painted across ``best``: the painting lies in two planes (an axial slice and
+    a coronal one, say). A painting in one plane never has this: removing one row of it
+    does not empty whole slices."""
+    if counts[best] < 3:
+        return None
+    painted_best = set(slices_holding(support, best).tolist())
+    for other in range(3):
+        if other == best:
+            continue
+        for index in slices_holding(support, other):
+            plane = np.take(support, index, axis=other)   # 2D, axes in order without `other`
+            best_in_plane = best if best < other else best - 1
+            touched = slices_holding(plane, best_in_plane)
+            if touched.size < 3:
+                continue
+            rest = support.copy()
+            np.moveaxis(rest, other, 0)[index] = False
+            emptied = painted_best - set(slices_holding(rest, best).tolist())
+            if len(emptied) >= 2:
+                return other, int(index)
+    return None
+
+
+def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, None] = "auto",
+                 exclude: Optional[np.ndarray] = None) -> int:
+    """The array axis the slices are taken across.
+
+    ``axis`` 'auto' (or None): the axis across which the painted voxels lie in the fewest
+    slices; ties go to the axis with the thickest slices. A name ('axial', ...) or an
+    array index is checked against the painting: if the painting lies in fewer slices
+    across another axis, the two disagree and that is an error, not a guess.
+    """
+    from .imageio import array_axis_for
+
+    support = np.asarray(support, bool)
+    if support.ndim != 3:
+        raise FewShotSegError(f"a 3D painting is needed, not {support.ndim}D")
+    if not support.any():
+        if exclude is not None and np.asarray(exclude, bool).any():
+            raise FewShotSegError("there are exclusions but no painted voxel: paint the structure on at least one slice")
+        raise FewShotSegError("support mask is empty: paint the structure on at least one slice")
+    counts = [int(slices_holding(support, a).size) for a in range(3)]
+    spacing = np.array(image.GetSpacing(), float)[::-1]           # array order
+    best = min(range(3), key=lambda a: (counts[a], -spacing[a], a))
+    key = "auto" if axis is None else axis
+    if isinstance(key, str) and key.strip().lower() == "auto":
+        other = _second_plane(support, best, counts)
+        if other is not None:
+            first = slices_holding(support, best)
+            raise FewShotSegError(
+                f"the painting lies in two planes: {axis_name(image, best)} {_brief(first)} and "
+                f"{axis_name(image, other[0])} {other[1]}; paint in one slice view, or give the axis")
+        return best
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if int(key) not in (0, 1, 2):
+            raise FewShotSegError(f"array axis must be 0, 1 or 2, not {key}")
+        chosen = int(key)
+    else:
+        chosen = array_axis_for(image, str(key))
+    if counts[chosen] > counts[best]:
+        raise FewShotSegError(
+            f"axis '{key}' disagrees with the painting: it lies in {counts[best]} "
+            f"{axis_name(image, best)} but in {counts[chosen]} {axis_name(image, chosen)}; "
+            "leave the axis out (auto) or paint in that view")
+    return chosen
+
+
+def _brief(indices) -> str:
+    indices = [int(i) for i in indices]
+    return ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+
+
+def check_exclusion(support: np.ndarray, exclude: Optional[np.ndarray], axis_index: int) -> Optional[np.ndarray]:
+    """The exclusion as bool, or None; overlapping the painting is an error naming the slice."""
+    if exclude is None:
+        return None
+    exclude = np.asarray(exclude, bool)
+    if exclude.shape != support.shape:
+        raise FewShotSegError(f"exclusion mask shape {exclude.shape} differs from the image {support.shape}; "
+                              "resample it onto the image first")
+    overlap = exclude & support
+    if overlap.any():
+        where = slices_holding(overlap, axis_index)
+        raise FewShotSegError(f"the exclusion overlaps the painting on slice {_brief(where)} "
+                              f"({int(overlap.sum())} voxels are both painted and excluded)")
+    return exclude if exclude.any() else None
+
+
+@dataclass(frozen=True)
+class Span:
+    """Slices the engine fills from one or two anchors.
+
+    kind 'between': ``start`` < ``end`` are positive anchors; ``slices`` lie strictly
+    between them, carried from both sides. kind 'outward': carried from the positive
+    anchor ``start`` in the order of ``slices`` (away from it) up to, not including,
+    ``end`` (an end anchor, or -1 / n for the volume's ends), with the stop rule."""
+
+    kind: str
+    start: int
+    end: int
+    slices: tuple
+
+    @property
+    def direction(self) -> str:
+        return "down" if self.end < self.start else "up"
+
+
+def plan_spans(positive: list[int], ends: list[int], n: int) -> list[Span]:
+    """The spans between sorted anchors (positive: painted slices; ends: absent slices)."""
+    anchors = sorted([(p, True) for p in positive] + [(e, False) for e in ends])
+    spans = []
+    for k, (index, is_positive) in enumerate(anchors):
+        if not is_positive:
+            continue
+        below = anchors[k - 1] if k > 0 else (-1, False)
+        above = anchors[k + 1] if k + 1 < len(anchors) else (n, False)
+        if not below[1] and index - below[0] > 1:
+            spans.append(Span("outward", index, below[0], tuple(range(index - 1, below[0], -1))))
+        if above[1]:
+            if above[0] - index > 1:
+                spans.append(Span("between", index, above[0], tuple(range(index + 1, above[0]))))
+        elif above[0] - index > 1:
+            spans.append(Span("outward", index, above[0], tuple(range(index + 1, above[0]))))
+    return spans

@@ -1,0 +1,97 @@
+"""What a propagation can keep for the next one on the same volume: the interactive loop.
+
+A user paints, propagates, corrects one slice and propagates again, many times. The
+second run differs from the first only in the spans next to the corrected slice, so a
+`PropagationSession` passed to every run keeps
+  * the pre-processed volume and its model-grid slices,
+  * the encoded features of recent slices and the demons fields of slice pairs (they
+    depend on the images only),
+  * every walk, keyed by what it depends on (its anchor's mask, its slices, the
+    exclusions on them and the options); a walk whose key is unchanged is reused.
+It resets itself when the image, the model, the axis or the options differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .walks import FeatureCache, FieldCache, SliceImages, Walk
+
+# options that change what a walk produces (batch size, threads and device do not)
+WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "registration_weight",
+                "registration_shrink", "registration_iterations", "min_intensity_agreement",
+                "query_prototypes", "support_refinement_steps", "multi_scale", "adapt_steps")
+KEEP_WALKS = 64
+
+
+def image_fingerprint(image: sitk.Image) -> tuple:
+    """Geometry and a checksum of the voxels: the same scan loaded twice gives the same
+    fingerprint; any edit of the image gives another."""
+    array = sitk.GetArrayViewFromImage(image)
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+            image.GetPixelIDValue(), zlib.crc32(flat))
+
+
+def digest(array) -> str:
+    """A short content key for a mask or a stack of masks."""
+    a = np.ascontiguousarray(np.asarray(array))
+    return hashlib.blake2b(a.tobytes() + str(a.shape).encode(), digest_size=12).hexdigest()
+
+
+class PropagationSession:
+    """Pass the same session to every `propagate` call on one volume (and one structure,
+    or several: walks are keyed by their anchors' masks)."""
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.image = None
+        self.prepared = None
+        self.slices: Optional[SliceImages] = None
+        self.features: Optional[FeatureCache] = None
+        self.fields: Optional[FieldCache] = None
+        self.walks: dict[tuple, Walk] = {}
+        self.reused = self.computed = 0     # walks, in the last run
+
+    def _image_key(self, image: sitk.Image) -> tuple:
+        if image is self.image and self.key is not None:
+            return self.key[0]
+        return image_fingerprint(image)
+
+    def open(self, image: sitk.Image, model, axis_index: int, options, make_prepared) -> None:
+        """Keep the caches when the same image, model, axis and options come again."""
+        model_id = id(getattr(model, "model", model)) if model is not None else None
+        preprocess = repr(getattr(model, "preprocess", None))
+        walk_options = tuple(getattr(options, name) for name in WALK_OPTIONS)
+        key = (self._image_key(image), model_id, preprocess, axis_index, walk_options, str(options.device))
+        self.reused = self.computed = 0
+        if key == self.key:
+            return
+        self.key, self.image, self.walks = key, image, {}
+        self.prepared = make_prepared()
+        self.slices = SliceImages(self.prepared)
+        self.features = None
+        self.fields = FieldCache(self.slices, options.registration_shrink, options.registration_iterations)
+
+    def feature_cache(self, net, device, batch_size: int) -> FeatureCache:
+        if self.features is None or self.features.net is not net:
+            self.features = FeatureCache(net, self.slices, device, batch_size)
+        self.features.batch_size = batch_size
+        return self.features
+
+    def walk(self, key: tuple, compute) -> Walk:
+        """The cached walk for ``key``, or ``compute()``'s, kept for next time."""
+        if key in self.walks:
+            self.reused += 1
+            self.walks[key] = self.walks.pop(key)     # most recently used last
+            return self.walks[key]
+        result = compute()
+        self.computed += 1
+        self.walks[key] = result
+        while len(self.walks) > KEEP_WALKS:
+            self.walks.pop(next(iter(self.walks)))
+        return result

@@ -1,0 +1,89 @@
+"""Where to look next: the engine-filled slices most likely to be wrong, and the walks that
+ended while the structure was still large.
+
+Each slice gets an estimate of its wrong pixels (model grid) from what the run itself
+saw, the largest first:
+  * between two painted slices, the pixels where the two sides' masks disagree;
+  * on an outward walk, half the pixels where the network and the registration disagree;
+  * at the walk's ends, a quarter of the last mask's area: both failures (running past the
+    structure, stopping early) happen there;
+  * the first slice a walk refused, when it stopped with much of the structure left, the
+    area it left behind;
+  * area jumps between neighbours (a leak or a lost part).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# a walk that stops with more than this fraction of the painted area in its last mask
+# "stopped while the structure was still large"
+LARGE_STOP_FRACTION = 0.25
+TOP_SUGGESTIONS = 10
+
+
+@dataclass(frozen=True)
+class SliceSuggestion:
+    slice: int
+    score: float        # estimated wrong pixels (model grid)
+    reason: str
+
+    def describe(self) -> str:
+        return f"slice {self.slice}: {self.reason}"
+
+
+def _add(scores: dict, index: int, value: float, reason: str) -> None:
+    total, reasons = scores.get(index, (0.0, []))
+    reasons.append((value, reason))
+    scores[index] = (total + value, reasons)
+
+
+def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = TOP_SUGGESTIONS):
+    """``walks``: span -> list of `walks.Walk` (two for a 'between' span, one otherwise).
+
+    Returns (suggestions best first, warnings)."""
+    scores: dict = {}
+    warnings = []
+    areas: dict = {}
+    for span in spans:
+        pair = walks[span]
+        if span.kind == "between":
+            down, up = pair
+            for i in span.slices:
+                a, b = down.probs.get(i), up.probs.get(i)
+                if a is not None and b is not None:
+                    differ = float(((a >= 0.5) != (b >= 0.5)).sum())
+                    _add(scores, i, differ, f"the walks from slices {span.start} and {span.end} disagree here")
+                areas[i] = 0.5 * (down.areas.get(i, 0.0) + up.areas.get(i, 0.0))
+            continue
+        w = pair[0]
+        for i, d in w.disagreement.items():
+            _add(scores, i, 0.5 * d, "the network and the registration disagree here")
+        areas.update(w.areas)
+        kept = [i for i in span.slices if i in w.probs]
+        if kept:
+            last = kept[-1]
+            _add(scores, last, 0.25 * w.areas[last], f"the structure ends here (walk from slice {span.start})")
+        if w.stop is not None:
+            fraction = w.stop["area_fraction"]
+            if fraction >= LARGE_STOP_FRACTION:
+                left = fraction * w.painted_area
+                why = ("its intensities no longer match the painted ones" if w.stop["reason"] == "intensity"
+                       else "its area fell below the limit")
+                _add(scores, w.stop["slice"], left,
+                     f"the walk from slice {span.start} stopped here with {fraction:.0%} of the painted area")
+                warnings.append(f"the walk {span.direction} from slice {span.start} stopped at slice "
+                                f"{w.stop['slice']} while the structure was still large ({fraction:.0%} of the "
+                                f"painted area): {why}; check there and paint that slice if the structure goes on")
+    for i, a in areas.items():
+        neighbours = [areas[j] for j in (i - 1, i + 1) if j in areas]
+        if neighbours:
+            jump = abs(a - sum(neighbours) / len(neighbours))
+            if jump > 0.2 * max(a, 1.0):
+                _add(scores, i, 0.5 * jump, "its area jumps from its neighbours'")
+    ranked = []
+    for i, (total, reasons) in scores.items():
+        if i in painted or i in ends or not 0 <= i < n or total <= 0:
+            continue
+        ranked.append(SliceSuggestion(int(i), float(total), max(reasons)[1]))
+    ranked.sort(key=lambda s: (-s.score, s.slice))
+    return ranked[:top], warnings

@@ -1,0 +1,188 @@
+"""The interactive loop in the engine, on a real CHAOS-T2 organ: anchors, exclusions, the
+axis from the painting, incremental re-propagation and where to look next."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FewShotSegLib.anchors import plan_spans, resolve_axis
+from FewShotSegLib.checkpoints import load_checkpoint
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.imageio import read_image
+from FewShotSegLib.metrics import dice
+from FewShotSegLib.model_store import resolve_model_path
+from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
+
+torch.set_num_threads(2)
+RIGHT_KIDNEY = 2
+
+
+@pytest.fixture(scope="module")
+def kidney(chaos_dir):
+    image = read_image(chaos_dir / "image_1.nii.gz")
+    label = sitk.GetArrayFromImage(read_image(chaos_dir / "label_1.nii.gz", label=True))
+    truth = label == RIGHT_KIDNEY
+    rows = np.flatnonzero(truth.any((1, 2)))
+    return image, truth, int(rows[0]), int(rows[-1])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_checkpoint(resolve_model_path(None))
+
+
+def painted(truth, slices):
+    support = np.zeros_like(truth)
+    support[slices] = truth[slices]
+    return support
+
+
+REGISTRATION = PropagationOptions(mode="registration")
+
+
+# ------------------------------------------------------------------- planning (no data)
+def test_spans_between_and_beyond_anchors():
+    spans = plan_spans([10, 20], [25], 40)
+    kinds = {(s.kind, s.start, s.end) for s in spans}
+    assert kinds == {("outward", 10, -1), ("between", 10, 20), ("outward", 20, 25)}
+    between = next(s for s in spans if s.kind == "between")
+    assert between.slices == tuple(range(11, 20))
+    outward_up = next(s for s in spans if s.start == 20)
+    assert outward_up.slices == (21, 22, 23, 24)          # stops before the end anchor
+    assert plan_spans([5], [4, 6], 10) == []               # nothing to fill between two ends
+    assert plan_spans([3, 4], [], 6)[0].slices == (2, 1, 0)  # adjacent anchors: no between span
+
+
+# ----------------------------------------------------------------------------- anchors
+def test_two_anchors_come_back_exact_and_fill_between(kidney, model):
+    image, truth, first, last = kidney
+    a, b = first + 3, last - 3
+    result = propagate(image, painted(truth, [a, b]), model)
+    mask = result.mask.astype(bool)
+    assert result.anchors == [a, b]
+    np.testing.assert_array_equal(mask[a], truth[a])
+    np.testing.assert_array_equal(mask[b], truth[b])
+    assert all(mask[i].any() for i in range(a + 1, b)), "a slice between the anchors was left empty"
+    assert dice(mask, truth) > 0.85
+
+
+def test_more_anchors_do_not_move_the_painted_slices(kidney):
+    image, truth, first, last = kidney
+    slices = [last - 2, first + 2, (first + last) // 2]      # any order
+    result = propagate(image, painted(truth, slices), None, REGISTRATION)
+    for s in slices:
+        np.testing.assert_array_equal(result.mask[s].astype(bool), truth[s])
+
+
+def test_exclusion_slice_is_empty_and_nothing_lies_beyond(kidney):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    stop = middle + 3
+    exclude = np.zeros_like(truth)
+    exclude[stop] = True
+    result = propagate(image, painted(truth, [middle]), None, REGISTRATION, exclude=exclude)
+    mask = result.mask.astype(bool)
+    assert result.end_anchors == [stop]
+    assert not mask[stop:].any(), "the result crossed the excluded slice"
+    assert mask[middle + 1:stop].any(axis=(1, 2)).all()
+
+
+def test_excluded_voxels_never_in_the_result(kidney):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    without = propagate(image, painted(truth, [middle]), None, REGISTRATION).mask.astype(bool)
+    exclude = np.zeros_like(truth)
+    exclude[middle + 2, :, : truth.shape[2] // 2] = True       # half a filled slice erased
+    exclude[middle + 2] &= without[middle + 2]
+    assert exclude.any()
+    mask = propagate(image, painted(truth, [middle]), None, REGISTRATION, exclude=exclude).mask.astype(bool)
+    assert not (mask & exclude).any()
+
+
+def test_bad_anchor_input_is_one_clear_error(kidney):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    support = painted(truth, [middle])
+    exclude = np.zeros_like(truth)
+    exclude[middle] = True
+    with pytest.raises(FewShotSegError, match=f"overlaps the painting on slice {middle}"):
+        propagate(image, support, None, REGISTRATION, exclude=exclude)
+    with pytest.raises(FewShotSegError, match="exclusions but no painted voxel"):
+        propagate(image, np.zeros_like(truth), None, REGISTRATION, exclude=exclude)
+    with pytest.raises(FewShotSegError, match="disagrees with the painting"):
+        propagate(image, support, None, PropagationOptions(mode="registration", axis="coronal"))
+
+
+# -------------------------------------------------------------------------------- axis
+def test_axis_comes_from_the_painting(kidney):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    assert resolve_axis(image, painted(truth, [middle])) == 0
+    coronal = np.zeros_like(truth)
+    column = int(np.flatnonzero(truth.any((0, 2))).mean())
+    coronal[:, column] = truth[:, column]
+    assert resolve_axis(image, coronal) == 1
+
+
+def test_two_painted_planes_are_named(kidney):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    support = painted(truth, [middle])
+    column = int(np.flatnonzero(truth.any((0, 2))).mean())
+    support[:, column] |= truth[:, column]
+    with pytest.raises(FewShotSegError, match="lies in two planes.*axial.*coronal|lies in two planes.*coronal.*axial"):
+        resolve_axis(image, support)
+
+
+def test_reoriented_volume_gives_the_same_mask(kidney, model):
+    """The same scan stored with its slice axis last (physical space unchanged): the axis
+    comes from the painting, and the mask mapped back is the original's."""
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    original = propagate(image, painted(truth, [middle]), model).mask
+    turned = sitk.PermuteAxes(image, [2, 0, 1])             # array (k,j,i) -> (j,i,k)
+    support = np.transpose(painted(truth, [middle]), (1, 2, 0))
+    result = propagate(turned, support, model)
+    assert result.axis_index == 2
+    back = np.transpose(result.mask, (2, 0, 1))
+    assert dice(back.astype(bool), original.astype(bool)) > 0.995
+
+
+# ------------------------------------------------------------------------ incremental
+def test_a_correction_recomputes_only_its_span(kidney, model):
+    image, truth, first, last = kidney
+    a, b = first + 2, last - 2
+    session = PropagationSession()
+    before = propagate(image, painted(truth, [a, b]), model, session=session)
+    assert before.walks_computed == 4 and before.walks_reused == 0   # down, two between, up
+    fix = a + 3
+    after = propagate(image, painted(truth, [a, fix, b]), model, session=session)
+    # outward walks reused; the span a..b became a..fix and fix..b: four new walks
+    assert after.walks_reused == 2 and after.walks_computed == 4
+    outside = [i for i in range(truth.shape[0]) if i < a or i > b]
+    np.testing.assert_array_equal(after.probability[outside], before.probability[outside])
+    # the mask outside moves only through the whole-structure post-processing (the
+    # intensity gate's statistics): a few voxels at most
+    changed = int((after.mask[outside] != before.mask[outside]).sum())
+    assert changed <= 0.005 * int(before.mask.sum())
+    np.testing.assert_array_equal(after.mask[fix].astype(bool), truth[fix])
+    # the same inputs again: nothing recomputed, the same mask
+    again = propagate(image, painted(truth, [a, fix, b]), model, session=session)
+    assert again.walks_computed == 0
+    np.testing.assert_array_equal(again.mask, after.mask)
+    fresh = propagate(image, painted(truth, [a, fix, b]), model)
+    np.testing.assert_array_equal(fresh.mask, after.mask)
+
+
+def test_suggestions_name_filled_slices_only(kidney, model):
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    result = propagate(image, painted(truth, [middle]), model)
+    assert result.suggestions, "no slice suggested"
+    slices = [s.slice for s in result.suggestions]
+    assert middle not in slices and len(set(slices)) == len(slices)
+    scores = [s.score for s in result.suggestions]
+    assert scores == sorted(scores, reverse=True)
+    assert all(isinstance(s.reason, str) and s.reason for s in result.suggestions)
