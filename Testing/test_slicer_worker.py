@@ -177,23 +177,23 @@ def test_worker_gives_the_in_process_result(logic, chaos, tiny_checkpoint):
 
 def test_main_loop_holding_the_gil_does_not_slow_the_worker(logic, chaos, tiny_checkpoint):
     """Polled every 100 ms by a main thread that keeps the GIL in between (Slicer's main
-    loop), the worker's run takes about as long as the same run in this process."""
-    history = segmentationHistory(chaos.seg)
+    loop), the user waits for the worker's own time plus the polling, not more (a Python
+    thread in this process ran 20x slower under such a loop). Compared within one run, so
+    the load of a shared machine does not matter."""
+    logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", worker=True)
+    history = segmentationHistory(chaos.seg)  # the worker is started, its model loaded
     history.SaveState()
-    start = time.perf_counter()
-    logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="chained")
-    inProcess = time.perf_counter() - start
-    assert history.RestorePreviousState()
-    logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", worker=True)  # warm
-    assert history.RestorePreviousState()
+    chaos.image.GetImageData().Modified()     # the volume is sent again: no reuse of the last run
     start = time.perf_counter()
     job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="chained", forWorker=True)
     handle = logic.startPropagation(job)
     mainLoop(handle)
-    logic.apply(job, handle.outcome())
-    underLoop = time.perf_counter() - start
-    print(f"\nin-process {inProcess:.2f} s; worker under a GIL-holding 100 ms loop {underLoop:.2f} s")
-    assert underLoop <= 2.0 * inProcess + 1.0
+    result = handle.outcome()
+    logic.apply(job, result)
+    waited = time.perf_counter() - start
+    print(f"\nworker {result.worker_seconds:.2f} s (engine {result.seconds:.2f} s); the user waited {waited:.2f} s "
+          "under a GIL-holding 100 ms loop")
+    assert result.worker_seconds > 0 and waited <= 1.1 * result.worker_seconds + 2 * POLL_SECONDS + 0.5
 
 
 def test_cancel_mid_run_leaves_the_segmentation_and_the_worker_usable(logic, chaos):

@@ -78,6 +78,7 @@ class EngineResult:
         self.end_anchors = fields.get("end_anchors", [])
         self.suggestions = [Suggestion(**s) for s in fields.get("suggestions", [])]
         self.warnings = list(fields.get("warnings", []))
+        self.worker_seconds = fields.get("worker_seconds")   # the whole job inside the worker process
 
     @classmethod
     def fromEngine(cls, result) -> "EngineResult":

@@ -116,7 +116,7 @@ class FewShotSegLogic(RefineMixin):
         self._computeLock = threading.Lock()
         self._model = None            # (key, LoadedCheckpoint): one model kept in memory (in-process runs)
         self._refiner = None          # (key, LoadedCheckpoint): the refiner, likewise
-        self._sessions = {}           # (volume key, segment key) -> PropagationSession (in-process runs)
+        self._sessions = {}           # volume key -> PropagationSession (in-process runs)
         self._devices = None
         self.worker = WorkerClient(workerPython)
 
@@ -220,7 +220,8 @@ class FewShotSegLogic(RefineMixin):
             raise FewShotSegError(f"intensityGate must be True or False, not {intensityGate!r}")
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         modelPath = self.modelPath(model)
-        self._checkDevice(device)
+        if device != "cpu":  # the CPU is always there: PyTorch need not be imported in Slicer's process
+            self._checkDevice(device)
         current = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
         if not current.any():
             if geometry.segmentHasVoxels(segmentationNode, segmentId):
@@ -302,7 +303,7 @@ class FewShotSegLogic(RefineMixin):
         origin, spacing, direction = geometry.sitkGeometry(job.volumeNode)
         image = job.volumeNode.GetImageData()
         volumeKey = f"{job.volumeNode.GetID()}:{image.GetMTime()}:{userslices.gridFingerprint(job.volumeNode)}"
-        sessionKey = f"{job.segmentationNode.GetID()}:{job.segmentId}"
+        sessionKey = volumeKey  # one PropagationSession per volume: its walks are keyed by their anchors
         return self.worker.start(job, array, {"origin": origin, "spacing": spacing, "direction": direction},
                                  volumeKey, sessionKey)
 
@@ -322,10 +323,10 @@ class FewShotSegLogic(RefineMixin):
             model = self.loadModel(job.modelPath, job.device)
             if cancel and cancel():
                 raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
-            key = (job.volumeNode.GetID(), job.segmentationNode.GetID(), job.segmentId)
+            key = (job.volumeNode.GetID(), job.volumeNode.GetImageData().GetMTime())
             session = self._sessions.get(key)
             if session is None:
-                self._sessions = {key: engine.newSession()}  # one segment's session kept
+                self._sessions = {key: engine.newSession()}  # one volume's session kept
                 session = self._sessions[key]
             result = engine.run(job.image, job.support, model, job.mode, job.axisIndex, job.axis, job.device,
                                 job.intensityGate, exclude=job.exclude, session=session, progress=progress,

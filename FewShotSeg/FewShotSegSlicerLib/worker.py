@@ -23,8 +23,8 @@ Out, on the original stdout (anything the engine prints goes to stderr)::
     {"type": "error", "id": 1, "kind": "cancelled" | "fewshot" | "other", "message": "...", "trace": "..."}
 
 Arrays travel as .npy files in the client's private temporary folder. The volume is sent
-only when this process does not hold it already; one PropagationSession is kept per
-segment of the held volume, so a re-propagation after a correction is incremental.
+only when this process does not hold it already; the PropagationSession of the held
+volume is kept, so a re-propagation after a correction recomputes only what changed.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Worker:
         self.cancelled = set()
         self.model = None          # (key, checkpoint)
         self.volume = None         # (key, SimpleITK image)
-        self.sessions = {}         # session key -> PropagationSession, for the held volume
+        self.sessions = {}         # session key -> PropagationSession, for the held volume only
 
     def send(self, message: dict) -> None:
         with self.outLock:
@@ -112,6 +112,7 @@ class Worker:
         from FewShotSegSlicerLib import engine
 
         jobId = job["id"]
+        started = time.perf_counter()
         last = [0.0]
 
         def progress(fraction, message=""):
@@ -136,7 +137,9 @@ class Worker:
                                 session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
             path = os.path.join(job["out"], f"mask-{jobId}.npy")
             np.save(path, np.asarray(result.mask, np.uint8))
-            self.send({"type": "done", "id": jobId, "mask": path, "result": engine.summary(result)})
+            fields = engine.summary(result)
+            fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
+            self.send({"type": "done", "id": jobId, "mask": path, "result": fields})
         except PropagationCancelled as exc:
             self.send({"type": "error", "id": jobId, "kind": "cancelled", "message": str(exc)})
         except FewShotSegError as exc:
