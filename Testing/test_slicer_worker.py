@@ -282,3 +282,31 @@ def test_scene_closed_while_the_worker_runs(logic, scene, chaos, tiny_checkpoint
     mainLoop(handle, timeout=120)
     with pytest.raises(FewShotSegError, match="removed while propagating; nothing was written"):
         logic.apply(job, handle.outcome())
+
+
+# -- the record itself ------------------------------------------------------------------------------
+def test_record_round_trip_and_refusals():
+    record = userslices.SliceRecord(0, (4, 3, 2), "ab12", [2, 0], [1, 2**32 - 1, 0, 7])
+    text = record.encode()
+    assert "|" not in text and ":" not in text  # Slicer writes tags as key:value|key:value
+    back = userslices.SliceRecord.decode(text)
+    assert (back.axis, back.shape, back.grid, back.user, back.written) == (0, (4, 3, 2), "ab12", [0, 2],
+                                                                           [1, 2**32 - 1, 0, 7])
+    for bad in ("", "v0;a0", text.replace("a0", "a7"), text[:-8], text.replace("u0,2", "u9")):
+        assert userslices.SliceRecord.decode(bad) is None
+
+
+def test_classify_finds_painted_and_erased_slices():
+    mask = np.zeros((6, 5, 5), bool)
+    mask[1:5, 1:4, 1:4] = True
+    record = userslices.SliceRecord(0, mask.shape, "g", [2], userslices.sliceChecksums(mask, 0))
+    edited = mask.copy()
+    edited[4] = False            # erased
+    edited[1, 0, 0] = True       # painted a little
+    users = userslices.classify(edited, record, 0, "g")
+    assert users.user == [1, 2, 4] and users.edited == [1, 4] and not users.fresh
+    support, exclude = userslices.supportAndExclude(edited, 0, users.user)
+    assert np.array_equal(support[[1, 2]], edited[[1, 2]]) and not support[[0, 3, 4, 5]].any()
+    assert exclude[4].all() and not exclude[[0, 1, 2, 3, 5]].any()
+    assert userslices.classify(edited, record, 0, "another grid").fresh
+    assert userslices.classify(edited, record, 1, "g").fresh

@@ -303,6 +303,10 @@ class WorkerClient:
 
     @property
     def busy(self) -> bool:
+        """A job is running. Polls it (non-blocking), so a job nobody polls any more (its
+        panel was closed) still ends, and a cancel past its grace time still kills."""
+        if self.current is not None and not self.current.finished:
+            self.current.poll()
         return self.current is not None and not self.current.finished
 
     def ensureWorker(self) -> WorkerProcess:
