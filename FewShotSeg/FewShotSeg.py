@@ -104,7 +104,12 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        from FewShotSegSlicerLib import dependencies
+
         self.initializeParameterNode()
+        p = self._parameterNode
+        if p and dependencies.torchAvailable() and not dependencies.missingPackages():
+            self.logic.warmUp(p.model or None, p.device)  # the worker loads the model while the user paints
 
     def exit(self):
         self.setParameterNode(None)

@@ -233,6 +233,20 @@ def test_worker_killed_mid_run(logic, chaos, tiny_checkpoint):
     assert summary.slicesFilled > 0 and logic.worker.worker is not worker
 
 
+def test_warm_up_loads_the_model_before_the_first_click(tiny_checkpoint, chaos):
+    logic = FewShotSegLogic()
+    try:
+        assert logic.warmUp(tiny_checkpoint)
+        assert logic.worker.waitWarm(300)
+        worker = logic.worker.worker
+        summary = logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct",
+                                  worker=True)
+        assert summary.slicesFilled > 0 and logic.worker.worker is worker
+        assert not logic.warmUp(Path(tiny_checkpoint).with_name("missing.pt"))
+    finally:
+        logic.shutdown()
+
+
 def test_propagate_clicked_twice(logic, chaos, tiny_checkpoint):
     before = snapshot(chaos.seg, chaos.image)
     job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, forWorker=True)

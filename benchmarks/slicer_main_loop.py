@@ -11,6 +11,8 @@ For each case, each in a fresh process:
   logic_s      the first Propagate of a Slicer session: the worker process starts, loads the
                model and the volume (what a user waits for on the first click)
   logic_warm_s a Propagate with the worker running, on a volume it does not hold yet
+  logic_prestarted_s  the first Propagate after the effect was chosen (the worker started and
+               loaded the model while the user painted), on a volume it does not hold yet
   thread_s     (--thread) the old way: compute on a Python thread of Slicer's interpreter
 Target: logic_s <= 1.2 x cli_s. Writes benchmarks/results/slicer_main_loop.json (or --out).
 """
@@ -76,6 +78,11 @@ def _logicChild(image: str, support: str, mode: str, out: str, thread: bool) -> 
     click("logic_s")                            # cold: the worker starts with this click
     volume.GetImageData().Modified()            # the worker must take the volume anew
     click("logic_warm_s")
+    logic.shutdown()
+    logic.warmUp()                              # the effect was chosen while the user painted
+    assert logic.worker.waitWarm(300)
+    volume.GetImageData().Modified()
+    click("logic_prestarted_s")
     logic.shutdown()
     if thread:
         history.SaveState()

@@ -199,9 +199,13 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
     def activate(self):
-        """Refresh the model list; list the GPU devices once (imports PyTorch if present)."""
+        """Refresh the model list; list the GPU devices once (imports PyTorch if present);
+        start the worker and load the model while the user paints."""
         self.refreshModels()
         self.updateGUIFromMRML()
+        if dependencies.torchAvailable() and not dependencies.missingPackages():
+            self.logic.warmUp(self.scriptedEffect.parameter("Model") or None,
+                              self.scriptedEffect.parameter("Device") or "cpu")
         if dependencies.torchAvailable() and self.deviceComboBox.count == 1:
             wasBlocked = self.deviceComboBox.blockSignals(True)
             for device in self.logic.availableDevices()[1:]:

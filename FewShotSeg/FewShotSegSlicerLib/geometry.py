@@ -257,3 +257,14 @@ def slicePosition(volumeNode, axisIndex: int, sliceIndex: int, mask: "np.ndarray
     if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, toWorld):
         ras = np.array(toWorld.MultiplyPoint(tuple(ras)))
     return tuple(float(v) for v in ras[:3])
+
+
+def segmentStamp(segmentationNode, segmentId):
+    """(labelmap object, its modification time): equal stamps mean the segment's voxels were
+    not changed (any edit modifies or replaces the labelmap). None when it has none."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
+    if segment is None:
+        return None
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    labelmap = segment.GetRepresentation(name)
+    return None if labelmap is None else (labelmap.GetAddressAsString(""), labelmap.GetMTime())

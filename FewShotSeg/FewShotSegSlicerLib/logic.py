@@ -64,6 +64,7 @@ class PropagationJob:
     userSlices: list = field(default_factory=list)      # painted or erased by the user
     editedSlices: list = field(default_factory=list)    # of those, changed since the last run
     endSlices: list = field(default_factory=list)       # user slices erased to empty
+    stamp: Optional[tuple] = None             # geometry.segmentStamp at prepare()
 
 
 @dataclass
@@ -247,7 +248,8 @@ class FewShotSegLogic(RefineMixin):
                              axisName, axisIndex, device, painted, intensityGate=bool(intensityGate),
                              current=current, exclude=exclude, userSlices=list(users.user),
                              editedSlices=list(users.edited),
-                             endSlices=[i for i in users.user if i not in set(painted)])
+                             endSlices=[i for i in users.user if i not in set(painted)],
+                             stamp=geometry.segmentStamp(segmentationNode, segmentId))
         if len(users.user) == n:
             job.notes.append(f"every {axisName} slice was drawn by the user: nothing left to fill")
         job.prepareSeconds = time.perf_counter() - start
@@ -293,6 +295,16 @@ class FewShotSegLogic(RefineMixin):
         return record.axis, list(users.user)
 
     # -- step 2: the worker process, or any thread of this one ---------------------------------
+    def warmUp(self, model=None, device: str = "cpu") -> bool:
+        """Start the worker process and load the model while the user paints (the effect
+        and the panel call this when shown). False if the model cannot be found."""
+        try:
+            path = self.modelPath(model)
+        except FewShotSegError:
+            return False
+        self.worker.warmUp(path, device)
+        return True
+
     def startPropagation(self, job: PropagationJob):
         """Send the job to the worker process (started on first use; the volume is sent only
         when it does not hold it). Poll the returned handle; it never blocks."""
@@ -354,6 +366,9 @@ class FewShotSegLogic(RefineMixin):
                 raise FewShotSegError(f"the {what} was removed while {doing}; nothing was written")
         if job.segmentationNode.GetSegmentation().GetSegment(job.segmentId) is None:
             raise FewShotSegError(f"the segment was deleted while {doing}; nothing was written")
+        stamp = getattr(job, "stamp", None)
+        if stamp is not None and geometry.segmentStamp(job.segmentationNode, job.segmentId) == stamp:
+            return  # the labelmap was neither modified nor replaced: no need to read it back
         now = geometry.segmentToArray(job.segmentationNode, job.segmentId, job.volumeNode)
         before = job.current if getattr(job, "current", None) is not None else job.support
         if not np.array_equal(now, before):

@@ -70,8 +70,9 @@ def sliceChecksums(mask: np.ndarray, axis: int) -> list[int]:
 
 
 def nonEmptySlices(mask: np.ndarray, axis: int) -> list[int]:
-    moved = np.moveaxis(np.asarray(mask, bool), axis, 0)
-    return [int(i) for i in np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))]
+    """Slices along ``axis`` holding voxels (no copy of the mask: fast on a 512x512x300 CT)."""
+    others = tuple(a for a in range(3) if a != axis)
+    return [int(i) for i in np.flatnonzero(np.asarray(mask, bool).any(axis=others))]
 
 
 def gridFingerprint(volumeNode) -> str:

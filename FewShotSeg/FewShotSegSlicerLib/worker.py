@@ -12,6 +12,7 @@ Protocol (one JSON object per line). In, on stdin::
      "support": "s.npy", "exclude": "e.npy" | null, "sessionKey": "...", "model": "m.pt",
      "device": "cpu", "mode": "chained", "axisIndex": 0, "axisName": "axial",
      "intensityGate": true, "out": "folder"}
+    {"cmd": "load", "id": "warm", "model": "m.pt", "device": "cpu"}   (load before the first job)
     {"cmd": "cancel", "id": 1}
     {"cmd": "quit"}                      (or stdin closed)
 
@@ -19,10 +20,12 @@ Out, on the original stdout (anything the engine prints goes to stderr)::
 
     {"type": "ready", "pid": 123}
     {"type": "progress", "id": 1, "fraction": 0.4, "message": "..."}
+    {"type": "loaded", "id": "warm"}
     {"type": "done", "id": 1, "mask": "folder/mask-1.npy", "result": {...}}
     {"type": "error", "id": 1, "kind": "cancelled" | "fewshot" | "other", "message": "...", "trace": "..."}
 
-Arrays travel as .npy files in the client's private temporary folder. The volume is sent
+Arrays travel as .npy files in the client's private temporary folder ("shape" gives the
+volume's; masks are np.packbits of the flattened bool array). The volume is sent
 only when this process does not hold it already; the PropagationSession of the held
 volume is kept, so a re-propagation after a correction recomputes only what changed.
 """
@@ -37,6 +40,14 @@ import time
 import traceback
 
 PROGRESS_INTERVAL = 0.05  # seconds between two progress lines
+
+
+def unpack(path: str, shape) -> "np.ndarray":
+    """A bool array sent as np.packbits (8x smaller than bool, far smaller than uint8)."""
+    import numpy as np
+
+    count = int(np.prod(shape))
+    return np.unpackbits(np.load(path), count=count).reshape(shape).view(bool)
 
 
 class Worker:
@@ -64,7 +75,7 @@ class Worker:
             command = message.get("cmd")
             if command == "cancel":
                 self.cancelled.add(message.get("id"))
-            elif command == "job":
+            elif command in ("job", "load"):
                 self.jobs.put(message)
             elif command == "quit":
                 break
@@ -130,13 +141,13 @@ class Worker:
             model = self.loadModel(job["model"], job["device"])
             if cancel():
                 raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
-            support = np.load(job["support"])
-            exclude = np.load(job["exclude"]) if job.get("exclude") else None
+            support = unpack(job["support"], job["shape"])
+            exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
             result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
                                 job["device"], job["intensityGate"], exclude=exclude,
                                 session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
             path = os.path.join(job["out"], f"mask-{jobId}.npy")
-            np.save(path, np.asarray(result.mask, np.uint8))
+            np.save(path, np.packbits(np.asarray(result.mask) > 0))
             fields = engine.summary(result)
             fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
             self.send({"type": "done", "id": jobId, "mask": path, "result": fields})
@@ -150,12 +161,23 @@ class Worker:
         finally:
             self.cancelled.discard(jobId)
 
+    def warmUp(self, job: dict) -> None:
+        """Load the model before the first job (the user is still painting)."""
+        try:
+            self.loadModel(job["model"], job["device"])
+            self.send({"type": "loaded", "id": job.get("id")})
+        except Exception as exc:  # the job that needs the model will report it
+            self.send({"type": "loaded", "id": job.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+
     def serve(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
                 return
-            self.run(job)
+            if job.get("cmd") == "load":
+                self.warmUp(job)
+            else:
+                self.run(job)
 
 
 def main(argv=None) -> int:

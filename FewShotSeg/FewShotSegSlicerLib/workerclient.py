@@ -125,6 +125,7 @@ class WorkerProcess:
         self.pid: Optional[int] = None   # the interpreter's own pid (PythonSlicer may be a launcher)
         self.heldVolume: Optional[str] = None
         self.lastId = 0
+        self.warm = None   # True once a warm-up load answered (or its error text)
 
     def send(self, message: dict) -> None:
         try:
@@ -138,6 +139,8 @@ class WorkerProcess:
         for message in self.reader.messages():
             if message.get("type") == "ready":
                 self.pid = int(message.get("pid", 0)) or None
+            elif message.get("type") == "loaded":
+                self.warm = message.get("error") or True
             else:
                 out.append(message)
         return out
@@ -235,7 +238,8 @@ class PropagationHandle:
                 from FewShotSegSlicerLib.engine import EngineResult
 
                 try:
-                    mask = np.load(message["mask"])
+                    shape = tuple(self.job.support.shape)
+                    mask = np.unpackbits(np.load(message["mask"]), count=int(np.prod(shape))).reshape(shape).view(bool)
                     os.remove(message["mask"])
                 except (OSError, ValueError) as exc:
                     self._end(error=FewShotSegError(f"could not read the worker's result: {exc}; "
@@ -332,8 +336,8 @@ class WorkerClient:
             return path
 
         message = {"cmd": "job", "id": jobId, "volumeKey": volumeKey, "volume": None, "geometry": geometry,
-                   "support": save("support", job.support),
-                   "exclude": save("exclude", job.exclude) if job.exclude is not None else None,
+                   "shape": list(job.support.shape), "support": save("support", np.packbits(job.support)),
+                   "exclude": save("exclude", np.packbits(job.exclude)) if job.exclude is not None else None,
                    "sessionKey": sessionKey, "model": str(job.modelPath), "device": job.device, "mode": job.mode,
                    "axisIndex": int(job.axisIndex), "axisName": job.axis, "intensityGate": bool(job.intensityGate),
                    "out": worker.folder}
@@ -349,6 +353,25 @@ class WorkerClient:
         worker.heldVolume = volumeKey
         self.current = PropagationHandle(self, worker, jobId, job, files)
         return self.current
+
+    def warmUp(self, modelPath, device: str = "cpu") -> None:
+        """Start the worker and load the model now, so the first Propagate does not wait for
+        it (the effect calls this when it is chosen). Never raises."""
+        if self.busy:
+            return
+        try:
+            self.ensureWorker().send({"cmd": "load", "id": "warm", "model": str(modelPath), "device": device})
+        except (FewShotSegError, OSError):
+            pass
+
+    def waitWarm(self, timeout: float = 120.0) -> bool:
+        """Blocking, for scripts and benchmarks: True once the warm-up load answered."""
+        end = time.perf_counter() + timeout
+        while self.worker is not None and self.worker.warm is None and time.perf_counter() < end:
+            if self.current is None:
+                self.worker.messages()
+            time.sleep(0.02)
+        return self.worker is not None and self.worker.warm is True
 
     def _ended(self, handle: PropagationHandle) -> None:
         if self.current is handle:
