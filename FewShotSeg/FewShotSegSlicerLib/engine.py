@@ -79,6 +79,8 @@ class EngineResult:
         self.suggestions = [Suggestion(**s) for s in fields.get("suggestions", [])]
         self.warnings = list(fields.get("warnings", []))
         self.worker_seconds = fields.get("worker_seconds")   # the whole job inside the worker process
+        self.worker_cpu_seconds = fields.get("worker_cpu_seconds")
+        self.worker_process_cpu_seconds = fields.get("worker_process_cpu_seconds")
 
     @classmethod
     def fromEngine(cls, result) -> "EngineResult":

@@ -123,7 +123,7 @@ class Worker:
         from FewShotSegSlicerLib import engine
 
         jobId = job["id"]
-        started = time.perf_counter()
+        started, startedCpu = time.perf_counter(), time.process_time()
         last = [0.0]
 
         def progress(fraction, message=""):
@@ -150,6 +150,8 @@ class Worker:
             np.save(path, np.packbits(np.asarray(result.mask) > 0))
             fields = engine.summary(result)
             fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
+            fields["worker_cpu_seconds"] = time.process_time() - startedCpu
+            fields["worker_process_cpu_seconds"] = time.process_time()  # since this process started
             self.send({"type": "done", "id": jobId, "mask": path, "result": fields})
         except PropagationCancelled as exc:
             self.send({"type": "error", "id": jobId, "kind": "cancelled", "message": str(exc)})
