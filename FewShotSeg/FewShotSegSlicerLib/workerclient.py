@@ -72,7 +72,8 @@ class _PipeReader:
 
             available = wintypes.DWORD()
             handle = msvcrt.get_osfhandle(self.fd)
-            if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None, ctypes.byref(available), None):
+            if not ctypes.windll.kernel32.PeekNamedPipe(wintypes.HANDLE(handle), None, 0, None,
+                                                        ctypes.byref(available), None):
                 return b""  # broken pipe: the worker is gone
             return os.read(self.fd, available.value) if available.value else None
         try:
