@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -101,7 +102,9 @@ def read_checkpoint_dict(path) -> dict:
     if not path.is_file():
         raise FewShotSegError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a legacy pickle before it fails: our line says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, pickled code...
         raise FewShotSegError(f"{path} is not a readable FewShotSeg checkpoint "
                               f"(corrupt, truncated or unsafe): {type(exc).__name__}") from None

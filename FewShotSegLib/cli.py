@@ -36,9 +36,10 @@ def cmd_propagate(args) -> int:
     image = read_image(args.image)
     support_img = read_mask_like(args.support, image)
     support_arr = sitk.GetArrayViewFromImage(support_img)
+    if args.exclude and not support_arr.any():
+        raise FewShotSegError(f"there are exclusions ({args.exclude}) but no painted voxel in {args.support}: "
+                              "paint the structure on at least one slice")
     support = select_label(support_arr, args.label)
-    if not support.any():
-        raise FewShotSegError(f"{args.support} holds no painted voxel: paint the structure on at least one slice")
     value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     exclude = None
     if args.exclude:
@@ -151,9 +152,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def run_training(train_args: list[str]) -> int:
+    """`fewshotseg train ...` = `python -m Training.train ...` in a process of its own: the
+    engine never imports the training code (Slicer ships the engine without it). The child
+    finds the same checkout as this engine, whatever the current folder."""
+    import importlib.util
+    import os
+    import subprocess
+    checkout = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    if (checkout / "Training" / "train.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout)] + [p for p in [env.get("PYTHONPATH")] if p])
+    elif importlib.util.find_spec("Training") is None:
+        raise FewShotSegError("the training code is not installed with this engine; in a FewShotSeg "
+                              "checkout run `pip install -e .` or `python Training/train.py --config ...`")
+    return subprocess.call([sys.executable, "-m", "Training.train", *train_args], env=env)
+
+
 def cmd_train(args) -> int:
-    from Training.train import main as train_main
-    return train_main(args.train_args) or 0
+    return run_training(args.train_args)
 
 
 def cmd_demo(args) -> int:
@@ -200,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="Dice, IoU and HD95 per structure")
     e.add_argument("prediction")
     e.add_argument("label")
-    e.add_argument("--labels", default=None, help="comma-separated label values (default: all)")
+    e.add_argument("--labels", default=None,
+                   help="comma-separated label values (default: every label in either file)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -227,10 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv[:1] if argv[:1] == ["train"] else argv)
     if argv[:1] == ["train"]:  # Training/train.py parses its own options
-        from Training.train import main as train_main
-        return train_main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
+        args.train_args = argv[1:]
     try:
         return args.func(args)
     except FewShotSegError as exc:

@@ -83,12 +83,13 @@ def painting_axis(image: sitk.Image, options: PropagationOptions) -> int:
 
 
 def score_structure(image: sitk.Image, label_array: np.ndarray, value: int, model,
-                    options: PropagationOptions, case: str = "", organ: str = ""):
-    """Propagate from the largest slice of label ``value`` and score the 3D result."""
+                    options: PropagationOptions, case: str = "", organ: str = "", progress=None):
+    """Propagate from the largest slice of label ``value`` and score the 3D result;
+    ``progress(fraction, message)`` follows the propagation."""
     truth = label_array == value
     axis_index = painting_axis(image, options)
     support, index = largest_slice_support(truth, axis_index)
-    result = propagate(image, support, model, options)
+    result = propagate(image, support, model, options, progress=progress)
     pred = result.mask.astype(bool)
     score = CaseScore(case=case, organ=organ, dice=dice(pred, truth),
                       hd95=hd95(pred, truth, image.GetSpacing()[::-1]), seconds=result.seconds,

@@ -45,11 +45,12 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
 
 def evaluate_labels(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0),
                     labels=None) -> dict[int, dict[str, float]]:
-    """Dice, IoU and HD95 for each label present in the truth (or the given labels)."""
+    """Dice, IoU and HD95 for each label present in either volume (or the given labels): a
+    structure only predicted scores 0, and one in neither is not reported."""
     if pred.shape != truth.shape:
         raise ValueError(f"shapes differ: prediction {pred.shape}, label {truth.shape}")
     if labels is None:
-        labels = [int(v) for v in np.unique(truth) if v != 0]
+        labels = [int(v) for v in np.union1d(np.unique(truth), np.unique(pred)) if v != 0]
     out = {}
     for value in labels:
         p, t = pred == value, truth == value

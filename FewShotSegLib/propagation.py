@@ -272,9 +272,16 @@ class Propagator:
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step)
 
-    def _walk_key(self, start: int, slices: tuple, stop_rule: bool) -> tuple:
+    def _inward(self, span) -> Optional[int]:
+        """The painted slice next to an outward span's anchor on the other side, if any."""
+        pos = self.painted.index(span.start)
+        other = pos + 1 if span.direction == "down" else pos - 1
+        return self.painted[other] if 0 <= other < len(self.painted) else None
+
+    def _walk_key(self, start: int, slices: tuple, stop_rule: bool, inward: Optional[int], absent: bool) -> tuple:
         excl = tuple((i, self._exclusion_keys[i]) for i in slices if i in self._excluded)
-        key = (start, digest(self.painted_masks[start].numpy()), slices, stop_rule, excl)
+        masks = [digest(self.painted_masks[i].numpy()) for i in (start, inward) if i is not None]
+        key = (start, inward, tuple(masks), slices, stop_rule, absent, excl)
         if self.options.adapt_steps:   # the tuned model depends on every painted slice
             key += (digest(np.stack([self.painted_masks[p].numpy() for p in self.painted])),)
         return key
@@ -284,16 +291,15 @@ class Propagator:
         todo = []
         for span in self.spans:
             if span.kind == "between":
-                todo.append((span, span.start, span.slices, False))
-                todo.append((span, span.end, span.slices[::-1], False))
+                todo.append((span, span.start, span.slices, False, None, False))
+                todo.append((span, span.end, span.slices[::-1], False, None, False))
             else:
-                todo.append((span, span.start, span.slices, True))
-        keyed = [(span, start, slices, stop, self._walk_key(start, slices, stop))
-                 for span, start, slices, stop in todo]
-        self._steps = [0, max(1, sum(len(s) for _, _, s, _, k in keyed if k not in self.session.walks))]
+                todo.append((span, span.start, span.slices, True, self._inward(span), span.end in self.ends))
+        keyed = [item + (self._walk_key(*item[1:]),) for item in todo]
+        self._steps = [0, max(1, sum(len(item[2]) for item in keyed if item[-1] not in self.session.walks))]
         walks: dict = {}
-        for span, start, slices, stop, key in keyed:
-            w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop))
+        for span, start, slices, stop, inward, absent, key in keyed:
+            w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop, inward, absent))
             walks.setdefault(span, []).append(w)
         return walks
 

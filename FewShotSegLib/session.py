@@ -7,7 +7,8 @@ second run differs from the first only in the spans next to the corrected slice,
   * the encoded features of recent slices and the demons fields of slice pairs (they
     depend on the images only),
   * every walk, keyed by what it depends on (its anchor's mask, its slices, the
-    exclusions on them and the options); a walk whose key is unchanged is reused.
+    exclusions on them and the options); a walk whose key is unchanged is reused. The
+    least recently used walks go first, beyond 64 walks or 256 MB of probabilities.
 It resets itself when the image, the model, the axis or the options differ.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "r
                 "registration_shrink", "registration_iterations", "min_intensity_agreement",
                 "query_prototypes", "support_refinement_steps", "multi_scale", "adapt_steps")
 KEEP_WALKS = 64
+KEEP_WALK_BYTES = 256 << 20      # the walks' probabilities kept, at most (256 KB a 256x256 slice)
 
 
 def image_fingerprint(image: sitk.Image) -> tuple:
@@ -50,6 +52,7 @@ class PropagationSession:
     def __init__(self):
         self.key: Optional[tuple] = None
         self.image = None
+        self._fingerprint: Optional[tuple] = None
         self.prepared = None
         self.slices: Optional[SliceImages] = None
         self.features: Optional[FeatureCache] = None
@@ -57,20 +60,28 @@ class PropagationSession:
         self.walks: dict[tuple, Walk] = {}
         self.reused = self.computed = 0     # walks, in the last run
 
-    def _image_key(self, image: sitk.Image) -> tuple:
-        if image is self.image and self.key is not None:
-            return self.key[0]
-        return image_fingerprint(image)
+    def _same_image(self, image: sitk.Image) -> bool:
+        """The same object, or the same voxels and geometry (checksummed only then: a CT
+        takes about 0.1 s)."""
+        if self.image is None or image is self.image:
+            return image is self.image
+        if self._fingerprint is None:
+            self._fingerprint = image_fingerprint(self.image)
+        return image_fingerprint(image) == self._fingerprint
 
     def open(self, image: sitk.Image, model, axis_index: int, options, make_prepared) -> None:
         """Keep the caches when the same image, model, axis and options come again."""
         model_id = id(getattr(model, "model", model)) if model is not None else None
         preprocess = repr(getattr(model, "preprocess", None))
         walk_options = tuple(getattr(options, name) for name in WALK_OPTIONS)
-        key = (self._image_key(image), model_id, preprocess, axis_index, walk_options, str(options.device))
+        key = (model_id, preprocess, axis_index, walk_options, str(options.device))
         self.reused = self.computed = 0
-        if key == self.key:
+        same_image = self._same_image(image)
+        if same_image and key == self.key:
+            self.image = image
             return
+        if not same_image:
+            self._fingerprint = None
         self.key, self.image, self.walks = key, image, {}
         self.prepared = make_prepared()
         self.slices = SliceImages(self.prepared)
@@ -92,6 +103,9 @@ class PropagationSession:
         result = compute()
         self.computed += 1
         self.walks[key] = result
-        while len(self.walks) > KEEP_WALKS:
+        while len(self.walks) > 1 and (len(self.walks) > KEEP_WALKS or self._walk_bytes() > KEEP_WALK_BYTES):
             self.walks.pop(next(iter(self.walks)))
         return result
+
+    def _walk_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for w in self.walks.values() for p in w.probs.values())

@@ -4,7 +4,8 @@ ended while the structure was still large.
 Each slice gets an estimate of its wrong pixels (model grid) from what the run itself
 saw, the largest first:
   * between two painted slices, the pixels where the two sides' masks disagree;
-  * on an outward walk, half the pixels where the network and the registration disagree;
+  * on an outward walk, half the pixels where the network and the registration disagree,
+    and the mask's pixels outside the painted structure's intensity band;
   * at the walk's ends, a quarter of the last mask's area: both failures (running past the
     structure, stopping early) happen there;
   * the first slice a walk refused, when it stopped with much of the structure left, the
@@ -58,6 +59,10 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
         w = pair[0]
         for i, d in w.disagreement.items():
             _add(scores, i, 0.5 * d, "the network and the registration disagree here")
+        for i, agreement in w.agreement.items():
+            if i in w.areas:
+                _add(scores, i, (1.0 - agreement) * w.areas[i],
+                     "part of the mask does not look like the painted structure")
         areas.update(w.areas)
         kept = [i for i in span.slices if i in w.probs]
         if kept:
@@ -67,8 +72,9 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
             fraction = w.stop["area_fraction"]
             if fraction >= LARGE_STOP_FRACTION:
                 left = fraction * w.painted_area
-                why = ("its intensities no longer match the painted ones" if w.stop["reason"] == "intensity"
-                       else "its area fell below the limit")
+                why = {"intensity": "its intensities no longer match the painted ones",
+                       "growth": "the mask grew where the painted slices say the structure narrows",
+                       }.get(w.stop["reason"], "its area fell below the limit")
                 _add(scores, w.stop["slice"], left,
                      f"the walk from slice {span.start} stopped here with {fraction:.0%} of the painted area")
                 warnings.append(f"the walk {span.direction} from slice {span.start} stopped at slice "

@@ -104,6 +104,7 @@ class Walk:
     probs: dict = field(default_factory=dict)       # slice -> foreground probability
     disagreement: dict = field(default_factory=dict)  # slice -> pixels where network and registration differ
     areas: dict = field(default_factory=dict)       # slice -> mask area (pixels)
+    agreement: dict = field(default_factory=dict)   # slice -> fraction of the mask inside the intensity band
     stop: Optional[dict] = None                     # {"slice", "reason", "area_fraction"} where it ended early
     steps: int = 0
     painted_area: float = 0.0
@@ -133,14 +134,39 @@ class WalkContext:
         return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
 
 
-def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool) -> Walk:
-    """Carry the painted mask of ``start`` through ``slices`` in order."""
+# an outward walk from a painted slice smaller than the next painted slice inward (the
+# structure narrows towards this end) has ended when its mask grows past this multiple of
+# the smallest mask so far: it has slid onto a neighbour
+TAPER_GROWTH = 1.3
+TAPER_RATIO = 0.8
+# a walk that ran into a slice marked absent is cut where its mean intensity agreement
+# falls by at least this much
+CUT_DROP = 0.1
+
+
+def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
+         inward: Optional[int] = None, towards_absent: bool = False) -> Walk:
+    """Carry the painted mask of ``start`` through ``slices`` in order.
+
+    ``inward``: the next painted slice on the other side of ``start``, if any. The stop
+    rule then reads both painted slices: the intensity band of their pixels together, the
+    minimum area from the larger one (an end slice painted small, with its blurred edge,
+    is a poor reference alone), and whether the structure narrows towards this end.
+
+    ``towards_absent``: the slice after ``slices`` is marked absent. A walk that reaches it
+    without stopping has run past the structure unnoticed, so it ends at the slice whose
+    mask looks least like the painted intensities."""
     opts = ctx.options
     fuse = opts.registration_weight if ctx.net is not None else 1.0
     p_mask = ctx.painted_masks(start)
     result = Walk(painted_area=float(p_mask.sum()))
-    min_area = ctx.min_area(result.painted_area)
-    band = intensity_band(ctx.slices.one(start), p_mask.numpy() > 0.5)
+    references = [start] + ([inward] if inward is not None else [])
+    pixels = np.concatenate([ctx.slices.one(i)[ctx.painted_masks(i).numpy() > 0.5] for i in references])
+    band = intensity_band(pixels, np.ones(pixels.shape, bool))
+    reference_area = max(float(ctx.painted_masks(i).sum()) for i in references)
+    min_area = ctx.min_area(reference_area)
+    narrowing = inward is not None and result.painted_area < TAPER_RATIO * float(ctx.painted_masks(inward).sum())
+    smallest = result.painted_area
     chain = [start] + list(slices)
     if ctx.net is not None:
         device = ctx.features.device
@@ -176,16 +202,42 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool) -> Wa
         area = float(mask.sum())
         if stop_rule:
             agreement = intensity_agreement(ctx.slices.one(i), mask.numpy(), band)
-            if area < min_area or agreement < opts.min_intensity_agreement:
+            result.agreement[i] = agreement
+            grew = narrowing and area > TAPER_GROWTH * smallest
+            if area < min_area or agreement < opts.min_intensity_agreement or grew:
                 last = result.areas[slices[k - 1]] if k else result.painted_area
-                result.stop = {"slice": int(i), "reason": "area" if area < min_area else "intensity",
-                               "area_fraction": last / max(result.painted_area, 1.0)}
+                reason = "area" if area < min_area else ("growth" if grew else "intensity")
+                result.stop = {"slice": int(i), "reason": reason,
+                               "area_fraction": last / max(reference_area, 1.0)}
                 result.disagreement.pop(i, None)
                 break
+            smallest = min(smallest, area)
         result.probs[i] = fg
         result.areas[i] = area
         prev_mask = mask.float()
+    if stop_rule and towards_absent and result.stop is None and result.agreement:
+        _end_at_least_agreement(result, list(slices), reference_area)
     return result
+
+
+def _end_at_least_agreement(result: Walk, slices: list[int], reference_area: float) -> None:
+    """Cut a walk that ran into an absent slice where its intensity agreement drops: the
+    split of the walk with the largest fall in mean agreement (at least ``CUT_DROP``);
+    no such fall, no cut."""
+    values = [result.agreement[i] for i in slices if i in result.agreement]
+    best, cut = CUT_DROP, None
+    for k in range(1, len(values)):
+        drop = float(np.mean(values[:k]) - np.mean(values[k:]))
+        if drop > best:
+            best, cut = drop, k
+    if cut is None:
+        return
+    last = result.areas[slices[cut - 1]]
+    result.stop = {"slice": int(slices[cut]), "reason": "absent", "area_fraction": last / max(reference_area, 1.0)}
+    for i in slices[cut:]:
+        result.probs.pop(i, None)
+        result.areas.pop(i, None)
+        result.disagreement.pop(i, None)
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:

@@ -152,27 +152,29 @@ def test_reoriented_volume_gives_the_same_mask(kidney, model):
 
 # ------------------------------------------------------------------------ incremental
 def test_a_correction_recomputes_only_its_span(kidney, model):
+    """Anchors a < m < b, then a correction between a and m: the span a..m becomes two
+    spans, and the outward walk from a (whose inward neighbour changed) runs again; the
+    span m..b and the walk beyond b are reused, their probabilities unchanged."""
     image, truth, first, last = kidney
-    a, b = first + 2, last - 2
+    a, m, b = first + 2, (first + last) // 2, last - 2
     session = PropagationSession()
-    before = propagate(image, painted(truth, [a, b]), model, session=session)
-    assert before.walks_computed == 4 and before.walks_reused == 0   # down, two between, up
-    fix = a + 3
-    after = propagate(image, painted(truth, [a, fix, b]), model, session=session)
-    # outward walks reused; the span a..b became a..fix and fix..b: four new walks
-    assert after.walks_reused == 2 and after.walks_computed == 4
-    outside = [i for i in range(truth.shape[0]) if i < a or i > b]
-    np.testing.assert_array_equal(after.probability[outside], before.probability[outside])
-    # the mask outside moves only through the whole-structure post-processing (the
+    before = propagate(image, painted(truth, [a, m, b]), model, session=session)
+    assert before.walks_computed == 6 and before.walks_reused == 0   # down, 2 + 2 between, up
+    fix = a + 2
+    after = propagate(image, painted(truth, [a, fix, m, b]), model, session=session)
+    assert after.walks_reused == 3 and after.walks_computed == 5
+    above = list(range(m, truth.shape[0]))
+    np.testing.assert_array_equal(after.probability[above], before.probability[above])
+    # the mask there moves only through the whole-structure post-processing (the
     # intensity gate's statistics): a few voxels at most
-    changed = int((after.mask[outside] != before.mask[outside]).sum())
+    changed = int((after.mask[above] != before.mask[above]).sum())
     assert changed <= 0.005 * int(before.mask.sum())
     np.testing.assert_array_equal(after.mask[fix].astype(bool), truth[fix])
-    # the same inputs again: nothing recomputed, the same mask
-    again = propagate(image, painted(truth, [a, fix, b]), model, session=session)
+    # the same inputs again: nothing recomputed, the same mask as a fresh run
+    again = propagate(image, painted(truth, [a, fix, m, b]), model, session=session)
     assert again.walks_computed == 0
     np.testing.assert_array_equal(again.mask, after.mask)
-    fresh = propagate(image, painted(truth, [a, fix, b]), model)
+    fresh = propagate(image, painted(truth, [a, fix, m, b]), model)
     np.testing.assert_array_equal(fresh.mask, after.mask)
 
 
@@ -186,3 +188,17 @@ def test_suggestions_name_filled_slices_only(kidney, model):
     scores = [s.score for s in result.suggestions]
     assert scores == sorted(scores, reverse=True)
     assert all(isinstance(s.reason, str) and s.reason for s in result.suggestions)
+
+
+def test_session_keeps_the_same_scan_and_resets_for_another(kidney, chaos_dir):
+    image, truth, first, last = kidney
+    support = painted(truth, [(first + last) // 2])
+    session = PropagationSession()
+    propagate(image, support, None, REGISTRATION, session=session)
+    reloaded = read_image(chaos_dir / "image_1.nii.gz")           # same voxels, new object
+    again = propagate(reloaded, support, None, REGISTRATION, session=session)
+    assert again.walks_computed == 0 and again.walks_reused == 2
+    edited = sitk.Image(reloaded)
+    edited[10, 10, 10] = edited[10, 10, 10] + 100                  # one voxel differs
+    other = propagate(edited, support, None, REGISTRATION, session=session)
+    assert other.walks_reused == 0 and other.walks_computed == 2

@@ -401,7 +401,7 @@ def test_support_zoom_enlarges_about_the_organ_and_adds_supports():
     """The zoomed copy grows the organ about its own centre; SupportZoomModel scores the
     queries against the support plus its zoomed copies (as the member would, given them),
     and its packed features survive the protocol's mirror and multi-scale wrappers."""
-    from FewShotSegLib import episode_predictors as EP
+    from FewShotProtocol import predictors as EP
     from FewShotSegLib.models.support_zoom import SupportZoomModel, mask_centre, zoom_about
     mask = torch.zeros(64, 64)
     mask[10:20, 30:50] = 1                        # rows 10-19, cols 30-49

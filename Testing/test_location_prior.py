@@ -1,13 +1,13 @@
-"""The protocol's location prior (FewShotSegLib/location_prior.py, row ``+loc``): body boxes,
+"""The protocol's location prior (FewShotProtocol/location_prior.py, row ``+loc``): body boxes,
 the support mask carried between them, the prior's shape, and the predictor wrapping it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from FewShotSegLib import protocol as P
+from FewShotProtocol import protocol as P
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegLib.location_prior import body_boxes, location_prior, mapped_mask
+from FewShotProtocol.location_prior import body_boxes, location_prior, mapped_mask
 from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig, body_mask
 

@@ -1,4 +1,4 @@
-"""The papers' few-shot protocol (FewShotSegLib/protocol.py, benchmarks/fewshot_protocol.py).
+"""The papers' few-shot protocol (FewShotProtocol/protocol.py, benchmarks/fewshot_protocol.py).
 
 Each choice that makes our numbers comparable with the papers is pinned here: folds,
 EP1/EP2 support slices and thirds, 3D Dice accumulation, the strict setting-2 exclusion,
@@ -18,7 +18,7 @@ from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.evaluation import load_chaos_case
 from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig
-from FewShotSegLib import protocol as P
+from FewShotProtocol import protocol as P
 from Training.episodes import EpisodeSampler, VolumeSlices, excluded_slices
 from Training.train import build_sampler, load_config
 
@@ -477,7 +477,7 @@ def test_multi_scale_averages_the_episode_over_grid_sizes():
 def test_fold_notes_merge_without_losing_a_shared_note():
     """A note every fold shares stays whole in the table (its parenthesis included); notes
     that differ only in their parenthesis (each fold's scans) become the common text."""
-    from FewShotSegLib.protocol_report import _merge_notes
+    from FewShotProtocol.report import _merge_notes
     shared = "crtpnet variant: episode loss weights 0.2 : 1 (SSL-ALPNet's 0.05 : 1 over-segments)"
     per_fold = ["not protocol-compliant: trained on all scans (query scans 1,2)",
                 "not protocol-compliant: trained on all scans (query scans 8,10)"]
@@ -487,7 +487,7 @@ def test_fold_notes_merge_without_losing_a_shared_note():
 
 
 def test_cpu_load_is_shown_beside_the_hardware_when_folds_recorded_it():
-    from FewShotSegLib.protocol_report import _load_range
+    from FewShotProtocol.report import _load_range
     folds = [{"device": "cpu", "cpu_load": 2.46}, {"device": "cpu", "cpu_load": 3.1}]
     assert _load_range(folds) == "1-min load up to 3.1"
     assert _load_range(folds + [{"device": "cpu"}]) == "1-min load up to 3.1 (2 of 3 folds recorded)"
@@ -495,7 +495,7 @@ def test_cpu_load_is_shown_beside_the_hardware_when_folds_recorded_it():
 
 
 def test_variants_compare_with_their_model_on_shared_folds_only():
-    from FewShotSegLib import protocol_report as R
+    from FewShotProtocol import report as R
 
     def fold(model, k, dice):
         rows = [{"case": f"{k}{c}", "class": c, **{key: {"dice": dice} for key in P.SCORES}} for c in P.CLASSES]

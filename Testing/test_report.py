@@ -1,4 +1,4 @@
-"""benchmarks/report.py: the README's "Measured" section is rendered from the result files."""
+"""benchmarks/report.py: docs/RESULTS.md is rendered from the result files."""
 from __future__ import annotations
 
 import pytest
@@ -16,11 +16,16 @@ def test_on_cases_recomputes_the_summary_on_the_shared_cases():
     assert set(subset["dice_per_organ"]) == set(report.ORGANS)
 
 
-def test_readme_shows_what_the_result_files_hold():
-    """A result changed without `python benchmarks/report.py --write` leaves the README stale."""
-    readme = (report.ROOT / "README.md").read_text()
-    shown = readme.split(report.START, 1)[1].split(report.END, 1)[0]
-    assert shown == "\n" + report.render(report.DEFAULT_CONFIG), "run: python benchmarks/report.py --write"
+def test_results_page_shows_what_the_result_files_hold():
+    """A result changed without `python benchmarks/report.py --write` leaves docs/RESULTS.md stale."""
+    assert report.PAGE.read_text() == report.page(), "run: python benchmarks/report.py --write"
+
+
+def test_every_table_of_the_results_page_has_rows():
+    text = report.page()
+    for heading in ("### Product benchmark", "### Speed and memory", "### Refinement", "### Few-shot protocol"):
+        section = text.split(heading, 1)[1].split("\n### ", 1)[0]
+        assert sum(line.startswith("| ") for line in section.splitlines()) >= 3, heading
 
 
 def test_binarisation_table_puts_each_model_set_in_a_column(tmp_path):

@@ -1,4 +1,4 @@
-"""Query self-support (FewShotSegLib/self_support.py, protocol row ``+ss``): the pseudo-label,
+"""Query self-support (FewShotProtocol/self_support.py, protocol row ``+ss``): the pseudo-label,
 the anchors, EP2's predicted extent, and the second pass pulling the probabilities towards
 the query's own look."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from FewShotSegLib import protocol as P
-from FewShotSegLib.self_support import (MIN_PSEUDO_PIXELS, anchor_slices, predicted_extent, pseudo_label,
+from FewShotProtocol import protocol as P
+from FewShotProtocol.self_support import (MIN_PSEUDO_PIXELS, anchor_slices, predicted_extent, pseudo_label,
                                         self_supported)
 
 

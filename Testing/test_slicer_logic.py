@@ -34,7 +34,7 @@ CHAOS_CASE = 15          # 31 slices: the smallest CHAOS volume
 LIVER, SPLEEN = 1, 4     # chaos_t2/labels.json
 DICOM_LIVER = 5          # totalseg/labels_total.json
 # A trained model must clearly beat copying the painted slice to every slice (liver 0.45,
-# REFERENCE §7); case 15 is a hard liver (the default measured 0.58 on it, README).
+# REFERENCE §7); case 15 is a hard liver (the default measured 0.58 on it, docs/RESULTS.md).
 SHIPPED_LIVER_DICE_MIN = 0.5
 
 

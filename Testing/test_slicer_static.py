@@ -25,8 +25,6 @@ MODULE_FILES_IGNORED = {"CMakeLists.txt"}
 QT_FREE = [MODULE / "FewShotSegSlicerLib" / f for f in
            ("__init__.py", "logic.py", "refinelogic.py", "geometry.py", "models.py", "tasks.py", "dependencies.py",
             "refinement.py", "userslices.py", "engine.py", "worker.py", "workerclient.py")]
-S4EXT_KEYS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
-              "category", "iconurl", "status", "description", "screenshoturls", "enabled")
 CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                 "build_subdirectory", "enabled", "tier"}  # Slicer's catalog-entry schema v1.0.1
 CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"
@@ -206,33 +204,19 @@ def test_extension_cmake_has_the_index_fields():
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
 
 
-def read_s4ext() -> dict:
-    values = {}
-    for line in (ROOT / "FewShotSeg.s4ext").read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            values[key] = value.strip()
-    return values
-
-
-def test_s4ext_has_every_key_and_agrees_with_cmake():
-    s4ext = read_s4ext()
-    missing = [k for k in S4EXT_KEYS if not s4ext.get(k)]
-    assert not missing, missing
-    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert f'set(EXTENSION_HOMEPAGE "{s4ext["homepage"]}")' in cmake
-    assert f'set(EXTENSION_ICONURL "{s4ext["iconurl"]}")' in cmake
-    assert s4ext["category"] == "Segmentation" and s4ext["depends"] == "PyTorch"
-    assert s4ext["scm"] == "git" and s4ext["enabled"] in ("0", "1")
-
-
 def test_catalog_entry_follows_slicers_schema():
     entry = json.loads((ROOT / "FewShotSeg.json").read_text(encoding="utf-8"))
     assert entry["$schema"] == CATALOG_SCHEMA
     assert set(entry) <= CATALOG_KEYS, f"not allowed by the schema: {set(entry) - CATALOG_KEYS}"
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["build_subdirectory"] == "." and entry["tier"] in (1, 3, 5)
-    assert entry["scm_url"] == read_s4ext()["scmurl"] and isinstance(entry["scm_revision"], str)
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert entry["scm_url"] == homepage + ".git" and isinstance(entry["scm_revision"], str)
+
+
+def test_no_s4ext_beside_the_catalog_entry():
+    """The ExtensionsIndex reads the JSON entry only; a stale .s4ext would disagree with it unseen."""
+    assert not list(ROOT.glob("*.s4ext"))
 
 
 def test_license_is_apache_2():

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from FewShotSegLib import protocol as P
+from FewShotProtocol import protocol as P
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.models import build_model
 from FewShotSegLib.preprocessing import PreprocessConfig

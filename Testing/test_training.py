@@ -71,6 +71,18 @@ def test_corrupt_cache_is_recomputed(chaos_dir, tmp_path):
     np.testing.assert_array_equal(again.regions, first.regions)
 
 
+def test_superpixel_preparation_reports_every_slice_and_the_cache_none(chaos_dir, tmp_path):
+    calls = []
+    vol = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,
+                       progress=lambda done, total: calls.append((done, total)))
+    n = vol.slices.shape[0]
+    assert calls == [(i, n) for i in range(1, n + 1)]
+    calls.clear()
+    VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,
+                 progress=lambda done, total: calls.append((done, total)))
+    assert calls == []                               # read from the cache: nothing to wait for
+
+
 def test_superpixels_stay_inside_the_body(volume):
     vol, _ = volume
     mid = vol.slices.shape[0] // 2

@@ -67,9 +67,11 @@ class VolumeSlices:
 
     def __init__(self, image_path: Path, preprocess: PreprocessConfig, axis: str,
                  cache_dir: Path | None, label_path: Path | None = None,
-                 exclude_labels: tuple | None = None):
+                 exclude_labels: tuple | None = None, progress=None):
         """``exclude_labels``: ``(label file, values)``; slices whose label contains ANY of
-        the values take no part in any episode (few-shot setting 2, see `excluded_slices`)."""
+        the values take no part in any episode (few-shot setting 2, see `excluded_slices`).
+        ``progress(done, total)`` follows the superpixels, slice by slice (seconds per volume
+        when they are not cached yet)."""
         from FewShotSegLib.imageio import read_image  # SimpleITK: not needed for slice packs
         self.image_path, self.label_path = Path(image_path), label_path and Path(label_path)
         image = read_image(self.image_path)
@@ -90,7 +92,7 @@ class VolumeSlices:
                 regions[m] = value
             self.regions = regions.numpy()
         else:
-            self.regions = self._cached_superpixels(cache_dir, preprocess, axis)
+            self.regions = self._cached_superpixels(cache_dir, preprocess, axis, progress)
         self.valid = self._valid_slices()
 
     def _cache_key(self, preprocess: PreprocessConfig, axis: str) -> str:
@@ -99,7 +101,7 @@ class VolumeSlices:
                            preprocess.to_dict(), axis, SUPERPIXEL_PARAMS, CACHE_VERSION], default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def _cached_superpixels(self, cache_dir, preprocess, axis) -> np.ndarray:
+    def _cached_superpixels(self, cache_dir, preprocess, axis, progress=None) -> np.ndarray:
         path = None
         if cache_dir is not None:
             path = Path(cache_dir) / f"{self.image_path.name.split('.')[0]}_{self._cache_key(preprocess, axis)}.npz"
@@ -111,7 +113,13 @@ class VolumeSlices:
                         return regions
                 except (OSError, ValueError, KeyError):  # truncated or foreign file: recompute
                     pass
-        regions = np.stack([superpixels(s) for s in self.slices.numpy()])
+        slices = self.slices.numpy()
+        regions = []
+        for s in slices:
+            regions.append(superpixels(s))
+            if progress is not None:
+                progress(len(regions), len(slices))
+        regions = np.stack(regions)
         if path is not None:
             # a unique temporary name: several DDP ranks may fill the same cache at once
             atomic_write(path, lambda f: np.savez_compressed(f, regions=regions), shared=True)

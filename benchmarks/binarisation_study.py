@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from FewShotSegLib import protocol as P  # noqa: E402
+from FewShotProtocol import protocol as P  # noqa: E402
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         return 2
     from Training.provenance import hardware
     summary = {"models": models, "run": args.run_name, "folds": [f.index for f in folds], "setting": "s1",
-               "score": "EP1 mean Dice (%), FewShotSegLib/protocol.py",
+               "score": "EP1 mean Dice (%), FewShotProtocol/protocol.py",
                "hardware": hardware(torch.device("cpu"), 1), "wall_seconds": round(time.perf_counter() - start, 1),
                "rules": {rule: {"what": RULES[rule], **{k: (round(100 * v, 2) if k == "mean" else v) for k, v in
                                                         P.mean_dice(rows[rule], "ep1").items() if k != "per_class"},

@@ -5,7 +5,7 @@
     python benchmarks/fewshot_protocol.py --models registration --folds 0,1    # the non-learned row only
     python benchmarks/fewshot_protocol.py --checkpoint Resources/Models/fewshotseg-default.pt --settings 1
 
-What is scored and why: FewShotSegLib/protocol.py. Each (model, setting, fold) is written
+What is scored and why: FewShotProtocol/protocol.py. Each (model, setting, fold) is written
 to benchmarks/results/protocol/<run>/<model>/fold_<k>_s<1|2>.json as soon as it is done;
 the same command again skips finished folds and resumes interrupted trainings (kept under
 runs/protocol/<run>/). Then: benchmarks/results/protocol_<run>.json (summary), .md (the
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from FewShotSegLib import protocol as P  # noqa: E402
-from FewShotSegLib import protocol_report as R  # noqa: E402
+from FewShotProtocol import protocol as P  # noqa: E402
+from FewShotProtocol import report as R  # noqa: E402
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.evaluation import write_json  # noqa: E402
@@ -203,7 +203,7 @@ def run_fold(args, base, model: str, fold: P.Fold, queries, setting: str, data_d
                       key=lambda e: list(P.CLASSES.values()).index(e[0]))
     eval_seconds = sum(ev.seconds for ev in evaluations)
     payload = {
-        "protocol": "CHAOS-T2 1-way 1-shot, FewShotSegLib/protocol.py", "model": _row_name(model, variant),
+        "protocol": "CHAOS-T2 1-way 1-shot, FewShotProtocol/protocol.py", "model": _row_name(model, variant),
         "setting": setting,
         "fold": fold.index, "queries": queries, "support": fold.support, "train_scans": fold.train,
         "budget": args.budget if checkpoint is None else "checkpoint", "steps": steps, "size": size,
@@ -400,7 +400,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="alpnet,registration",
                         help=f"comma-separated: {', '.join(available_models())}, registration, or a "
-                             f"variant ({', '.join(P.VARIANTS)}: see FewShotSegLib/protocol.py)")
+                             f"variant ({', '.join(P.VARIANTS)}: see FewShotProtocol/protocol.py)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                         help="also evaluate this trained checkpoint as it is (no training; setting 1)")
     parser.add_argument("--settings", default="1,2", help="1, 2 or 1,2")

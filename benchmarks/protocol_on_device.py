@@ -64,7 +64,7 @@ def _stem(row: str, fold: int, setting: str) -> str:
 def pack(args) -> Path:
     """Slice packs of every scan, the backbone initialisation and the fold configs."""
     from benchmarks import fewshot_protocol as FP
-    from FewShotSegLib import protocol as P
+    from FewShotProtocol import protocol as P
     from FewShotSegLib.evaluation import write_json
     from FewShotSegLib.models.backbones import save_backbone_weights
     from FewShotSegLib.preprocessing import PreprocessConfig
@@ -300,7 +300,7 @@ def _place(source: Path, paths: list[Path], report: dict, run_name: str) -> list
         raise FewShotSegError(f"no <row>__fold_<k>__<setting>.pt checkpoints in {source}")
     if len(steps) != 1:
         raise FewShotSegError(f"the checkpoints stopped at different steps {sorted(steps)}: score them one by one")
-    from FewShotSegLib import protocol as P
+    from FewShotProtocol import protocol as P
     placed = []
     for path, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)

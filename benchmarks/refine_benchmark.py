@@ -31,6 +31,7 @@ from FewShotSegLib.evaluation import (CHAOS_ORGANS, chaos_cases, load_chaos_case
                                       score_structure, shared_data_dir, write_json)
 from FewShotSegLib.imageio import array_axis_for  # noqa: E402
 from FewShotSegLib.metrics import dice, hd95  # noqa: E402
+from FewShotSegLib.overview import save_figure  # noqa: E402
 from FewShotSegLib.model_store import DEFAULT_MODEL, DEFAULT_REFINER, resolve_model_path  # noqa: E402
 from FewShotSegLib.propagation import PropagationOptions  # noqa: E402
 from FewShotSegLib.refinement.perturb import degrade_mask  # noqa: E402
@@ -102,8 +103,7 @@ def figure(path: Path, panels: list[dict]) -> None:
             ax.set_title(f"{p['case']} {p['organ']} z{p['z']}: {title}" if key is None else title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -1,15 +1,16 @@
-"""Render the benchmark results (benchmarks/results/*.json) as the README's tables.
+"""Render the benchmark results (benchmarks/results/*.json) as docs/RESULTS.md.
 
-The README quotes numbers only through this script, so a table never disagrees with the
-file it came from:
+Every table of results is rendered by this script from the file it came from, so a table
+never disagrees with its file (Testing/test_report.py checks the committed page):
 
     python benchmarks/report.py            # print the Markdown
-    python benchmarks/report.py --write    # replace the block between the README markers
+    python benchmarks/report.py --write    # rewrite docs/RESULTS.md
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+PAGE = ROOT / "docs" / "RESULTS.md"
+HEADER = """# Results
+
+Rendered by `python benchmarks/report.py --write` from the files in `benchmarks/results/`
+(do not edit by hand). Each file names the script that wrote it, its options, hardware and
+per-case numbers. Unless a table says otherwise: a 2-core x86-64 CPU, no GPU, torch 2.13.0
+CPU build, often shared with other work while it ran, so the timings are pessimistic.
+How the protocol rows were made and what they may and may not be compared with:
+[PROTOCOL.md](PROTOCOL.md).
+
+"""
 ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]
 
 
@@ -227,7 +238,8 @@ def render(config: dict) -> str:
             for suffix, alt in (("", "EP1 mean Dice beside the papers"), ("_examples", "example propagations")):
                 image = path.with_name(path.stem + suffix + ".png")
                 if image.exists():
-                    parts += [f"![{path.stem}: {alt}]({image.relative_to(ROOT).as_posix()})", ""]
+                    link = Path(os.path.relpath(image, PAGE.parent)).as_posix()
+                    parts += [f"![{path.stem}: {alt}]({link})", ""]
     studies = sorted(RESULTS.glob("binarisation_*.json"))
     if studies:
         parts += ["### How EP1's probabilities become a mask (benchmarks/binarisation_study.py)", "",
@@ -271,21 +283,19 @@ DEFAULT_CONFIG = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update README.md between the markers")
+    parser.add_argument("--write", action="store_true", help=f"rewrite {PAGE.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    text = render(DEFAULT_CONFIG)
+    text = page()
     if not args.write:
         print(text)
         return 0
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    if START not in body or END not in body:
-        print(f"report: error: README.md lacks the markers {START} ... {END}", file=sys.stderr)
-        return 2
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(head + START + "\n" + text + END + tail)
+    PAGE.write_text(text)
     return 0
+
+
+def page() -> str:
+    """docs/RESULTS.md as it should read now."""
+    return HEADER + render(DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

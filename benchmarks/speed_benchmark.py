@@ -4,7 +4,10 @@ Cases: a 256x256x40 CHAOS-T2 MRI (liver painted on its largest slice) and a 512x
 CT made by resampling ../shared/data/totalseg/ct_abdomen_3mm.nii.gz onto a 512x512x300
 grid over the same field of view (liver painted). Each case runs in a fresh process so
 peak RSS is that of one propagation; the ratio of total time to the network's own
-forward time shows the engine's overhead. Writes benchmarks/results/speed.json.
+forward time shows the engine's overhead. Then, in the same process and session, one
+correction: the label's slice halfway from the painted slice to the structure's far end
+is painted too and the volume propagated again (the interactive loop's click).
+Writes benchmarks/results/speed.json.
 """
 from __future__ import annotations
 
@@ -51,11 +54,16 @@ def make_cases(data_dir: Path, work: Path) -> dict:
     out = {}
     for name, (image, label, value) in cases.items():
         arr = sitk.GetArrayFromImage(label) == value
-        support, _ = largest_slice_support(arr, 0)
-        sup = sitk.GetImageFromArray(support.astype(np.uint8))
-        sup.CopyInformation(image)
+        support, painted = largest_slice_support(arr, 0)
+        rows = np.flatnonzero(arr.any((1, 2)))
+        far = int(rows[0]) if painted - rows[0] > rows[-1] - painted else int(rows[-1])
+        corrected = support.copy()
+        corrected[(painted + far) // 2] = arr[(painted + far) // 2]
         sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(work / f"{name}.nii.gz"))
-        sitk.WriteImage(sup, str(work / f"{name}_support.nii.gz"))
+        for suffix, mask in (("support", support), ("corrected", corrected)):
+            sup = sitk.GetImageFromArray(mask.astype(np.uint8))
+            sup.CopyInformation(image)
+            sitk.WriteImage(sup, str(work / f"{name}_{suffix}.nii.gz"))
         out[name] = {"size": list(image.GetSize()), "spacing": [round(s, 3) for s in image.GetSpacing()]}
     return out
 
@@ -79,7 +87,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
     from FewShotSegLib.checkpoints import load_checkpoint
     from FewShotSegLib.imageio import read_image, read_mask_like
     from FewShotSegLib.model_store import resolve_model_path
-    from FewShotSegLib.propagation import PropagationOptions, propagate
+    from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
 
     t0 = time.perf_counter()
     img = read_image(image)
@@ -89,12 +97,18 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
     options = PropagationOptions(mode=mode, multi_scale=multi_scale)
     if registration_weight is not None:
         options.registration_weight = registration_weight
-    result = propagate(img, sup, ckpt, options)
+    session = PropagationSession()
+    result = propagate(img, sup, ckpt, options, session=session)
     t2 = time.perf_counter()
+    corrected = sitk.GetArrayFromImage(read_mask_like(str(support).replace("_support", "_corrected"), img)) > 0
+    t3 = time.perf_counter()
+    again = propagate(img, corrected, ckpt, options, session=session)
+    t4 = time.perf_counter()
     Path(result_path).write_text(json.dumps({
         "load_seconds": t1 - t0, "propagate_seconds": t2 - t1,
         "network_seconds": result.network_seconds, "slices_done": result.slices_done,
         "overhead_ratio": (t2 - t1) / max(result.network_seconds, 1e-9),
+        "repropagate_seconds": t4 - t3, "repropagate_slices_done": again.slices_done,
         "peak_rss_mb": _peak_rss_mb()}))
 
 

@@ -2,7 +2,7 @@
 foreground probabilities averaged on the model grid.
 
 A fully convolutional network sees an enlarged slice with finer features per organ, and
-the scales err differently (protocol row ``+ms``: EP1 +1.2 on every crtpnet row, README).
+the scales err differently (protocol row ``+ms``: EP1 +1.2 on every crtpnet row, docs/PROTOCOL.md).
 `MultiScaleModel` keeps the model interface (``encode`` once per slice, ``segment``
 support vs. queries), so the propagation's feature cache, batching and support stacking
 work unchanged: the features of one slice at every scale travel packed as one tensor.
@@ -17,7 +17,7 @@ from ..errors import FewShotSegError
 from .wrapper import ModelWrapper
 
 # the scales averaged, as multiples of the grid; chosen on the shipped checkpoint, not on
-# the protocol's fold models (README: protocol, row +ms)
+# the protocol's fold models (docs/PROTOCOL.md, row +ms)
 MULTI_SCALES = (1.0, 1.5)
 
 

@@ -4,7 +4,7 @@ about the organ's centre.
 Organs differ in size between subjects by tens of percent, and a prototype model matches
 local parts of the support organ to the query's; zoomed copies of the support give it
 parts at the sizes the query may show. Enlarged copies help, shrunk ones were measured to
-hurt (README), so the default zooms only enlarge. Still one labelled slice (1-shot): the extra
+hurt (docs/PROTOCOL.md), so the default zooms only enlarge. Still one labelled slice (1-shot): the extra
 supports are made from it, as SSL-ALPNet's training episodes are made from one slice.
 
 `SupportZoomModel` keeps the model interface. Its ``encode`` packs each slice's features
@@ -23,7 +23,7 @@ from ..errors import FewShotSegError
 from .wrapper import ModelWrapper
 
 # zoom factors of the extra supports (>1 enlarges the organ); chosen on the shipped
-# checkpoint's protocol folds 0-2, not on the fold models (README: protocol, row +sz)
+# checkpoint's protocol folds 0-2, not on the fold models (docs/PROTOCOL.md, row +sz)
 SUPPORT_ZOOMS = (1.12, 1.25)
 
 

@@ -1,0 +1,74 @@
+"""benchmarks/interactive_benchmark.py: the simulated user's choices, and a quick run on real
+data (Fill between slices via ITK's contour interpolator, and the engine, two rounds on one
+CHAOS-T2 structure, in a subprocess: importing ITK takes about 13 s of CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "interactive_benchmark.py"
+ITK_MISSING = importlib.util.find_spec("itk") is None
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("interactive_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worst_slice_and_inputs():
+    bench = _bench()
+    truth = np.zeros((6, 5, 5), bool)
+    truth[1:4, 1:4, 1:4] = True
+    pred = np.zeros_like(truth)
+    pred[2] = truth[2]
+    pred[5, :2, :] = True                     # 10 wrong voxels on a slice where it is absent
+    assert bench.worst_slice(pred, truth, 0, {2}) == 5
+    assert bench.worst_slice(pred, truth, 0, {2}, present_only=True) in (1, 3)   # 9 each
+    assert bench.worst_slice(truth, truth, 0, set()) is None
+    support, exclude = bench.inputs_for(truth, 0, [2], [5])
+    assert support[2].sum() == 9 and support.sum() == 9
+    assert exclude[5].all() and exclude.sum() == 25
+    assert bench.inputs_for(truth, 0, [2], [])[1] is None
+
+
+@pytest.mark.skipif(ITK_MISSING, reason="Fill between slices needs: pip install itk-morphologicalcontourinterpolation")
+def test_quick_run_on_real_data(chaos_dir, tmp_path):
+    out = tmp_path / "interactive_quick.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--cases", "1", "--methods", "fill,fewshot",
+           "--rounds", "2", "--out", str(out), "--data", str(chaos_dir.parent)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert {"date", "hardware", "settings", "summary", "structures"} <= set(payload)
+    assert payload["hardware"]["threads"] == 1
+    chaos = payload["summary"]["chaos"]
+    assert set(chaos) == {"fill", "fewshot"}
+    for method, summary in chaos.items():
+        assert summary["structures"] == 1
+        assert set(summary["mean_dice"]) == {"1", "2"}
+        assert all(0.0 <= v <= 1.0 for v in summary["mean_dice"].values())
+        assert summary["seconds_first"] > 0 and summary["seconds_repropagation"] > 0
+        assert summary["errors"] == 0
+    assert chaos["fill"]["mean_dice"]["2"] >= chaos["fill"]["mean_dice"]["1"]
+    assert chaos["fewshot"]["mean_dice"]["1"] > chaos["fill"]["mean_dice"]["1"]
+    # Fill between slices with one painted slice returns that slice: Dice = 2|S| / (|S| + |T|)
+    import SimpleITK as sitk
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(chaos_dir / "label_1.nii.gz"))) == 1
+    largest = truth.reshape(truth.shape[0], -1).sum(1).max()
+    assert chaos["fill"]["mean_dice"]["1"] == pytest.approx(2 * largest / (largest + truth.sum()), abs=1e-4)
+    records = payload["structures"]
+    assert [(r["case"], r["organ"]) for r in records] == [("1", "liver")] * 2
+    assert all(len(r["dice"]) == 2 and len(r["picks"]) == 2 for r in records)
+    # resume: a second run finds both records there and adds nothing
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "resuming" in again.stdout
+    assert len(json.loads(out.read_text())["structures"]) == 2
