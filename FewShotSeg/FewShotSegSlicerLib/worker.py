@@ -42,7 +42,7 @@ import traceback
 PROGRESS_INTERVAL = 0.05  # seconds between two progress lines
 
 
-def unpack(path: str, shape) -> "np.ndarray":
+def unpack(path: str, shape):
     """A bool array sent as np.packbits (8x smaller than bool, far smaller than uint8)."""
     import numpy as np
 
