@@ -247,6 +247,24 @@ def test_warm_up_loads_the_model_before_the_first_click(tiny_checkpoint, chaos):
         logic.shutdown()
 
 
+def test_worker_that_cannot_start_or_import(chaos, tiny_checkpoint, tmp_path):
+    """A missing interpreter, or one without the engine's packages: one clear message each,
+    nothing written."""
+    before = snapshot(chaos.seg, chaos.image)
+    missing = FewShotSegLogic(workerPython=str(tmp_path / "no-such-python"))
+    with pytest.raises(FewShotSegError, match="could not start the FewShotSeg worker"):
+        missing.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, worker=True)
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    logic = FewShotSegLogic(workerPython=str(broken))
+    with pytest.raises(WorkerStopped, match=r"exit code 3\); the segmentation was not changed\. "
+                                            r"Last words: ModuleNotFoundError: No module named torch"):
+        logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, worker=True)
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+    assert not logic.isBusy and not missing.isBusy
+
+
 def test_propagate_clicked_twice(logic, chaos, tiny_checkpoint):
     before = snapshot(chaos.seg, chaos.image)
     job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, forWorker=True)

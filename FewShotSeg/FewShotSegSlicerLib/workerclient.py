@@ -119,9 +119,13 @@ class WorkerProcess:
         options = {}
         if os.name == "nt":
             options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        with open(self.logPath, "wb") as log:
-            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                         bufsize=0, **options)
+        try:
+            with open(self.logPath, "wb") as log:
+                self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                             bufsize=0, **options)
+        except OSError as exc:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise FewShotSegError(f"could not start the FewShotSeg worker ({command[0]}): {exc}") from None
         self.reader = _PipeReader(self.proc.stdout)
         self.pid: Optional[int] = None   # the interpreter's own pid (PythonSlicer may be a launcher)
         self.heldVolume: Optional[str] = None
@@ -156,8 +160,10 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             pass
         code = self.proc.poll()
+        lines = [line.strip() for line in self.logTail().splitlines() if line.strip()]
+        last = f" Last words: {lines[-1][:300]}." if lines else ""
         return (f"the FewShotSeg worker stopped unexpectedly (exit code {code if code is not None else 'unknown'}); "
-                f"the segmentation was not changed. Its log: {self.logPath}")
+                f"the segmentation was not changed.{last} Its log: {self.logPath}")
 
     def logTail(self, chars: int = 2000) -> str:
         try:
@@ -178,8 +184,9 @@ class WorkerProcess:
         except (OSError, subprocess.TimeoutExpired):
             pass
 
-    def close(self, removeFolder: bool = True) -> None:
-        """Ask it to quit, kill it if it does not, and remove the temporary folder."""
+    def close(self, keepLog: bool = False) -> None:
+        """Ask it to quit, kill it if it does not, and remove the temporary folder (all but
+        the log when ``keepLog``: a crash's message points to it)."""
         if self.proc.poll() is None:
             try:
                 self.send({"cmd": "quit"})
@@ -192,8 +199,15 @@ class WorkerProcess:
                 pipe.close()
             except OSError:
                 pass
-        if removeFolder:
+        if not keepLog:
             shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in Path(self.folder).iterdir():
+            if path.name != Path(self.logPath).name:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
 
 
 class PropagationHandle:
@@ -259,9 +273,9 @@ class PropagationHandle:
                 self._end(error=error, trace=message.get("trace", ""))
                 return True
         if self.worker.stopped:
-            self.client.discard(self.worker)
-            self._end(error=self._cancelled() if self.cancelRequested else WorkerStopped(self.worker.stoppedMessage()),
-                      trace=self.worker.logTail())
+            message, trace = self.worker.stoppedMessage(), self.worker.logTail()
+            self.client.discard(self.worker, keepLog=not self.cancelRequested)
+            self._end(error=self._cancelled() if self.cancelRequested else WorkerStopped(message), trace=trace)
             return True
         if self.cancelRequested and time.perf_counter() - self._cancelAt > CANCEL_GRACE_SECONDS:
             self.client.discard(self.worker)  # it did not answer: kill it, the next job starts a new one
@@ -347,7 +361,7 @@ class WorkerClient:
         try:
             worker.send(message)
         except FewShotSegError:
-            self.discard(worker)
+            self.discard(worker, keepLog=True)
             for path in files:
                 os.remove(path)
             raise
@@ -378,13 +392,13 @@ class WorkerClient:
         if self.current is handle:
             self.current = None
 
-    def discard(self, worker: Optional[WorkerProcess] = None) -> None:
+    def discard(self, worker: Optional[WorkerProcess] = None, keepLog: bool = False) -> None:
         """Kill a worker (the current one by default); the next job starts a fresh one."""
         worker = worker or self.worker
         if worker is None:
             return
         worker.kill()
-        worker.close()
+        worker.close(keepLog)
         if worker is self.worker:
             self.worker = None
 
