@@ -361,9 +361,7 @@ class WorkerClient:
         try:
             worker.send(message)
         except FewShotSegError:
-            self.discard(worker, keepLog=True)
-            for path in files:
-                os.remove(path)
+            self.discard(worker, keepLog=True)  # removes the arrays written for this job, keeps the log
             raise
         worker.heldVolume = volumeKey
         self.current = PropagationHandle(self, worker, jobId, job, files)
