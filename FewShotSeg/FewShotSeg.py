@@ -1,9 +1,12 @@
 """FewShotSeg: paint a structure on one slice, click once, get it through the whole volume.
 
-Thin module file (Slicer convention): Module, Widget and Test only. The work is in
-FewShotSegLogic.py (no Qt), helpers in FewShotSegSlicerLib/, the Segment Editor effect
-in FewShotSegEffect/ and the engine in the FewShotSegLib package installed beside it.
+Thin module file (Slicer convention): Module, Widget and Test only; it is the only .py at
+the top of the module folder, since Slicer loads each one there as a module. The work is
+in FewShotSegSlicerLib/logic.py (no Qt; one shared Logic per session, which runs the
+propagation in a worker process), helpers in FewShotSegSlicerLib/, the Segment Editor
+effect in FewShotSegEffect/ and the engine in the FewShotSegLib package installed beside it.
 """
+import logging
 import os
 from typing import Annotated
 
@@ -16,7 +19,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FewShotSegLogic import AXES, MODES, FewShotSegLogic
+from FewShotSegSlicerLib.logic import AXES, MODES, sharedLogic
 
 
 class FewShotSeg(ScriptedLoadableModule):
@@ -28,7 +31,9 @@ class FewShotSeg(ScriptedLoadableModule):
         self.parent.contributors = ["FewShotSeg contributors"]
         self.parent.helpText = (
             "Paint a structure on one slice (Segment Editor), then click Propagate: a few-shot "
-            "model fills the other slices. Refine redraws the segment with a diffusion refiner, "
+            "model fills the other slices. To correct, paint or erase any slice and Propagate again: "
+            "the slices you drew stay, the others are refilled; the list shows the slices most worth "
+            "checking (click one to jump there). Refine redraws the segment with a diffusion refiner, "
             "shows where it is uncertain and lists the slices to review first. Both are also in "
             "the 'Few-shot propagate' Segment Editor effect. "
             "See <a href='https://github.com/fewshotseg/SlicerFewShotSeg'>the project page</a>.")
@@ -76,7 +81,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = FewShotSegLogic()
+        self.logic = sharedLogic()  # the effect uses the same one: one model, one worker
+        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
         self.runner = TaskRunner(self.ui.propagateButton, self.ui.progressBar, self.ui.statusLabel)
         self.refineRunner = TaskRunner(self.ui.refineButton, self.ui.progressBar, self.ui.statusLabel,
                                        startText="Refine")
@@ -98,7 +104,12 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        from FewShotSegSlicerLib import dependencies
+
         self.initializeParameterNode()
+        p = self._parameterNode
+        if p and dependencies.torchAvailable() and not dependencies.missingPackages():
+            self.logic.warmUp(p.model or None, p.device)  # the worker loads the model while the user paints
 
     def exit(self):
         self.setParameterNode(None)
@@ -198,15 +209,22 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- propagation ---------------------------------------------------------------------
     def onPropagateButton(self):
         p = self._parameterNode
+
+        def start(job):
+            self.showUncertainSlices([])
+            self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result),
+                                    self.updateGUI)
+
         self._startOrCancel(self.runner, "Cannot propagate.",
                             lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
                                                        mode=p.mode, axis=p.axis, device=p.device,
-                                                       intensityGate=p.intensityGate),
-                            self.logic.compute, self.onResult)
+                                                       intensityGate=p.intensityGate, forWorker=True),
+                            None, self.onResult, start)
 
-    def _startOrCancel(self, runner, errorTitle, prepare, compute, onResult):
+    def _startOrCancel(self, runner, errorTitle, prepare, compute, onResult, start=None):
         """The button of a running job cancels it; otherwise prepare on the GUI thread (errors
-        shown to the user, nothing changed) and compute in the background."""
+        shown to the user, nothing changed) and compute in the background (``start(job)``
+        for the worker process, else ``compute`` on a thread)."""
         if runner.running:
             runner.cancel()
             return
@@ -217,14 +235,21 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.logic.availableDevices(refresh=True)
             job = prepare()
-            runner.start(lambda progress, cancel: compute(job, progress, cancel),
-                         lambda result: onResult(job, result), self.updateGUI)
+            if start is not None:
+                start(job)
+            else:
+                runner.start(lambda progress, cancel: compute(job, progress, cancel),
+                             lambda result: onResult(job, result), self.updateGUI)
             self.updateGUI()
 
     def onResult(self, job, result):
         undo = self.editorUndo(job.segmentationNode)
         summary = self.logic.apply(job, result, saveStateForUndo=undo)
-        self.ui.statusLabel.text = summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+        self.ui.statusLabel.text = (summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+                                    + "".join("\n" + w for w in summary.warnings))
+        for warning in summary.warnings:
+            logging.warning("FewShotSeg: %s", warning)
+        self.showUncertainSlices(summary.suggestions)  # where to look next; click one to jump there
 
     # -- refinement ----------------------------------------------------------------------------
     def onRefineButton(self):
@@ -295,7 +320,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
 
         from FewShotSegSlicerLib import dependencies
 
-        logic = FewShotSegLogic()
+        logic = sharedLogic()
         if not dependencies.torchAvailable() or not logic.catalog.defaultModelName():
             self.delayDisplay("PyTorch or the default model is missing: propagation test skipped")
             return
@@ -315,7 +340,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         other[2:5, 5:20, 5:20] = True
         slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), seg, segId, volume)
         slicer.util.updateSegmentBinaryLabelmapFromArray(other.astype(np.uint8), seg, otherId, volume)
-        summary = logic.propagate(volume, seg, segId, axis="axial")
+        summary = logic.propagate(volume, seg, segId, axis="axial", worker=True)  # as the GUI runs it
         result = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segId, volume) > 0
         self.assertTrue(np.array_equal(result[12], painted[12]))
         self.assertTrue(np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, otherId, volume) > 0,

@@ -26,7 +26,7 @@ pytest.importorskip("torch")
 import vtk  # noqa: E402
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
-from FewShotSegLogic import FewShotSegLogic, segmentationHistory  # noqa: E402
+from FewShotSegSlicerLib.logic import FewShotSegLogic, segmentationHistory  # noqa: E402
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.tasks import BackgroundTask  # noqa: E402
 

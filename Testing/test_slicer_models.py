@@ -20,7 +20,7 @@ pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.model_store import sha256_of  # noqa: E402
-from FewShotSegLogic import FewShotSegLogic  # noqa: E402
+from FewShotSegSlicerLib.logic import FewShotSegLogic  # noqa: E402
 from FewShotSegSlicerLib.models import ModelCatalog, formatCard, readCatalog  # noqa: E402
 
 

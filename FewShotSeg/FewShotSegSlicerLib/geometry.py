@@ -206,3 +206,65 @@ def segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode) -> bool:
         return False
     offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])  # in volume voxels
     return bool(np.allclose(offset, np.round(offset), atol=1e-3))
+
+
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+
+
+def directionImage(volumeNode):
+    """A 1-voxel SimpleITK image with the volume's direction: enough for the anatomical
+    axis names (FewShotSegLib.imageio.array_axis_for) without copying the voxels."""
+    import SimpleITK as sitk
+
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    origin, spacing, direction = sitkGeometry(volumeNode)
+    image.SetDirection(direction)
+    return image
+
+
+def axisName(image, axisIndex: int) -> str:
+    """The anatomical name of a numpy axis of the volume array."""
+    from FewShotSegLib.imageio import array_axis_for
+
+    for name in AXIS_NAMES:
+        if int(array_axis_for(image, name)) == int(axisIndex):
+            return name
+    return AXIS_NAMES[0]
+
+
+def checkFinite(volumeNode) -> None:
+    """NaN or infinite voxels are refused before anything is computed (no copy made)."""
+    array = slicer.util.arrayFromVolume(volumeNode)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FewShotSegError(f"volume '{volumeNode.GetName()}' contains NaN or infinite voxels")
+
+
+def slicePosition(volumeNode, axisIndex: int, sliceIndex: int, mask: "np.ndarray | None" = None) -> tuple:
+    """World (RAS) point on slice ``sliceIndex`` along array axis ``axisIndex``: the centre
+    of ``mask`` on that slice when it has voxels there, else the slice's centre."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    point = [(n - 1) / 2.0 for n in reversed(dims)]  # array order k, j, i
+    if mask is not None:
+        plane = np.moveaxis(np.asarray(mask, bool), axisIndex, 0)[int(sliceIndex)]
+        if plane.any():
+            others = [a for a in range(3) if a != axisIndex]
+            centre = np.argwhere(plane).mean(0)
+            point[others[0]], point[others[1]] = float(centre[0]), float(centre[1])
+    point[axisIndex] = float(sliceIndex)
+    k, j, i = point
+    ras = ijkToRasArray(volumeNode) @ np.array([i, j, k, 1.0])
+    toWorld = vtk.vtkMatrix4x4()
+    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, toWorld):
+        ras = np.array(toWorld.MultiplyPoint(tuple(ras)))
+    return tuple(float(v) for v in ras[:3])
+
+
+def segmentStamp(segmentationNode, segmentId):
+    """(labelmap object, its modification time): equal stamps mean the segment's voxels were
+    not changed (any edit modifies or replaces the labelmap). None when it has none."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
+    if segment is None:
+        return None
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    labelmap = segment.GetRepresentation(name)
+    return None if labelmap is None else (labelmap.GetAddressAsString(""), labelmap.GetMTime())

@@ -1,8 +1,9 @@
 """GUI-side glue shared by the module widget and the Segment Editor effect (needs Qt).
 
-Why: both run the same Logic on a worker thread and show the same progress bar, Cancel
-button and status line; keeping that here keeps FewShotSeg.py and the effect thin. The
-Logic never imports this file, so it stays usable without Qt.
+Why: both run the same Logic (propagation in the worker process, refinement and downloads
+on a thread) and show the same progress bar, Cancel button and status line; keeping that
+here keeps FewShotSeg.py and the effect thin. The Logic never imports this file, so it
+stays usable without Qt. A QTimer polls the job every 100 ms; polling never blocks.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ POLL_MSEC = 100
 
 
 class TaskRunner:
-    """Runs one BackgroundTask at a time; its button reads Cancel while the task runs."""
+    """Runs one job at a time (a BackgroundTask, or a worker PropagationHandle given to
+    ``startHandle``); its button reads Cancel while the job runs. Leaving the effect or
+    the module does not stop it: the result is applied when it arrives."""
 
     def __init__(self, button, progressBar, statusLabel, startText: str = "Propagate"):
         self.button, self.progressBar, self.statusLabel = button, progressBar, statusLabel
@@ -39,7 +42,13 @@ class TaskRunner:
     def start(self, function, onSuccess: Callable, onEnd: Optional[Callable] = None) -> None:
         if self.running:
             raise FewShotSegError("a task is already running: wait for it or cancel it")
-        self.task, self._onSuccess, self._onEnd = BackgroundTask(function).start(), onSuccess, onEnd
+        self.startHandle(BackgroundTask(function).start(), onSuccess, onEnd)
+
+    def startHandle(self, handle, onSuccess: Callable, onEnd: Optional[Callable] = None) -> None:
+        """Poll ``handle`` (poll(), status(), cancel(), cancelRequested, result, error)."""
+        if self.running:
+            raise FewShotSegError("a task is already running: wait for it or cancel it")
+        self.task, self._onSuccess, self._onEnd = handle, onSuccess, onEnd
         self.button.text = "Cancel"
         self.button.enabled = True
         self.progressBar.setValue(0)
@@ -55,11 +64,12 @@ class TaskRunner:
         if self.task is None:
             self.timer.stop()
             return
+        finished = self.task.poll()
         fraction, message = self.task.status()
         self.progressBar.setValue(int(round(100 * fraction)))
         if message and not self.task.cancelRequested:
             self.statusLabel.text = message
-        if self.task.finished:
+        if finished:
             self._finish()
 
     def _finish(self) -> None:
@@ -72,7 +82,7 @@ class TaskRunner:
             if task.error is None:
                 with slicer.util.tryWithErrorDisplay("Could not write the result.", waitCursor=True):
                     onSuccess(task.result)
-            elif type(task.error).__name__ == "PropagationCancelled" or task.cancelRequested:
+            elif type(task.error).__name__ in ("PropagationCancelled", "RefineCancelled") or task.cancelRequested:
                 self.statusLabel.text = "Cancelled: the segmentation was not changed."
             elif isinstance(task.error, FewShotSegError):
                 self.statusLabel.text = str(task.error)
@@ -86,7 +96,8 @@ class TaskRunner:
                 onEnd()
 
     def stop(self) -> None:
-        """Module closed or scene cleared: cancel and forget the result."""
+        """Scene cleared or module reloaded: cancel and forget the result (never called when
+        the user merely leaves the effect or the module)."""
         if self.task is not None:
             self.task.cancel()
             self._onSuccess = lambda result: None
@@ -102,3 +113,28 @@ def jumpSlicesTo(position) -> None:
     """Every slice view through ``position`` (world RAS), centred on it."""
     r, a, s = (float(v) for v in position)
     slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+class SuggestionList:
+    """Where to look next: labels with world positions, and a cursor for a Next button."""
+
+    def __init__(self):
+        self.items = []    # objects with .label and .position (RAS)
+        self.index = -1
+
+    def set(self, items) -> None:
+        self.items, self.index = list(items), -1
+
+    def next(self):
+        """Jump all slice views to the next item; returns it (None if the list is empty)."""
+        if not self.items:
+            return None
+        self.index = (self.index + 1) % len(self.items)
+        item = self.items[self.index]
+        jumpSlicesTo(item.position)
+        return item
+
+    def text(self, limit: int = 3) -> str:
+        if not self.items:
+            return ""
+        return "Look next at: " + "; ".join(item.label for item in self.items[:limit])

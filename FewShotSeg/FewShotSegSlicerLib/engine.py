@@ -1,0 +1,95 @@
+"""One call into the engine, shared by the in-process Logic and the worker process.
+
+Why: both must run FewShotSegLib.propagation.propagate the same way (exclude, session,
+options) and turn its result into plain values (suggestions, warnings) that can cross a
+process boundary. No Slicer and no Qt here: the worker process imports this file.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def newSession():
+    """A PropagationSession when the engine has one (incremental re-propagation), else None."""
+    try:
+        from FewShotSegLib.propagation import PropagationSession
+    except ImportError:
+        return None
+    return PropagationSession()
+
+
+def _accepts(function, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: str, device: str,
+        intensityGate: bool, exclude: Optional[np.ndarray] = None, session=None, progress: Optional[Callable] = None,
+        cancel: Optional[Callable] = None):
+    """propagate() with the Logic's options; the excluded voxels are never in ``result.mask``."""
+    from FewShotSegLib import propagation
+    from FewShotSegLib.propagation import PropagationOptions, propagate
+
+    # the engine before issue #34 takes anatomical names only
+    axis = int(axisIndex) if hasattr(propagation, "resolve_axis") else axisName
+    options = PropagationOptions(mode=mode, axis=axis, device=device, intensity_gate=bool(intensityGate))
+    kwargs = {}
+    if exclude is not None and _accepts(propagate, "exclude"):
+        kwargs["exclude"] = exclude
+    if session is not None and _accepts(propagate, "session"):
+        kwargs["session"] = session
+    result = propagate(image, support, model, options, progress=progress, cancel=cancel, **kwargs)
+    if result.mask.shape != support.shape:
+        from FewShotSegLib.errors import FewShotSegError
+
+        raise FewShotSegError(f"the engine returned shape {result.mask.shape}, expected {support.shape}")
+    if exclude is not None:  # an engine without exclude: still never write the excluded voxels
+        result.mask = np.where(exclude, 0, result.mask).astype(np.uint8)
+    return result
+
+
+def summary(result) -> dict:
+    """The result's plain fields (everything but the arrays), JSON-serialisable."""
+    suggestions = [{"slice": int(getattr(s, "slice")), "score": float(getattr(s, "score", 0.0)),
+                    "reason": str(getattr(s, "reason", ""))} for s in (getattr(result, "suggestions", None) or [])]
+    return {"seconds": float(getattr(result, "seconds", 0.0)),
+            "network_seconds": float(getattr(result, "network_seconds", 0.0)),
+            "slices_done": int(getattr(result, "slices_done", 0)),
+            "anchors": [int(i) for i in (getattr(result, "anchors", None) or [])],
+            "end_anchors": [int(i) for i in (getattr(result, "end_anchors", None) or [])],
+            "suggestions": suggestions,
+            "warnings": [str(w) for w in (getattr(result, "warnings", None) or [])]}
+
+
+class EngineResult:
+    """What the Logic needs of a propagation, wherever it ran."""
+
+    def __init__(self, mask: np.ndarray, fields: dict):
+        self.mask = mask
+        self.seconds = fields.get("seconds", 0.0)
+        self.network_seconds = fields.get("network_seconds", 0.0)
+        self.slices_done = fields.get("slices_done", 0)
+        self.anchors = fields.get("anchors", [])
+        self.end_anchors = fields.get("end_anchors", [])
+        self.suggestions = [Suggestion(**s) for s in fields.get("suggestions", [])]
+        self.warnings = list(fields.get("warnings", []))
+        self.worker_seconds = fields.get("worker_seconds")   # the whole job inside the worker process
+        self.worker_cpu_seconds = fields.get("worker_cpu_seconds")
+        self.worker_process_cpu_seconds = fields.get("worker_process_cpu_seconds")
+
+    @classmethod
+    def fromEngine(cls, result) -> "EngineResult":
+        return cls(np.asarray(result.mask), summary(result))
+
+
+class Suggestion:
+    def __init__(self, slice: int, score: float = 0.0, reason: str = ""):
+        self.slice, self.score, self.reason = int(slice), float(score), str(reason)
+
+    def __repr__(self):
+        return f"Suggestion(slice={self.slice}, score={self.score:.3f}, reason={self.reason!r})"

@@ -1,0 +1,178 @@
+"""Refinement for FewShotSegLogic: the diffusion refiner redraws a segment and reports
+where it is unsure. Same three steps as propagation (prepare on the main thread, compute
+on any thread, apply on the main thread); it runs in Slicer's interpreter.
+
+The slices kept exactly are the user's slices recorded with the segment (userslices.py),
+so a Refine after Propagate keeps what the user drew; the record is updated after the
+refined segment is written, so the next Propagate does not take refined slices for edits.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegSlicerLib import geometry
+from FewShotSegSlicerLib.refinement import (TOP_SLICES, RefineJob, RefineSummary, rankSlices,
+                                            updateUncertaintyVolume)
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
+
+
+class RefineMixin:
+    """Methods of FewShotSegLogic; they use its _computeLock, _checkInputs, _checkDevice,
+    isBusy, checkUnchanged, _applyWithEditorMasking and rememberedSlices."""
+
+    def refinerPath(self, refiner=None) -> Path:
+        """A refiner name (model folders), a .pt path, or None for the shipped refiner."""
+        from FewShotSegLib.model_store import DEFAULT_REFINER, resolve_model_path
+
+        if refiner is None or refiner == "":
+            try:
+                return resolve_model_path(None, default=DEFAULT_REFINER)
+            except FewShotSegError:
+                raise FewShotSegError(f"the refiner '{DEFAULT_REFINER}' is not installed: reinstall the "
+                                      "extension or give a refiner checkpoint file") from None
+        return resolve_model_path(refiner)
+
+    def loadRefiner(self, path, device: str = "cpu"):
+        """The refiner checkpoint (a few-shot model file is refused), cached like loadModel."""
+        from FewShotSegLib.checkpoints import load_checkpoint
+
+        path = Path(path)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, device)
+        if self._refiner is None or self._refiner[0] != key:
+            self._refiner = None
+            self._refiner = (key, load_checkpoint(path, expect_kind="refiner", device=device))
+        return self._refiner[1]
+
+    def prepareRefine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4,
+                      refiner=None, axis: str = "auto", device: str = "cpu", keepSlices=None) -> RefineJob:
+        """Validate the inputs and copy image + segment out of the scene (main thread).
+
+        ``axis`` 'auto': the axis the segment was propagated along, else axial. ``keepSlices``:
+        slice indices along that axis kept exactly as they are; None = the painted slices of
+        this segment's last propagation in this session (if any), [] = none.
+        """
+        from FewShotSegLib.refinement.sampling import RefineOptions
+
+        start = time.perf_counter()
+        if self.isBusy:
+            raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
+        RefineOptions(samples=samples, steps=steps).validate()
+        segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
+        refinerPath = self.refinerPath(refiner)
+        self._checkDevice(device)
+        coarse = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
+        if not coarse.any():
+            if geometry.segmentHasVoxels(segmentationNode, segmentId):
+                raise FewShotSegError(f"segment '{segmentName}' lies entirely outside volume "
+                                      f"'{volumeNode.GetName()}': nothing to refine on that volume")
+            raise FewShotSegError(f"segment '{segmentName}' is empty: nothing to refine "
+                                  "(propagate or paint it first)")
+        image = geometry.volumeToSitk(volumeNode)
+        record = self.rememberedSlices(volumeNode, segmentationNode, segmentId)  # (axis index, user slices)
+        from FewShotSegLib.imageio import array_axis_for
+
+        if axis != "auto":
+            axisName = axis
+        else:
+            axisName = geometry.axisName(image, record[0]) if record else "axial"
+        axisIndex = int(array_axis_for(image, axisName))
+        if keepSlices is None:
+            keepSlices = record[1] if record and record[0] == axisIndex else []
+        n = coarse.shape[axisIndex]
+        wrong = [i for i in keepSlices if not 0 <= int(i) < n]
+        if wrong:
+            raise FewShotSegError(f"slices to keep {wrong} lie outside the {n} {axisName} slices "
+                                  f"of volume '{volumeNode.GetName()}'")
+        moved = np.moveaxis(coarse, axisIndex, 0)
+        kept = sorted({int(i) for i in keepSlices if moved[int(i)].any()})
+        keep = None
+        if kept:
+            keep = np.zeros_like(coarse)
+            np.moveaxis(keep, axisIndex, 0)[kept] = moved[kept]
+        job = RefineJob(volumeNode, segmentationNode, segmentId, segmentName, image, coarse, keep, refinerPath,
+                        samples, steps, axisName, axisIndex, device, kept)
+        if not geometry.segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
+            job.notes.append("The segment was resampled onto the volume's grid")
+        job.prepareSeconds = time.perf_counter() - start
+        return job
+
+    def computeRefine(self, job: RefineJob, progress: Optional[Progress] = None,
+                      cancel: Optional[Cancel] = None):
+        """Run the refiner on the copied arrays (any thread); never touches the scene."""
+        if not self._computeLock.acquire(blocking=False):
+            raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
+        try:
+            from FewShotSegLib.refinement.sampling import RefineCancelled, RefineOptions, refine
+
+            if progress:
+                progress(0.0, "loading the refiner")
+            refiner = self.loadRefiner(job.refinerPath, job.device)
+            if cancel and cancel():
+                raise RefineCancelled("refinement cancelled; the segmentation was not changed")
+            options = RefineOptions(samples=job.samples, steps=job.steps, axis=job.axis, device=job.device)
+            result = refine(job.image, job.coarse, refiner, options, progress=progress, cancel=cancel,
+                            keep=job.keep)
+            for name in ("mask", "uncertainty"):
+                if getattr(result, name).shape != job.coarse.shape:
+                    raise FewShotSegError(f"the refiner returned a {name} of shape "
+                                          f"{getattr(result, name).shape}, expected {job.coarse.shape}")
+            return result
+        finally:
+            self._computeLock.release()
+
+    def refinedMask(self, job: RefineJob, result) -> np.ndarray:
+        """The refined segment as bool on the volume grid; an empty one is refused."""
+        mask = np.asarray(result.mask, bool)
+        if not mask.any():
+            raise FewShotSegError(f"the refiner found nothing of segment '{job.segmentName}'; "
+                                  "the segment was not changed")
+        return mask
+
+    def applyRefine(self, job: RefineJob, result, saveStateForUndo: Optional[Callable[[], object]] = None,
+                    editorNode=None, write: Optional[Callable[[np.ndarray], None]] = None,
+                    topSlices: int = TOP_SLICES) -> RefineSummary:
+        """Replace the segment by the refined one (undo state saved once, just before), then
+        create or update its uncertainty volume. ``write(mask)`` replaces the writing step
+        (the Segment Editor effect: its own undo state and masking)."""
+        start = time.perf_counter()
+        self.checkUnchanged(job, "refining")
+        mask = self.refinedMask(job, result)
+        top = rankSlices(result.uncertainty, job.axisIndex, job.volumeNode, job.axis, topSlices)
+        if write is not None:
+            write(mask)
+        else:
+            if saveStateForUndo is not None:
+                saveStateForUndo()
+            if editorNode is None:
+                geometry.writeSegment(job.segmentationNode, job.segmentId, mask, job.volumeNode)
+            else:
+                self._applyWithEditorMasking(job, mask, editorNode)
+        self.recordWritten(job.volumeNode, job.segmentationNode, job.segmentId, mask, job.axisIndex, keepOnly=True)
+        node = updateUncertaintyVolume(job, result.uncertainty)
+        return RefineSummary(
+            slicesRefined=int(result.slices_done), voxelsBefore=int(job.coarse.sum()), voxelsAfter=int(mask.sum()),
+            voxelsChanged=int((mask != job.coarse).sum()), keptSlices=len(job.keptSlices),
+            seconds=job.prepareSeconds + float(result.seconds) + time.perf_counter() - start,
+            engineSeconds=float(result.seconds), networkSeconds=float(getattr(result, "network_seconds", 0.0)),
+            samples=job.samples, steps=job.steps, axis=job.axis, device=job.device, refiner=job.refinerPath.stem,
+            uncertaintyVolume=node, topSlices=top, notes=list(job.notes))
+
+    def refine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4, refiner=None,
+               axis: str = "auto", device: str = "cpu", keepSlices=None, progress: Optional[Progress] = None,
+               cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None) -> RefineSummary:
+        """Synchronous refinement; the segmentation is unchanged whenever this raises."""
+        start = time.perf_counter()
+        job = self.prepareRefine(volumeNode, segmentationNode, segmentId, samples, steps, refiner, axis, device,
+                                 keepSlices)
+        result = self.computeRefine(job, progress, cancel)
+        summary = self.applyRefine(job, result, saveStateForUndo, editorNode)
+        summary.seconds = time.perf_counter() - start
+        return summary
+

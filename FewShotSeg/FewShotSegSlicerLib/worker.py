@@ -1,0 +1,210 @@
+"""The FewShotSeg worker process: loads a model once and propagates on request.
+
+Why a process: Slicer's main loop holds the GIL between events, so a Python thread in
+Slicer's interpreter runs only when the GUI happens to run Python (a 2.5 s propagation
+took 55 s). This process is started with Slicer's own Python (PythonSlicer, as
+SlicerMONAIAuto3DSeg and SlicerTotalSegmentator run theirs) and imports only the engine,
+NumPy and SimpleITK: no Slicer, no Qt.
+
+Protocol (one JSON object per line). In, on stdin::
+
+    {"cmd": "job", "id": 1, "volumeKey": "...", "volume": "v.npy" | null, "geometry": {...},
+     "support": "s.npy", "exclude": "e.npy" | null, "sessionKey": "...", "model": "m.pt",
+     "device": "cpu", "mode": "chained", "axisIndex": 0, "axisName": "axial",
+     "intensityGate": true, "out": "folder"}
+    {"cmd": "load", "id": "warm", "model": "m.pt", "device": "cpu"}   (load before the first job)
+    {"cmd": "cancel", "id": 1}
+    {"cmd": "quit"}                      (or stdin closed)
+
+Out, on the original stdout (anything the engine prints goes to stderr)::
+
+    {"type": "ready", "pid": 123}
+    {"type": "progress", "id": 1, "fraction": 0.4, "message": "..."}
+    {"type": "loaded", "id": "warm"}
+    {"type": "done", "id": 1, "mask": "folder/mask-1.npy", "result": {...}}
+    {"type": "error", "id": 1, "kind": "cancelled" | "fewshot" | "other", "message": "...", "trace": "..."}
+
+Arrays travel as .npy files in the client's private temporary folder ("shape" gives the
+volume's; masks are np.packbits of the flattened bool array). The volume is sent
+only when this process does not hold it already; the PropagationSession of the held
+volume is kept, so a re-propagation after a correction recomputes only what changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+PROGRESS_INTERVAL = 0.05  # seconds between two progress lines
+
+
+def unpack(path: str, shape):
+    """A bool array sent as np.packbits (8x smaller than bool, far smaller than uint8)."""
+    import numpy as np
+
+    count = int(np.prod(shape))
+    return np.unpackbits(np.load(path), count=count).reshape(shape).view(bool)
+
+
+class Worker:
+    def __init__(self, out):
+        self.out = out
+        self.outLock = threading.Lock()
+        self.jobs: "queue.Queue[dict | None]" = queue.Queue()
+        self.cancelled = set()
+        self.model = None          # (key, checkpoint)
+        self.volume = None         # (key, SimpleITK image)
+        self.sessions = {}         # session key -> PropagationSession, for the held volume only
+
+    def send(self, message: dict) -> None:
+        with self.outLock:
+            self.out.write((json.dumps(message) + "\n").encode())
+            self.out.flush()
+
+    # -- stdin, on a thread: a cancel must arrive while a job runs ---------------------------
+    def readCommands(self, stream) -> None:
+        for line in stream:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            command = message.get("cmd")
+            if command == "cancel":
+                self.cancelled.add(message.get("id"))
+            elif command in ("job", "load"):
+                self.jobs.put(message)
+            elif command == "quit":
+                break
+        self.cancelled.add("*")
+        self.jobs.put(None)
+
+    # -- jobs ------------------------------------------------------------------------------
+    def loadModel(self, path: str, device: str):
+        from FewShotSegLib.checkpoints import load_checkpoint
+
+        key = (os.path.realpath(path), os.stat(path).st_mtime_ns, device)
+        if self.model is None or self.model[0] != key:
+            self.model = None
+            self.model = (key, load_checkpoint(path, device=device))
+        return self.model[1]
+
+    def loadVolume(self, job: dict):
+        import numpy as np
+        import SimpleITK as sitk
+
+        if job.get("volume"):
+            self.volume, self.sessions = None, {}
+            image = sitk.GetImageFromArray(np.load(job["volume"]))
+            geometry = job["geometry"]
+            image.SetOrigin(geometry["origin"])
+            image.SetSpacing(geometry["spacing"])
+            image.SetDirection(geometry["direction"])
+            self.volume = (job["volumeKey"], image)
+        if self.volume is None or self.volume[0] != job["volumeKey"]:
+            raise RuntimeError("the worker does not hold this volume (protocol error)")
+        return self.volume[1]
+
+    def session(self, key: str):
+        from FewShotSegSlicerLib.engine import newSession
+
+        if key not in self.sessions:
+            self.sessions[key] = newSession()
+        return self.sessions[key]
+
+    def run(self, job: dict) -> None:
+        import numpy as np
+
+        from FewShotSegLib.errors import FewShotSegError
+        from FewShotSegLib.propagation import PropagationCancelled
+        from FewShotSegSlicerLib import engine
+
+        jobId = job["id"]
+        started, startedCpu = time.perf_counter(), time.process_time()
+        last = [0.0]
+
+        def progress(fraction, message=""):
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_INTERVAL or fraction >= 1.0:
+                last[0] = now
+                self.send({"type": "progress", "id": jobId, "fraction": float(fraction), "message": str(message)})
+
+        def cancel():
+            return jobId in self.cancelled or "*" in self.cancelled
+
+        try:
+            progress(0.0, "loading the volume" if job.get("volume") else "loading the model")
+            image = self.loadVolume(job)
+            model = self.loadModel(job["model"], job["device"])
+            if cancel():
+                raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
+            support = unpack(job["support"], job["shape"])
+            exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
+            result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
+                                job["device"], job["intensityGate"], exclude=exclude,
+                                session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
+            path = os.path.join(job["out"], f"mask-{jobId}.npy")
+            np.save(path, np.packbits(np.asarray(result.mask) > 0))
+            fields = engine.summary(result)
+            fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
+            fields["worker_cpu_seconds"] = time.process_time() - startedCpu
+            fields["worker_process_cpu_seconds"] = time.process_time()  # since this process started
+            self.send({"type": "done", "id": jobId, "mask": path, "result": fields})
+        except PropagationCancelled as exc:
+            self.send({"type": "error", "id": jobId, "kind": "cancelled", "message": str(exc)})
+        except FewShotSegError as exc:
+            self.send({"type": "error", "id": jobId, "kind": "fewshot", "message": str(exc)})
+        except Exception as exc:  # reported to the GUI with its trace; the worker lives on
+            self.send({"type": "error", "id": jobId, "kind": "other", "message": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()})
+        finally:
+            self.cancelled.discard(jobId)
+
+    def warmUp(self, job: dict) -> None:
+        """Load the model before the first job (the user is still painting)."""
+        try:
+            self.loadModel(job["model"], job["device"])
+            self.send({"type": "loaded", "id": job.get("id")})
+        except Exception as exc:  # the job that needs the model will report it
+            self.send({"type": "loaded", "id": job.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+
+    def serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.get("cmd") == "load":
+                self.warmUp(job)
+            else:
+                self.run(job)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    while "--path" in argv:  # folders holding FewShotSegLib and FewShotSegSlicerLib
+        i = argv.index("--path")
+        sys.path.insert(0, argv[i + 1])
+        del argv[i:i + 2]
+    # The protocol owns the original stdout; prints from any library go to stderr.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    worker = Worker(out)
+    worker.send({"type": "ready", "pid": os.getpid()})
+    reader = threading.Thread(target=worker.readCommands, args=(sys.stdin.buffer,), daemon=True)
+    reader.start()
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, this file's own folder is sys.path[0]: its geometry.py, models.py ...
+    # must not shadow top-level modules. The module folder goes there instead.
+    libFolder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != libFolder]
+    here = os.path.dirname(libFolder)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    sys.exit(main())

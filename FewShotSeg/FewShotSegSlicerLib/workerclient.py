@@ -1,0 +1,408 @@
+"""Slicer's side of the worker process: start it, send jobs, poll for progress and results.
+
+Why polling and no thread: Slicer's main loop holds the GIL between events, so a reader
+thread would run only when the GUI happens to run Python. Instead the GUI's timer calls
+``handle.poll()``, which reads whatever the worker wrote (non-blocking) and returns at
+once. No Qt here: the Logic, the tests and the benchmarks drive this without a GUI.
+
+Crash: the worker's pipe closes or it exits without an answer -> one FewShotSegError, the
+worker is dropped and the next job starts a fresh one. Cancel: a cancel line, which the
+worker checks through the engine's cancel callback; if it does not answer within
+CANCEL_GRACE_SECONDS it is killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from FewShotSegLib.errors import FewShotSegError
+
+CANCEL_GRACE_SECONDS = 5.0
+QUIT_GRACE_SECONDS = 2.0
+
+
+class WorkerStopped(FewShotSegError):
+    """The worker process ended without answering; the segmentation was not changed."""
+
+
+def workerPython() -> str:
+    """The interpreter for the worker: $FEWSHOTSEG_WORKER_PYTHON, else inside Slicer its
+    PythonSlicer launcher (sys.executable is the Slicer application there), else this one."""
+    chosen = os.environ.get("FEWSHOTSEG_WORKER_PYTHON")
+    if chosen:
+        return chosen
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is not None:
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+    except ImportError:
+        pass
+    return sys.executable
+
+
+class _PipeReader:
+    """Reads the lines a pipe holds now, never waits (POSIX non-blocking fd, Windows PeekNamedPipe)."""
+
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buffer = b""
+        self.eof = False
+        if os.name != "nt":
+            os.set_blocking(self.fd, False)
+
+    def _available(self) -> Optional[bytes]:
+        """Bytes now in the pipe, None if none, b"" at end of file."""
+        if os.name == "nt":
+            import ctypes
+            import msvcrt
+            from ctypes import wintypes
+
+            available = wintypes.DWORD()
+            handle = msvcrt.get_osfhandle(self.fd)
+            if not ctypes.windll.kernel32.PeekNamedPipe(wintypes.HANDLE(handle), None, 0, None,
+                                                        ctypes.byref(available), None):
+                return b""  # broken pipe: the worker is gone
+            return os.read(self.fd, available.value) if available.value else None
+        try:
+            return os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return None
+
+    def messages(self) -> list[dict]:
+        chunks = []
+        while not self.eof:
+            data = self._available()
+            if data is None:
+                break
+            if not data:
+                self.eof = True
+                break
+            chunks.append(data)
+        if chunks:
+            self.buffer += b"".join(chunks)
+        *lines, self.buffer = self.buffer.split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+class WorkerProcess:
+    """One running worker and its private temporary folder."""
+
+    def __init__(self, python: Optional[str] = None):
+        import FewShotSegLib
+
+        self.folder = tempfile.mkdtemp(prefix="FewShotSeg-worker-")
+        self.logPath = os.path.join(self.folder, "worker.log")
+        script = Path(__file__).resolve().with_name("worker.py")
+        paths = [str(Path(FewShotSegLib.__file__).resolve().parents[1]), str(script.parents[1])]
+        command = [python or workerPython(), str(script)]
+        for path in paths:
+            command += ["--path", path]
+        options = {}
+        if os.name == "nt":
+            options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        try:
+            with open(self.logPath, "wb") as log:
+                self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                             bufsize=0, **options)
+        except OSError as exc:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise FewShotSegError(f"could not start the FewShotSeg worker ({command[0]}): {exc}") from None
+        self.reader = _PipeReader(self.proc.stdout)
+        self.pid: Optional[int] = None   # the interpreter's own pid (PythonSlicer may be a launcher)
+        self.heldVolume: Optional[str] = None
+        self.lastId = 0
+        self.warm = None   # True once a warm-up load answered (or its error text)
+
+    def send(self, message: dict) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise WorkerStopped(self.stoppedMessage()) from None
+
+    def messages(self) -> list[dict]:
+        out = []
+        for message in self.reader.messages():
+            if message.get("type") == "ready":
+                self.pid = int(message.get("pid", 0)) or None
+            elif message.get("type") == "loaded":
+                self.warm = message.get("error") or True
+            else:
+                out.append(message)
+        return out
+
+    @property
+    def stopped(self) -> bool:
+        return self.reader.eof or self.proc.poll() is not None
+
+    def stoppedMessage(self) -> str:
+        try:
+            self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        code = self.proc.poll()
+        lines = [line.strip() for line in self.logTail().splitlines() if line.strip()]
+        last = f" Last words: {lines[-1][:300]}." if lines else ""
+        return (f"the FewShotSeg worker stopped unexpectedly (exit code {code if code is not None else 'unknown'}); "
+                f"the segmentation was not changed.{last} Its log: {self.logPath}")
+
+    def logTail(self, chars: int = 2000) -> str:
+        try:
+            return Path(self.logPath).read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+        if self.pid and self.pid != self.proc.pid:
+            try:
+                os.kill(self.pid, kill)
+            except OSError:
+                pass
+        try:
+            self.proc.kill()
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def close(self, keepLog: bool = False) -> None:
+        """Ask it to quit, kill it if it does not, and remove the temporary folder (all but
+        the log when ``keepLog``: a crash's message points to it)."""
+        if self.proc.poll() is None:
+            try:
+                self.send({"cmd": "quit"})
+                self.proc.stdin.close()
+                self.proc.wait(QUIT_GRACE_SECONDS)
+            except (FewShotSegError, OSError, subprocess.TimeoutExpired):
+                self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        if not keepLog:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in Path(self.folder).iterdir():
+            if path.name != Path(self.logPath).name:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+
+class PropagationHandle:
+    """A propagation running in the worker. ``poll()`` (non-blocking) until it returns True,
+    then ``outcome()`` gives the result or raises its error."""
+
+    def __init__(self, client: "WorkerClient", worker: WorkerProcess, jobId: int, job, files: list):
+        self.client, self.worker, self.jobId, self.job, self.files = client, worker, jobId, job, files
+        self.fraction, self.message = 0.0, "starting"
+        self.finished = False
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self.errorTrace = ""
+        self.cancelRequested = False
+        self._cancelAt = None
+        self.started = time.perf_counter()
+
+    def _end(self, result=None, error: Optional[BaseException] = None, trace: str = "") -> None:
+        self.result, self.error, self.errorTrace, self.finished = result, error, trace, True
+        for path in self.files:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self.client._ended(self)
+
+    def _cancelled(self):
+        from FewShotSegLib.propagation import PropagationCancelled
+
+        return PropagationCancelled("propagation cancelled; the segmentation was not changed")
+
+    def poll(self) -> bool:
+        if self.finished:
+            return True
+        for message in self.worker.messages():
+            if message.get("id") != self.jobId:
+                continue
+            kind = message.get("type")
+            if kind == "progress":
+                self.fraction = max(0.0, min(1.0, float(message.get("fraction", 0.0))))
+                self.message = str(message.get("message", ""))
+            elif kind == "done":
+                from FewShotSegSlicerLib.engine import EngineResult
+
+                try:
+                    shape = tuple(self.job.support.shape)
+                    mask = np.unpackbits(np.load(message["mask"]), count=int(np.prod(shape))).reshape(shape).view(bool)
+                    os.remove(message["mask"])
+                except (OSError, ValueError) as exc:
+                    self._end(error=FewShotSegError(f"could not read the worker's result: {exc}; "
+                                                    "the segmentation was not changed"))
+                    return True
+                self._end(result=EngineResult(mask, message.get("result", {})))
+                return True
+            elif kind == "error":
+                if message.get("kind") == "cancelled":
+                    error = self._cancelled()
+                elif message.get("kind") == "fewshot":
+                    error = FewShotSegError(message.get("message", "propagation failed"))
+                else:
+                    self.worker.heldVolume = None  # a failure while loading: send it again next time
+                    error = FewShotSegError(f"propagation failed: {message.get('message', '')}")
+                self._end(error=error, trace=message.get("trace", ""))
+                return True
+        if self.worker.stopped:
+            message, trace = self.worker.stoppedMessage(), self.worker.logTail()
+            self.client.discard(self.worker, keepLog=not self.cancelRequested)
+            self._end(error=self._cancelled() if self.cancelRequested else WorkerStopped(message), trace=trace)
+            return True
+        if self.cancelRequested and time.perf_counter() - self._cancelAt > CANCEL_GRACE_SECONDS:
+            self.client.discard(self.worker)  # it did not answer: kill it, the next job starts a new one
+            self._end(error=self._cancelled())
+            return True
+        return False
+
+    def status(self) -> tuple[float, str]:
+        return self.fraction, self.message
+
+    def cancel(self) -> None:
+        if self.finished or self.cancelRequested:
+            return
+        self.cancelRequested, self._cancelAt = True, time.perf_counter()
+        try:
+            self.worker.send({"cmd": "cancel", "id": self.jobId})
+        except FewShotSegError:
+            pass  # already gone: poll() reports it
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.02) -> bool:
+        """Blocking poll loop for scripts and tests."""
+        end = None if timeout is None else time.perf_counter() + timeout
+        while not self.poll():
+            if end is not None and time.perf_counter() > end:
+                return False
+            time.sleep(interval)
+        return True
+
+    def outcome(self):
+        if not self.finished:
+            raise FewShotSegError("the propagation has not finished yet")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class WorkerClient:
+    """Owns at most one worker process and one running job."""
+
+    def __init__(self, python: Optional[str] = None):
+        self.python = python
+        self.worker: Optional[WorkerProcess] = None
+        self.current: Optional[PropagationHandle] = None
+
+    @property
+    def busy(self) -> bool:
+        """A job is running. Polls it (non-blocking), so a job nobody polls any more (its
+        panel was closed) still ends, and a cancel past its grace time still kills."""
+        if self.current is not None and not self.current.finished:
+            self.current.poll()
+        return self.current is not None and not self.current.finished
+
+    def ensureWorker(self) -> WorkerProcess:
+        if self.worker is not None and self.worker.stopped:
+            self.discard(self.worker)
+        if self.worker is None:
+            self.worker = WorkerProcess(self.python)
+        return self.worker
+
+    def start(self, job, volumeArray, geometry: dict, volumeKey: str, sessionKey: str) -> PropagationHandle:
+        """Send one job; the volume only if the worker does not hold it."""
+        if self.busy:
+            raise FewShotSegError("a propagation is already running: wait for it or cancel it")
+        worker = self.ensureWorker()
+        worker.lastId += 1
+        jobId = worker.lastId
+        files = []
+
+        def save(name, array):
+            path = os.path.join(worker.folder, f"{name}-{jobId}.npy")
+            np.save(path, array)
+            files.append(path)
+            return path
+
+        message = {"cmd": "job", "id": jobId, "volumeKey": volumeKey, "volume": None, "geometry": geometry,
+                   "shape": list(job.support.shape), "support": save("support", np.packbits(job.support)),
+                   "exclude": save("exclude", np.packbits(job.exclude)) if job.exclude is not None else None,
+                   "sessionKey": sessionKey, "model": str(job.modelPath), "device": job.device, "mode": job.mode,
+                   "axisIndex": int(job.axisIndex), "axisName": job.axis, "intensityGate": bool(job.intensityGate),
+                   "out": worker.folder}
+        if worker.heldVolume != volumeKey:
+            message["volume"] = save("volume", volumeArray)
+        try:
+            worker.send(message)
+        except FewShotSegError:
+            self.discard(worker, keepLog=True)  # removes the arrays written for this job, keeps the log
+            raise
+        worker.heldVolume = volumeKey
+        self.current = PropagationHandle(self, worker, jobId, job, files)
+        return self.current
+
+    def warmUp(self, modelPath, device: str = "cpu") -> None:
+        """Start the worker and load the model now, so the first Propagate does not wait for
+        it (the effect calls this when it is chosen). Never raises."""
+        if self.busy:
+            return
+        try:
+            self.ensureWorker().send({"cmd": "load", "id": "warm", "model": str(modelPath), "device": device})
+        except (FewShotSegError, OSError):
+            pass
+
+    def waitWarm(self, timeout: float = 120.0) -> bool:
+        """Blocking, for scripts and benchmarks: True once the warm-up load answered."""
+        end = time.perf_counter() + timeout
+        while self.worker is not None and self.worker.warm is None and time.perf_counter() < end:
+            if self.current is None:
+                self.worker.messages()
+            time.sleep(0.02)
+        return self.worker is not None and self.worker.warm is True
+
+    def _ended(self, handle: PropagationHandle) -> None:
+        if self.current is handle:
+            self.current = None
+
+    def discard(self, worker: Optional[WorkerProcess] = None, keepLog: bool = False) -> None:
+        """Kill a worker (the current one by default); the next job starts a fresh one."""
+        worker = worker or self.worker
+        if worker is None:
+            return
+        worker.kill()
+        worker.close(keepLog)
+        if worker is self.worker:
+            self.worker = None
+
+    def shutdown(self) -> None:
+        if self.current is not None and not self.current.finished:
+            self.current.cancel()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
