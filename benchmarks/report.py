@@ -166,6 +166,21 @@ def interactive_table(name: str) -> str:
     return f"{where}; {result.get('date', '')}.\n\n" + "\n".join(lines)
 
 
+def main_loop_table(name: str = "slicer_main_loop.json") -> str:
+    """Apply -> filled segment through the Slicer Logic under a GIL-holding main loop."""
+    result = _load(name)
+    if result is None:
+        return "_not run yet: `python benchmarks/slicer_main_loop.py`_"
+    lines = ["| case | CLI s | Logic, first click s | Logic / CLI | worker pre-started s | model loaded s |",
+             "|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append(f"| {c['case']} | {c['cli_s']:.2f} | {c['logic_s']:.2f} | {c['ratio']:.2f} | "
+                     f"{c.get('logic_prestarted_s', float('nan')):.2f} | {c.get('logic_warm_s', float('nan')):.2f} |")
+    return (f"{result['hardware']}; main thread polling every {result['poll_seconds']} s while holding the "
+            f"GIL; fastest of {result.get('repeat', 1)} interleaved runs; target Logic / CLI <= "
+            f"{result.get('target_ratio', 1.2)}.\n\n" + "\n".join(lines))
+
+
 def refine_table(files: list[str]) -> str:
     lines = ["| coarse masks (file) | Dice coarse | Dice refined | HD95 mm coarse | HD95 mm refined "
              "| AUROC (variance) | s per slice | cases |", "|---|---|---|---|---|---|---|---|"]
@@ -229,6 +244,12 @@ def render(config: dict) -> str:
              "`min_area_fraction` 0.15 (default 0.05):", "",
              interactive_table("interactive_chaos_area015.json"), "",
              "![Mean Dice against painted slices](../benchmarks/results/interactive.png)", "",
+             "### Slicer's main loop: Apply -> filled segment (benchmarks/slicer_main_loop.py)", "",
+             "The Logic on PyPI's slicer-core, the engine in its worker process, the main thread waiting "
+             "in `usleep` (which holds the GIL, as Slicer's event loop does) between 100 ms polls; against "
+             "`fewshotseg propagate` on the same files. 'Pre-started': the worker was started when the "
+             "effect was chosen; 'model loaded': a second click.", "",
+             main_loop_table(), "",
              "### Product benchmark: CHAOS-T2, support = the organ's largest slice, every slice scored",
              "", product_table(config["product"]), "",
              "### Ablations of the propagation rules (CHAOS-T2 cases 1, 2, 3, 5, 8; the 7k-step model)", "",
