@@ -269,6 +269,7 @@ class Propagator:
         fields = self.session.fields if (net is None or opts.registration_weight) else None
         return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
                            painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
+                           exclusion_key=getattr(self, "_exclusion_keys", {}).get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step)
 
@@ -299,7 +300,8 @@ class Propagator:
         self._steps = [0, max(1, sum(len(item[2]) for item in keyed if item[-1] not in self.session.walks))]
         walks: dict = {}
         for span, start, slices, stop, inward, absent, key in keyed:
-            w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop, inward, absent))
+            memory = self.session.steps((start, key[2][0], slices[0] > start) + key[7:])
+            w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop, inward, absent, memory))
             walks.setdefault(span, []).append(w)
         return walks
 

@@ -58,6 +58,7 @@ class PropagationSession:
         self.features: Optional[FeatureCache] = None
         self.fields: Optional[FieldCache] = None
         self.walks: dict[tuple, Walk] = {}
+        self.chains: dict[tuple, list] = {}  # (painted slice, its mask, upward) -> the steps walked
         self.reused = self.computed = 0     # walks, in the last run
 
     def _same_image(self, image: sitk.Image) -> bool:
@@ -82,7 +83,7 @@ class PropagationSession:
             return
         if not same_image:
             self._fingerprint = None
-        self.key, self.image, self.walks = key, image, {}
+        self.key, self.image, self.walks, self.chains = key, image, {}, {}
         self.prepared = make_prepared()
         self.slices = SliceImages(self.prepared)
         self.features = None
@@ -93,6 +94,17 @@ class PropagationSession:
             self.features = FeatureCache(net, self.slices, device, batch_size)
         self.features.batch_size = batch_size
         return self.features
+
+    def steps(self, key: tuple) -> list:
+        """The steps walked so far from one painted slice (and mask) in one direction: a
+        longer walk from there continues them (`walks.walk`'s ``memory``)."""
+        if key not in self.chains:
+            self.chains[key] = []
+            while len(self.chains) > KEEP_WALKS:
+                self.chains.pop(next(iter(self.chains)))
+        else:
+            self.chains[key] = self.chains.pop(key)
+        return self.chains[key]
 
     def walk(self, key: tuple, compute) -> Walk:
         """The cached walk for ``key``, or ``compute()``'s, kept for next time."""
@@ -105,7 +117,12 @@ class PropagationSession:
         self.walks[key] = result
         while len(self.walks) > 1 and (len(self.walks) > KEEP_WALKS or self._walk_bytes() > KEEP_WALK_BYTES):
             self.walks.pop(next(iter(self.walks)))
+            if len(self.chains) > 1:
+                self.chains.pop(next(iter(self.chains)))
         return result
 
     def _walk_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for w in self.walks.values() for p in w.probs.values())
+        """Bytes of the probabilities held (a step kept by a walk and a chain counts once)."""
+        held = {id(p): p for w in self.walks.values() for p in w.probs.values()}
+        held.update((id(step[2]), step[2]) for steps in self.chains.values() for step in steps)
+        return sum(p.numel() * p.element_size() for p in held.values())

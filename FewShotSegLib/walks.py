@@ -120,6 +120,7 @@ class WalkContext:
     fields: Optional[FieldCache]
     painted_masks: Callable[[int], torch.Tensor]   # slice -> painted mask on the model grid
     excluded: Callable[[int], Optional[torch.Tensor]]  # slice -> excluded pixels (bool) or None
+    exclusion_key: Callable[[int], Optional[str]]      # slice -> digest of its exclusion, or None
     options: object
     radius: Optional[int]
     min_area: Callable[[float], float]
@@ -144,8 +145,37 @@ TAPER_RATIO = 0.8
 CUT_DROP = 0.1
 
 
+def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, fuse: float):
+    """The probability of ``chain[k + 1]`` from the painted slice ``chain[0]`` and the
+    previous slice ``chain[k]`` with its mask; and the pixels where the network and the
+    registration disagree (None without both)."""
+    opts, i = ctx.options, chain[k + 1]
+    carried = torch.from_numpy(ctx.fields.carry(chain, k, prev_mask.numpy())) if fuse else None
+    disagreement = None
+    if ctx.net is None:
+        fg = carried
+    else:
+        device = ctx.features.device
+        p_feat = ctx.features.get(chain[0], chain[1:])
+        p_mask = ctx.painted_masks(chain[0]).to(device)
+        q_feat = ctx.features.get(i, chain[k + 2:])
+        if k == 0:
+            sup_feats, sup_masks = p_feat[None], p_mask[None]
+        else:
+            sup_feats = torch.stack([p_feat, ctx.features.get(chain[k], chain[k + 1:])])
+            sup_masks = torch.stack([p_mask, prev_mask.to(device)])
+        network = ctx.foreground(sup_feats, sup_masks, q_feat[None])[0]
+        fg = network if carried is None else (1 - fuse) * network + fuse * carried
+        if carried is not None:
+            disagreement = float(((network >= opts.threshold) != (carried >= opts.threshold)).sum())
+        if ctx.radius is not None:
+            fg = fg * _dilate(prev_mask > 0.5, ctx.radius)
+    excluded = ctx.excluded(i)
+    return (fg if excluded is None else fg.masked_fill(excluded, 0.0)), disagreement
+
+
 def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
-         inward: Optional[int] = None, towards_absent: bool = False) -> Walk:
+         inward: Optional[int] = None, towards_absent: bool = False, memory: Optional[list] = None) -> Walk:
     """Carry the painted mask of ``start`` through ``slices`` in order.
 
     ``inward``: the next painted slice on the other side of ``start``, if any. The area
@@ -156,7 +186,11 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
 
     ``towards_absent``: the slice after ``slices`` is marked absent. A walk that reaches it
     without stopping has run past the structure unnoticed, so it ends at the slice whose
-    mask looks least like the painted intensities."""
+    mask looks least like the painted intensities.
+
+    ``memory``: the steps of earlier walks from the same painted slice in the same
+    direction (kept by the session); its matching prefix is reused, so a walk that now
+    runs further (a stop rule lifted, an anchor moved away) only computes what is new."""
     opts = ctx.options
     fuse = opts.registration_weight if ctx.net is not None else 1.0
     p_mask = ctx.painted_masks(start)
@@ -168,36 +202,21 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     narrowing = inward is not None and result.painted_area < TAPER_RATIO * float(ctx.painted_masks(inward).sum())
     smallest = result.painted_area
     chain = [start] + list(slices)
-    if ctx.net is not None:
-        device = ctx.features.device
-        p_feat = ctx.features.get(start, chain[1:])
-        p_mask_dev = p_mask.to(device)
-        prev_feat = p_feat
+    steps = memory if memory is not None else []
     prev_mask = p_mask
     for k, i in enumerate(slices):
         ctx.check_cancel()
-        carried = torch.from_numpy(ctx.fields.carry(chain, k, prev_mask.numpy())) if fuse else None
-        if ctx.net is not None:
-            q_feat = ctx.features.get(i, chain[k + 2:])
-            if prev_feat is p_feat:
-                sup_feats, sup_masks = p_feat[None], p_mask_dev[None]
-            else:
-                sup_feats = torch.stack([p_feat, prev_feat])
-                sup_masks = torch.stack([p_mask_dev, prev_mask.to(device)])
-            network = ctx.foreground(sup_feats, sup_masks, q_feat[None])[0]
-            fg = network if carried is None else (1 - fuse) * network + fuse * carried
-            if carried is not None:
-                result.disagreement[i] = float(((network >= opts.threshold) != (carried >= opts.threshold)).sum())
-            if ctx.radius is not None:
-                fg = fg * _dilate(prev_mask > 0.5, ctx.radius)
-            prev_feat = q_feat
+        excluded_key = ctx.exclusion_key(i)
+        if k < len(steps) and steps[k][0] == i and steps[k][1] == excluded_key:
+            fg, disagreement = steps[k][2], steps[k][3]      # the same step of an earlier walk
         else:
-            fg = carried
-        excluded = ctx.excluded(i)
-        if excluded is not None:
-            fg = fg.masked_fill(excluded, 0.0)
-        result.steps += 1
-        ctx.on_step()
+            del steps[k:]
+            fg, disagreement = _step(ctx, chain, k, prev_mask, fuse)
+            steps.append((i, excluded_key, fg, disagreement))
+            result.steps += 1
+            ctx.on_step()
+        if disagreement is not None:
+            result.disagreement[i] = disagreement
         mask = fg >= opts.threshold
         area = float(mask.sum())
         if stop_rule:

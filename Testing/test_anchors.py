@@ -202,3 +202,20 @@ def test_session_keeps_the_same_scan_and_resets_for_another(kidney, chaos_dir):
     edited[10, 10, 10] = edited[10, 10, 10] + 100                  # one voxel differs
     other = propagate(edited, support, None, REGISTRATION, session=session)
     assert other.walks_reused == 0 and other.walks_computed == 2
+
+
+def test_a_longer_walk_continues_the_steps_already_walked(kidney, model):
+    """Painting a slice beyond where a walk stopped: the walk from the first painted slice
+    towards it continues its earlier steps instead of walking them again, with the same
+    mask as a fresh run."""
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    session = PropagationSession()
+    before = propagate(image, painted(truth, [middle]), model, session=session)
+    after = propagate(image, painted(truth, [middle, last]), model, session=session)
+    fresh = propagate(image, painted(truth, [middle, last]), model)
+    np.testing.assert_array_equal(after.mask, fresh.mask)
+    # at least the steps the first run walked towards `last` are not walked again
+    walked_up = len([i for i in range(middle + 1, last) if before.probability[i].any()])
+    assert walked_up > 0
+    assert after.slices_done <= fresh.slices_done - walked_up

@@ -100,6 +100,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
     session = PropagationSession()
     result = propagate(img, sup, ckpt, options, session=session)
     t2 = time.perf_counter()
+    peak_first = _peak_rss_mb()
     corrected = sitk.GetArrayFromImage(read_mask_like(str(support).replace("_support", "_corrected"), img)) > 0
     t3 = time.perf_counter()
     again = propagate(img, corrected, ckpt, options, session=session)
@@ -109,7 +110,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
         "network_seconds": result.network_seconds, "slices_done": result.slices_done,
         "overhead_ratio": (t2 - t1) / max(result.network_seconds, 1e-9),
         "repropagate_seconds": t4 - t3, "repropagate_slices_done": again.slices_done,
-        "peak_rss_mb": _peak_rss_mb()}))
+        "peak_rss_mb": peak_first, "peak_rss_mb_after_correction": _peak_rss_mb()}))
 
 
 def _logic_child(image, support, model, mode, result_path):
