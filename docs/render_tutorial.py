@@ -68,6 +68,9 @@ def render(data_dir: Path, case: str, out_dir: Path) -> list[Path]:
            (f"4. propagated again (Dice {dice(second, truth):.3f})",
             [_tile(image, volume, k, {"label": truth, "prediction": second}, f"slice {k}, Dice {slice_dice(second, k):.2f}")
              for k in (k1, other)])]
+    print(f"painted {k0}, corrected {k1}; Dice {dice(first, truth):.3f} -> {dice(second, truth):.3f}; "
+          f"slice {k1} {slice_dice(first, k1):.2f} -> 1.00, slice {other} {slice_dice(first, other):.2f} -> "
+          f"{slice_dice(second, other):.2f}")
     title = f"CHAOS-T2 case {case}, {ORGAN}"
     paths = []
     for n, rows in ((1, one), (2, two)):
