@@ -82,6 +82,22 @@ def checkSegment(segmentationNode, segmentId) -> None:
         raise FewShotSegError(f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'")
 
 
+def paintedSegmentArray(segmentationNode, segmentId, volumeNode, segmentName: str,
+                        outside: tuple[str, str], empty: str) -> np.ndarray:
+    """The segment on the volume's grid; one with no voxel there is an error naming why:
+    ``outside`` = (how it lies outside the volume, what to do) when it has voxels
+    elsewhere, else ``empty`` (what to do)."""
+    from FewShotSegLib.errors import FewShotSegError
+
+    array = segmentToArray(segmentationNode, segmentId, volumeNode)
+    if not array.any():
+        if segmentHasVoxels(segmentationNode, segmentId):
+            raise FewShotSegError(f"segment '{segmentName}' {outside[0]} volume '{volumeNode.GetName()}': "
+                                  f"{outside[1]}")
+        raise FewShotSegError(f"segment '{segmentName}' is empty: {empty}")
+    return array
+
+
 def segmentHasVoxels(segmentationNode, segmentId) -> bool:
     """Whether the segment has any voxel in its own (segmentation) geometry.
 

@@ -223,12 +223,10 @@ class FewShotSegLogic(RefineMixin):
         modelPath = self.modelPath(model)
         if device != "cpu":  # the CPU is always there: PyTorch need not be imported in Slicer's process
             self._checkDevice(device)
-        current = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
-        if not current.any():
-            if geometry.segmentHasVoxels(segmentationNode, segmentId):
-                raise FewShotSegError(f"segment '{segmentName}' is painted only outside volume "
-                                      f"'{volumeNode.GetName()}': paint it on a slice of that volume")
-            raise FewShotSegError(f"segment '{segmentName}' is empty: paint the structure on one slice first")
+        current = geometry.paintedSegmentArray(
+            segmentationNode, segmentId, volumeNode, segmentName,
+            outside=("is painted only outside", "paint it on a slice of that volume"),
+            empty="paint the structure on one slice first")
         if forWorker:
             geometry.checkFinite(volumeNode)
             image = None

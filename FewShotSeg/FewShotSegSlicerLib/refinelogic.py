@@ -67,13 +67,10 @@ class RefineMixin:
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         refinerPath = self.refinerPath(refiner)
         self._checkDevice(device)
-        coarse = geometry.segmentToArray(segmentationNode, segmentId, volumeNode)
-        if not coarse.any():
-            if geometry.segmentHasVoxels(segmentationNode, segmentId):
-                raise FewShotSegError(f"segment '{segmentName}' lies entirely outside volume "
-                                      f"'{volumeNode.GetName()}': nothing to refine on that volume")
-            raise FewShotSegError(f"segment '{segmentName}' is empty: nothing to refine "
-                                  "(propagate or paint it first)")
+        coarse = geometry.paintedSegmentArray(
+            segmentationNode, segmentId, volumeNode, segmentName,
+            outside=("lies entirely outside", "nothing to refine on that volume"),
+            empty="nothing to refine (propagate or paint it first)")
         image = geometry.volumeToSitk(volumeNode)
         record = self.rememberedSlices(volumeNode, segmentationNode, segmentId)  # (axis index, user slices)
         from FewShotSegLib.imageio import array_axis_for
