@@ -402,14 +402,19 @@ class FewShotSegLogic(RefineMixin):
         start = time.perf_counter()
         self.checkUnchanged(job)
         mask = self.finalMask(job, result)
+        self.writeMask(job, mask, saveStateForUndo, editorNode)
+        self.rememberPainted(job, mask if editorNode is None else None)
+        return self.summarize(job, result, mask, time.perf_counter() - start)
+
+    def writeMask(self, job, mask: np.ndarray, saveStateForUndo=None, editorNode=None) -> None:
+        """Replace the job's segment by ``mask``: one undo state just before; through the
+        editor's masking and overwrite settings when ``editorNode`` is given."""
         if saveStateForUndo is not None:
             saveStateForUndo()
         if editorNode is None:
             geometry.writeSegment(job.segmentationNode, job.segmentId, mask, job.volumeNode)
         else:
             self._applyWithEditorMasking(job, mask, editorNode)
-        self.rememberPainted(job, mask if editorNode is None else None)
-        return self.summarize(job, result, mask, time.perf_counter() - start)
 
     def _applyWithEditorMasking(self, job, mask: np.ndarray, editorNode) -> None:
         """Honour the editor's editable area and overwrite mode (Slicer's C++ editor logic)."""

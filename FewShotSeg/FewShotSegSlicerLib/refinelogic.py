@@ -25,7 +25,7 @@ Cancel = Callable[[], bool]
 
 class RefineMixin:
     """Methods of FewShotSegLogic; they use its _computeLock, _checkInputs, _checkDevice,
-    isBusy, checkUnchanged, _applyWithEditorMasking and rememberedSlices."""
+    isBusy, checkUnchanged, writeMask and rememberedSlices."""
 
     def refinerPath(self, refiner=None) -> Path:
         """A refiner name (model folders), a .pt path, or None for the shipped refiner."""
@@ -145,12 +145,7 @@ class RefineMixin:
         if write is not None:
             write(mask)
         else:
-            if saveStateForUndo is not None:
-                saveStateForUndo()
-            if editorNode is None:
-                geometry.writeSegment(job.segmentationNode, job.segmentId, mask, job.volumeNode)
-            else:
-                self._applyWithEditorMasking(job, mask, editorNode)
+            self.writeMask(job, mask, saveStateForUndo, editorNode)
         self.recordWritten(job.volumeNode, job.segmentationNode, job.segmentId, mask, job.axisIndex, keepOnly=True)
         node = updateUncertaintyVolume(job, result.uncertainty)
         return RefineSummary(
