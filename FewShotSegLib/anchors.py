@@ -44,24 +44,27 @@ def _second_plane(support: np.ndarray, best: int, counts: list[int]) -> Optional
     """(axis, index) of a plane across another axis that alone accounts for two or more of
     the slices painted across ``best``: the painting lies in two planes (an axial slice and
     a coronal one, say). A painting in one plane never has this: removing one row of it
-    does not empty whole slices."""
+    does not empty whole slices.
+
+    One pass: for each other axis, the voxels counted per (slice across ``best``, slice
+    across that axis); a plane empties the ``best`` slices whose whole count it holds."""
     if counts[best] < 3:
         return None
-    painted_best = set(slices_holding(support, best).tolist())
+    box = tuple(slice(int(r[0]), int(r[-1]) + 1) for r in (slices_holding(support, a) for a in range(3)))
+    inner = support[box]
+    per_slice = inner.sum(axis=tuple(a for a in range(3) if a != best))
     for other in range(3):
         if other == best:
             continue
-        for index in slices_holding(support, other):
-            plane = np.take(support, index, axis=other)   # 2D, axes in order without `other`
-            best_in_plane = best if best < other else best - 1
-            touched = slices_holding(plane, best_in_plane)
-            if touched.size < 3:
-                continue
-            rest = support.copy()
-            np.moveaxis(rest, other, 0)[index] = False
-            emptied = painted_best - set(slices_holding(rest, best).tolist())
-            if len(emptied) >= 2:
-                return other, int(index)
+        third = 3 - best - other
+        matrix = inner.sum(axis=third)                       # axes (best, other) in array order
+        if other < best:
+            matrix = matrix.T
+        touched = (matrix > 0).sum(axis=0)
+        emptied = ((matrix == per_slice[:, None]) & (per_slice[:, None] > 0)).sum(axis=0)
+        hits = np.flatnonzero((touched >= 3) & (emptied >= 2))
+        if hits.size:
+            return other, int(hits[0]) + box[other].start
     return None
 
 

@@ -198,6 +198,8 @@ class Propagator:
         excluded_slices = [] if self.exclude is None else slices_holding(self.exclude, self.axis_index)
         self.ends = sorted(set(int(i) for i in excluded_slices) - set(self.painted))
         self.spans = plan_spans(self.painted, self.ends, self.n)
+        self._excluded: dict = {}          # slice -> excluded pixels on the model grid
+        self._exclusion_keys: dict = {}    # slice -> digest of its exclusion (walk keys)
         self.adapt_seconds = 0.0
         self._walk = (0.05, 0.9)       # progress fractions: the walks' start and width
         self._steps = [0, 1]           # walk steps done, expected
@@ -269,7 +271,7 @@ class Propagator:
         fields = self.session.fields if (net is None or opts.registration_weight) else None
         return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
                            painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
-                           exclusion_key=getattr(self, "_exclusion_keys", {}).get,
+                           exclusion_key=self._exclusion_keys.get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step)
 
