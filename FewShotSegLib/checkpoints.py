@@ -20,7 +20,7 @@ from .preprocessing import PreprocessConfig
 
 FORMAT = "fewshotseg-checkpoint"
 FORMAT_VERSION = 1
-KINDS = ("fewshot", "refiner")
+KINDS = ("fewshot", "refiner", "propagator")   # propagator: the walk's step network
 _REQUIRED = ("format", "format_version", "kind", "model_name", "model_config",
              "preprocess", "state_dict", "provenance")
 
@@ -124,7 +124,7 @@ def read_checkpoint_dict(path) -> dict:
 
 def _build_for(payload: dict, path: Path) -> torch.nn.Module:
     name, kind = payload["model_name"], payload["kind"]
-    if kind == "fewshot":
+    if kind in ("fewshot", "propagator"):
         from .models import available_models, build_model
     else:
         from .refinement import available_refiners as available_models, build_refiner as build_model
@@ -136,14 +136,20 @@ def _build_for(payload: dict, path: Path) -> torch.nn.Module:
     return build_model(name, **config)
 
 
-def load_checkpoint(path, *, expect_kind: str = "fewshot", device: str = "cpu") -> LoadedCheckpoint:
-    """Rebuild the model from a validated checkpoint, in eval mode, float32 on ``device``."""
+KIND_NAMES = {"fewshot": "a few-shot model", "refiner": "a refiner", "propagator": "a propagator (step network)"}
+PROPAGATION_KINDS = ("fewshot", "propagator")   # what a propagation can run on
+
+
+def load_checkpoint(path, *, expect_kind="fewshot", device: str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model from a validated checkpoint, in eval mode, float32 on ``device``.
+    ``expect_kind``: one kind or a tuple of kinds accepted here."""
     path = Path(path)
     payload = read_checkpoint_dict(path)
-    if payload["kind"] != expect_kind:
-        wanted = "a few-shot model" if expect_kind == "fewshot" else "a refiner"
-        raise FewShotSegError(f"{path} holds a {payload['kind']} model ('{payload['model_name']}'), "
-                              f"but {wanted} is needed here")
+    accepted = (expect_kind,) if isinstance(expect_kind, str) else tuple(expect_kind)
+    if payload["kind"] not in accepted:
+        wanted = " or ".join(KIND_NAMES[k] for k in accepted)
+        raise FewShotSegError(f"{path} holds {KIND_NAMES.get(payload['kind'], payload['kind'])} "
+                              f"('{payload['model_name']}'), but {wanted} is needed here")
     model = _build_for(payload, path)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     result = model.load_state_dict(state, strict=False)
@@ -160,6 +166,19 @@ def load_checkpoint(path, *, expect_kind: str = "fewshot", device: str = "cpu") 
                             config=dict(payload["model_config"]), preprocess=preprocess,
                             provenance=dict(payload["provenance"]), card=dict(payload.get("card", {})),
                             path=path, extra=dict(payload.get("extra", {})))
+
+
+def load_for_mode(name_or_path, mode: str, device: str = "cpu"):
+    """The checkpoint a propagation in ``mode`` runs on: the shipped step network for
+    'learned', the shipped few-shot model for 'chained' and 'direct', none for
+    'registration'; a name or file given is loaded whatever its kind (the propagation
+    then says in one line when the kind does not fit the mode)."""
+    from .model_store import DEFAULT_MODEL, DEFAULT_PROPAGATOR, resolve_model_path
+    if mode == "registration":
+        return None
+    default = DEFAULT_PROPAGATOR if mode == "learned" else DEFAULT_MODEL
+    return load_checkpoint(resolve_model_path(name_or_path, default=default), expect_kind=PROPAGATION_KINDS,
+                           device=device)
 
 
 def save_training_state(path, state: dict) -> Path:

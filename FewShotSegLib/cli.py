@@ -18,6 +18,7 @@ def cmd_propagate(args) -> int:
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint
     from .imageio import read_image, read_mask_like, select_label
+    from .checkpoints import load_for_mode
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
@@ -46,9 +47,7 @@ def cmd_propagate(args) -> int:
         exclude = sitk.GetArrayViewFromImage(read_mask_like(args.exclude, image)) != 0
         if not exclude.any():
             exclude = None
-    model = None
-    if args.mode != "registration":
-        model = load_checkpoint(resolve_model_path(args.model), device="cpu")
+    model = load_for_mode(args.model, args.mode)
     refiner = None
     if args.refine:   # validated before the long work starts
         refiner = load_checkpoint(resolve_model_path(args.refiner, default=DEFAULT_REFINER),
@@ -189,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", required=True, help="label file with the painted slice(s)")
     p.add_argument("--label", type=int, default=None, help="label value to propagate")
     p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
-    p.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
+    p.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration"])
     p.add_argument("--exclude", default=None, metavar="MASK",
                    help="label file of voxels that are not the structure (erased); a slice holding only "
                         "excluded voxels marks where the structure is absent")
@@ -237,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--case", default="1")
     d.add_argument("--organ", default="all", help="liver, right_kidney, left_kidney, spleen or all")
     d.add_argument("--model", default=None)
-    d.add_argument("--mode", default="chained", choices=["chained", "direct", "registration"])
+    d.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration"])
     d.add_argument("--out", default="out/demo")
     d.set_defaults(func=cmd_demo)
     return parser

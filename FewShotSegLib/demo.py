@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoints import load_checkpoint
+from .checkpoints import load_for_mode
 from .errors import FewShotSegError
 from .evaluation import CHAOS_ORGANS, load_chaos_case, painting_axis, score_structure, shared_data_dir
 from .imageio import label_image_like, write_image
 from .metrics import dice
-from .model_store import resolve_model_path
 from .overview import overlay, radiological, save_overview, view_letters
 from .progress import progress_bar
 from .propagation import PropagationOptions
@@ -32,7 +31,7 @@ def run_demo(data_dir=None, case: str = "1", organ: str = "all", model=None,
         raise FewShotSegError(f"unknown organ '{unknown[0]}'; choose {', '.join(CHAOS_ORGANS)} or all")
     print(f"loading CHAOS-T2 case {case} and the model ...", flush=True)
     image, label = load_chaos_case(data, case)
-    checkpoint = None if mode == "registration" else load_checkpoint(resolve_model_path(model))
+    checkpoint = load_for_mode(model, mode)
     options = PropagationOptions(mode=mode)
     axis_index = painting_axis(image, options)
     image_array = sitk.GetArrayViewFromImage(image)

@@ -15,6 +15,7 @@ from .errors import FewShotSegError
 
 DEFAULT_MODEL = "fewshotseg-default"
 DEFAULT_REFINER = "fewshotseg-refiner"
+DEFAULT_PROPAGATOR = "fewshotseg-propagator"   # the walk's step network (mode 'learned')
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 

@@ -9,6 +9,8 @@ recomputes only the spans next to it, and every run says which filled slices mos
 need a look (`suggestions.py`).
 
 Modes
+* ``learned``: registration carries the mask and the step network (a checkpoint of kind
+  'propagator', `models/slicestep.py`) corrects it at every step of the walk.
 * ``chained`` (default): walk away from each painted slice (`walks.py`); each
   prediction becomes a support for the next slice, the walk's painted slice always
   stays in the support set, and the search is limited to the neighbourhood of the
@@ -48,7 +50,7 @@ from .walks import Walk, WalkContext, walk
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
-MODES = ("chained", "direct", "registration")
+MODES = ("learned", "chained", "direct", "registration")
 
 
 class PropagationCancelled(FewShotSegError):
@@ -169,6 +171,20 @@ def resolve_device(name: str) -> torch.device:
         raise FewShotSegError(f"unknown device '{name}' (use cpu, cuda, mps or auto)") from None
 
 
+def _checked_kind(model, mode: str):
+    """Learned mode runs on a step network, chained and direct on a few-shot model: the
+    wrong kind of checkpoint is one clear line, before any work."""
+    kind = getattr(model, "kind", None)
+    where = f" ({model.path.name})" if hasattr(model, "path") else ""
+    if mode == "learned" and kind != "propagator":
+        raise FewShotSegError(f"mode 'learned' needs a propagator checkpoint (step network), not "
+                              f"{'no model' if model is None else (kind or 'this') + ' model'}{where}")
+    if mode in ("chained", "direct") and kind == "propagator":
+        raise FewShotSegError(f"the model{where} is a propagator (step network): use mode 'learned', "
+                              f"or a few-shot model for mode '{mode}'")
+    return model
+
+
 class Propagator:
     """Runs one propagation; a class so the steps stay small and readable:
     anchors and spans (`anchors.py`) -> walks (`walks.py`, cached by `session.py`) ->
@@ -186,7 +202,7 @@ class Propagator:
                                   f"{shape}; resample it onto the image first")
         self.axis_index = resolve_axis(image, self.support, options.axis, exclude)
         self.exclude = check_exclusion(self.support, exclude, self.axis_index)
-        self.model = model
+        self.model = _checked_kind(model, options.mode)
         self.session = session if session is not None else PropagationSession()
         self.progress = progress or (lambda fraction, message: None)
         self.cancel = cancel or (lambda: False)
@@ -240,6 +256,8 @@ class Propagator:
         if opts.mode == "registration":
             ctx = self._context(None, None)
             walks = self._walks(ctx)
+        elif opts.mode == "learned":
+            walks, network_seconds = self._run_stepper()
         else:
             walks, network_seconds = self._run_model(prepared)
         probs_vol, touched = self._probability_volume(prepared, walks)
@@ -381,6 +399,14 @@ class Propagator:
         return mask.view(np.uint8)
 
     # -- learned modes -------------------------------------------------------------------
+    def _run_stepper(self):
+        stepper = self.model.model if hasattr(self.model, "model") else self.model
+        stepper.to(resolve_device(self.options.device)).eval()
+        ctx = self._context(None, None)
+        ctx.stepper = stepper
+        walks = self._walks(ctx)
+        return walks, ctx.network_seconds
+
     def _run_model(self, prepared):
         opts = self.options
         device = resolve_device(opts.device)

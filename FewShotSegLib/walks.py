@@ -1,9 +1,11 @@
 """One walk: the structure carried slice by slice away from one painted slice.
 
-At each step the model segments the next slice with the painted slice and the previous
-prediction as supports, the previous mask is carried over by the slice pair's demons
-field, and the two are averaged (``registration_weight``); with no model the carried mask
-alone is the prediction (registration mode). An outward walk stops by itself where the
+At each step the previous mask is carried over by the slice pair's demons field. With a
+step network (learned mode, `models/slicestep.py`) the network reads the two slices, the
+previous mask and the carried one and returns the next mask. With a few-shot model
+(chained mode) the model segments the next slice with the painted slice and the previous
+prediction as supports, and it is averaged with the carried mask (``registration_weight``).
+With neither, the carried mask alone is the prediction (registration mode). An outward walk stops by itself where the
 structure ends (`extent.py`); a walk between two painted slices runs to the other one.
 
 What a walk reads is cached per session (`session.py`): the model-grid slices, their
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .extent import intensity_agreement, intensity_band
+from .models.slicestep import next_mask_probability
 from .registration import FIELD_BATCH, slice_fields, warp_mask
 
 
@@ -126,6 +129,7 @@ class WalkContext:
     min_area: Callable[[float], float]
     check_cancel: Callable[[], None]
     on_step: Callable[[], None]
+    stepper: Optional[torch.nn.Module] = None     # learned mode: the step network
     network_seconds: float = 0.0
 
     def foreground(self, sup_feats, sup_masks, query_feats) -> torch.Tensor:
@@ -152,7 +156,13 @@ def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, f
     opts, i = ctx.options, chain[k + 1]
     carried = torch.from_numpy(ctx.fields.carry(chain, k, prev_mask.numpy())) if fuse else None
     disagreement = None
-    if ctx.net is None:
+    if ctx.stepper is not None:
+        start = time.perf_counter()
+        prev_image, next_image = ctx.slices([chain[k], i])
+        fg = next_mask_probability(ctx.stepper, prev_image, next_image, prev_mask, carried)
+        ctx.network_seconds += time.perf_counter() - start
+        disagreement = float(((fg >= opts.threshold) != (carried >= opts.threshold)).sum())
+    elif ctx.net is None:
         fg = carried
     else:
         device = ctx.features.device
@@ -192,7 +202,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     direction (kept by the session); its matching prefix is reused, so a walk that now
     runs further (a stop rule lifted, an anchor moved away) only computes what is new."""
     opts = ctx.options
-    fuse = opts.registration_weight if ctx.net is not None else 1.0
+    fuse = opts.registration_weight if ctx.net is not None and ctx.stepper is None else 1.0
     p_mask = ctx.painted_masks(start)
     result = Walk(painted_area=float(p_mask.sum()))
     references = [start] + ([inward] if inward is not None else [])

@@ -18,6 +18,9 @@ Methods (``--methods``, comma-separated):
   (``result.suggestions[0].slice``) instead of the worst slice. When there is no suggestion,
   or it names a slice already painted or excluded, the user falls back to the worst slice
   (counted as ``suggest_fallbacks``).
+* ``learned``: the engine in ``mode="learned"``: registration carries the mask and the
+  walk's step network (``--stepper``, default the shipped ``fewshotseg-propagator``)
+  corrects it at every step; worst-slice user.
 * ``registration``: the engine's non-learned comparator, ``PropagationOptions(mode=
   "registration")``, with the worst-slice user.
 * ``fill``: 3D Slicer's *Fill between slices*: ITK's MorphologicalContourInterpolator
@@ -45,7 +48,9 @@ result taken as the painted slices alone.
 Data (``--dataset``): ``chaos`` = CHAOS-T2 MRI, 20 cases x 4 organs (liver, right kidney,
 left kidney, spleen), manual labels. ``totalseg`` = the TotalSegmentator CT example
 ``totalseg/ct_abdomen_3mm`` (3 mm isotropic, 112 axial slices; labels are TotalSegmentator's
-model output, so Dice there is agreement with it). Chosen CT structures: the 14 of
+model output, so Dice there is agreement with it). ``totalseg_mr`` = the TotalSegmentator MR example ``totalseg/mr_small_3mm`` (20 axial
+slices of 3 mm), every structure of ``TOTALSEG_MR_STRUCTURES`` (>= 1000 voxels).
+Chosen CT structures: the 14 of
 ``TOTALSEG_STRUCTURES`` -- the four CHAOS organs, stomach, duodenum, urinary bladder,
 vertebra L3, aorta, inferior vena cava, left hip bone, left gluteus maximus, left
 autochthon, left iliopsoas: every one spans >= 15 axial slices and >= 2000 voxels, one side
@@ -83,7 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("fewshot", "suggest", "registration", "fill", "fill_spaced")
+METHODS = ("fewshot", "suggest", "learned", "registration", "fill", "fill_spaced")
 FILL_METHODS = ("fill", "fill_spaced")
 REPORT_COUNTS = (1, 2, 3, 4, 6)
 # Fill between slices on the 20 CHAOS-T2 cases x 4 organs, measured elsewhere (issue #34)
@@ -95,6 +100,12 @@ TOTALSEG_STRUCTURES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver"
                        "duodenum": 19, "urinary_bladder": 21, "vertebrae_L3": 29, "aorta": 52,
                        "inferior_vena_cava": 63, "hip_left": 77, "gluteus_maximus_left": 80,
                        "autochthon_left": 86, "iliopsoas_left": 88}
+TOTALSEG_MR_CASE = "mr_small_3mm"
+TOTALSEG_MR_STRUCTURES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
+                          "stomach": 6, "pancreas": 7, "colon": 15, "vertebrae": 19, "autochthon_left": 46,
+                          "autochthon_right": 47}
+# the CHAOS cases whose labels the shipped step network never saw (it trained on the other ten)
+CHAOS_HELD_OUT = ("21", "22", "31", "32", "33", "34", "36", "37", "38", "39")
 QUICK_CASES = ("1", "2")
 
 
@@ -108,14 +119,17 @@ def chaos_structures(data_dir: Path, cases=None, organs=None):
             yield "chaos", case, organ, image, label == CHAOS_ORGANS[organ]
 
 
-def totalseg_structures(data_dir: Path, organs=None):
+def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
     import SimpleITK as sitk
     from FewShotSegLib.imageio import read_image
     folder = data_dir / "totalseg"
-    image = read_image(folder / f"{TOTALSEG_CASE}.nii.gz")
-    label = sitk.GetArrayFromImage(read_image(folder / f"{TOTALSEG_CASE}_seg.nii.gz", label=True))
-    for organ in organs or list(TOTALSEG_STRUCTURES):
-        yield "totalseg", TOTALSEG_CASE, organ, image, label == TOTALSEG_STRUCTURES[organ]
+    case, table = (TOTALSEG_MR_CASE, TOTALSEG_MR_STRUCTURES) if dataset == "totalseg_mr" \
+        else (TOTALSEG_CASE, TOTALSEG_STRUCTURES)
+    image = read_image(folder / f"{case}.nii.gz")
+    label = sitk.GetArrayFromImage(read_image(folder / f"{case}_seg.nii.gz", label=True))
+    for organ in organs or list(table):
+        if organ in table:
+            yield dataset, case, organ, image, label == table[organ]
 
 
 # ----------------------------------------------------------------------------- the user
@@ -215,8 +229,8 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     dices, seconds, picks, wrong = [], [], [painted[0]], []
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
-    runner = None if method in FILL_METHODS else EngineRunner(image, model, "registration" if method == "registration"
-                                                         else "chained", options)
+    mode = {"registration": "registration", "learned": "learned"}.get(method, "chained")
+    runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
         result = None
@@ -416,7 +430,7 @@ def plot(paths: list, out_png: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "both"])
+    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "totalseg_mr", "both", "all"])
     parser.add_argument("--cases", default=None, help="comma-separated CHAOS ids (default: all 20)")
     parser.add_argument("--organs", default=None, help="comma-separated structure names (default: all)")
     parser.add_argument("--methods", default="fewshot,fill", help=f"comma-separated, of {', '.join(METHODS)}")
@@ -424,6 +438,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/interactive_<dataset>.json)")
     parser.add_argument("--quick", action="store_true", help=f"CHAOS cases {','.join(QUICK_CASES)} x liver (unless --cases / --organs say otherwise)")
     parser.add_argument("--model", default=None, help="checkpoint name or path (default: the shipped model)")
+    parser.add_argument("--stepper", default=None, help="step network for method learned (default: the shipped one)")
     parser.add_argument("--data", default=None, help="shared data folder (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=1, help="torch / ITK threads (default 1)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -476,10 +491,12 @@ def main(argv=None) -> int:
 
     cases = args.cases.split(",") if args.cases else (list(QUICK_CASES) if args.quick else None)
     organs = args.organs.split(",") if args.organs else (["liver"] if args.quick else None)
-    datasets = ["chaos", "totalseg"] if args.dataset == "both" else [args.dataset]
+    datasets = {"both": ["chaos", "totalseg"], "all": ["chaos", "totalseg", "totalseg_mr"]}.get(
+        args.dataset, [args.dataset])
     out = Path(args.out) if args.out else RESULTS / f"interactive_{args.dataset}{'_quick' if args.quick else ''}.json"
     settings = {"rounds": args.rounds, "user": "largest slice, then the worst slice (fill: worst slice where "
                 "present; suggest: suggestions[0])", "model": args.model or "shipped default",
+                "stepper": args.stepper or "shipped default",
                 "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
                 + "; registration: mode='registration'",
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
@@ -495,7 +512,7 @@ def main(argv=None) -> int:
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
 
-    model = None  # loaded at the first structure that needs it (a resumed run may need none)
+    model = stepper = None  # loaded at the first structure that needs it (a resumed run may need none)
 
     def structures():
         for dataset in datasets:
@@ -504,9 +521,7 @@ def main(argv=None) -> int:
                 if organ_list != []:
                     yield from chaos_structures(data_dir, cases, organ_list)
             else:
-                organ_list = [o for o in organs if o in TOTALSEG_STRUCTURES] if organs else None
-                if organ_list != []:
-                    yield from totalseg_structures(data_dir, organ_list)
+                yield from totalseg_structures(data_dir, organs, dataset)
 
     start = time.perf_counter()
     for dataset, case, organ, image, truth in structures():
@@ -518,10 +533,14 @@ def main(argv=None) -> int:
                 from FewShotSegLib.checkpoints import load_checkpoint
                 from FewShotSegLib.model_store import resolve_model_path
                 model = load_checkpoint(resolve_model_path(args.model), device="cpu")
+            if method == "learned" and stepper is None:
+                from FewShotSegLib.checkpoints import load_for_mode
+                stepper = load_for_mode(args.stepper, "learned")
             if method in FILL_METHODS:
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
-            record.update(run_structure(method, image, truth, axis, args.rounds, model, extra))
+            record.update(run_structure(method, image, truth, axis, args.rounds,
+                                        stepper if method == "learned" else model, extra))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "

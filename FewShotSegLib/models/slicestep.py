@@ -1,0 +1,135 @@
+"""A network trained for one step of a walk: the next slice's mask from the previous one.
+
+Registration carries the previous slice's mask onto the next slice by the slice pair's
+demons field; it follows shape and motion, and it carries every leak with it. This
+network reads the two slices, the previous mask and the carried mask, in a crop around
+the structure, and returns the next mask. Its output starts as the carried mask (the last
+layer is zero at initialisation and adds to the carried mask's logit), so training only
+learns corrections: where the mask leaked onto a neighbour, where it fell short of an
+edge, and where the structure has ended (an empty next mask).
+
+Intensities are made relative to the structure (the previous mask's mean, the crop's
+spread), so the same weights read CT and MRI. ``step_inputs`` builds the crop for
+training and for inference alike (one pre-processing path).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FewShotSegError
+from .registry import register_model
+
+CROP = 80            # the crop's side on the network's grid (pixels)
+CROP_MARGIN = 0.3    # the crop extends the masks' box by this fraction of its side ...
+CROP_PAD = 8         # ... plus this many model-grid pixels
+CARRIED_CLAMP = 0.05  # the carried mask's logit is taken at [0.05, 0.95]: +-2.9
+IN_CHANNELS = 4      # next slice, previous slice, previous mask, carried mask
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True))
+
+
+@register_model("slicestep")
+class SliceStepNet(nn.Module):
+    """A small U-Net (``widths`` per level) on [B, 4, CROP, CROP]; logits [B, 1, CROP, CROP]."""
+
+    kind = "propagator"
+    defaults = {"widths": [16, 32, 48, 64], "crop": CROP}
+
+    def __init__(self, **config):
+        super().__init__()
+        config.pop("pretrained", None)   # checkpoints pass it to every model; nothing is pretrained here
+        unknown = set(config) - set(self.defaults)
+        if unknown:
+            raise FewShotSegError(f"model 'slicestep': unknown option(s) {', '.join(sorted(unknown))}")
+        self.config = {**self.defaults, **config}
+        widths = [int(w) for w in self.config["widths"]]
+        if len(widths) < 2 or any(w < 4 or w % 4 for w in widths):
+            raise FewShotSegError("model 'slicestep': widths must be two or more multiples of 4")
+        self.config["widths"] = widths
+        self.down = nn.ModuleList()
+        cin = IN_CHANNELS
+        for w in widths:
+            self.down.append(_block(cin, w))
+            cin = w
+        self.up = nn.ModuleList()
+        for w_skip, w_deep in zip(widths[-2::-1], widths[:0:-1]):
+            self.up.append(_block(w_skip + w_deep, w_skip))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for k, block in enumerate(self.down):
+            x = block(x if k == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, skips[-2::-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([skip, x], 1))
+        return self.head(x)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The next mask's logits: the carried mask's logit plus the learned correction."""
+        carried = inputs[:, 3:4].clamp(CARRIED_CLAMP, 1 - CARRIED_CLAMP)
+        return torch.logit(carried) + self(inputs)
+
+
+def crop_box(prev_mask: torch.Tensor, carried: torch.Tensor, size: int) -> tuple[int, int, int, int] | None:
+    """The square box (y0, y1, x0, x1) around the previous and the carried masks, with
+    margins, clipped to the slice; None when both are empty."""
+    present = (prev_mask > 0.5) | (carried > 0.5)
+    rows = torch.nonzero(present.any(1)).flatten()
+    cols = torch.nonzero(present.any(0)).flatten()
+    if rows.numel() == 0:
+        return None
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = int(max(y1 - y0, x1 - x0) * (1 + 2 * CROP_MARGIN)) + 2 * CROP_PAD
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    y0, x0 = max(0, cy - side // 2), max(0, cx - side // 2)
+    return y0, min(size, y0 + side), x0, min(size, x0 + side)
+
+
+def _resize(t: torch.Tensor, shape, mode: str = "bilinear") -> torch.Tensor:
+    down = shape[0] < t.shape[-2] or shape[1] < t.shape[-1]
+    return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False, antialias=down and mode == "bilinear")
+
+
+def step_inputs(prev_image: torch.Tensor, next_image: torch.Tensor, prev_mask: torch.Tensor,
+                carried: torch.Tensor, box: tuple, crop: int = CROP) -> torch.Tensor:
+    """[4, crop, crop]: the two slices relative to the structure's intensity, the previous
+    mask and the carried mask, cut out at ``box`` from model-grid [H, W] slices."""
+    y0, y1, x0, x1 = box
+    stack = torch.stack([next_image, prev_image, prev_mask.float(), carried.float()])[:, y0:y1, x0:x1]
+    inside = prev_mask[y0:y1, x0:x1] > 0.5
+    images = stack[:2]
+    centre = images[1][inside].mean() if bool(inside.any()) else images[1].mean()
+    spread = images.std().clamp_min(1e-3)
+    images = (images - centre) / spread
+    out = torch.cat([images, stack[2:]])
+    return _resize(out[None], (crop, crop))[0]
+
+
+def paste(probability: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
+    """A [crop, crop] probability back onto the [size, size] slice at ``box`` (0 outside)."""
+    y0, y1, x0, x1 = box
+    full = probability.new_zeros((size, size))
+    full[y0:y1, x0:x1] = _resize(probability[None, None], (y1 - y0, x1 - x0))[0, 0]
+    return full
+
+
+@torch.inference_mode()
+def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, carried) -> torch.Tensor:
+    """The walk's step: [H, W] probability of the next slice's mask (model grid)."""
+    size = prev_image.shape[-1]
+    box = crop_box(prev_mask, carried, size)
+    if box is None:
+        return torch.zeros_like(prev_image)
+    inputs = step_inputs(prev_image, next_image, prev_mask, carried, box, int(net.config["crop"]))
+    device = next(net.parameters()).device
+    probability = torch.sigmoid(net.logits(inputs[None].to(device))[0, 0].float()).cpu()
+    return paste(probability, box, size)

@@ -1,0 +1,183 @@
+"""The walk's step network (models/slicestep.py), its training (Training/step_pairs.py,
+Training/train_stepper.py), its checkpoint kind and the learned propagation mode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FewShotSegLib.checkpoints import load_checkpoint, load_for_mode, save_checkpoint
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.metrics import dice
+from FewShotSegLib.model_store import DEFAULT_PROPAGATOR, list_model_files, resolve_model_path
+from FewShotSegLib.models import build_model
+from FewShotSegLib.models.slicestep import crop_box, next_mask_probability, paste, step_inputs
+from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
+from FewShotSegLib.propagation import PropagationOptions, propagate
+
+SHIPPED = DEFAULT_PROPAGATOR in {e.name for e in list_model_files()}
+
+
+def _inputs(batch: int = 2, crop: int = 80, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, crop, crop, generator=g)
+    x[:, 2:] = (x[:, 2:] > 0).float()
+    return x
+
+
+def test_forward_backward_shapes():
+    net = build_model("slicestep")
+    x = _inputs()
+    logits = net.logits(x)
+    assert logits.shape == (2, 1, 80, 80)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_untrained_network_returns_the_carried_mask():
+    """The last layer starts at zero: before training the step is registration's."""
+    net = build_model("slicestep").eval()
+    x = _inputs()
+    probability = torch.sigmoid(net.logits(x))
+    carried = x[:, 3:4].clamp(0.05, 0.95)
+    assert torch.allclose(probability, carried, atol=1e-5)
+
+
+def test_cpu_determinism():
+    torch.manual_seed(3)
+    a = build_model("slicestep")
+    torch.manual_seed(3)
+    b = build_model("slicestep")
+    for net in (a, b):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        for step in range(3):
+            loss = net.logits(_inputs(seed=step)).sigmoid().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    x = _inputs(seed=9)
+    assert torch.equal(a.eval().logits(x), b.eval().logits(x))
+
+
+def test_crop_and_paste_round_trip():
+    mask = torch.zeros(64, 64)
+    mask[20:30, 25:45] = 1
+    box = crop_box(mask, mask, 64)
+    y0, y1, x0, x1 = box
+    assert y0 <= 20 and y1 >= 30 and x0 <= 25 and x1 >= 45
+    image = torch.rand(64, 64)
+    x = step_inputs(image, image, mask, mask, box, crop=80)
+    assert x.shape == (4, 80, 80)
+    back = paste(x[3], box, 64) > 0.5
+    assert dice(back.numpy(), mask.numpy() > 0) > 0.95
+    assert crop_box(torch.zeros(8, 8), torch.zeros(8, 8), 8) is None
+    net = build_model("slicestep").eval()
+    assert float(next_mask_probability(net, image, image, torch.zeros(64, 64), torch.zeros(64, 64)).sum()) == 0.0
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    net = build_model("slicestep", widths=[8, 16, 24]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_checkpoint(tmp_path / "step.pt", net, kind="propagator", preprocess=PreprocessConfig(),
+                           provenance={"test": True}, half=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["kind"] == "propagator" and payload["model_name"] == "slicestep"
+    loaded = load_checkpoint(path, expect_kind="propagator")
+    x = _inputs(crop=80)
+    assert torch.allclose(loaded.model.logits(x), net.logits(x), atol=1e-5)
+    with pytest.raises(FewShotSegError, match="propagator .* but a few-shot model is needed") as err:
+        load_checkpoint(path, expect_kind="fewshot")
+    assert "\n" not in str(err.value)
+    with pytest.raises(FewShotSegError, match="propagator .* but a refiner is needed"):
+        load_checkpoint(path, expect_kind="refiner")
+
+
+def test_few_shot_checkpoint_where_a_propagator_is_needed():
+    path = resolve_model_path(None)   # the shipped few-shot model
+    with pytest.raises(FewShotSegError, match="few-shot model .* but a propagator") as err:
+        load_checkpoint(path, expect_kind="propagator")
+    assert "\n" not in str(err.value)
+
+
+def test_the_mode_must_fit_the_model_kind():
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((6, 32, 32)).astype(np.float32))
+    support = np.zeros((6, 32, 32), bool)
+    support[3, 10:20, 10:20] = True
+    stepper = build_model("slicestep")
+    with pytest.raises(FewShotSegError, match="is a propagator .* use mode 'learned'"):
+        propagate(image, support, stepper, PropagationOptions(mode="chained"))
+    fewshot = load_for_mode(None, "chained")
+    with pytest.raises(FewShotSegError, match="mode 'learned' needs a propagator checkpoint"):
+        propagate(image, support, fewshot, PropagationOptions(mode="learned"))
+
+
+def _chaos_case(chaos_dir, case: str):
+    image = sitk.ReadImage(str(chaos_dir / f"image_{case}.nii.gz"))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(chaos_dir / f"label_{case}.nii.gz")))
+    return image, label
+
+
+def test_training_steps_lower_the_loss_on_a_real_volume(chaos_dir):
+    """Examples from a real CHAOS case, made by the same path as the training run; a few
+    dozen steps lower the loss on a fixed batch of them."""
+    from Training.step_pairs import volume_examples
+    from Training.train_stepper import step_loss
+    image, label = _chaos_case(chaos_dir, "1")
+    prepared = prepare_volume(image, "axial", PreprocessConfig())
+    masks = [prepared.mask_to_model(label == organ) for organ in (1, 2)]
+    x, y = volume_examples(prepared.slices, masks, np.random.default_rng(0))
+    assert len(x) > 40 and x.shape[1:] == (4, 80, 80)
+    x = torch.from_numpy(x[:32]).float()
+    y = torch.from_numpy(y[:32]).float()[:, None] / 255
+    torch.manual_seed(0)
+    net = build_model("slicestep", widths=[8, 16, 24])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = float(step_loss(net.logits(x), y))
+    for _ in range(40):
+        loss = step_loss(net.logits(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(step_loss(net.logits(x), y))
+    assert after < 0.9 * before
+
+
+def test_train_stepper_resumes(tmp_path):
+    """The command writes a state, goes on from it with --resume, and ends with a
+    propagator checkpoint that the engine loads."""
+    import Training.train_stepper as trainer
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    inputs = rng.standard_normal((24, 4, 32, 32)).astype(np.float16)
+    inputs[:, 2:] = inputs[:, 2:] > 0
+    np.savez(folder / "a.npz", inputs=inputs, targets=(inputs[:, 3] * 255).astype(np.uint8))
+    out = tmp_path / "run"
+    common = [str(folder), "--out", str(out), "--batch", "4", "--widths", "8,16", "--save-every", "2"]
+    assert trainer.main(common + ["--steps", "2"]) == 0
+    assert trainer.main(common + ["--steps", "4", "--resume"]) == 0
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [2, 4]
+    loaded = load_checkpoint(out / "stepper.pt", expect_kind="propagator")
+    assert loaded.provenance["steps"] == 4 and loaded.config["crop"] == 32 and loaded.card["description"]
+
+
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_learned_mode_on_a_held_out_chaos_organ(chaos_dir):
+    """On a CHAOS case whose labels the shipped step network never saw, one painted slice:
+    learned mode is at least as good as registration alone, and good."""
+    image, label = _chaos_case(chaos_dir, "21")
+    truth = label == 3   # left kidney
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    learned = propagate(image, support, load_for_mode(None, "learned"), PropagationOptions(mode="learned"))
+    registration = propagate(image, support, None, PropagationOptions(mode="registration"))
+    d_learned, d_registration = dice(learned.mask > 0, truth), dice(registration.mask > 0, truth)
+    assert d_learned >= d_registration - 0.005 and d_learned > 0.8
+    assert np.array_equal(learned.mask[z] > 0, truth[z])

@@ -1,0 +1,154 @@
+"""Training examples for the walk's step network (`FewShotSegLib.models.slicestep`).
+
+One example is one step of a walk: a structure's mask on slice z (perturbed, as a walk's
+own previous prediction would be), carried onto slice z +- 1 by the pair's demons field,
+and the true mask there (empty where the structure has ended). The inputs are built by
+the engine's own `step_inputs`, on the engine's own pre-processed slices and fields, so
+training sees exactly what a walk will feed the network.
+
+Structures come from label maps (every class a config allows) and, self-supervised, from
+3D supervoxels of any volume (SimpleITK's SLIC): a user with unlabeled scans can train
+on those alone. Examples are written as one ``.npz`` per volume and axis (inputs float16,
+targets uint8), so a run can be resumed or moved to another machine without the scans.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from FewShotSegLib.checkpoints import atomic_write
+from FewShotSegLib.imageio import read_image, read_mask_like
+from FewShotSegLib.models.slicestep import CROP, crop_box, step_inputs
+from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
+from FewShotSegLib.registration import FIELD_BATCH, slice_fields, warp_mask
+
+MIN_AREA = 12            # model-grid pixels: smaller slices of a structure are not a step's start
+MAX_STEPS_PER_STRUCTURE = 48
+
+
+def supervoxels(image: sitk.Image, count: int, rng: np.random.Generator, min_voxels: int = 300) -> list[np.ndarray]:
+    """Up to ``count`` random SLIC supervoxels (bool arrays) of ``image``, about 15 mm wide."""
+    spacing = np.array(image.GetSpacing())
+    grid = [max(2, int(round(15.0 / s))) for s in spacing]
+    labels = sitk.GetArrayFromImage(sitk.SLIC(sitk.Cast(image, sitk.sitkFloat32), superGridSize=grid,
+                                              spatialProximityWeight=5.0, maximumNumberOfIterations=5,
+                                              enforceConnectivity=True))
+    values, sizes = np.unique(labels, return_counts=True)
+    values = values[sizes >= min_voxels]
+    chosen = rng.choice(values, size=min(count, values.size), replace=False) if values.size else []
+    return [labels == v for v in chosen]
+
+
+def perturbed(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A walk's previous mask is its own prediction, not the truth: grown, shrunk, shifted
+    or with a leak onto the next tissue, so the network learns to correct them."""
+    kind = rng.choice(["none", "grow", "shrink", "shift", "leak"], p=[0.25, 0.2, 0.2, 0.15, 0.2])
+    radius = int(rng.integers(1, 4))
+    if kind == "grow":
+        return ndimage.binary_dilation(mask, iterations=radius)
+    if kind == "shrink":
+        shrunk = ndimage.binary_erosion(mask, iterations=radius)
+        return shrunk if shrunk.sum() >= MIN_AREA else mask
+    if kind == "shift":
+        return np.roll(mask, tuple(rng.integers(-3, 4, size=2)), axis=(0, 1))
+    if kind == "leak":
+        edge = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+        if len(edge):
+            cy, cx = edge[rng.integers(len(edge))]
+            r = max(2, int(np.sqrt(mask.sum()) * rng.uniform(0.1, 0.35)))
+            yy, xx = np.ogrid[:mask.shape[0], :mask.shape[1]]
+            return mask | ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
+    return mask
+
+
+def volume_examples(slices: torch.Tensor, structures: list[torch.Tensor], rng: np.random.Generator,
+                    crop: int = CROP) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs [n, 4, crop, crop] float16 and targets [n, crop, crop] uint8 (x255) for the
+    steps of ``structures`` (model-grid masks [N, size, size]) across ``slices``."""
+    n, size = slices.shape[0], slices.shape[-1]
+    fields: dict = {}
+
+    def field(a: int, b: int) -> torch.Tensor:
+        if (a, b) not in fields:
+            d = b - a
+            todo = [(k, k + d) for k in range(a, a + d * FIELD_BATCH, d) if 0 <= k + d < n and 0 <= k < n]
+            fixed = slices[[t for _, t in todo]]
+            moving = slices[[s for s, _ in todo]]
+            fields.update(zip(todo, slice_fields(fixed, moving)))
+        return fields[(a, b)]
+
+    inputs, targets = [], []
+    for masks in structures:
+        present = [z for z in range(n) if float(masks[z].sum()) >= MIN_AREA]
+        steps = [(z, z + d) for z in present for d in (-1, 1) if 0 <= z + d < n]
+        if len(steps) > MAX_STEPS_PER_STRUCTURE:
+            steps = [steps[i] for i in rng.choice(len(steps), MAX_STEPS_PER_STRUCTURE, replace=False)]
+        for a, b in steps:
+            prev = perturbed(masks[a].numpy() > 0.5, rng)
+            carried = torch.from_numpy(warp_mask(prev, field(a, b)))
+            prev_t = torch.from_numpy(prev.astype(np.float32))
+            box = crop_box(prev_t, carried, size)
+            if box is None:
+                continue
+            x = step_inputs(slices[a], slices[b], prev_t, carried, box, crop)
+            y0, y1, x0, x1 = box
+            target = step_inputs(slices[a], slices[b], masks[b], masks[b], box, crop)[2]
+            inputs.append(x.numpy().astype(np.float16))
+            targets.append(np.round(target.clamp(0, 1).numpy() * 255).astype(np.uint8))
+    if not inputs:
+        return np.zeros((0, 4, crop, crop), np.float16), np.zeros((0, crop, crop), np.uint8)
+    return np.stack(inputs), np.stack(targets)
+
+
+def build(source: dict, out_dir: Path, seed: int, crop: int = CROP) -> list[Path]:
+    """One source entry -> one .npz per axis. ``source``: {"image", "label" (optional),
+    "classes" (label values to use), "supervoxels" (how many), "axes"}."""
+    rng = np.random.default_rng(seed)
+    image = read_image(source["image"])
+    structures3d = []
+    if source.get("label"):
+        label = sitk.GetArrayFromImage(read_mask_like(Path(source["label"]), image))
+        for value in source.get("classes", []):
+            m = label == int(value)
+            if m.sum() >= 300:
+                structures3d.append(m)
+    structures3d += supervoxels(image, int(source.get("supervoxels", 0)), rng)
+    written = []
+    for axis in source.get("axes", ["axial"]):
+        out = out_dir / f"{Path(source['image']).name.split('.')[0]}_{axis}.npz"
+        if out.exists():
+            written.append(out)
+            continue
+        prepared = prepare_volume(image, axis, PreprocessConfig())
+        slices = prepared.slices
+        masks = [prepared.mask_to_model(m) for m in structures3d]
+        x, y = volume_examples(slices, masks, rng, crop)
+        atomic_write(out, lambda f: np.savez(f, inputs=x, targets=y))
+        print(f"{out.name}: {len(x)} steps from {len(masks)} structures", flush=True)
+        written.append(out)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Make the step network's training examples")
+    parser.add_argument("sources", type=Path, help="JSON list of sources (see build())")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop", type=int, default=CROP)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sources = json.loads(args.sources.read_text())
+    torch.set_num_threads(1)
+    for k, source in enumerate(sources):
+        build(source, args.out, args.seed + k, args.crop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

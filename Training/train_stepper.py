@@ -1,0 +1,153 @@
+"""Train the walk's step network on examples made by `Training.step_pairs`.
+
+    python -m Training.train_stepper EXAMPLES_DIR [EXAMPLES_DIR ...] --out runs/stepper --steps 20000
+    torchrun --nproc_per_node 8 -m Training.train_stepper ... --device cuda
+
+CPU, one GPU, or many under torchrun (DistributedDataParallel, each rank draws its own
+batches). A training state is written every ``--save-every`` steps; ``--resume`` goes on
+from it. The release checkpoint (kind 'propagator', float16) is written at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from FewShotSegLib.checkpoints import load_training_state, save_checkpoint, save_training_state  # noqa: E402
+from FewShotSegLib.errors import FewShotSegError  # noqa: E402
+from FewShotSegLib.models import build_model  # noqa: E402
+from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
+from Training.provenance import display_path, git_commit, hardware  # noqa: E402
+from Training.train import _device, _distributed  # noqa: E402
+
+
+def load_examples(folders: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every .npz under ``folders``: inputs [n, 4, c, c] float16, targets [n, c, c] uint8."""
+    files = sorted(f for folder in folders for f in Path(folder).glob("*.npz"))
+    if not files:
+        raise FewShotSegError(f"no step examples (.npz) in {', '.join(map(str, folders))}")
+    xs, ys = [], []
+    for f in files:
+        with np.load(f) as data:
+            xs.append(torch.from_numpy(data["inputs"]))
+            ys.append(torch.from_numpy(data["targets"]))
+    return torch.cat(xs), torch.cat(ys), [display_path(f) for f in files]
+
+
+def augmented(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    """The same flip / quarter turn for inputs and target; the two images' contrast and
+    offset jittered together (scanners differ; the structure-relative scale stays)."""
+    if torch.rand((), generator=generator) < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    turns = int(torch.randint(0, 4, (), generator=generator))
+    x, y = torch.rot90(x, turns, (-2, -1)), torch.rot90(y, turns, (-2, -1))
+    n = x.shape[0]
+    gain = torch.exp(torch.randn(n, 1, 1, 1, generator=generator) * 0.2)
+    offset = torch.randn(n, 1, 1, 1, generator=generator) * 0.2
+    x = torch.cat([x[:, :2] * gain + offset, x[:, 2:]], 1)
+    return x, y
+
+
+def step_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice (an empty target counts through the BCE)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    return bce + dice.mean()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train the step network of the walks")
+    parser.add_argument("examples", type=Path, nargs="+", help="folders of .npz from Training.step_pairs")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--widths", default="16,32,48,64")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--description", default="The walk's step network (mode 'learned').",
+                        help="the model card's description (which data, what was held out)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = _device(args.device, 0)
+    rank, world, local_rank, _ = _distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    x_all, y_all, files = load_examples(args.examples)
+    crop = int(x_all.shape[-1])
+    torch.manual_seed(args.seed)
+    model = build_model("slicestep", widths=[int(w) for w in args.widths.split(",")], crop=crop).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    state_path, log_path = args.out / "training_state.pt", args.out / "log.jsonl"
+    step, seconds = 0, 0.0
+    if args.resume and state_path.exists():
+        state = load_training_state(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+        generator.manual_seed(args.seed * 1000 + rank + 7919 * step)   # fresh batches, on every rank
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"{len(x_all)} examples from {len(files)} files, crop {crop}, "
+              f"{sum(p.numel() for p in model.parameters())} weights, from step {step}", flush=True)
+    running, start = [], time.perf_counter()
+    while step < args.steps:
+        index = torch.randint(0, len(x_all), (args.batch,), generator=generator)
+        x, y = augmented(x_all[index].float(), y_all[index].float()[:, None] / 255.0, generator)
+        carried = x[:, 3:4].clamp(0.05, 0.95)
+        logits = torch.logit(carried.to(device)) + net(x.to(device))
+        loss = step_loss(logits, y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        running.append(float(loss.detach()))
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+            seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            with open(log_path, "a") as log:
+                log.write(json.dumps({"step": step, "loss": float(np.mean(running)), "seconds": round(seconds, 1)}) + "\n")
+            running = []
+            save_training_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "schedule": schedule.state_dict(),
+                                             "step": step, "seconds": seconds})
+            print(f"step {step}: loss {json.loads(log_path.read_text().splitlines()[-1])['loss']:.4f}", flush=True)
+    if rank == 0:
+        provenance = {"training": f"supervised walk steps (Training/step_pairs.py), batch {args.batch * world}, "
+                                  f"AdamW lr {args.lr:g} cosine", "data": files, "examples": len(x_all),
+                      "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
+                      "command": shlex.join(["python", "-m", "Training.train_stepper"] + list(argv or sys.argv[1:])),
+                      "code_version": git_commit(), "torch": torch.__version__}
+        save_checkpoint(args.out / "stepper.pt", model, kind="propagator", preprocess=PreprocessConfig(),
+                        provenance=provenance, card={"description": args.description})
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
