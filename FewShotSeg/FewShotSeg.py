@@ -212,19 +212,18 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def start(job):
             self.showUncertainSlices([])
-            self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result),
-                                    self.updateGUI)
+            return self.logic.startPropagation(job)
 
         self._startOrCancel(self.runner, "Cannot propagate.",
                             lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
                                                        mode=p.mode, axis=p.axis, device=p.device,
                                                        intensityGate=p.intensityGate, forWorker=True),
-                            None, self.onResult, start)
+                            start, self.onResult)
 
-    def _startOrCancel(self, runner, errorTitle, prepare, compute, onResult, start=None):
+    def _startOrCancel(self, runner, errorTitle, prepare, start, onResult):
         """The button of a running job cancels it; otherwise prepare on the GUI thread (errors
-        shown to the user, nothing changed) and compute in the background (``start(job)``
-        for the worker process, else ``compute`` on a thread)."""
+        shown to the user, nothing changed) and compute in the worker process (``start(job)``
+        sends the job and returns the handle the runner polls)."""
         if runner.running:
             runner.cancel()
             return
@@ -235,11 +234,7 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.logic.availableDevices(refresh=True)
             job = prepare()
-            if start is not None:
-                start(job)
-            else:
-                runner.start(lambda progress, cancel: compute(job, progress, cancel),
-                             lambda result: onResult(job, result), self.updateGUI)
+            runner.startHandle(start(job), lambda result: onResult(job, result), self.updateGUI)
             self.updateGUI()
 
     def onResult(self, job, result):
@@ -257,8 +252,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startOrCancel(self.refineRunner, "Cannot refine.",
                             lambda: self.logic.prepareRefine(p.inputVolume, p.segmentation, p.segmentId,
                                                              samples=p.refineSamples, steps=p.refineSteps,
-                                                             axis=p.axis, device=p.device),
-                            self.logic.computeRefine, self.onRefineResult)
+                                                             axis=p.axis, device=p.device, forWorker=True),
+                            self.logic.startRefine, self.onRefineResult)
 
     def onRefineResult(self, job, result):
         from FewShotSegSlicerLib.qtsupport import showUncertaintyOverlay
@@ -374,8 +369,9 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         segId = seg.GetSegmentation().AddEmptySegment("blob")
         slicer.util.updateSegmentBinaryLabelmapFromArray(shrunk.astype(np.uint8), seg, segId, volume)
-        job = logic.prepareRefine(volume, seg, segId, samples=2, steps=2)
-        widget.onRefineResult(job, logic.computeRefine(job))  # what the Refine button runs, minus the thread
+        job = logic.prepareRefine(volume, seg, segId, samples=2, steps=2, forWorker=True)
+        result = logic.startRefine(job).follow()  # what the Refine button runs, minus its timer
+        widget.onRefineResult(job, result)
         node = slicer.mrmlScene.GetFirstNodeByName("blob uncertainty")
         self.assertIsNotNone(node)
         self.assertEqual(slicer.util.arrayFromVolume(node).shape, inside.shape)

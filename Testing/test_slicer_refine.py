@@ -2,14 +2,20 @@
 volume and the shipped refiner.
 
 Why these tests: refinement replaces a segment the user may have worked on for minutes;
-it must touch that segment only, be undoable, leave it exactly as it was on any error or
-cancel, and put the uncertainty on the image's own grid (k axis reversed on load) so that
-the listed slices are where the views jump. Few samples and steps keep each run to seconds.
+it must touch that segment only, be undoable, leave it exactly as it was on any error,
+cancel or crashed worker, and put the uncertainty on the image's own grid (k axis reversed
+on load) so that the listed slices are where the views jump. In Slicer it runs in the
+worker process (Slicer's main loop holds the GIL: a thread of its interpreter barely
+runs), so the worker's result must be the command line's and arrive in the command line's
+time under such a loop. Few samples and steps keep each run to seconds.
 Needs ../shared/data and Resources/Models/fewshotseg-refiner.pt; skips without them.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,10 +37,14 @@ from FewShotSegSlicerLib.refinement import (COLOR_NODE_IDS, UNCERTAINTY_ATTRIBUT
                                             rankSlices)
 from test_slicer_logic import (CHAOS_CASE, LIVER, SPLEEN, assertSameSegments, dice,  # noqa: E402
                                sceneNodeIds, sharedCore, snapshot)
+from test_slicer_worker import POLL_SECONDS, killMidRun, mainLoop, waitForProgress  # noqa: E402
 
 KIDNEY_R = 2
 REFINER = ROOT / "Resources" / "Models" / "fewshotseg-refiner.pt"
 FAST = dict(samples=2, steps=2)
+# runs cut short: several batches of slices (the refiner checks Cancel between two), each short
+# enough that the worker answers a cancel before it is killed for not answering
+CUT = dict(samples=2, steps=4)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +86,9 @@ def scene():
 def logic():
     if not REFINER.is_file():
         pytest.skip(f"no shipped refiner at {REFINER}")
-    return FewShotSegLogic()
+    logic = FewShotSegLogic()
+    yield logic
+    logic.shutdown()
 
 
 @pytest.fixture
@@ -118,15 +130,16 @@ def fakeResult(mask, uncertainty=None):
 
 
 # -- a real run ----------------------------------------------------------------------------
-def test_refine_replaces_the_segment_only_and_undo_restores_it(logic, scene, case):
+@pytest.mark.parametrize("inWorker", [False, True], ids=["in-process", "worker"])
+def test_refine_replaces_the_segment_only_and_undo_restores_it(logic, scene, case, inWorker):
     history = segmentationHistory(case.seg)
     before = snapshot(case.seg, case.image)
     assert np.array_equal(before[case.spleen], case.coarse)
     nodesBefore = sceneNodeIds(scene.scene)
     saves, seen = [], []
     summary = logic.refine(case.image, case.seg, case.spleen, progress=lambda f, m: seen.append(f),
-                           saveStateForUndo=lambda: saves.append(history.SaveState()), **FAST)
-    print(f"\nCHAOS {CHAOS_CASE} spleen: {summary.statusText()}")
+                           saveStateForUndo=lambda: saves.append(history.SaveState()), worker=inWorker, **FAST)
+    print(f"\nCHAOS {CHAOS_CASE} spleen ({'worker' if inWorker else 'in-process'}): {summary.statusText()}")
     assert saves == [True] and seen and max(seen) == 1.0
 
     after = snapshot(case.seg, case.image)
@@ -312,3 +325,98 @@ def test_refiner_that_erases_the_segment_is_refused(logic, scene, case):
     assert not saves
     assertSameSegments(before, snapshot(case.seg, case.image))
     assert not uncertaintyNodes(scene.scene)
+
+
+# -- in the worker process, as the Refine button runs it --------------------------------------
+def writeCase(case, folder: Path) -> tuple[Path, Path]:
+    """The scan and the coarse spleen as files, exactly as the Logic sees them."""
+    import SimpleITK as sitk
+
+    image = geometry.volumeToSitk(case.image)
+    mask = sitk.GetImageFromArray(case.coarse.astype(np.uint8))
+    mask.CopyInformation(image)
+    paths = folder / "image.nii.gz", folder / "coarse.nii.gz"
+    sitk.WriteImage(image, str(paths[0]))
+    sitk.WriteImage(mask, str(paths[1]))
+    return paths
+
+
+def test_refine_under_a_gil_holding_main_loop_takes_the_command_lines_time(logic, scene, case, tmp_path):
+    """The first Refine of a session (the worker starts, imports the engine, loads the
+    refiner and the volume) polled by a main thread that keeps the GIL between 100 ms ticks,
+    against `fewshotseg refine` on the same scan: the same segment and uncertainty, in about
+    the same time (a Python thread of this interpreter ran ~20x slower under such a loop)."""
+    import SimpleITK as sitk
+
+    imagePath, maskPath = writeCase(case, tmp_path)
+    out, uncertaintyPath = tmp_path / "refined.nii.gz", tmp_path / "uncertainty.nii.gz"
+    command = [sys.executable, "-m", "FewShotSegLib.cli", "refine", str(imagePath), "--mask", str(maskPath),
+               "-o", str(out), "--uncertainty", str(uncertaintyPath), "--samples", str(FAST["samples"]),
+               "--steps", str(FAST["steps"]), "-q"]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    cli = time.perf_counter() - start
+    assert completed.returncode == 0, completed.stderr
+
+    logic.shutdown()                       # no worker yet: this click starts it, like the CLI starts
+    history = segmentationHistory(case.seg)
+    saves = []
+    start = time.perf_counter()
+    job = logic.prepareRefine(case.image, case.seg, case.spleen, forWorker=True, **FAST)
+    assert job.image is None               # the voxels go to the worker as they are, not copied here
+    handle = logic.startRefine(job)
+    mainLoop(handle, timeout=600)
+    result = handle.outcome()
+    summary = logic.applyRefine(job, result, saveStateForUndo=lambda: saves.append(history.SaveState()))
+    waited = time.perf_counter() - start
+    print(f"\nrefine: command line {cli:.2f} s; the first Refine waited {waited:.2f} s under a GIL-holding "
+          f"100 ms loop (worker {result.worker_seconds:.2f} s, engine {result.seconds:.2f} s)")
+    assert saves == [True] and result.worker_seconds < waited
+    assert waited <= 1.3 * cli + 2 * POLL_SECONDS + 0.5   # both start Python, import the engine, load the refiner
+
+    refined = geometry.segmentToArray(case.seg, case.spleen, case.image)
+    fromCli = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert np.array_equal(refined, fromCli)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(summary.uncertaintyVolume),
+                               sitk.GetArrayFromImage(sitk.ReadImage(str(uncertaintyPath))), atol=1e-5)
+    assert history.RestorePreviousState()
+    assert np.array_equal(geometry.segmentToArray(case.seg, case.spleen, case.image), case.coarse)
+
+
+def test_cancel_in_the_worker_leaves_the_segment_and_the_worker_usable(logic, scene, case):
+    from FewShotSegLib.refinement.sampling import RefineCancelled
+
+    before = snapshot(case.seg, case.image)
+    nodesBefore = sceneNodeIds(scene.scene)
+    job = logic.prepareRefine(case.image, case.seg, case.spleen, forWorker=True, **CUT)
+    handle = logic.startRefine(job)
+    waitForProgress(handle, 0.05)
+    with pytest.raises(FewShotSegError, match="already running"):   # Refine clicked twice
+        logic.prepareRefine(case.image, case.seg, case.spleen, forWorker=True, **FAST)
+    with pytest.raises(FewShotSegError, match="already running"):
+        logic.startRefine(job)
+    worker = logic.worker.worker
+    handle.cancel()
+    mainLoop(handle, timeout=60)
+    with pytest.raises(RefineCancelled, match="refinement cancelled; the segmentation was not changed"):
+        handle.outcome()
+    assert handle.fraction < 1.0
+    assertSameSegments(before, snapshot(case.seg, case.image))
+    assert sceneNodeIds(scene.scene) == nodesBefore and not uncertaintyNodes(scene.scene)
+    assert not logic.isBusy and logic.worker.worker is worker and not worker.stopped  # answered, not killed
+    assert sorted(os.listdir(worker.folder)) == ["worker.log"]                     # no arrays left behind
+
+
+def test_worker_killed_mid_refine(logic, scene, case):
+    """One clear message, the segmentation exactly as before, no uncertainty volume, and
+    the next Refine starts a fresh worker."""
+    before = snapshot(case.seg, case.image)
+    nodesBefore = sceneNodeIds(scene.scene)
+    job = logic.prepareRefine(case.image, case.seg, case.spleen, forWorker=True, **CUT)
+    worker = killMidRun(logic.startRefine(job))
+    assertSameSegments(before, snapshot(case.seg, case.image))
+    assert sceneNodeIds(scene.scene) == nodesBefore
+    assert logic.worker.worker is None and not logic.isBusy
+    summary = logic.refine(case.image, case.seg, case.spleen, worker=True, **FAST)
+    assert summary.voxelsAfter > 0 and logic.worker.worker is not worker

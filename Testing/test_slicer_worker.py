@@ -63,6 +63,19 @@ def waitForProgress(handle, above: float = 0.0, timeout: float = 300.0) -> None:
         assert time.perf_counter() - start < timeout
 
 
+def killMidRun(handle):
+    """Kill the worker once the job reported progress, poll as the GUI does: one clear
+    message. Returns the killed worker."""
+    waitForProgress(handle, 0.0)
+    worker = handle.worker
+    os.kill(worker.pid or worker.proc.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    mainLoop(handle, timeout=60)
+    with pytest.raises(WorkerStopped, match=r"^the FewShotSeg worker stopped unexpectedly \(exit code -?\d+\); "
+                                            r"the segmentation was not changed\."):
+        handle.outcome()
+    return worker
+
+
 def userSlicesOf(chaos) -> list:
     return userslices.read(chaos.seg, chaos.liver).user
 
@@ -219,14 +232,7 @@ def test_worker_killed_mid_run(logic, chaos, tiny_checkpoint):
     model = SHIPPED if SHIPPED.is_file() else tiny_checkpoint
     before = snapshot(chaos.seg, chaos.image)
     job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=model, mode="chained", forWorker=True)
-    handle = logic.startPropagation(job)
-    waitForProgress(handle, 0.0)
-    worker = handle.worker
-    os.kill(worker.pid or worker.proc.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
-    mainLoop(handle, timeout=60)
-    with pytest.raises(WorkerStopped, match=r"worker stopped unexpectedly \(exit code -?\d+\); "
-                                            r"the segmentation was not changed"):
-        handle.outcome()
+    worker = killMidRun(logic.startPropagation(job))
     assertSameSegments(before, snapshot(chaos.seg, chaos.image))
     assert logic.worker.worker is None and not logic.isBusy
     summary = logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", worker=True)

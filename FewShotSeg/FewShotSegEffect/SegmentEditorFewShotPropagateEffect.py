@@ -298,9 +298,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             p = self.scriptedEffect
             job = self.logic.prepareRefine(volume, segmentation, segmentId, samples=p.integerParameter("RefineSamples"),
                                            steps=p.integerParameter("RefineSteps"), axis=p.parameter("Axis"),
-                                           device=p.parameter("Device"))
-            self.refineRunner.start(lambda progress, cancel: self.logic.computeRefine(job, progress, cancel),
-                                    lambda result: self.applyRefineResult(job, result))
+                                           device=p.parameter("Device"), forWorker=True)
+            self.refineRunner.startHandle(self.logic.startRefine(job),
+                                          lambda result: self.applyRefineResult(job, result))
 
     def applyRefineResult(self, job, result):
         if self._inputs()[1:] != (job.segmentationNode, job.segmentId):

@@ -1,8 +1,9 @@
 """One call into the engine, shared by the in-process Logic and the worker process.
 
-Why: both must run FewShotSegLib.propagation.propagate the same way (exclude, session,
-options) and turn its result into plain values (suggestions, warnings) that can cross a
-process boundary. No Slicer and no Qt here: the worker process imports this file.
+Why: both must run FewShotSegLib.propagation.propagate (exclude, session, options) and
+FewShotSegLib.refinement's refine the same way, and turn the result into plain values
+(suggestions, warnings) that can cross a process boundary. No Slicer and no Qt here: the
+worker process imports this file.
 """
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
     return result
 
 
+def refine(image, coarse: np.ndarray, keep: Optional[np.ndarray], refiner, samples: int, steps: int, axisName: str,
+           device: str, progress: Optional[Callable] = None, cancel: Optional[Callable] = None):
+    """The refiner's refine() with the Logic's options; mask and uncertainty on the volume grid."""
+    from FewShotSegLib.errors import FewShotSegError
+    from FewShotSegLib.refinement.sampling import RefineOptions, refine as refineVolume
+
+    options = RefineOptions(samples=samples, steps=steps, axis=axisName, device=device)
+    result = refineVolume(image, coarse, refiner, options, progress=progress, cancel=cancel, keep=keep)
+    for name in ("mask", "uncertainty"):
+        if getattr(result, name).shape != coarse.shape:
+            raise FewShotSegError(f"the refiner returned a {name} of shape "
+                                  f"{getattr(result, name).shape}, expected {coarse.shape}")
+    return result
+
+
 def summary(result) -> dict:
     """The result's plain fields (everything but the arrays), JSON-serialisable."""
     suggestions = [{"slice": int(getattr(s, "slice")), "score": float(getattr(s, "score", 0.0)),
@@ -67,10 +83,11 @@ def summary(result) -> dict:
 
 
 class EngineResult:
-    """What the Logic needs of a propagation, wherever it ran."""
+    """What the Logic needs of a propagation or a refinement (``uncertainty``), wherever it ran."""
 
-    def __init__(self, mask: np.ndarray, fields: dict):
+    def __init__(self, mask: np.ndarray, fields: dict, uncertainty: Optional[np.ndarray] = None):
         self.mask = mask
+        self.uncertainty = uncertainty
         self.seconds = fields.get("seconds", 0.0)
         self.network_seconds = fields.get("network_seconds", 0.0)
         self.slices_done = fields.get("slices_done", 0)

@@ -248,6 +248,24 @@ def axisName(image, axisIndex: int) -> str:
     return AXIS_NAMES[0]
 
 
+def workerVolume(volumeNode, image=None) -> tuple:
+    """What the worker process needs of a volume: (voxels, {"origin", "spacing", "direction"},
+    key). The voxels are ``image``'s when the job copied them, else the node's (no copy);
+    the key changes when the voxels or the grid do, so the worker is sent a volume only when
+    it does not hold it."""
+    from FewShotSegSlicerLib.userslices import gridFingerprint
+
+    if image is not None:
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayViewFromImage(image)
+    else:
+        array = slicer.util.arrayFromVolume(volumeNode)
+    origin, spacing, direction = sitkGeometry(volumeNode)
+    key = f"{volumeNode.GetID()}:{volumeNode.GetImageData().GetMTime()}:{gridFingerprint(volumeNode)}"
+    return array, {"origin": origin, "spacing": spacing, "direction": direction}, key
+
+
 def checkFinite(volumeNode) -> None:
     """NaN or infinite voxels are refused before anything is computed (no copy made)."""
     array = slicer.util.arrayFromVolume(volumeNode)

@@ -306,16 +306,9 @@ class FewShotSegLogic(RefineMixin):
     def startPropagation(self, job: PropagationJob):
         """Send the job to the worker process (started on first use; the volume is sent only
         when it does not hold it). Poll the returned handle; it never blocks."""
-        if job.image is not None:
-            array = sitk_array(job.image)
-        else:
-            array = slicer.util.arrayFromVolume(job.volumeNode)
-        origin, spacing, direction = geometry.sitkGeometry(job.volumeNode)
-        image = job.volumeNode.GetImageData()
-        volumeKey = f"{job.volumeNode.GetID()}:{image.GetMTime()}:{userslices.gridFingerprint(job.volumeNode)}"
-        sessionKey = volumeKey  # one PropagationSession per volume: its walks are keyed by their anchors
-        return self.worker.start(job, array, {"origin": origin, "spacing": spacing, "direction": direction},
-                                 volumeKey, sessionKey)
+        array, volumeGeometry, volumeKey = geometry.workerVolume(job.volumeNode, job.image)
+        # one PropagationSession per volume: its walks are keyed by their anchors
+        return self.worker.start(job, array, volumeGeometry, volumeKey, sessionKey=volumeKey)
 
     def compute(self, job: PropagationJob, progress: Optional[Progress] = None,
                 cancel: Optional[Cancel] = None):
@@ -482,14 +475,7 @@ class FewShotSegLogic(RefineMixin):
         job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device, intensityGate,
                            forWorker=worker)
         if worker:
-            handle = self.startPropagation(job)
-            while not handle.poll():
-                if progress:
-                    progress(handle.fraction, handle.message)
-                if cancel and cancel():
-                    handle.cancel()
-                time.sleep(0.02)
-            result = handle.outcome()
+            result = self.startPropagation(job).follow(progress, cancel)
         else:
             result = self.compute(job, progress, cancel)
         summary = self.apply(job, result, saveStateForUndo, editorNode)
@@ -506,12 +492,6 @@ def sharedLogic() -> FewShotSegLogic:
     if not _SHARED:
         _SHARED.append(FewShotSegLogic())
     return _SHARED[0]
-
-
-def sitk_array(image) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(image)
 
 
 def segmentationHistory(segmentationNode):

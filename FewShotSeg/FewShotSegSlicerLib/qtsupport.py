@@ -1,6 +1,6 @@
 """GUI-side glue shared by the module widget and the Segment Editor effect (needs Qt).
 
-Why: both run the same Logic (propagation in the worker process, refinement and downloads
+Why: both run the same Logic (propagation and refinement in the worker process, downloads
 on a thread) and show the same progress bar, Cancel button and status line; keeping that
 here keeps FewShotSeg.py and the effect thin. The Logic never imports this file, so it
 stays usable without Qt. A QTimer polls the job every 100 ms; polling never blocks.
@@ -20,7 +20,7 @@ POLL_MSEC = 100
 
 
 class TaskRunner:
-    """Runs one job at a time (a BackgroundTask, or a worker PropagationHandle given to
+    """Runs one job at a time (a BackgroundTask, or a worker JobHandle given to
     ``startHandle``); its button reads Cancel while the job runs. Leaving the effect or
     the module does not stop it: the result is applied when it arrives."""
 

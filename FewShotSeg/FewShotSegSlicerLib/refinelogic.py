@@ -1,6 +1,8 @@
 """Refinement for FewShotSegLogic: the diffusion refiner redraws a segment and reports
-where it is unsure. Same three steps as propagation (prepare on the main thread, compute
-on any thread, apply on the main thread); it runs in Slicer's interpreter.
+where it is unsure. Same three steps as propagation: prepare on the main thread, compute in
+the worker process (startRefine; Slicer's main loop holds the GIL, so a thread of its
+interpreter would barely run) or in this process (computeRefine: scripts, tests), apply
+on the main thread.
 
 The slices kept exactly are the user's slices recorded with the segment (userslices.py),
 so a Refine after Propagate keeps what the user drew; the record is updated after the
@@ -51,8 +53,10 @@ class RefineMixin:
         return self._refiner[1]
 
     def prepareRefine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4,
-                      refiner=None, axis: str = "auto", device: str = "cpu", keepSlices=None) -> RefineJob:
-        """Validate the inputs and copy image + segment out of the scene (main thread).
+                      refiner=None, axis: str = "auto", device: str = "cpu", keepSlices=None,
+                      forWorker: bool = False) -> RefineJob:
+        """Validate the inputs and copy the segment (and, unless ``forWorker``, the image)
+        out of the scene (main thread).
 
         ``axis`` 'auto': the axis the segment was propagated along, else axial. ``keepSlices``:
         slice indices along that axis kept exactly as they are; None = the painted slices of
@@ -71,15 +75,19 @@ class RefineMixin:
             segmentationNode, segmentId, volumeNode, segmentName,
             outside=("lies entirely outside", "nothing to refine on that volume"),
             empty="nothing to refine (propagate or paint it first)")
-        image = geometry.volumeToSitk(volumeNode)
+        if forWorker:
+            geometry.checkFinite(volumeNode)
+            image, axisImage = None, geometry.directionImage(volumeNode)
+        else:
+            image = axisImage = geometry.volumeToSitk(volumeNode)
         record = self.rememberedSlices(volumeNode, segmentationNode, segmentId)  # (axis index, user slices)
         from FewShotSegLib.imageio import array_axis_for
 
         if axis != "auto":
             axisName = axis
         else:
-            axisName = geometry.axisName(image, record[0]) if record else "axial"
-        axisIndex = int(array_axis_for(image, axisName))
+            axisName = geometry.axisName(axisImage, record[0]) if record else "axial"
+        axisIndex = int(array_axis_for(axisImage, axisName))
         if keepSlices is None:
             keepSlices = record[1] if record and record[0] == axisIndex else []
         n = coarse.shape[axisIndex]
@@ -100,27 +108,31 @@ class RefineMixin:
         job.prepareSeconds = time.perf_counter() - start
         return job
 
+    def startRefine(self, job: RefineJob):
+        """Send the job to the worker process (started on first use; the volume is sent only
+        when it does not hold it). Poll the returned handle; it never blocks. Its result
+        has the mask and the uncertainty that applyRefine takes."""
+        array, volumeGeometry, volumeKey = geometry.workerVolume(job.volumeNode, job.image)
+        return self.worker.startRefine(job, array, volumeGeometry, volumeKey)
+
     def computeRefine(self, job: RefineJob, progress: Optional[Progress] = None,
                       cancel: Optional[Cancel] = None):
-        """Run the refiner on the copied arrays (any thread); never touches the scene."""
+        """Run the refiner in this process on the copied arrays (any thread); never touches the scene."""
         if not self._computeLock.acquire(blocking=False):
             raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
         try:
-            from FewShotSegLib.refinement.sampling import RefineCancelled, RefineOptions, refine
+            from FewShotSegLib.refinement.sampling import RefineCancelled
+            from FewShotSegSlicerLib import engine
 
+            if job.image is None:
+                raise FewShotSegError("this job was prepared for the worker process: use startRefine")
             if progress:
                 progress(0.0, "loading the refiner")
             refiner = self.loadRefiner(job.refinerPath, job.device)
             if cancel and cancel():
                 raise RefineCancelled("refinement cancelled; the segmentation was not changed")
-            options = RefineOptions(samples=job.samples, steps=job.steps, axis=job.axis, device=job.device)
-            result = refine(job.image, job.coarse, refiner, options, progress=progress, cancel=cancel,
-                            keep=job.keep)
-            for name in ("mask", "uncertainty"):
-                if getattr(result, name).shape != job.coarse.shape:
-                    raise FewShotSegError(f"the refiner returned a {name} of shape "
-                                          f"{getattr(result, name).shape}, expected {job.coarse.shape}")
-            return result
+            return engine.refine(job.image, job.coarse, job.keep, refiner, job.samples, job.steps, job.axis,
+                                 job.device, progress=progress, cancel=cancel)
         finally:
             self._computeLock.release()
 
@@ -158,13 +170,17 @@ class RefineMixin:
 
     def refine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4, refiner=None,
                axis: str = "auto", device: str = "cpu", keepSlices=None, progress: Optional[Progress] = None,
-               cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None) -> RefineSummary:
-        """Synchronous refinement; the segmentation is unchanged whenever this raises."""
+               cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None,
+               worker: bool = False) -> RefineSummary:
+        """Synchronous refinement, in this process or (``worker=True``) in the worker
+        process; the segmentation is unchanged whenever this raises."""
         start = time.perf_counter()
         job = self.prepareRefine(volumeNode, segmentationNode, segmentId, samples, steps, refiner, axis, device,
-                                 keepSlices)
-        result = self.computeRefine(job, progress, cancel)
+                                 keepSlices, forWorker=worker)
+        if worker:
+            result = self.startRefine(job).follow(progress, cancel)
+        else:
+            result = self.computeRefine(job, progress, cancel)
         summary = self.applyRefine(job, result, saveStateForUndo, editorNode)
         summary.seconds = time.perf_counter() - start
         return summary
-

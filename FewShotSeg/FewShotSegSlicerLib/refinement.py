@@ -33,7 +33,7 @@ class RefineJob:
     segmentationNode: object
     segmentId: str
     segmentName: str
-    image: object                 # SimpleITK.Image on the volume's grid
+    image: object                 # SimpleITK.Image on the volume's grid (None for the worker)
     coarse: np.ndarray            # bool, volume array order: the segment as it is now
     keep: Optional[np.ndarray]    # bool or None: slices kept exactly (the painted ones)
     refinerPath: Path

@@ -1,10 +1,10 @@
-"""Run long work on a Python thread and let the GUI poll it (refinement, downloads).
+"""Run long work on a Python thread and let the GUI poll it (model downloads).
 
 Why: MRML and Qt must only be touched on the main thread. The thread only sees copied
 arrays; the GUI polls ``fraction``/``message`` with a timer and applies the result on the
 main thread once ``finished`` is True. Caveat: Slicer's main loop holds the GIL between
 events, so such a thread runs only when the GUI runs Python (20x slower measured);
-propagation therefore runs in the worker process (workerclient.py), not here.
+propagation and refinement therefore run in the worker process (workerclient.py), not here.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class BackgroundTask:
         return self.ended is not None and not self._thread.is_alive()
 
     def poll(self) -> bool:
-        """Same call as the worker's PropagationHandle: True once finished."""
+        """Same call as the worker's JobHandle: True once finished."""
         return self.finished
 
     def status(self) -> tuple[float, str]:

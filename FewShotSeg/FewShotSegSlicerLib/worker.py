@@ -1,8 +1,8 @@
-"""The FewShotSeg worker process: loads a model once and propagates on request.
+"""The FewShotSeg worker process: loads a model once and propagates or refines on request.
 
 Why a process: Slicer's main loop holds the GIL between events, so a Python thread in
 Slicer's interpreter runs only when the GUI happens to run Python (a 2.5 s propagation
-took 55 s). This process is started with Slicer's own Python (PythonSlicer, as
+took 55 s; refinement likewise). This process is started with Slicer's own Python (PythonSlicer, as
 SlicerMONAIAuto3DSeg and SlicerTotalSegmentator run theirs) and imports only the engine,
 NumPy and SimpleITK: no Slicer, no Qt.
 
@@ -12,6 +12,9 @@ Protocol (one JSON object per line). In, on stdin::
      "support": "s.npy", "exclude": "e.npy" | null, "sessionKey": "...", "model": "m.pt",
      "device": "cpu", "mode": "chained", "axisIndex": 0, "axisName": "axial",
      "intensityGate": true, "out": "folder"}
+    {"cmd": "refine", "id": 2, "volumeKey": "...", "volume": ..., "geometry": {...}, "shape": [...],
+     "coarse": "c.npy", "keep": "k.npy" | null, "refiner": "r.pt", "device": "cpu",
+     "samples": 4, "steps": 4, "axisName": "axial", "out": "folder"}
     {"cmd": "load", "id": "warm", "model": "m.pt", "device": "cpu"}   (load before the first job)
     {"cmd": "cancel", "id": 1}
     {"cmd": "quit"}                      (or stdin closed)
@@ -22,12 +25,16 @@ Out, on the original stdout (anything the engine prints goes to stderr)::
     {"type": "progress", "id": 1, "fraction": 0.4, "message": "..."}
     {"type": "loaded", "id": "warm"}
     {"type": "done", "id": 1, "mask": "folder/mask-1.npy", "result": {...}}
+    {"type": "done", "id": 2, "mask": "...", "uncertainty": "folder/uncertainty-2.npy" | null,
+     "box": [[k0, k1], [j0, j1], [i0, i1]], "result": {...}}     (a refine: the uncertainty's box)
     {"type": "error", "id": 1, "kind": "cancelled" | "fewshot" | "other", "message": "...", "trace": "..."}
 
 Arrays travel as .npy files in the client's private temporary folder ("shape" gives the
-volume's; masks are np.packbits of the flattened bool array). The volume is sent
-only when this process does not hold it already; the PropagationSession of the held
-volume is kept, so a re-propagation after a correction recomputes only what changed.
+volume's; masks are np.packbits of the flattened bool array; the uncertainty is the float32
+box holding its non-zero voxels, none when it is zero everywhere). The volume is sent only
+when this process does not hold it already, for a propagation or a refinement alike; the
+PropagationSession of the held volume is kept, so a re-propagation after a correction
+recomputes only what changed. One few-shot model and one refiner are kept loaded.
 """
 from __future__ import annotations
 
@@ -50,13 +57,47 @@ def unpack(path: str, shape):
     return np.unpackbits(np.load(path), count=count).reshape(shape).view(bool)
 
 
+def saveMask(job: dict, mask) -> str:
+    """A result mask as np.packbits in the job's folder; returns its path."""
+    import numpy as np
+
+    path = os.path.join(job["out"], f"mask-{job['id']}.npy")
+    np.save(path, np.packbits(np.asarray(mask) > 0))
+    return path
+
+
+def saveBox(path: str, array):
+    """Save the box of ``array`` that holds its non-zero values; returns the box
+    ([[start, stop] per axis]), or None (nothing saved) when it is zero everywhere."""
+    import numpy as np
+
+    if not array.any():
+        return None
+    box = []
+    for axis in range(array.ndim):
+        hits = np.flatnonzero(array.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
+        box.append([int(hits[0]), int(hits[-1]) + 1])
+    np.save(path, np.ascontiguousarray(array[tuple(slice(a, b) for a, b in box)]))
+    return box
+
+
+def loadBox(path, box, shape, dtype="float32"):
+    """The full array back from saveBox's file and box (zeros outside the box)."""
+    import numpy as np
+
+    out = np.zeros(shape, dtype)
+    if box:
+        out[tuple(slice(a, b) for a, b in box)] = np.load(path)
+    return out
+
+
 class Worker:
     def __init__(self, out):
         self.out = out
         self.outLock = threading.Lock()
         self.jobs: "queue.Queue[dict | None]" = queue.Queue()
         self.cancelled = set()
-        self.model = None          # (key, checkpoint)
+        self.models = {}           # checkpoint kind ("fewshot", "refiner") -> (key, checkpoint)
         self.volume = None         # (key, SimpleITK image)
         self.sessions = {}         # session key -> PropagationSession, for the held volume only
 
@@ -75,7 +116,7 @@ class Worker:
             command = message.get("cmd")
             if command == "cancel":
                 self.cancelled.add(message.get("id"))
-            elif command in ("job", "load"):
+            elif command in ("job", "refine", "load"):
                 self.jobs.put(message)
             elif command == "quit":
                 break
@@ -83,14 +124,15 @@ class Worker:
         self.jobs.put(None)
 
     # -- jobs ------------------------------------------------------------------------------
-    def loadModel(self, path: str, device: str):
+    def loadModel(self, path: str, device: str, kind: str = "fewshot"):
+        """The checkpoint, loaded once; one of each kind is kept."""
         from FewShotSegLib.checkpoints import load_checkpoint
 
         key = (os.path.realpath(path), os.stat(path).st_mtime_ns, device)
-        if self.model is None or self.model[0] != key:
-            self.model = None
-            self.model = (key, load_checkpoint(path, device=device))
-        return self.model[1]
+        if kind not in self.models or self.models[kind][0] != key:
+            self.models.pop(kind, None)  # free the previous one before loading
+            self.models[kind] = (key, load_checkpoint(path, expect_kind=kind, device=device))
+        return self.models[kind][1]
 
     def loadVolume(self, job: dict):
         import numpy as np
@@ -115,14 +157,45 @@ class Worker:
             self.sessions[key] = newSession()
         return self.sessions[key]
 
-    def run(self, job: dict) -> None:
-        import numpy as np
-
-        from FewShotSegLib.errors import FewShotSegError
+    def propagate(self, job: dict, image, progress, cancel) -> dict:
         from FewShotSegLib.propagation import PropagationCancelled
         from FewShotSegSlicerLib import engine
 
+        model = self.loadModel(job["model"], job["device"])
+        if cancel():
+            raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
+        support = unpack(job["support"], job["shape"])
+        exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
+        result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
+                            job["device"], job["intensityGate"], exclude=exclude,
+                            session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
+        return {"mask": saveMask(job, result.mask), "result": engine.summary(result)}
+
+    def refine(self, job: dict, image, progress, cancel) -> dict:
+        import numpy as np
+
+        from FewShotSegLib.refinement.sampling import RefineCancelled
+        from FewShotSegSlicerLib import engine
+
+        refiner = self.loadModel(job["refiner"], job["device"], kind="refiner")
+        if cancel():
+            raise RefineCancelled("refinement cancelled; the segmentation was not changed")
+        coarse = unpack(job["coarse"], job["shape"])
+        keep = unpack(job["keep"], job["shape"]) if job.get("keep") else None
+        result = engine.refine(image, coarse, keep, refiner, job["samples"], job["steps"], job["axisName"],
+                               job["device"], progress=progress, cancel=cancel)
+        uncertainty = os.path.join(job["out"], f"uncertainty-{job['id']}.npy")
+        box = saveBox(uncertainty, np.asarray(result.uncertainty, np.float32))
+        return {"mask": saveMask(job, result.mask), "uncertainty": uncertainty if box else None, "box": box,
+                "result": engine.summary(result)}
+
+    def run(self, job: dict) -> None:
+        from FewShotSegLib.errors import FewShotSegError
+        from FewShotSegLib.propagation import PropagationCancelled
+        from FewShotSegLib.refinement.sampling import RefineCancelled
+
         jobId = job["id"]
+        refining = job.get("cmd") == "refine"
         started, startedCpu = time.perf_counter(), time.process_time()
         last = [0.0]
 
@@ -136,24 +209,16 @@ class Worker:
             return jobId in self.cancelled or "*" in self.cancelled
 
         try:
-            progress(0.0, "loading the volume" if job.get("volume") else "loading the model")
+            progress(0.0, "loading the volume" if job.get("volume") else
+                     "loading the refiner" if refining else "loading the model")
             image = self.loadVolume(job)
-            model = self.loadModel(job["model"], job["device"])
-            if cancel():
-                raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
-            support = unpack(job["support"], job["shape"])
-            exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
-            result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
-                                job["device"], job["intensityGate"], exclude=exclude,
-                                session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
-            path = os.path.join(job["out"], f"mask-{jobId}.npy")
-            np.save(path, np.packbits(np.asarray(result.mask) > 0))
-            fields = engine.summary(result)
+            answer = (self.refine if refining else self.propagate)(job, image, progress, cancel)
+            fields = answer["result"]
             fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
             fields["worker_cpu_seconds"] = time.process_time() - startedCpu
             fields["worker_process_cpu_seconds"] = time.process_time()  # since this process started
-            self.send({"type": "done", "id": jobId, "mask": path, "result": fields})
-        except PropagationCancelled as exc:
+            self.send({"type": "done", "id": jobId, **answer})
+        except (PropagationCancelled, RefineCancelled) as exc:
             self.send({"type": "error", "id": jobId, "kind": "cancelled", "message": str(exc)})
         except FewShotSegError as exc:
             self.send({"type": "error", "id": jobId, "kind": "fewshot", "message": str(exc)})

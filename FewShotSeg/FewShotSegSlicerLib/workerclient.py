@@ -1,4 +1,5 @@
-"""Slicer's side of the worker process: start it, send jobs, poll for progress and results.
+"""Slicer's side of the worker process: start it, send jobs (propagate, refine), poll for
+progress and results.
 
 Why polling and no thread: Slicer's main loop holds the GIL between events, so a reader
 thread would run only when the GUI happens to run Python. Instead the GUI's timer calls
@@ -210,9 +211,11 @@ class WorkerProcess:
                     pass
 
 
-class PropagationHandle:
-    """A propagation running in the worker. ``poll()`` (non-blocking) until it returns True,
-    then ``outcome()`` gives the result or raises its error."""
+class JobHandle:
+    """A job running in the worker. ``poll()`` (non-blocking) until it returns True, then
+    ``outcome()`` gives the result or raises its error; or ``follow()``, blocking."""
+
+    what = "job"
 
     def __init__(self, client: "WorkerClient", worker: WorkerProcess, jobId: int, job, files: list):
         self.client, self.worker, self.jobId, self.job, self.files = client, worker, jobId, job, files
@@ -234,10 +237,19 @@ class PropagationHandle:
                 pass
         self.client._ended(self)
 
-    def _cancelled(self):
-        from FewShotSegLib.propagation import PropagationCancelled
+    def _cancelled(self) -> FewShotSegError:
+        raise NotImplementedError
 
-        return PropagationCancelled("propagation cancelled; the segmentation was not changed")
+    def _readResult(self, message: dict):
+        """The job's result from its "done" message (files removed once read)."""
+        raise NotImplementedError
+
+    def _mask(self, message: dict) -> np.ndarray:
+        from FewShotSegSlicerLib.worker import unpack
+
+        mask = unpack(message["mask"], tuple(self.job.support.shape))
+        os.remove(message["mask"])
+        return mask
 
     def poll(self) -> bool:
         if self.finished:
@@ -250,26 +262,22 @@ class PropagationHandle:
                 self.fraction = max(0.0, min(1.0, float(message.get("fraction", 0.0))))
                 self.message = str(message.get("message", ""))
             elif kind == "done":
-                from FewShotSegSlicerLib.engine import EngineResult
-
                 try:
-                    shape = tuple(self.job.support.shape)
-                    mask = np.unpackbits(np.load(message["mask"]), count=int(np.prod(shape))).reshape(shape).view(bool)
-                    os.remove(message["mask"])
-                except (OSError, ValueError) as exc:
+                    result = self._readResult(message)
+                except (OSError, ValueError, KeyError) as exc:
                     self._end(error=FewShotSegError(f"could not read the worker's result: {exc}; "
                                                     "the segmentation was not changed"))
                     return True
-                self._end(result=EngineResult(mask, message.get("result", {})))
+                self._end(result=result)
                 return True
             elif kind == "error":
                 if message.get("kind") == "cancelled":
                     error = self._cancelled()
                 elif message.get("kind") == "fewshot":
-                    error = FewShotSegError(message.get("message", "propagation failed"))
+                    error = FewShotSegError(message.get("message", f"{self.what} failed"))
                 else:
                     self.worker.heldVolume = None  # a failure while loading: send it again next time
-                    error = FewShotSegError(f"propagation failed: {message.get('message', '')}")
+                    error = FewShotSegError(f"{self.what} failed: {message.get('message', '')}")
                 self._end(error=error, trace=message.get("trace", ""))
                 return True
         if self.worker.stopped:
@@ -306,10 +314,61 @@ class PropagationHandle:
 
     def outcome(self):
         if not self.finished:
-            raise FewShotSegError("the propagation has not finished yet")
+            raise FewShotSegError(f"the {self.what} has not finished yet")
         if self.error is not None:
             raise self.error
         return self.result
+
+    def follow(self, progress=None, cancel=None, interval: float = 0.02):
+        """Blocking, for scripts and tests: poll until it ends, reporting ``progress(fraction,
+        message)`` and cancelling once ``cancel()`` is true; returns the outcome."""
+        while not self.poll():
+            if progress:
+                progress(self.fraction, self.message)
+            if cancel and cancel():
+                self.cancel()
+            time.sleep(interval)
+        if progress and self.error is None:
+            progress(self.fraction, self.message)
+        return self.outcome()
+
+
+class PropagationHandle(JobHandle):
+    """A propagation running in the worker; its result is an engine.EngineResult."""
+
+    what = "propagation"
+
+    def _cancelled(self):
+        from FewShotSegLib.propagation import PropagationCancelled
+
+        return PropagationCancelled("propagation cancelled; the segmentation was not changed")
+
+    def _readResult(self, message: dict):
+        from FewShotSegSlicerLib.engine import EngineResult
+
+        return EngineResult(self._mask(message), message.get("result", {}))
+
+
+class RefineHandle(JobHandle):
+    """A refinement running in the worker; its result an engine.EngineResult with the
+    uncertainty (float32, volume array order)."""
+
+    what = "refinement"
+
+    def _cancelled(self):
+        from FewShotSegLib.refinement.sampling import RefineCancelled
+
+        return RefineCancelled("refinement cancelled; the segmentation was not changed")
+
+    def _readResult(self, message: dict):
+        from FewShotSegSlicerLib.engine import EngineResult
+        from FewShotSegSlicerLib.worker import loadBox
+
+        mask = self._mask(message)
+        uncertainty = loadBox(message.get("uncertainty"), message.get("box"), mask.shape)
+        if message.get("uncertainty"):
+            os.remove(message["uncertainty"])
+        return EngineResult(mask, message.get("result", {}), uncertainty)
 
 
 class WorkerClient:
@@ -318,7 +377,7 @@ class WorkerClient:
     def __init__(self, python: Optional[str] = None):
         self.python = python
         self.worker: Optional[WorkerProcess] = None
-        self.current: Optional[PropagationHandle] = None
+        self.current: Optional[JobHandle] = None
 
     @property
     def busy(self) -> bool:
@@ -336,9 +395,22 @@ class WorkerClient:
         return self.worker
 
     def start(self, job, volumeArray, geometry: dict, volumeKey: str, sessionKey: str) -> PropagationHandle:
-        """Send one job; the volume only if the worker does not hold it."""
+        """Send a propagation; the volume only if the worker does not hold it."""
+        return self._submit(PropagationHandle, job, volumeArray, geometry, volumeKey, {
+            "cmd": "job", "support": job.support, "exclude": job.exclude, "sessionKey": sessionKey,
+            "model": str(job.modelPath), "mode": job.mode, "axisIndex": int(job.axisIndex),
+            "intensityGate": bool(job.intensityGate)})
+
+    def startRefine(self, job, volumeArray, geometry: dict, volumeKey: str) -> RefineHandle:
+        """Send a refinement (refinement.RefineJob); the volume only if the worker does not hold it."""
+        return self._submit(RefineHandle, job, volumeArray, geometry, volumeKey, {
+            "cmd": "refine", "coarse": job.coarse, "keep": job.keep, "refiner": str(job.refinerPath),
+            "samples": int(job.samples), "steps": int(job.steps)})
+
+    def _submit(self, handleClass, job, volumeArray, geometry: dict, volumeKey: str, fields: dict) -> JobHandle:
+        """One job: bool arrays in ``fields`` travel as packed .npy files (None stays None)."""
         if self.busy:
-            raise FewShotSegError("a propagation is already running: wait for it or cancel it")
+            raise FewShotSegError("a propagation or refinement is already running: wait for it or cancel it")
         worker = self.ensureWorker()
         worker.lastId += 1
         jobId = worker.lastId
@@ -350,12 +422,13 @@ class WorkerClient:
             files.append(path)
             return path
 
-        message = {"cmd": "job", "id": jobId, "volumeKey": volumeKey, "volume": None, "geometry": geometry,
-                   "shape": list(job.support.shape), "support": save("support", np.packbits(job.support)),
-                   "exclude": save("exclude", np.packbits(job.exclude)) if job.exclude is not None else None,
-                   "sessionKey": sessionKey, "model": str(job.modelPath), "device": job.device, "mode": job.mode,
-                   "axisIndex": int(job.axisIndex), "axisName": job.axis, "intensityGate": bool(job.intensityGate),
+        message = {"id": jobId, "volumeKey": volumeKey, "volume": None, "geometry": geometry,
+                   "shape": list(job.support.shape), "device": job.device, "axisName": job.axis,
                    "out": worker.folder}
+        for name, value in fields.items():
+            if isinstance(value, np.ndarray):
+                value = save(name, np.packbits(value.astype(bool, copy=False)))
+            message[name] = value
         if worker.heldVolume != volumeKey:
             message["volume"] = save("volume", volumeArray)
         try:
@@ -364,7 +437,7 @@ class WorkerClient:
             self.discard(worker, keepLog=True)  # removes the arrays written for this job, keeps the log
             raise
         worker.heldVolume = volumeKey
-        self.current = PropagationHandle(self, worker, jobId, job, files)
+        self.current = handleClass(self, worker, jobId, job, files)
         return self.current
 
     def warmUp(self, modelPath, device: str = "cpu") -> None:
@@ -386,7 +459,7 @@ class WorkerClient:
             time.sleep(0.02)
         return self.worker is not None and self.worker.warm is True
 
-    def _ended(self, handle: PropagationHandle) -> None:
+    def _ended(self, handle: JobHandle) -> None:
         if self.current is handle:
             self.current = None
 
