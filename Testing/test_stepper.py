@@ -147,6 +147,21 @@ def test_training_steps_lower_the_loss_on_a_real_volume(chaos_dir):
     assert after < 0.9 * before
 
 
+def test_walk_examples_follow_the_networks_own_walk(chaos_dir):
+    """On-policy examples: the first step of each walk starts from the true mask, later
+    ones from the network's prediction, and the walk goes past the structure's end
+    (empty targets) before it stops."""
+    from Training.step_pairs import walk_examples
+    image, label = _chaos_case(chaos_dir, "1")
+    prepared = prepare_volume(image, "axial", PreprocessConfig())
+    kidney = prepared.mask_to_model(label == 2)
+    net = build_model("slicestep").eval()   # untrained: it returns the carried mask
+    x, y = walk_examples(prepared.slices, [kidney], net)
+    present = int((kidney.flatten(1).sum(1) >= 12).sum())
+    assert len(x) >= present - 1
+    assert int((y.reshape(len(y), -1).max(1) == 0).sum()) >= 1     # steps past the end
+
+
 def test_train_stepper_resumes(tmp_path):
     """The command writes a state, goes on from it with --resume, and ends with a
     propagator checkpoint that the engine loads."""

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from FewShotSegLib.checkpoints import atomic_write
 from FewShotSegLib.imageio import read_image, read_mask_like
-from FewShotSegLib.models.slicestep import CROP, crop_box, step_inputs
+from FewShotSegLib.models.slicestep import CROP, crop_box, next_mask_probability, step_inputs
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 from FewShotSegLib.registration import FIELD_BATCH, slice_fields, warp_mask
 
@@ -67,48 +67,92 @@ def perturbed(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+class _Fields:
+    """The demons fields of a volume's adjacent slice pairs, estimated in batches on demand."""
+
+    def __init__(self, slices: torch.Tensor):
+        self.slices, self.fields = slices, {}
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        if (a, b) not in self.fields:
+            n, d = self.slices.shape[0], b - a
+            todo = [(k, k + d) for k in range(a, a + d * FIELD_BATCH, d) if 0 <= k + d < n and 0 <= k < n]
+            fixed = self.slices[[t for _, t in todo]]
+            moving = self.slices[[s for s, _ in todo]]
+            self.fields.update(zip(todo, slice_fields(fixed, moving)))
+        return self.fields[(a, b)]
+
+
+def _example(slices, fields: _Fields, a: int, b: int, prev: np.ndarray, target: torch.Tensor, crop: int):
+    """(inputs [4, crop, crop], target [crop, crop], carried mask) of the step a -> b, or None."""
+    carried = torch.from_numpy(warp_mask(prev, fields(a, b)))
+    prev_t = torch.from_numpy(prev.astype(np.float32))
+    box = crop_box(prev_t, carried, slices.shape[-1])
+    if box is None:
+        return None
+    x = step_inputs(slices[a], slices[b], prev_t, carried, box, crop)
+    y = step_inputs(slices[a], slices[b], target, target, box, crop)[2]
+    return x, y, carried
+
+
+def _stacked(examples: list, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    if not examples:
+        return np.zeros((0, 4, crop, crop), np.float16), np.zeros((0, crop, crop), np.uint8)
+    return (np.stack([x.numpy().astype(np.float16) for x, _ in examples]),
+            np.stack([np.round(y.clamp(0, 1).numpy() * 255).astype(np.uint8) for _, y in examples]))
+
+
 def volume_examples(slices: torch.Tensor, structures: list[torch.Tensor], rng: np.random.Generator,
                     crop: int = CROP) -> tuple[np.ndarray, np.ndarray]:
     """Inputs [n, 4, crop, crop] float16 and targets [n, crop, crop] uint8 (x255) for the
-    steps of ``structures`` (model-grid masks [N, size, size]) across ``slices``."""
-    n, size = slices.shape[0], slices.shape[-1]
-    fields: dict = {}
-
-    def field(a: int, b: int) -> torch.Tensor:
-        if (a, b) not in fields:
-            d = b - a
-            todo = [(k, k + d) for k in range(a, a + d * FIELD_BATCH, d) if 0 <= k + d < n and 0 <= k < n]
-            fixed = slices[[t for _, t in todo]]
-            moving = slices[[s for s, _ in todo]]
-            fields.update(zip(todo, slice_fields(fixed, moving)))
-        return fields[(a, b)]
-
-    inputs, targets = [], []
+    steps of ``structures`` (model-grid masks [N, size, size]) across ``slices``, each
+    from a perturbed true mask."""
+    n, fields, examples = slices.shape[0], _Fields(slices), []
     for masks in structures:
         present = [z for z in range(n) if float(masks[z].sum()) >= MIN_AREA]
         steps = [(z, z + d) for z in present for d in (-1, 1) if 0 <= z + d < n]
         if len(steps) > MAX_STEPS_PER_STRUCTURE:
             steps = [steps[i] for i in rng.choice(len(steps), MAX_STEPS_PER_STRUCTURE, replace=False)]
         for a, b in steps:
-            prev = perturbed(masks[a].numpy() > 0.5, rng)
-            carried = torch.from_numpy(warp_mask(prev, field(a, b)))
-            prev_t = torch.from_numpy(prev.astype(np.float32))
-            box = crop_box(prev_t, carried, size)
-            if box is None:
-                continue
-            x = step_inputs(slices[a], slices[b], prev_t, carried, box, crop)
-            y0, y1, x0, x1 = box
-            target = step_inputs(slices[a], slices[b], masks[b], masks[b], box, crop)[2]
-            inputs.append(x.numpy().astype(np.float16))
-            targets.append(np.round(target.clamp(0, 1).numpy() * 255).astype(np.uint8))
-    if not inputs:
-        return np.zeros((0, 4, crop, crop), np.float16), np.zeros((0, crop, crop), np.uint8)
-    return np.stack(inputs), np.stack(targets)
+            found = _example(slices, fields, a, b, perturbed(masks[a].numpy() > 0.5, rng), masks[b], crop)
+            if found is not None:
+                examples.append(found[:2])
+    return _stacked(examples, crop)
 
 
-def build(source: dict, out_dir: Path, seed: int, crop: int = CROP) -> list[Path]:
+def walk_examples(slices: torch.Tensor, structures: list[torch.Tensor], net, crop: int = CROP,
+                  past_end: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The steps a walk of ``net`` really takes: from each structure's largest slice, up
+    and down, the previous mask is the network's own last prediction (errors compound
+    along a walk; a network trained on true previous masks alone learns to shrink them
+    step after step). The walk goes ``past_end`` slices beyond the structure, where the
+    target is empty: there the network learns to stop."""
+    n, fields, examples = slices.shape[0], _Fields(slices), []
+    for masks in structures:
+        areas = masks.flatten(1).sum(1)
+        start = int(areas.argmax())
+        for d in (-1, 1):
+            prev, beyond = masks[start].numpy() > 0.5, 0
+            for b in range(start + d, n if d > 0 else -1, d):
+                a = b - d
+                found = _example(slices, fields, a, b, prev, masks[b], crop)
+                if found is None:
+                    break
+                examples.append(found[:2])
+                carried = found[2]
+                probability = next_mask_probability(net, slices[a], slices[b], torch.from_numpy(prev.astype(np.float32)),
+                                                    carried)
+                prev = (probability >= 0.5).numpy()
+                beyond += float(areas[b]) < MIN_AREA
+                if prev.sum() < MIN_AREA or beyond > past_end:
+                    break
+    return _stacked(examples, crop)
+
+
+def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None) -> list[Path]:
     """One source entry -> one .npz per axis. ``source``: {"image", "label" (optional),
-    "classes" (label values to use), "supervoxels" (how many), "axes"}."""
+    "classes" (label values to use), "supervoxels" (how many), "axes"}. With a ``policy``
+    network the examples are the steps of its own walks (`walk_examples`)."""
     rng = np.random.default_rng(seed)
     image = read_image(source["image"])
     structures3d = []
@@ -118,7 +162,8 @@ def build(source: dict, out_dir: Path, seed: int, crop: int = CROP) -> list[Path
             m = label == int(value)
             if m.sum() >= 300:
                 structures3d.append(m)
-    structures3d += supervoxels(image, int(source.get("supervoxels", 0)), rng)
+    if policy is None:   # a supervoxel's end is no edge in the image: no walk should learn to stop there
+        structures3d += supervoxels(image, int(source.get("supervoxels", 0)), rng)
     written = []
     for axis in source.get("axes", ["axial"]):
         out = out_dir / f"{Path(source['image']).name.split('.')[0]}_{axis}.npz"
@@ -128,7 +173,8 @@ def build(source: dict, out_dir: Path, seed: int, crop: int = CROP) -> list[Path
         prepared = prepare_volume(image, axis, PreprocessConfig())
         slices = prepared.slices
         masks = [prepared.mask_to_model(m) for m in structures3d]
-        x, y = volume_examples(slices, masks, rng, crop)
+        x, y = walk_examples(slices, masks, policy, crop) if policy is not None \
+            else volume_examples(slices, masks, rng, crop)
         atomic_write(out, lambda f: np.savez(f, inputs=x, targets=y))
         print(f"{out.name}: {len(x)} steps from {len(masks)} structures", flush=True)
         written.append(out)
@@ -141,12 +187,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop", type=int, default=CROP)
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="a step network checkpoint: record the steps of its own walks instead")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sources = json.loads(args.sources.read_text())
     torch.set_num_threads(1)
+    policy = None
+    if args.policy is not None:
+        from FewShotSegLib.checkpoints import load_checkpoint
+        policy = load_checkpoint(args.policy, expect_kind="propagator").model
+        args.crop = int(policy.config["crop"])
     for k, source in enumerate(sources):
-        build(source, args.out, args.seed + k, args.crop)
+        build(source, args.out, args.seed + k, args.crop, policy)
     return 0
 
 

@@ -84,15 +84,14 @@ def _peak_rss_mb() -> float:
 def _child(image, support, model, mode, result_path, registration_weight=None, multi_scale=False):
     """Runs inside a fresh process: one propagation, timed, with the network's share."""
     import SimpleITK as sitk
-    from FewShotSegLib.checkpoints import load_checkpoint
+    from FewShotSegLib.checkpoints import load_for_mode
     from FewShotSegLib.imageio import read_image, read_mask_like
-    from FewShotSegLib.model_store import resolve_model_path
     from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
 
     t0 = time.perf_counter()
     img = read_image(image)
     sup = sitk.GetArrayFromImage(read_mask_like(support, img)) > 0
-    ckpt = load_checkpoint(resolve_model_path(model))
+    ckpt = load_for_mode(model, mode)
     t1 = time.perf_counter()
     options = PropagationOptions(mode=mode, multi_scale=multi_scale)
     if registration_weight is not None:

@@ -38,6 +38,8 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
 
     # the engine before issue #34 takes anatomical names only
     axis = int(axisIndex) if hasattr(propagation, "resolve_axis") else axisName
+    if getattr(model, "kind", None) == "propagator":
+        mode = "learned"   # a step network runs one way; the mode choice is for few-shot models
     options = PropagationOptions(mode=mode, axis=axis, device=device, intensity_gate=bool(intensityGate))
     kwargs = {}
     if exclude is not None and _accepts(propagate, "exclude"):

@@ -252,8 +252,10 @@ class MedSegDiffV2(nn.Module):
     @torch.no_grad()
     def sample(self, image: torch.Tensor, anchor: torch.Tensor, samples: int = 4, steps: int = 4,
                start_t: float = 0.5, generator: torch.Generator | None = None, eta: float = 0.0,
-               cond: dict | None = None) -> torch.Tensor:
-        """K refinements per crop by DDIM from the noised anchor: probabilities [B,K,S,S]."""
+               cond: dict | None = None, before_step=None) -> torch.Tensor:
+        """K refinements per crop by DDIM from the noised anchor: probabilities [B,K,S,S].
+        ``before_step()`` is called before each denoising pass (Cancel is checked there: a
+        batch of many samples and steps takes seconds on a CPU)."""
         b = image.shape[0]
         cond = self.repeat_condition(cond or self.encode_condition(image, anchor), samples)
         ts = self.step_schedule(steps, start_t)
@@ -263,6 +265,8 @@ class MedSegDiffV2(nn.Module):
         x = self.q_sample(x0_anchor, torch.full((shape[0],), ts[0], dtype=torch.long, device=image.device), noise)
         logits = None
         for i, t in enumerate(ts):
+            if before_step is not None:
+                before_step()
             tt = torch.full((shape[0],), t, dtype=torch.long, device=image.device)
             logits = self.denoise(x, tt, cond)
             if i == len(ts) - 1:

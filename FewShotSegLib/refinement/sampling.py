@@ -122,11 +122,12 @@ def _crop_size(refiner) -> int:
     return int(getattr(model, "crop_size", 0) or refiner.extra.get("crop_size", 96))
 
 
-def _run_batch(model, images, anchors, options, generator):
+def _run_batch(model, images, anchors, options, generator, check_cancel=None):
     """[B,1,S,S] crops -> per-sample probabilities [B,K,S,S]."""
     if hasattr(model, "sample"):
         return model.sample(images, anchors, samples=options.samples, steps=options.steps,
-                            start_t=options.start_t, generator=generator, eta=options.eta)
+                            start_t=options.start_t, generator=generator, eta=options.eta,
+                            before_step=check_cancel)
     # a supervised refiner (hlfnet with 2 input channels): one deterministic answer
     logits = model(torch.cat([images, anchors * 2.0 - 1.0], 1))
     return torch.sigmoid(logits).expand(-1, options.samples, -1, -1)
@@ -181,10 +182,14 @@ def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOption
     unc_full = torch.zeros_like(prob_full)
     generator = torch.Generator().manual_seed(int(options.seed)) if options.seed is not None else None
     network = 0.0
+
+    def check_cancel():
+        if cancel():
+            raise RefineCancelled("refinement cancelled; the segmentation was not changed")
+
     with torch.inference_mode():
         for b0 in range(0, len(plan), options.batch_slices):
-            if cancel():
-                raise RefineCancelled("refinement cancelled; the segmentation was not changed")
+            check_cancel()
             batch = plan[b0:b0 + options.batch_slices]
             idx = [i for i, _ in batch]
             slices = prepared.model_slices(idx)
@@ -198,7 +203,7 @@ def refine(image: sitk.Image, coarse: np.ndarray, refiner, options: RefineOption
             imgs = torch.stack(imgs)[:, None].to(device)
             ancs = (torch.stack(ancs)[:, None] > 0.5).float().to(device)
             t0 = time.perf_counter()
-            probs = _run_batch(model, imgs, ancs, options, generator).float().cpu()   # [B,K,S,S]
+            probs = _run_batch(model, imgs, ancs, options, generator, check_cancel).float().cpu()   # [B,K,S,S]
             network += time.perf_counter() - t0
             mean = probs.mean(1)
             if options.uncertainty == "variance":
