@@ -48,6 +48,7 @@ BOX_MARGIN = 3                   # pixels on the 256 grid (the authors' get_bbox
 CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)   # abdomen: level 40, width 400 HU
 MR_PERCENTILES = (0.5, 99.5)
 MIN_AREA_FRACTION = 0.05         # a walk stops below 5 % of its painted slice's area
+MIN_INTENSITY_AGREEMENT = 0.5    # ... or when under half its mask lies in the painted 5-95 % band
 _SAMPLE = 2_000_000              # voxels read for the MR percentiles
 
 
@@ -226,18 +227,21 @@ def to_255(slice2d: np.ndarray, window: tuple[float, float, bool]) -> np.ndarray
 def medsam_propagate(image: sitk.Image, support: np.ndarray, axis_index: int, slices: Optional[Iterable[int]] = None,
                      progress: Optional[Callable[[float, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, model: Optional[LiteMedSAM] = None,
-                     modality: str = "auto") -> np.ndarray:
+                     modality: str = "auto", min_intensity_agreement: float = MIN_INTENSITY_AGREEMENT) -> np.ndarray:
     """Carry the painted slice(s) of ``support`` (bool, the image's array order) slice by slice
     across ``axis_index`` with LiteMedSAM; returns the mask (uint8 0/1, the same shape).
 
     Each slice is prompted with the box of the previous slice's mask (+3 pixels on the 256
     grid). One walk goes down from the lowest painted slice, one up from each painted slice
-    to the next painted one (so every slice is segmented at most once); a walk stops where
-    the mask is empty or under 5 % of its painted slice's area. Painted slices come back
-    exactly as painted. ``slices``: the slice indices the walks may fill (default every
-    slice). ``cancel()`` returning True raises ``PropagationCancelled``.
+    to the next painted one (so every slice is segmented at most once). A walk stops where
+    the mask is empty; an outward walk (past the outermost painted slices) also where the
+    mask is under 5 % of its painted slice's area or fewer than ``min_intensity_agreement``
+    of its pixels lie in the painted region's 5-95 % intensity band (extent.py; 0 = off).
+    Painted slices come back exactly as painted. ``slices``: the slice indices the walks
+    may fill (default every slice). ``cancel()`` returning True raises ``PropagationCancelled``.
     """
     from .anchors import slices_holding
+    from .extent import intensity_agreement, intensity_band
     from .propagation import PropagationCancelled
     array = sitk.GetArrayViewFromImage(image)
     support = np.asarray(support, bool)
@@ -262,7 +266,8 @@ def medsam_propagate(image: sitk.Image, support: np.ndarray, axis_index: int, sl
     for start, step, end in walks:
         previous = painting[start]
         least = max(1.0, MIN_AREA_FRACTION * previous.sum())
-        z = start + step
+        band = intensity_band(volume[start], previous)
+        outward, z = end in (-1, n), start + step
         while z != end and z in allowed:
             if cancel is not None and cancel():
                 raise PropagationCancelled("LiteMedSAM propagation cancelled; nothing was written")
@@ -270,7 +275,8 @@ def medsam_propagate(image: sitk.Image, support: np.ndarray, axis_index: int, sl
             done += 1
             if progress is not None:
                 progress(min(1.0, done / todo), f"LiteMedSAM slice {z}")
-            if mask.sum() < least:
+            if not mask.any() or outward and (mask.sum() < least or
+                                              intensity_agreement(volume[z], mask, band) < min_intensity_agreement):
                 break
             out[z] = mask
             previous, z = mask, z + step

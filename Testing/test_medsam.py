@@ -63,6 +63,22 @@ def test_walks_carry_the_painting_and_stop_where_it_is_too_small():
     assert x0 == pytest.approx(cols.min() * 256 / 40 - 3) and y1 == pytest.approx((rows.max() + 1) * 256 / 40 - 1 + 3)
 
 
+def test_the_intensity_rule_ends_an_outward_walk_not_one_between_painted_slices():
+    image, disc = disc_volume()
+    array = sitk.GetArrayFromImage(image)
+    array[15:][disc[15:]] = 150.0                       # another tissue from slice 15 on, still segmented
+    image = sitk.GetImageFromArray(array)
+    support = np.zeros_like(disc)
+    support[10] = disc[10]
+    result = medsam.medsam_propagate(image, support, 0, model=BrightSegmenter())
+    assert result[14].any() and not result[15:].any()
+    result = medsam.medsam_propagate(image, support, 0, model=BrightSegmenter(), min_intensity_agreement=0)
+    assert result[15].any() and result[16].any()                 # the area rule alone goes on
+    support[16] = disc[16]                               # painted beyond: slice 15 now lies between
+    result = medsam.medsam_propagate(image, support, 0, model=BrightSegmenter())
+    np.testing.assert_array_equal(result[11:17].astype(bool), disc[11:17])
+
+
 def test_slices_cancel_and_bad_input():
     image, disc = disc_volume()
     support = np.zeros_like(disc)
