@@ -18,8 +18,9 @@ The model card: ``Resources/Models/litemedsam.md``.
 * 3D: the authors' 3D loop (``CVPR24_LiteMedSAM_infer.py``) prompts each slice with the box
   of the previous slice's mask, enlarged by 3 pixels on the 256 grid, walking outward from
   the middle slice. Their loop runs inside a 3D box given with the case; here there is only
-  the painted slice, so a walk stops where the predicted mask is empty or smaller than 5 %
-  of the painted area (the area rule of ``extent.py``).
+  the painted slice, so an outward walk stops where the mask is empty or the engine's rules
+  (``extent.py``) say the structure has ended: under 5 % of the painted area, or under half
+  of it inside the painted region's 5-95 % intensity band (measured in the model card).
 """
 from __future__ import annotations
 
