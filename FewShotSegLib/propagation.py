@@ -150,6 +150,7 @@ class PropagationResult:
     warnings: list = field(default_factory=list)     # walks that stopped while the structure was large
     walks_computed: int = 0       # walks run this time
     walks_reused: int = 0         # walks taken from the session unchanged
+    mode: str = ""                # the mode that ran
 
 
 def resolve_device(name: str) -> torch.device:
@@ -274,7 +275,7 @@ class Propagator:
             network_seconds=network_seconds, stopped_at=stops, adapt_seconds=self.adapt_seconds,
             axis_index=self.axis_index, anchors=list(self.painted), end_anchors=list(self.ends),
             suggestions=suggestions, warnings=warnings,
-            walks_computed=session.computed, walks_reused=session.reused)
+            walks_computed=session.computed, walks_reused=session.reused, mode=opts.mode)
 
     def _excluded_on_model_grid(self, prepared) -> dict:
         """Slice -> excluded pixels on the model grid, for the slices holding exclusions."""

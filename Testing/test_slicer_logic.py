@@ -171,6 +171,19 @@ def test_liver_dice_with_shipped_model(logic, chaos):
     assert score >= SHIPPED_LIVER_DICE_MIN
 
 
+def test_liver_with_the_shipped_step_network(logic, chaos):
+    """The step network (a 'propagator' checkpoint) is picked like any model; the worker
+    runs it in learned mode and the result is the engine's."""
+    from FewShotSegLib.model_store import DEFAULT_PROPAGATOR
+    if DEFAULT_PROPAGATOR not in {m.name for m in logic.catalog.models() if m.available}:
+        pytest.skip(f"{DEFAULT_PROPAGATOR}.pt is not installed in Resources/Models")
+    summary = logic.propagate(chaos.image, chaos.seg, chaos.liver, model=DEFAULT_PROPAGATOR)
+    result = geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image)
+    assert np.array_equal(result[chaos.k], chaos.painted[chaos.k])
+    assert dice(result, chaos.label == LIVER) >= SHIPPED_LIVER_DICE_MIN
+    assert summary.mode == "learned"
+
+
 def test_logic_matches_engine_run_on_the_file(logic, chaos, tiny_checkpoint):
     """Same model, same painted slice: the Logic (Slicer grid, k reversed on load) and the
     engine on the NIfTI file give the same voxels in physical space."""

@@ -138,10 +138,10 @@ def main(argv=None) -> int:
             print(f"step {step}: loss {json.loads(log_path.read_text().splitlines()[-1])['loss']:.4f}", flush=True)
     if rank == 0:
         provenance = {"training": f"supervised walk steps (Training/step_pairs.py), batch {args.batch * world}, "
-                                  f"AdamW lr {args.lr:g} cosine", "data": files, "examples": len(x_all),
+                                  f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(x_all), "example_files": len(files),
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
                       "command": shlex.join(["python", "-m", "Training.train_stepper"] + list(argv or sys.argv[1:])),
-                      "code_version": git_commit(), "torch": torch.__version__}
+                      "code_version": git_commit(), "torch": str(torch.__version__)}
         save_checkpoint(args.out / "stepper.pt", model, kind="propagator", preprocess=PreprocessConfig(),
                         provenance=provenance, card={"description": args.description})
     if dist.is_initialized():

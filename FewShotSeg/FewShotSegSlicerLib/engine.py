@@ -81,7 +81,8 @@ def summary(result) -> dict:
             "anchors": [int(i) for i in (getattr(result, "anchors", None) or [])],
             "end_anchors": [int(i) for i in (getattr(result, "end_anchors", None) or [])],
             "suggestions": suggestions,
-            "warnings": [str(w) for w in (getattr(result, "warnings", None) or [])]}
+            "warnings": [str(w) for w in (getattr(result, "warnings", None) or [])],
+            "mode": str(getattr(result, "mode", "") or "")}
 
 
 class EngineResult:
@@ -93,6 +94,7 @@ class EngineResult:
         self.seconds = fields.get("seconds", 0.0)
         self.network_seconds = fields.get("network_seconds", 0.0)
         self.slices_done = fields.get("slices_done", 0)
+        self.mode = fields.get("mode", "")     # the mode that ran (a step network runs 'learned')
         self.anchors = fields.get("anchors", [])
         self.end_anchors = fields.get("end_anchors", [])
         self.suggestions = [Suggestion(**s) for s in fields.get("suggestions", [])]

@@ -179,13 +179,13 @@ class FewShotSegLogic(RefineMixin):
 
     def loadModel(self, path, device: str = "cpu"):
         """LoadedCheckpoint, cached while the file and device stay the same."""
-        from FewShotSegLib.checkpoints import load_checkpoint
+        from FewShotSegLib.checkpoints import PROPAGATION_KINDS, load_checkpoint
 
         path = Path(path)
         key = (str(path.resolve()), path.stat().st_mtime_ns, device)
         if self._model is None or self._model[0] != key:
             self._model = None  # free the previous one before loading
-            self._model = (key, load_checkpoint(path, device=device))
+            self._model = (key, load_checkpoint(path, expect_kind=PROPAGATION_KINDS, device=device))
         return self._model[1]
 
     # -- step 1: main thread --------------------------------------------------------------
@@ -444,7 +444,7 @@ class FewShotSegLogic(RefineMixin):
             seconds=job.prepareSeconds + float(result.seconds) + applySeconds,
             engineSeconds=float(result.seconds),
             networkSeconds=float(getattr(result, "network_seconds", 0.0)),
-            mode=job.mode, axis=job.axis, device=job.device, model=job.modelPath.stem,
+            mode=getattr(result, "mode", "") or job.mode, axis=job.axis, device=job.device, model=job.modelPath.stem,
             endSlices=len(job.endSlices), suggestions=self.lookAt(job, result, mask),
             warnings=list(getattr(result, "warnings", []) or []))
 

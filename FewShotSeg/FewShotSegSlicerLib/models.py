@@ -164,10 +164,10 @@ class ModelCatalog:
 
     def addCheckpointFile(self, path, name: Optional[str] = None) -> ModelInfo:
         """Validate a local checkpoint (it must load), then copy it into the user folder."""
-        from FewShotSegLib.checkpoints import load_checkpoint
+        from FewShotSegLib.checkpoints import PROPAGATION_KINDS, load_checkpoint
 
         source = Path(path)
-        loaded = load_checkpoint(source)  # raises FewShotSegError naming the file
+        loaded = load_checkpoint(source, expect_kind=PROPAGATION_KINDS)  # raises FewShotSegError naming the file
         name = name or source.stem
         target = self.userDir / f"{name}.pt"
         if target.exists():

@@ -126,12 +126,13 @@ class Worker:
     # -- jobs ------------------------------------------------------------------------------
     def loadModel(self, path: str, device: str, kind: str = "fewshot"):
         """The checkpoint, loaded once; one of each kind is kept."""
-        from FewShotSegLib.checkpoints import load_checkpoint
+        from FewShotSegLib.checkpoints import PROPAGATION_KINDS, load_checkpoint
 
         key = (os.path.realpath(path), os.stat(path).st_mtime_ns, device)
         if kind not in self.models or self.models[kind][0] != key:
             self.models.pop(kind, None)  # free the previous one before loading
-            self.models[kind] = (key, load_checkpoint(path, expect_kind=kind, device=device))
+            accepted = PROPAGATION_KINDS if kind == "fewshot" else kind   # the propagation's model: either kind
+            self.models[kind] = (key, load_checkpoint(path, expect_kind=accepted, device=device))
         return self.models[kind][1]
 
     def loadVolume(self, job: dict):
