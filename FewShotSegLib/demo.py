@@ -19,11 +19,11 @@ from .imageio import label_image_like, write_image
 from .metrics import dice
 from .overview import overlay, radiological, save_overview, view_letters
 from .progress import progress_bar
-from .propagation import PropagationOptions
+from .propagation import PropagationOptions, resolved_mode
 
 
-def run_demo(data_dir=None, case: str = "1", organ: str = "all", model=None,
-             mode: str = "chained", out_dir: Path = Path("out/demo")) -> list:
+def run_demo(data_dir=None, case: str = "21", organ: str = "all", model=None,
+             mode: str = "auto", out_dir: Path = Path("out/demo")) -> list:
     data = shared_data_dir(data_dir)
     organs = list(CHAOS_ORGANS) if organ == "all" else [organ]
     unknown = [o for o in organs if o not in CHAOS_ORGANS]
@@ -32,6 +32,7 @@ def run_demo(data_dir=None, case: str = "1", organ: str = "all", model=None,
     print(f"loading CHAOS-T2 case {case} and the model ...", flush=True)
     image, label = load_chaos_case(data, case)
     checkpoint = load_for_mode(model, mode)
+    mode = resolved_mode(checkpoint, mode)
     options = PropagationOptions(mode=mode)
     axis_index = painting_axis(image, options)
     image_array = sitk.GetArrayViewFromImage(image)

@@ -9,9 +9,11 @@ recomputes only the spans next to it, and every run says which filled slices mos
 need a look (`suggestions.py`).
 
 Modes
+* ``auto`` (default): the model's own: ``learned`` for a step network, ``chained`` for a
+  few-shot model, ``registration`` without a model.
 * ``learned``: registration carries the mask and the step network (a checkpoint of kind
   'propagator', `models/slicestep.py`) corrects it at every step of the walk.
-* ``chained`` (default): walk away from each painted slice (`walks.py`); each
+* ``chained``: walk away from each painted slice (`walks.py`); each
   prediction becomes a support for the next slice, the walk's painted slice always
   stays in the support set, and the search is limited to the neighbourhood of the
   previous slice's mask (organs move little from one slice to the next).
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -50,7 +52,7 @@ from .walks import Walk, WalkContext, walk
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
-MODES = ("learned", "chained", "direct", "registration")
+MODES = ("auto", "learned", "chained", "direct", "registration")
 
 
 class PropagationCancelled(FewShotSegError):
@@ -59,7 +61,7 @@ class PropagationCancelled(FewShotSegError):
 
 @dataclass
 class PropagationOptions:
-    mode: str = "chained"
+    mode: str = "auto"
     # 'auto': the array axis across which the painting lies in the fewest slices (the view
     # it was painted in); a name (axial, coronal, sagittal) or an array index is checked
     # against the painting (anchors.resolve_axis)
@@ -172,11 +174,30 @@ def resolve_device(name: str) -> torch.device:
         raise FewShotSegError(f"unknown device '{name}' (use cpu, cuda, mps or auto)") from None
 
 
-def _checked_kind(model, mode: str):
+FEW_SHOT_OPTIONS = ("multi_scale", "adapt_steps", "query_prototypes", "support_refinement_steps")
+
+
+def resolved_mode(model, mode: str) -> str:
+    """'auto' -> the mode the model runs in: a step network 'learned', a few-shot model
+    'chained', no model 'registration'; any other mode as given."""
+    if mode != "auto":
+        return mode
+    if model is None:
+        return "registration"
+    return "learned" if getattr(model, "kind", None) == "propagator" else "chained"
+
+
+def _checked_kind(model, options: PropagationOptions):
     """Learned mode runs on a step network, chained and direct on a few-shot model: the
-    wrong kind of checkpoint is one clear line, before any work."""
-    kind = getattr(model, "kind", None)
+    wrong kind of checkpoint, or a few-shot model's option given to a step network, is one
+    clear line, before any work."""
+    mode, kind = options.mode, getattr(model, "kind", None)
     where = f" ({model.path.name})" if hasattr(model, "path") else ""
+    if mode == "learned":
+        used = [name for name in FEW_SHOT_OPTIONS if getattr(options, name)]
+        if used:
+            raise FewShotSegError(f"{used[0]} applies to few-shot models (mode chained or direct), "
+                                  "not to the step network of mode 'learned'")
     if mode == "learned" and kind != "propagator":
         raise FewShotSegError(f"mode 'learned' needs a propagator checkpoint (step network), not "
                               f"{'no model' if model is None else (kind or 'this') + ' model'}{where}")
@@ -195,6 +216,7 @@ class Propagator:
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
                  exclude: Optional[np.ndarray] = None, session: Optional[PropagationSession] = None):
         options.validate()
+        options = replace(options, mode=resolved_mode(model, options.mode))
         self.image, self.options = image, options
         self.support = np.asarray(support, bool)
         shape = sitk.GetArrayViewFromImage(image).shape
@@ -203,7 +225,7 @@ class Propagator:
                                   f"{shape}; resample it onto the image first")
         self.axis_index = resolve_axis(image, self.support, options.axis, exclude)
         self.exclude = check_exclusion(self.support, exclude, self.axis_index)
-        self.model = _checked_kind(model, options.mode)
+        self.model = _checked_kind(model, options)
         self.session = session if session is not None else PropagationSession()
         self.progress = progress or (lambda fraction, message: None)
         self.cancel = cancel or (lambda: False)

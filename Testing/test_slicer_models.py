@@ -51,7 +51,9 @@ def write_catalog(path: Path, *models) -> Path:
 
 def test_shipped_catalog_parses():
     entries = readCatalog()
-    assert entries and entries[0]["name"] == "fewshotseg-default" and "url" not in entries[0]
+    assert [e["name"] for e in entries] == ["fewshotseg-propagator", "fewshotseg-default"]   # the default first
+    assert not any("url" in e for e in entries)
+    assert ModelCatalog().defaultModelName() == "fewshotseg-propagator"
 
 
 def test_add_checkpoint_validates_copies_and_shows_card(home, tmp_path, checkpoint):

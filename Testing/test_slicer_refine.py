@@ -286,7 +286,7 @@ def test_bad_inputs_leave_everything_as_it_was(logic, scene, case, fewshot_check
 
 def test_refiner_given_where_a_few_shot_model_is_expected(logic, case):
     before = snapshot(case.seg, case.image)
-    with pytest.raises(FewShotSegError, match="but a few-shot model is needed"):
+    with pytest.raises(FewShotSegError, match="but a few-shot model or a propagator .* is needed"):
         logic.propagate(case.image, case.seg, case.spleen, model=REFINER)
     assertSameSegments(before, snapshot(case.seg, case.image))
 

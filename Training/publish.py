@@ -95,6 +95,8 @@ def main(argv=None):
             "mean_dice_chaos_t2": round(chaos["mean_dice"], 4),
             "mode": bench["mode"],
         }
+    elif args.note:
+        measured = {"summary": args.note}
     dest = ROOT / "Resources" / "Models" / f"{name}.pt"
     publish_checkpoint(source, dest, {"measured": measured.get("summary", "not measured yet"),
                                       "name": name})

@@ -34,17 +34,22 @@ from Training.provenance import display_path, git_commit, hardware  # noqa: E402
 from Training.train import _device, _distributed  # noqa: E402
 
 
-def load_examples(folders: list[Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Every .npz under ``folders``: inputs [n, 4, c, c] float16, targets [n, c, c] uint8."""
+def load_examples(folders: list[Path], oversample: dict | None = None):
+    """Every .npz under ``folders``: inputs [n, 4, c, c] float16, targets [n, c, c] uint8,
+    the file names, and each example's sampling weight (``oversample``: a file-name glob ->
+    weight, e.g. {"image_*": 4} to draw a scarce modality's examples more often)."""
+    import fnmatch
     files = sorted(f for folder in folders for f in Path(folder).glob("*.npz"))
     if not files:
         raise FewShotSegError(f"no step examples (.npz) in {', '.join(map(str, folders))}")
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for f in files:
         with np.load(f) as data:
             xs.append(torch.from_numpy(data["inputs"]))
             ys.append(torch.from_numpy(data["targets"]))
-    return torch.cat(xs), torch.cat(ys), [display_path(f) for f in files]
+        weight = max([w for pattern, w in (oversample or {}).items() if fnmatch.fnmatch(f.name, pattern)], default=1.0)
+        ws.append(torch.full((len(xs[-1]),), float(weight)))
+    return torch.cat(xs), torch.cat(ys), [display_path(f) for f in files], torch.cat(ws)
 
 
 def augmented(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
@@ -70,6 +75,19 @@ def step_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
+def _without_description(args: list) -> list:
+    """The command line for the card; the description is the card's own text."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--description":
+            skip = True
+        elif not a.startswith("--description="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the step network of the walks")
     parser.add_argument("examples", type=Path, nargs="+", help="folders of .npz from Training.step_pairs")
@@ -83,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--oversample", action="append", default=[], metavar="GLOB=WEIGHT",
+                        help="draw the examples of files matching GLOB WEIGHT times as often (repeatable)")
     parser.add_argument("--description", default="The walk's step network (mode 'learned').",
                         help="the model card's description (which data, what was held out)")
     args = parser.parse_args(argv)
@@ -91,7 +111,14 @@ def main(argv=None) -> int:
     rank, world, local_rank, _ = _distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
-    x_all, y_all, files = load_examples(args.examples)
+    oversample = {}
+    for item in args.oversample:
+        pattern, _, weight = item.partition("=")
+        try:
+            oversample[pattern] = float(weight)
+        except ValueError:
+            raise FewShotSegError(f"--oversample wants GLOB=WEIGHT, not {item!r}") from None
+    x_all, y_all, files, weights = load_examples(args.examples, oversample)
     crop = int(x_all.shape[-1])
     torch.manual_seed(args.seed)
     model = build_model("slicestep", widths=[int(w) for w in args.widths.split(",")], crop=crop).to(device)
@@ -115,7 +142,8 @@ def main(argv=None) -> int:
               f"{sum(p.numel() for p in model.parameters())} weights, from step {step}", flush=True)
     running, start = [], time.perf_counter()
     while step < args.steps:
-        index = torch.randint(0, len(x_all), (args.batch,), generator=generator)
+        index = (torch.multinomial(weights, args.batch, replacement=True, generator=generator) if oversample
+                 else torch.randint(0, len(x_all), (args.batch,), generator=generator))
         x, y = augmented(x_all[index].float(), y_all[index].float()[:, None] / 255.0, generator)
         carried = x[:, 3:4].clamp(0.05, 0.95)
         logits = torch.logit(carried.to(device)) + net(x.to(device))
@@ -139,8 +167,10 @@ def main(argv=None) -> int:
     if rank == 0:
         provenance = {"training": f"supervised walk steps (Training/step_pairs.py), batch {args.batch * world}, "
                                   f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(x_all), "example_files": len(files),
+                      "oversample": oversample,
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
-                      "command": shlex.join(["python", "-m", "Training.train_stepper"] + list(argv or sys.argv[1:])),
+                      "command": shlex.join(["python", "-m", "Training.train_stepper"] + _without_description(
+                          list(argv or sys.argv[1:]))),
                       "code_version": git_commit(), "torch": str(torch.__version__)}
         save_checkpoint(args.out / "stepper.pt", model, kind="propagator", preprocess=PreprocessConfig(),
                         provenance=provenance, card={"description": args.description})

@@ -107,6 +107,8 @@ TOTALSEG_MR_STRUCTURES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gal
 # the CHAOS cases whose labels the shipped step network never saw (it trained on the other ten)
 CHAOS_HELD_OUT = ("21", "22", "31", "32", "33", "34", "36", "37", "38", "39")
 QUICK_CASES = ("1", "2")
+# the README's figure: a later file's methods replace an earlier one's for the same dataset
+PLOTTED = ("chaos", "totalseg", "learned_totalseg", "totalseg_mr")
 
 
 # ----------------------------------------------------------------------------- data
@@ -396,11 +398,13 @@ def plot(paths: list, out_png: Path) -> Path:
                 summaries.setdefault(dataset, {})[method] = s  # later files win
     datasets = [d for d in ("chaos", "totalseg") if d in summaries] + \
                [d for d in summaries if d not in ("chaos", "totalseg")]
-    titles = {"chaos": "CHAOS-T2 MRI (manual labels)", "totalseg": "TotalSegmentator CT (agreement)"}
-    labels = {"fewshot": "FewShotSeg, worst slice", "suggest": "FewShotSeg, its own suggestion",
+    titles = {"chaos": "CHAOS-T2 MRI (manual labels)", "totalseg": "TotalSegmentator CT (agreement)",
+              "totalseg_mr": "TotalSegmentator MR (agreement)"}
+    labels = {"fewshot": "few-shot model, worst slice", "suggest": "few-shot model, its own suggestion",
+              "learned": "step network, worst slice",
               "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI)",
               "fill_spaced": "Fill between slices, spaced slices"}
-    styles = {"fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
+    styles = {"learned": "C5P-", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in METHODS:
@@ -445,13 +449,13 @@ def main(argv=None) -> int:
                         help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
                         help="render benchmarks/results/interactive.png from these JSON files "
-                             "(default: benchmarks/results/interactive_chaos.json and interactive_totalseg.json) and exit")
+                             "(default: benchmarks/results/interactive_<name>.json for PLOTTED) and exit")
     parser.add_argument("--png", default=str(RESULTS / "interactive.png"))
     args = parser.parse_args(argv)
 
     if args.plot is not None:
-        paths = args.plot or [p for p in (RESULTS / "interactive_chaos.json", RESULTS / "interactive_totalseg.json")
-                              if p.is_file()]
+        paths = args.plot or [RESULTS / f"interactive_{name}.json" for name in PLOTTED
+                              if (RESULTS / f"interactive_{name}.json").is_file()]
         print(plot(paths, Path(args.png)))
         return 0
 

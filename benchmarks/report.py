@@ -143,7 +143,8 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
 
 
 INTERACTIVE_METHODS = {
-    "fewshot": "FewShotSeg, worst slice", "suggest": "FewShotSeg, its own suggestion",
+    "fewshot": "few-shot model (chained), worst slice", "suggest": "few-shot model, its own suggestion",
+    "learned": "step network (mode learned), worst slice",
     "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI), worst slice",
     "fill_spaced": "Fill between slices, slices spread out"}
 
@@ -164,6 +165,49 @@ def interactive_table(name: str) -> str:
     hw = result.get("hardware", {})
     where = f"{hw.get('cpu', '?')}, {hw.get('cpu_cores', '?')} cores, {hw.get('threads', '?')} thread(s)"
     return f"{where}; {result.get('date', '')}.\n\n" + "\n".join(lines)
+
+
+MEDSAM_METHODS = {"medsam": "LiteMedSAM", "medsam_area": "LiteMedSAM, area rule only",
+                  "medsam_range": "LiteMedSAM, true slice range (oracle)"}
+
+
+def medsam_table(name: str = "medsam.json") -> str:
+    """benchmarks/medsam_benchmark.py: LiteMedSAM against registration, one painted slice."""
+    result = _load(name)
+    if result is None:
+        return "_not run yet: `python benchmarks/medsam_benchmark.py`_"
+    lines = ["| data | method | structures | mean Dice | s per slice | s per structure |", "|---|---|---|---|---|---|"]
+    for dataset, methods in result["summary"].items():
+        for method, m in methods.items():
+            per_slice = f"{m['seconds_per_slice']:.2f}" if "seconds_per_slice" in m else "–"
+            lines.append(f"| {dataset} | {MEDSAM_METHODS.get(method, method)} | {m['structures']} | {m['mean_dice']:.3f} | {per_slice} | "
+                         f"{m['seconds_per_structure']:.2f} |")
+    return "\n".join(lines)
+
+
+def learned_section() -> list:
+    """The step network (mode learned) against registration and the few-shot default."""
+    return [
+        "### The step network (mode `learned`) against registration alone", "",
+        "The same simulated user. The step network (`fewshotseg-propagator`, its card in "
+        "`Resources/Models/`) never saw the labels scored here: CHAOS-T2 cases 21-39 only (it trained on "
+        "the labels of the other ten), the 14 TotalSegmentator CT structures (it trained on the other "
+        "classes of the same CT examples, so the scan itself, and the boundaries of the organs around "
+        "the scored ones, were in training) and the TotalSegmentator MR example (no MR label in training).", "",
+        "CHAOS-T2, the 10 held-out cases x 4 organs:", "",
+        interactive_table("interactive_learned_chaos.json"), "",
+        "TotalSegmentator CT, 14 structures:", "",
+        interactive_table("interactive_learned_totalseg.json"), "",
+        "The same CT structures with a step network trained without this CT scan at all (labels and "
+        "supervoxels of `ct_abdomen_3mm` left out, 4,000 steps; an ablation, not shipped):", "",
+        interactive_table("interactive_learned_totalseg_scan_out.json"), "",
+        "TotalSegmentator MR example (20 slices of 3 mm), 11 structures:", "",
+        interactive_table("interactive_totalseg_mr.json"), "",
+        "LiteMedSAM (opt-in, `--mode medsam`), one painted slice, against registration on the same "
+        "structures (`benchmarks/medsam_benchmark.py`; its training data very likely includes CHAOS):", "",
+        medsam_table(), "",
+        "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, one torch thread):", "",
+        speed_table(("speed_learned.json",)), ""]
 
 
 def main_loop_table(name: str = "slicer_main_loop.json") -> str:
@@ -244,6 +288,7 @@ def render(config: dict) -> str:
              "`min_area_fraction` 0.15 (default 0.05):", "",
              interactive_table("interactive_chaos_area015.json"), "",
              "![Mean Dice against painted slices](../benchmarks/results/interactive.png)", "",
+             *learned_section(),
              "### Slicer's main loop: Apply -> filled segment (benchmarks/slicer_main_loop.py)", "",
              "The Logic on PyPI's slicer-core, the engine in its worker process, the main thread waiting "
              "in `usleep` (which holds the GIL, as Slicer's event loop does) between 100 ms polls; against "

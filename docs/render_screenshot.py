@@ -1,12 +1,13 @@
 """Render docs/screenshot.png (the Extension Manager's screenshot) from a real case.
 
 Slicer itself cannot run on the build machine, so this draws what the module shows after
-one click: each organ painted on its largest axial slice of CHAOS-T2 case 1, propagated
+one click: each organ painted on its largest axial slice of CHAOS-T2 case 21 (one the
+shipped step network never saw the labels of), propagated
 with the shipped model and the product's defaults, overlaid as Slicer draws segments
 (filled at 50 % opacity, outlined) in Slicer's axial and coronal orientation (patient's
 right on the viewer's left, anterior / superior up).
 
-    python docs/render_screenshot.py [--data ../shared/data]
+    python docs/render_screenshot.py [--data ../shared/data] [--case 21]
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
+from FewShotSegLib.checkpoints import load_for_mode  # noqa: E402
 from FewShotSegLib.evaluation import CHAOS_ORGANS, largest_slice_support, shared_data_dir  # noqa: E402
 from FewShotSegLib.imageio import read_image  # noqa: E402
-from FewShotSegLib.model_store import resolve_model_path  # noqa: E402
 from FewShotSegLib.propagation import PropagationOptions, propagate  # noqa: E402
 
 # Slicer's colours for these structures (its GenericAnatomyColors table)
@@ -50,11 +50,11 @@ def _panel(plane: np.ndarray, masks: dict, aspect: float, width: int = 420) -> I
     return image.resize((width, height), Image.NEAREST)
 
 
-def render(data_dir: Path, out: Path) -> Path:
-    image = sitk.DICOMOrient(read_image(data_dir / "chaos_t2" / "image_1.nii.gz"), "LPS")
+def render(data_dir: Path, out: Path, case: str = "21") -> Path:
+    image = sitk.DICOMOrient(read_image(data_dir / "chaos_t2" / f"image_{case}.nii.gz"), "LPS")
     label = sitk.GetArrayFromImage(sitk.DICOMOrient(
-        read_image(data_dir / "chaos_t2" / "label_1.nii.gz", label=True), "LPS"))
-    checkpoint = load_checkpoint(resolve_model_path(None))
+        read_image(data_dir / "chaos_t2" / f"label_{case}.nii.gz", label=True), "LPS"))
+    checkpoint = load_for_mode(None, "auto")
     volume = sitk.GetArrayFromImage(image).astype(np.float32)
     results, painted = {}, {}
     for organ, value in CHAOS_ORGANS.items():
@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
+    parser.add_argument("--case", default="21")
     args = parser.parse_args(argv)
-    print(render(shared_data_dir(args.data), Path(args.out)))
+    print(render(shared_data_dir(args.data), Path(args.out), args.case))
     return 0
 
 

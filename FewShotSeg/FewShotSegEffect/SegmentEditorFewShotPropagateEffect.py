@@ -163,7 +163,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Model", sharedLogic().catalog.defaultModelName())
-        self.scriptedEffect.setParameterDefault("Mode", "chained")
+        self.scriptedEffect.setParameterDefault("Mode", "auto")
         self.scriptedEffect.setParameterDefault("Axis", "auto")
         self.scriptedEffect.setParameterDefault("Device", "cpu")
         self.scriptedEffect.setParameterDefault("Preview", 0)

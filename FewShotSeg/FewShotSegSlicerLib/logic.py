@@ -35,7 +35,7 @@ from FewShotSegSlicerLib.models import ModelCatalog
 from FewShotSegSlicerLib.refinelogic import RefineMixin
 from FewShotSegSlicerLib.refinement import RefineJob, RefineSummary
 
-MODES = ("chained", "direct")
+MODES = ("auto", "chained", "direct")   # auto: the model's own (a step network runs 'learned')
 AXES = ("auto", "axial", "coronal", "sagittal")
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -202,7 +202,7 @@ class FewShotSegLogic(RefineMixin):
             raise FewShotSegError(f"device '{device}' is not available here "
                                   f"(available: {', '.join(self.availableDevices())})")
 
-    def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
+    def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                 axis: str = "auto", device: str = "cpu", intensityGate: bool = True,
                 forWorker: bool = False) -> PropagationJob:
         """Validate the inputs and copy the user's voxels (and, unless ``forWorker``, the
@@ -465,7 +465,7 @@ class FewShotSegLogic(RefineMixin):
         return out
 
     # -- all steps, for scripts and tests --------------------------------------------------
-    def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "chained",
+    def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                   axis: str = "auto", device: str = "cpu", progress: Optional[Progress] = None,
                   cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None,
                   intensityGate: bool = True, worker: bool = False) -> PropagationSummary:

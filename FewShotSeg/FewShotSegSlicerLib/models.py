@@ -126,7 +126,10 @@ class ModelCatalog:
     def defaultModelName(self) -> str:
         models = [m for m in self.models() if m.available]
         names = [m.name for m in models]
-        return model_store.DEFAULT_MODEL if model_store.DEFAULT_MODEL in names else (names[0] if names else "")
+        for preferred in (model_store.DEFAULT_PROPAGATOR, model_store.DEFAULT_MODEL):
+            if preferred in names:
+                return preferred
+        return names[0] if names else ""
 
     def resolvePath(self, info: ModelInfo) -> Path:
         """The file to load; a shipped file with a published checksum is verified once."""

@@ -125,9 +125,11 @@ def _crop_size(refiner) -> int:
 def _run_batch(model, images, anchors, options, generator, check_cancel=None):
     """[B,1,S,S] crops -> per-sample probabilities [B,K,S,S]."""
     if hasattr(model, "sample"):
+        import inspect
+        # Cancel between denoising passes where the sampler offers it (ours does)
+        extra = {"before_step": check_cancel} if "before_step" in inspect.signature(model.sample).parameters else {}
         return model.sample(images, anchors, samples=options.samples, steps=options.steps,
-                            start_t=options.start_t, generator=generator, eta=options.eta,
-                            before_step=check_cancel)
+                            start_t=options.start_t, generator=generator, eta=options.eta, **extra)
     # a supervised refiner (hlfnet with 2 input channels): one deterministic answer
     logits = model(torch.cat([images, anchors * 2.0 - 1.0], 1))
     return torch.sigmoid(logits).expand(-1, options.samples, -1, -1)
