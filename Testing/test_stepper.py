@@ -196,3 +196,29 @@ def test_learned_mode_on_a_held_out_chaos_organ(chaos_dir):
     d_learned, d_registration = dice(learned.mask > 0, truth), dice(registration.mask > 0, truth)
     assert d_learned >= d_registration - 0.005 and d_learned > 0.8
     assert np.array_equal(learned.mask[z] > 0, truth[z])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_train_stepper_under_torchrun(tmp_path):
+    """Two gloo processes, as on a GPU node: both train, rank 0 alone writes, the
+    checkpoint records the global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    inputs = rng.standard_normal((16, 4, 32, 32)).astype(np.float16)
+    inputs[:, 2:] = inputs[:, 2:] > 0
+    np.savez(folder / "a.npz", inputs=inputs, targets=(inputs[:, 3] * 255).astype(np.uint8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "Training.train_stepper", str(folder), "--out", str(tmp_path / "run"),
+                           "--steps", "3", "--batch", "2", "--widths", "8,16", "--save-every", "3", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+    loaded = load_checkpoint(tmp_path / "run" / "stepper.pt", expect_kind="propagator")
+    assert loaded.provenance["batch"] == 4 and "2 process(es)" in loaded.provenance["hardware"]

@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     if rank == 0:
         provenance = {"training": f"supervised walk steps (Training/step_pairs.py), batch {args.batch * world}, "
                                   f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(x_all), "example_files": len(files),
+                      "batch": args.batch * world,
                       "oversample": oversample,
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
                       "command": shlex.join(["python", "-m", "Training.train_stepper"] + _without_description(
