@@ -162,16 +162,22 @@ def test_walk_examples_follow_the_networks_own_walk(chaos_dir):
     assert int((y.reshape(len(y), -1).max(1) == 0).sum()) >= 1     # steps past the end
 
 
+def _synthetic_examples(tmp_path, count: int):
+    """A folder with one .npz of random 32x32 walk steps (the trainer's input format)."""
+    rng = np.random.default_rng(count)
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    inputs = rng.standard_normal((count, 4, 32, 32)).astype(np.float16)
+    inputs[:, 2:] = inputs[:, 2:] > 0
+    np.savez(folder / "a.npz", inputs=inputs, targets=(inputs[:, 3] * 255).astype(np.uint8))
+    return folder
+
+
 def test_train_stepper_resumes(tmp_path):
     """The command writes a state, goes on from it with --resume, and ends with a
     propagator checkpoint that the engine loads."""
     import Training.train_stepper as trainer
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "examples"
-    folder.mkdir()
-    inputs = rng.standard_normal((24, 4, 32, 32)).astype(np.float16)
-    inputs[:, 2:] = inputs[:, 2:] > 0
-    np.savez(folder / "a.npz", inputs=inputs, targets=(inputs[:, 3] * 255).astype(np.uint8))
+    folder = _synthetic_examples(tmp_path, 24)
     out = tmp_path / "run"
     common = [str(folder), "--out", str(out), "--batch", "4", "--widths", "8,16", "--save-every", "2"]
     assert trainer.main(common + ["--steps", "2"]) == 0
@@ -207,12 +213,7 @@ def test_train_stepper_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "examples"
-    folder.mkdir()
-    inputs = rng.standard_normal((16, 4, 32, 32)).astype(np.float16)
-    inputs[:, 2:] = inputs[:, 2:] > 0
-    np.savez(folder / "a.npz", inputs=inputs, targets=(inputs[:, 3] * 255).astype(np.uint8))
+    folder = _synthetic_examples(tmp_path, 16)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "Training.train_stepper", str(folder), "--out", str(tmp_path / "run"),
