@@ -171,14 +171,14 @@ def load_checkpoint(path, *, expect_kind="fewshot", device: str = "cpu") -> Load
 def load_for_mode(name_or_path, mode: str, device: str = "cpu"):
     """The checkpoint a propagation in ``mode`` runs on: the shipped step network for
     'learned' and 'auto', the shipped few-shot model for 'chained' and 'direct', none for
-    'registration'; a name or file given is loaded whatever its kind (the propagation
-    then says in one line when the kind does not fit the mode)."""
+    'registration'. A name or file given must be of the mode's kind ('auto': either), so
+    a wrong file is one line naming it, before any work."""
     from .model_store import DEFAULT_MODEL, DEFAULT_PROPAGATOR, resolve_model_path
     if mode == "registration":
         return None
     default = DEFAULT_PROPAGATOR if mode in ("learned", "auto") else DEFAULT_MODEL
-    return load_checkpoint(resolve_model_path(name_or_path, default=default), expect_kind=PROPAGATION_KINDS,
-                           device=device)
+    kinds = {"auto": PROPAGATION_KINDS, "learned": "propagator"}.get(mode, "fewshot")
+    return load_checkpoint(resolve_model_path(name_or_path, default=default), expect_kind=kinds, device=device)
 
 
 def save_training_state(path, state: dict) -> Path:

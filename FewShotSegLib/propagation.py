@@ -199,8 +199,8 @@ def _checked_kind(model, options: PropagationOptions):
             raise FewShotSegError(f"{used[0]} applies to few-shot models (mode chained or direct), "
                                   "not to the step network of mode 'learned'")
     if mode == "learned" and kind != "propagator":
-        raise FewShotSegError(f"mode 'learned' needs a propagator checkpoint (step network), not "
-                              f"{'no model' if model is None else (kind or 'this') + ' model'}{where}")
+        got = "no model" if model is None else f"a {kind or 'few-shot'} model{where}"
+        raise FewShotSegError(f"mode 'learned' needs a propagator checkpoint (step network); got {got}")
     if mode in ("chained", "direct") and kind == "propagator":
         raise FewShotSegError(f"the model{where} is a propagator (step network): use mode 'learned', "
                               f"or a few-shot model for mode '{mode}'")

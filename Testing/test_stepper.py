@@ -223,3 +223,17 @@ def test_train_stepper_under_torchrun(tmp_path):
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
     loaded = load_checkpoint(tmp_path / "run" / "stepper.pt", expect_kind="propagator")
     assert loaded.provenance["batch"] == 4 and "2 process(es)" in loaded.provenance["hardware"]
+
+
+def test_training_commands_end_bad_input_in_one_line(tmp_path, capsys):
+    import Training.step_pairs as step_pairs
+    import Training.train_stepper as trainer
+    assert trainer.cli([str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    sources = tmp_path / "sources.json"
+    sources.write_text('[{"image": "%s"}]' % (tmp_path / "missing.nii.gz"))
+    assert step_pairs.main([str(sources), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no step examples" in err[0] and "missing.nii.gz" in err[1]
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "out").glob("*.npz"))
+    with pytest.raises(FewShotSegError, match="few-shot model .* but a propagator"):
+        load_for_mode(resolve_model_path(None), "learned")   # the shipped few-shot model, named

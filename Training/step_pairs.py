@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from scipy import ndimage
 
 from FewShotSegLib.checkpoints import atomic_write
 from FewShotSegLib.imageio import read_image, read_mask_like
-from FewShotSegLib.models.slicestep import CROP, crop_box, next_mask_probability, step_inputs
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.models.slicestep import CROP, crop_box, crop_resized, next_mask_probability, step_inputs
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 from FewShotSegLib.registration import FIELD_BATCH, slice_fields, warp_mask
 
@@ -91,7 +93,7 @@ def _example(slices, fields: _Fields, a: int, b: int, prev: np.ndarray, target: 
     if box is None:
         return None
     x = step_inputs(slices[a], slices[b], prev_t, carried, box, crop)
-    y = step_inputs(slices[a], slices[b], target, target, box, crop)[2]
+    y = crop_resized(target[None], box, crop)[0]
     return x, y, carried
 
 
@@ -190,16 +192,21 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", type=Path, default=None,
                         help="a step network checkpoint: record the steps of its own walks instead")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sources = json.loads(args.sources.read_text())
     torch.set_num_threads(1)
-    policy = None
-    if args.policy is not None:
-        from FewShotSegLib.checkpoints import load_checkpoint
-        policy = load_checkpoint(args.policy, expect_kind="propagator").model
-        args.crop = int(policy.config["crop"])
-    for k, source in enumerate(sources):
-        build(source, args.out, args.seed + k, args.crop, policy)
+    try:
+        sources = json.loads(args.sources.read_text())
+        policy = None
+        if args.policy is not None:
+            from FewShotSegLib.checkpoints import load_checkpoint
+            policy = load_checkpoint(args.policy, expect_kind="propagator").model
+            args.crop = int(policy.config["crop"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        for k, source in enumerate(sources):
+            build(source, args.out, args.seed + k, args.crop, policy)
+    except (FewShotSegError, OSError, ValueError, KeyError) as exc:   # every file written so far is whole
+        print(f"step_pairs: error: {type(exc).__name__ + ': ' if isinstance(exc, KeyError) else ''}{exc}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,6 +10,7 @@ from it. The release checkpoint (kind 'propagator', float16) is written at the e
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import shlex
@@ -38,7 +39,6 @@ def load_examples(folders: list[Path], oversample: dict | None = None):
     """Every .npz under ``folders``: inputs [n, 4, c, c] float16, targets [n, c, c] uint8,
     the file names, and each example's sampling weight (``oversample``: a file-name glob ->
     weight, e.g. {"image_*": 4} to draw a scarce modality's examples more often)."""
-    import fnmatch
     files = sorted(f for folder in folders for f in Path(folder).glob("*.npz"))
     if not files:
         raise FewShotSegError(f"no step examples (.npz) in {', '.join(map(str, folders))}")
@@ -180,5 +180,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """``main`` with the engine's rule: a user error is one line and exit status 2."""
+    try:
+        return main(argv)
+    except FewShotSegError as exc:
+        print(f"train_stepper: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

@@ -115,8 +115,7 @@ class FewShotSegLogic(RefineMixin):
 
         self.catalog = catalog or ModelCatalog()
         self._computeLock = threading.Lock()
-        self._model = None            # (key, LoadedCheckpoint): one model kept in memory (in-process runs)
-        self._refiner = None          # (key, LoadedCheckpoint): the refiner, likewise
+        self._checkpoints = {}        # slot ("model", "refiner") -> (key, LoadedCheckpoint), in-process runs
         self._sessions = {}           # volume key -> PropagationSession (in-process runs)
         self._devices = None
         self.worker = WorkerClient(workerPython)
@@ -178,15 +177,21 @@ class FewShotSegLogic(RefineMixin):
         return self.catalog.resolvePath(self.catalog.find(str(model)))
 
     def loadModel(self, path, device: str = "cpu"):
-        """LoadedCheckpoint, cached while the file and device stay the same."""
-        from FewShotSegLib.checkpoints import PROPAGATION_KINDS, load_checkpoint
+        """The propagation's checkpoint (few-shot model or step network), cached."""
+        from FewShotSegLib.checkpoints import PROPAGATION_KINDS
+        return self._loadCheckpoint("model", path, device, PROPAGATION_KINDS)
+
+    def _loadCheckpoint(self, slot: str, path, device: str, kinds):
+        """LoadedCheckpoint of one of ``kinds``, one per slot, kept while the file and the
+        device stay the same."""
+        from FewShotSegLib.checkpoints import load_checkpoint
 
         path = Path(path)
         key = (str(path.resolve()), path.stat().st_mtime_ns, device)
-        if self._model is None or self._model[0] != key:
-            self._model = None  # free the previous one before loading
-            self._model = (key, load_checkpoint(path, expect_kind=PROPAGATION_KINDS, device=device))
-        return self._model[1]
+        if slot not in self._checkpoints or self._checkpoints[slot][0] != key:
+            self._checkpoints.pop(slot, None)  # free the previous one before loading
+            self._checkpoints[slot] = (key, load_checkpoint(path, expect_kind=kinds, device=device))
+        return self._checkpoints[slot][1]
 
     # -- step 1: main thread --------------------------------------------------------------
     def _checkInputs(self, volumeNode, segmentationNode, segmentId, axis: str) -> str:

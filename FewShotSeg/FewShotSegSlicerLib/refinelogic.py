@@ -43,14 +43,7 @@ class RefineMixin:
 
     def loadRefiner(self, path, device: str = "cpu"):
         """The refiner checkpoint (a few-shot model file is refused), cached like loadModel."""
-        from FewShotSegLib.checkpoints import load_checkpoint
-
-        path = Path(path)
-        key = (str(path.resolve()), path.stat().st_mtime_ns, device)
-        if self._refiner is None or self._refiner[0] != key:
-            self._refiner = None
-            self._refiner = (key, load_checkpoint(path, expect_kind="refiner", device=device))
-        return self._refiner[1]
+        return self._loadCheckpoint("refiner", path, device, "refiner")
 
     def prepareRefine(self, volumeNode, segmentationNode, segmentId, samples: int = 4, steps: int = 4,
                       refiner=None, axis: str = "auto", device: str = "cpu", keepSlices=None,

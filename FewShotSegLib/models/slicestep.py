@@ -99,19 +99,23 @@ def _resize(t: torch.Tensor, shape, mode: str = "bilinear") -> torch.Tensor:
     return F.interpolate(t, size=tuple(shape), mode=mode, align_corners=False, antialias=down and mode == "bilinear")
 
 
+def crop_resized(slices: torch.Tensor, box: tuple, crop: int = CROP) -> torch.Tensor:
+    """[C, H, W] model-grid slices cut out at ``box`` and resized to [C, crop, crop]."""
+    y0, y1, x0, x1 = box
+    return _resize(slices[None, :, y0:y1, x0:x1].float(), (crop, crop))[0]
+
+
 def step_inputs(prev_image: torch.Tensor, next_image: torch.Tensor, prev_mask: torch.Tensor,
                 carried: torch.Tensor, box: tuple, crop: int = CROP) -> torch.Tensor:
     """[4, crop, crop]: the two slices relative to the structure's intensity, the previous
     mask and the carried mask, cut out at ``box`` from model-grid [H, W] slices."""
     y0, y1, x0, x1 = box
-    stack = torch.stack([next_image, prev_image, prev_mask.float(), carried.float()])[:, y0:y1, x0:x1]
+    images = torch.stack([next_image, prev_image])[:, y0:y1, x0:x1]
     inside = prev_mask[y0:y1, x0:x1] > 0.5
-    images = stack[:2]
     centre = images[1][inside].mean() if bool(inside.any()) else images[1].mean()
-    spread = images.std().clamp_min(1e-3)
-    images = (images - centre) / spread
-    out = torch.cat([images, stack[2:]])
-    return _resize(out[None], (crop, crop))[0]
+    images = (images - centre) / images.std().clamp_min(1e-3)
+    masks = torch.stack([prev_mask.float(), carried.float()])[:, y0:y1, x0:x1]
+    return _resize(torch.cat([images, masks])[None], (crop, crop))[0]
 
 
 def paste(probability: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
