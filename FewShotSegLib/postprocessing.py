@@ -57,8 +57,24 @@ def _bounding_box(mask: np.ndarray) -> tuple | None:
     return tuple(box)
 
 
+# painted holes larger than this fraction of the painted area are meant: a ring of muscle
+# round a cavity, a vessel wall, a bladder wall (a sloppy brush leaves far smaller ones)
+RING_HOLE_FRACTION = 0.05
+
+
+def painted_as_ring(painted: np.ndarray, axis: int) -> bool:
+    """Whether the user's painting encloses holes of its own (then holes are kept)."""
+    painted = np.asarray(painted, bool)
+    area = int(painted.sum())
+    if area == 0:
+        return False
+    holes = int((fill_holes_per_slice(painted, axis) & ~painted).sum())
+    return holes > RING_HOLE_FRACTION * area
+
+
 def clean_mask(mask: np.ndarray, painted: np.ndarray, axis: int) -> np.ndarray:
-    """Connected components touching the painted voxels, holes filled, painted slices exact.
+    """Connected components touching the painted voxels, holes filled unless the painting
+    itself encloses holes (a ring), painted slices exact.
 
     ``painted`` is the user's support (bool); slices that contain painting are returned
     exactly as painted. All the work happens inside the bounding box of mask and
@@ -74,7 +90,9 @@ def clean_mask(mask: np.ndarray, painted: np.ndarray, axis: int) -> np.ndarray:
     box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(mask.ndim))
     union = mask[box] | painted[box]
     seeds = painted[box] if painted_box is not None else union
-    inner = fill_holes_per_slice(keep_components_touching(union, seeds), axis)
+    inner = keep_components_touching(union, seeds)
+    if not painted_as_ring(painted[box], axis):
+        inner = fill_holes_per_slice(inner, axis)
     out[box] = inner
     other = tuple(a for a in range(mask.ndim) if a != axis)
     painted_slices = np.flatnonzero(painted[box].any(axis=other)) + box[axis].start

@@ -47,12 +47,14 @@ from .postprocessing import clean_mask, intensity_gated
 from .preprocessing import prepare_volume
 from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK
 from .session import PropagationSession, digest
+from .stopping import load_stop_model
 from .suggestions import SliceSuggestion, rank_slices
 from .walks import Walk, WalkContext, walk
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 MODES = ("auto", "learned", "chained", "direct", "registration")
+STOP_RULES = ("rules", "learned", "none")
 
 
 class PropagationCancelled(FewShotSegError):
@@ -88,6 +90,11 @@ class PropagationOptions:
     # the structure has ended when fewer than this fraction of a slice's mask has
     # intensities inside the painted region's 5-95 % band (0 = area rule only)
     min_intensity_agreement: float = 0.5
+    # where outward walks end: 'rules' = area, intensity band and growth (walks.py);
+    # 'learned' = the fitted stop model (stopping.py; opt-in: it gained on CHAOS-T2 and lost
+    # on the TotalSegmentator CT and MR structures, docs/RESULTS.md); 'none' = on until the
+    # mask vanishes (for fitting a stop model)
+    stop: str = "rules"
     # a second pass per slice that adds the slice's own confident prototypes (alpnet, crtpnet)
     query_prototypes: bool = False
     # Adam steps fitting the prototypes to their support before each query is scored (0 = off)
@@ -122,6 +129,8 @@ class PropagationOptions:
             raise FewShotSegError("registration_shrink and registration_iterations must be whole numbers >= 1")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
+        if self.stop not in STOP_RULES:
+            raise FewShotSegError(f"unknown stop rule '{self.stop}'; choose one of {', '.join(STOP_RULES)}")
         for name in ("support_refinement_steps", "adapt_steps"):
             if not _whole(getattr(self, name), 0):
                 raise FewShotSegError(f"{name} must be a whole number >= 0")
@@ -310,11 +319,17 @@ class Propagator:
     def _context(self, net, features) -> WalkContext:
         opts = self.options
         fields = self.session.fields if (net is None or opts.registration_weight) else None
+        stop_model = None
+        if opts.stop == "learned":
+            stop_model = load_stop_model()
+            if stop_model is None:
+                raise FewShotSegError("stop rule 'learned': no fitted stop model is installed (fewshotseg-propagator.stop.json)")
         return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
                            painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
                            exclusion_key=self._exclusion_keys.get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
-                           min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step)
+                           min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step,
+                           stop_model=stop_model, never_stop=opts.stop == "none")
 
     def _inward(self, span) -> Optional[int]:
         """The painted slice next to an outward span's anchor on the other side, if any."""
@@ -424,7 +439,7 @@ class Propagator:
     # -- learned modes -------------------------------------------------------------------
     def _run_stepper(self):
         stepper = self.model.model if hasattr(self.model, "model") else self.model
-        stepper.to(resolve_device(self.options.device)).eval()
+        stepper.to(resolve_device(self.options.device), memory_format=torch.channels_last).eval()
         ctx = self._context(None, None)
         ctx.stepper = stepper
         walks = self._walks(ctx)

@@ -74,6 +74,7 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
                 left = fraction * w.painted_area
                 why = {"intensity": "its intensities no longer match the painted ones",
                        "growth": "the mask grew where the painted slices say the structure narrows",
+                       "learned": "the stop model judged the mask there to have left the structure",
                        }.get(w.stop["reason"], "its area fell below the limit")
                 _add(scores, w.stop["slice"], left,
                      f"the walk from slice {span.start} stopped here with {fraction:.0%} of the painted area")

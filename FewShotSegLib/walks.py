@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .extent import intensity_agreement, intensity_band
 from .models.slicestep import next_mask_probability
+from .stopping import edge_pixels, step_features
 from .registration import FIELD_BATCH, slice_fields, warp_mask
 
 
@@ -108,9 +109,11 @@ class Walk:
     disagreement: dict = field(default_factory=dict)  # slice -> pixels where network and registration differ
     areas: dict = field(default_factory=dict)       # slice -> mask area (pixels)
     agreement: dict = field(default_factory=dict)   # slice -> fraction of the mask inside the intensity band
+    features: dict = field(default_factory=dict)    # slice -> the stop decision's numbers (stopping.py)
     stop: Optional[dict] = None                     # {"slice", "reason", "area_fraction"} where it ended early
     steps: int = 0
     painted_area: float = 0.0
+    start: int = -1                                 # the painted slice it walked from
 
 
 @dataclass
@@ -130,6 +133,8 @@ class WalkContext:
     check_cancel: Callable[[], None]
     on_step: Callable[[], None]
     stepper: Optional[torch.nn.Module] = None     # learned mode: the step network
+    stop_model: Optional[object] = None           # stopping.StopModel: replaces the intensity and growth rules
+    never_stop: bool = False                      # walks run on until the mask vanishes (fitting a stop model)
     network_seconds: float = 0.0
 
     def foreground(self, sup_feats, sup_masks, query_feats) -> torch.Tensor:
@@ -204,7 +209,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     opts = ctx.options
     fuse = opts.registration_weight if ctx.net is not None and ctx.stepper is None else 1.0
     p_mask = ctx.painted_masks(start)
-    result = Walk(painted_area=float(p_mask.sum()))
+    result = Walk(painted_area=float(p_mask.sum()), start=int(start))
     references = [start] + ([inward] if inward is not None else [])
     band = intensity_band(ctx.slices.one(start), p_mask.numpy() > 0.5)
     reference_area = max(float(ctx.painted_masks(i).sum()) for i in references)
@@ -232,10 +237,20 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
         if stop_rule:
             agreement = intensity_agreement(ctx.slices.one(i), mask.numpy(), band)
             result.agreement[i] = agreement
-            grew = narrowing and area > TAPER_GROWTH * smallest
-            if area < min_area or agreement < opts.min_intensity_agreement or grew:
-                last = result.areas[slices[k - 1]] if k else result.painted_area
+            last = result.areas[slices[k - 1]] if k else result.painted_area
+            mask_np = mask.numpy()
+            result.features[i] = step_features(agreement, area, reference_area, last, smallest,
+                                               disagreement, narrowing, edge_pixels(mask_np))
+            if ctx.never_stop:
+                ended, reason = area < 4.0, "area"
+            elif ctx.stop_model is not None:
+                ended = area < min_area or ctx.stop_model.stops(result.features[i])
+                reason = "area" if area < min_area else "learned"
+            else:
+                grew = narrowing and area > TAPER_GROWTH * smallest
+                ended = area < min_area or agreement < opts.min_intensity_agreement or grew
                 reason = "area" if area < min_area else ("growth" if grew else "intensity")
+            if ended:
                 result.stop = {"slice": int(i), "reason": reason,
                                "area_fraction": last / max(reference_area, 1.0)}
                 result.disagreement.pop(i, None)

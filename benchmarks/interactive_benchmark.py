@@ -50,6 +50,9 @@ left kidney, spleen), manual labels. ``totalseg`` = the TotalSegmentator CT exam
 ``totalseg/ct_abdomen_3mm`` (3 mm isotropic, 112 axial slices; labels are TotalSegmentator's
 model output, so Dice there is agreement with it). ``totalseg_mr`` = the TotalSegmentator MR example ``totalseg/mr_small_3mm`` (20 axial
 slices of 3 mm), every structure of ``TOTALSEG_MR_STRUCTURES`` (>= 1000 voxels).
+``dev`` (for choosing settings; never reported as a result) = the ten CHAOS cases the step
+network trained on, and ``dev_ct``: the scored CT structures (>= 1000 voxels) on the two
+other TotalSegmentator CT examples, which no network here trained on.
 Chosen CT structures: the 14 of
 ``TOTALSEG_STRUCTURES`` -- the four CHAOS organs, stomach, duodenum, urinary bladder,
 vertebra L3, aorta, inferior vena cava, left hip bone, left gluteus maximus, left
@@ -104,6 +107,10 @@ TOTALSEG_MR_CASE = "mr_small_3mm"
 TOTALSEG_MR_STRUCTURES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5,
                           "stomach": 6, "pancreas": 7, "colon": 15, "vertebrae": 19, "autochthon_left": 46,
                           "autochthon_right": 47}
+# for choosing settings, never reported as a result: the scored CT structures (>= 1000
+# voxels) on the two other TotalSegmentator CT examples; the step network never saw them
+DEV_CT_CASES = ("ct_small_3mm", "ct_dicom")
+DEV_CHAOS = ("1", "2", "3", "5", "8", "10", "13", "15", "19", "20")
 # the CHAOS cases whose labels the shipped step network never saw (it trained on the other ten)
 CHAOS_HELD_OUT = ("21", "22", "31", "32", "33", "34", "36", "37", "38", "39")
 QUICK_CASES = ("1", "2")
@@ -125,6 +132,14 @@ def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
     import SimpleITK as sitk
     from FewShotSegLib.imageio import read_image
     folder = data_dir / "totalseg"
+    if dataset == "dev_ct":
+        for case in DEV_CT_CASES:
+            image = read_image(folder / case) if (folder / case).is_dir() else read_image(folder / f"{case}.nii.gz")
+            label = sitk.GetArrayFromImage(read_image(folder / f"{case}_seg.nii.gz", label=True))
+            for organ, value in TOTALSEG_STRUCTURES.items():
+                if (organs is None or organ in organs) and int((label == value).sum()) >= 1000:
+                    yield dataset, case, organ, image, label == value
+        return
     case, table = (TOTALSEG_MR_CASE, TOTALSEG_MR_STRUCTURES) if dataset == "totalseg_mr" \
         else (TOTALSEG_CASE, TOTALSEG_STRUCTURES)
     image = read_image(folder / f"{case}.nii.gz")
@@ -434,7 +449,9 @@ def plot(paths: list, out_png: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "totalseg_mr", "both", "all"])
+    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "totalseg_mr", "both", "all", "dev", "dev_ct"],
+                        help="dev / dev_ct: data for choosing settings (CHAOS cases the step network trained "
+                             "on, CT scans and structures never reported), not results")
     parser.add_argument("--cases", default=None, help="comma-separated CHAOS ids (default: all 20)")
     parser.add_argument("--organs", default=None, help="comma-separated structure names (default: all)")
     parser.add_argument("--methods", default="fewshot,fill", help=f"comma-separated, of {', '.join(METHODS)}")
@@ -495,7 +512,10 @@ def main(argv=None) -> int:
 
     cases = args.cases.split(",") if args.cases else (list(QUICK_CASES) if args.quick else None)
     organs = args.organs.split(",") if args.organs else (["liver"] if args.quick else None)
-    datasets = {"both": ["chaos", "totalseg"], "all": ["chaos", "totalseg", "totalseg_mr"]}.get(
+    if args.dataset == "dev" and not args.cases:
+        cases = list(DEV_CHAOS)
+    datasets = {"both": ["chaos", "totalseg"], "all": ["chaos", "totalseg", "totalseg_mr"],
+                "dev": ["chaos", "dev_ct"]}.get(
         args.dataset, [args.dataset])
     out = Path(args.out) if args.out else RESULTS / f"interactive_{args.dataset}{'_quick' if args.quick else ''}.json"
     settings = {"rounds": args.rounds, "user": "largest slice, then the worst slice (fill: worst slice where "

@@ -203,11 +203,46 @@ def learned_section() -> list:
         interactive_table("interactive_learned_totalseg_scan_out.json"), "",
         "TotalSegmentator MR example (20 slices of 3 mm), 11 structures:", "",
         interactive_table("interactive_totalseg_mr.json"), "",
+        *stop_section(),
         "LiteMedSAM (opt-in, `--mode medsam`), one painted slice, against registration on the same "
         "structures (`benchmarks/medsam_benchmark.py`; its training data very likely includes CHAOS):", "",
         medsam_table(), "",
         "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, one torch thread):", "",
         speed_table(("speed_learned.json",)), ""]
+
+
+def dev_choices_table(name: str = "dev_choices.json") -> str:
+    """Settings chosen on development data (benchmarks/results/dev_choices.json)."""
+    result = _load(name)
+    if result is None:
+        return "_no development choices recorded_"
+    lines = []
+    for choice in result["choices"]:
+        lines += [f"**{choice['question']}** ({choice['dev_cases']}). Rule, set before the runs: {choice['rule']}.", "",
+                  "| candidate | dev set | structures | 1 | 2 | 3 | 4 | 6 |", "|---|---|---|---|---|---|---|---|"]
+        for name_, sets in choice["candidates"].items():
+            for dataset, m in sets.items():
+                dice = " | ".join(f"{m['mean_dice'][n]:.3f}" for n in ("1", "2", "3", "4", "6"))
+                lines.append(f"| {name_} | {dataset} | {m['structures']} | {dice} |")
+        lines += ["", f"Outcome: {choice['outcome']}.", ""]
+    return "\n".join(lines)
+
+
+def stop_section() -> list:
+    """The fitted stop model (opt-in) on the held-out sets, and the choices made on dev data."""
+    rows = ["| data | structures | 1 | 2 | 3 | 4 | 6 |", "|---|---|---|---|---|---|---|"]
+    for dataset in ("chaos", "totalseg", "totalseg_mr"):
+        result = _load(f"interactive_stop_learned_{dataset}.json")
+        if result is None:
+            continue
+        for ds, methods in result["summary"].items():
+            m = methods["learned"]
+            rows.append(f"| {ds} | {m['structures']} | " + " | ".join(
+                f"{m['mean_dice'][n]:.3f}" for n in ("1", "2", "3", "4", "6")) + " |")
+    return ["The step network with the fitted stop model (`--stop learned`, `FewShotSegLib/stopping.py`) "
+            "instead of the fixed stop rules, on the same held-out structures (compare the step network's "
+            "rows above):", "", "\n".join(rows), "",
+            "Settings chosen on development data (never the held-out sets):", "", dev_choices_table(), ""]
 
 
 def main_loop_table(name: str = "slicer_main_loop.json") -> str:

@@ -135,5 +135,7 @@ def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, 
         return torch.zeros_like(prev_image)
     inputs = step_inputs(prev_image, next_image, prev_mask, carried, box, int(net.config["crop"]))
     device = next(net.parameters()).device
-    probability = torch.sigmoid(net.logits(inputs[None].to(device))[0, 0].float()).cpu()
+    # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
+    inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
+    probability = torch.sigmoid(net.logits(inputs)[0, 0].float()).cpu()
     return paste(probability, box, size)
