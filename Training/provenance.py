@@ -42,7 +42,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def hardware(device: torch.device, world: int) -> str:
+def hardware(device: torch.device, world: int, threads: int | None = None) -> str:
     """'8 x NVIDIA H100 ...' or the CPU model, cores, processes and threads."""
     if device.type == "cuda":
         return f"{world} x {torch.cuda.get_device_name(device)}"
@@ -54,4 +54,4 @@ def hardware(device: torch.device, world: int) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {cpu} ({cores()} cores), {world} process(es) x {torch.get_num_threads()} threads"
+    return f"CPU {cpu} ({cores()} cores), {world} process(es) x {threads or torch.get_num_threads()} threads"

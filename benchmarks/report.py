@@ -130,6 +130,7 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
         weight = result.get("registration_weight")
         settings = f"{result['mode']}, " + ("default fusion" if weight is None else f"fusion {weight:g}")
         settings += f", multi-scale ({_scales(result)} x grid)" if result.get("multi_scale") else ""
+        settings += f", {result['threads']} thread(s)" if "threads" in result else ""
         for case, c in result["cases"].items():
             logic = (f"{c['logic_seconds']:.2f} | {c['logic_to_cli_ratio']:.2f}" if "logic_seconds" in c
                      else "– | –")
@@ -207,8 +208,9 @@ def learned_section() -> list:
         "LiteMedSAM (opt-in, `--mode medsam`), one painted slice, against registration on the same "
         "structures (`benchmarks/medsam_benchmark.py`; its training data very likely includes CHAOS):", "",
         medsam_table(), "",
-        "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, one torch thread):", "",
-        speed_table(("speed_learned.json",)), ""]
+        "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, torch's default threads "
+        "(what users get) and `--threads 1`):", "",
+        speed_table(("speed_learned.json", "speed_learned_1thread.json")), ""]
 
 
 def dev_choices_table(name: str = "dev_choices.json") -> str:

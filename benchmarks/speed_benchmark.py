@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -143,6 +144,8 @@ def main(argv=None):
                         help="chained: override the fusion weight (0 = the network alone)")
     parser.add_argument("--multi-scale", action="store_true", help="propagate with the model at 1 and 1.5x its grid")
     parser.add_argument("--tag", default=None, help="results file speed_<tag>.json (default speed.json)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the timed processes (default: torch's own, what users get)")
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight, args.multi_scale)
@@ -155,7 +158,13 @@ def main(argv=None):
     import torch
     data_dir = shared_data_dir(args.data)
     from Training.provenance import hardware
-    results = {"hardware": f"{hardware(torch.device('cpu'), 1)}, torch {torch.__version__}", "mode": args.mode,
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    threads = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                                 capture_output=True, text=True, check=True).stdout)
+    results = {"hardware": f"{hardware(torch.device('cpu'), 1, threads)}, torch {torch.__version__}", "mode": args.mode,
+               "threads": threads,
                "registration_weight": args.registration_weight, "multi_scale": args.multi_scale,
                "multi_scales": list(MULTI_SCALES) if args.multi_scale else None, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,20 +177,21 @@ def main(argv=None):
             weight += ["--multi-scale"] * args.multi_scale
             cmd = [sys.executable, __file__, "--mode", args.mode, "--child", str(image), str(support), "_",
                    str(res_file)] + (["--model", args.model] if args.model else []) + weight
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, env=env)
             child = json.loads(res_file.read_text())
             out = work / f"{name}_out.nii.gz"
             cli = [sys.executable, "-m", "FewShotSegLib.cli", "propagate", str(image), "--support", str(support),
                    "--mode", args.mode, "-q", "-o", str(out)] + (["--model", args.model] if args.model else []) + weight
             t0 = time.perf_counter()
-            subprocess.run(cli, check=True, cwd=ROOT)
+            subprocess.run(cli, check=True, cwd=ROOT, env=env)
             cli_seconds = time.perf_counter() - t0
             logic = {}
             if not args.no_logic and args.registration_weight is None and not args.multi_scale:  # the defaults
                 logic_file = work / f"{name}_logic.json"
-                cmd = [sys.executable, __file__, "--mode", args.mode, "--logic-child", str(image), str(support), "_",
+                logic_mode = "auto" if args.mode == "learned" else args.mode   # the Logic's auto runs a step network learned
+                cmd = [sys.executable, __file__, "--mode", logic_mode, "--logic-child", str(image), str(support), "_",
                        str(logic_file)] + (["--model", args.model] if args.model else [])
-                subprocess.run(cmd, check=True)
+                subprocess.run(cmd, check=True, env=env)
                 logic = json.loads(logic_file.read_text())
                 logic["logic_to_cli_ratio"] = logic["logic_seconds"] / cli_seconds
             results["cases"][name] = {**geometry[name], **child, **logic, "cli_wall_seconds": cli_seconds,
