@@ -176,6 +176,9 @@ def main(argv=None) -> int:
         save_checkpoint(args.out / "stepper.pt", model, kind="propagator", preprocess=PreprocessConfig(),
                         provenance=provenance, card={"description": args.description})
     if dist.is_initialized():
+        # every rank waits for rank 0's checkpoint: a rank that tears the group down while
+        # another still runs aborts the process (gloo: "terminate called ...")
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         dist.destroy_process_group()
     return 0
 
