@@ -48,7 +48,7 @@ from .preprocessing import prepare_volume
 from .registration import DEMONS_ITERATIONS, REGISTRATION_SHRINK
 from .session import PropagationSession, digest
 from .stopping import load_stop_model
-from .suggestions import SliceSuggestion, rank_slices
+from .suggestions import SliceSuggestion, load_suggestion_model, rank_slices
 from .walks import Walk, WalkContext, walk
 
 ProgressCallback = Callable[[float, str], None]
@@ -95,6 +95,11 @@ class PropagationOptions:
     # on the TotalSegmentator CT and MR structures, docs/RESULTS.md); 'none' = on until the
     # mask vanishes (for fitting a stop model)
     stop: str = "rules"
+    # how the slices to look at next are ranked: 'parts' = the sum of the heuristic parts
+    # (suggestions.py); 'fitted' = a ridge regression of the slice's wrong pixels on them
+    # (fitted on the step network's runs; chosen on development data, docs/RESULTS.md);
+    # 'auto' = fitted in learned mode when installed, parts otherwise
+    suggest: str = "auto"
     # a second pass per slice that adds the slice's own confident prototypes (alpnet, crtpnet)
     query_prototypes: bool = False
     # Adam steps fitting the prototypes to their support before each query is scored (0 = off)
@@ -129,6 +134,8 @@ class PropagationOptions:
             raise FewShotSegError("registration_shrink and registration_iterations must be whole numbers >= 1")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
+        if self.suggest not in ("auto", "parts", "fitted"):
+            raise FewShotSegError(f"unknown suggestion ranking '{self.suggest}'; choose auto, parts or fitted")
         if self.stop not in STOP_RULES:
             raise FewShotSegError(f"unknown stop rule '{self.stop}'; choose one of {', '.join(STOP_RULES)}")
         for name in ("support_refinement_steps", "adapt_steps"):
@@ -162,6 +169,7 @@ class PropagationResult:
     walks_computed: int = 0       # walks run this time
     walks_reused: int = 0         # walks taken from the session unchanged
     mode: str = ""                # the mode that ran
+    slice_features: dict = field(default_factory=dict)  # slice -> suggestions.SUGGEST_FEATURES (fitting)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -296,7 +304,9 @@ class Propagator:
         self._check_cancel()
         self.progress(0.97, "post-processing")
         mask, probs_vol = self._finish(probs_vol, touched)
-        suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n)
+        slice_features: dict = {}
+        suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n,
+                                            model=self._suggestion_model(), features_out=slice_features)
         stops = {f"{s.start}->{s.slices[-1]}": ws[0].stop["slice"]
                  for s, ws in walks.items() if s.kind == "outward" and ws[0].stop is not None}
         done = sum(w.steps for ws in walks.values() for w in ws)
@@ -306,7 +316,14 @@ class Propagator:
             network_seconds=network_seconds, stopped_at=stops, adapt_seconds=self.adapt_seconds,
             axis_index=self.axis_index, anchors=list(self.painted), end_anchors=list(self.ends),
             suggestions=suggestions, warnings=warnings,
-            walks_computed=session.computed, walks_reused=session.reused, mode=opts.mode)
+            walks_computed=session.computed, walks_reused=session.reused, mode=opts.mode,
+            slice_features=slice_features)
+
+    def _suggestion_model(self):
+        """The fitted ranking of where to look next (learned mode; suggestions.py)."""
+        if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode == "learned"):
+            return load_suggestion_model()
+        return None
 
     def _excluded_on_model_grid(self, prepared) -> dict:
         """Slice -> excluded pixels on the model grid, for the slices holding exclusions."""

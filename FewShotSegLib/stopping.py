@@ -21,15 +21,13 @@ large organs early (docs/RESULTS.md).
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .errors import FewShotSegError
+from .fitted import LinearModel, fit_logistic, load_fitted, resource_path
 
 # beside the step network it was fitted for, in the folders checkpoints are searched in
 STOP_MODEL_NAME = "fewshotseg-propagator.stop.json"
@@ -63,89 +61,21 @@ def edge_pixels(mask) -> float:
     return float((m & ~inner).sum())
 
 
-@dataclass
-class StopModel:
-    """P(the mask at this step is mostly wrong) = sigmoid(w . (f - mean) / scale + b)."""
-
-    weights: np.ndarray
-    bias: float
-    mean: np.ndarray
-    scale: np.ndarray
-    threshold: float = 0.5
-    info: Optional[dict] = None
-
-    def probability(self, features: np.ndarray) -> float:
-        z = float(np.dot(self.weights, (features - self.mean) / self.scale) + self.bias)
-        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
-
-    def stops(self, features: np.ndarray) -> bool:
-        return self.probability(features) >= self.threshold
-
-    def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "weights": self.weights.tolist(), "bias": self.bias,
-                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "threshold": self.threshold,
-                "info": self.info or {}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StopModel":
-        if list(data.get("features", [])) != list(FEATURES):
-            raise FewShotSegError("stop model: its features are not this version's "
-                                  f"({', '.join(FEATURES)}); fit it again with Training/fit_stop.py")
-        arrays = [np.asarray(data[k], np.float64) for k in ("weights", "mean", "scale")]
-        if any(a.shape != (len(FEATURES),) for a in arrays) or not np.all(arrays[2] > 0):
-            raise FewShotSegError("stop model: weights, mean and scale must hold one value per feature")
-        return cls(*arrays[:1], float(data["bias"]), arrays[1], arrays[2], float(data.get("threshold", 0.5)),
-                   data.get("info"))
+StopModel = LinearModel
 
 
-def fit_stop_model(features: np.ndarray, wrong: np.ndarray, l2: float = 1e-2, iterations: int = 50,
-                   info: Optional[dict] = None, use: Optional[list] = None) -> StopModel:
-    """Logistic regression (Newton steps, L2 on the weights) of ``wrong`` on ``features``
-    (only the columns named in ``use``: the others get weight 0); the two classes weighted
-    equally (a walk has far more right steps than wrong ones)."""
-    x = np.asarray(features, np.float64)
-    y = np.asarray(wrong, np.float64)
-    if x.ndim != 2 or x.shape[1] != len(FEATURES) or x.shape[0] != y.shape[0]:
-        raise FewShotSegError(f"stop model: need [N, {len(FEATURES)}] features and N labels")
-    unknown = sorted(set(use or ()) - set(FEATURES))
-    if unknown:
-        raise FewShotSegError(f"stop model: unknown feature(s) {', '.join(unknown)}")
-    columns = [FEATURES.index(f) for f in use] if use else list(range(len(FEATURES)))
-    x = x[:, columns]
-    if y.min() == y.max():
-        raise FewShotSegError("stop model: the examples hold only one class (no walk ran off its structure)")
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale < 1e-6] = 1.0
-    z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
-    sample = np.where(y > 0.5, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
-    theta = np.zeros(z.shape[1])
-    penalty = np.full(z.shape[1], l2)
-    penalty[-1] = 0.0
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(z @ theta, -50, 50)))
-        grad = z.T @ (sample * (p - y)) / len(y) + penalty * theta
-        hess = (z * (sample * p * (1 - p))[:, None]).T @ z / len(y) + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    weights, full_mean, full_scale = np.zeros(len(FEATURES)), np.zeros(len(FEATURES)), np.ones(len(FEATURES))
-    weights[columns], full_mean[columns], full_scale[columns] = theta[:-1], mean, scale
-    return StopModel(weights, float(theta[-1]), full_mean, full_scale, 0.5, info)
+def fit_stop_model(features: np.ndarray, wrong: np.ndarray, l2: float = 1e-2, info: Optional[dict] = None,
+                   use: Optional[list] = None) -> LinearModel:
+    """P(the step's mask is mostly wrong): a logistic regression of ``wrong`` on ``features``
+    (only the columns named in ``use``), the two classes weighted equally (a walk has far
+    more right steps than wrong ones)."""
+    return fit_logistic(features, wrong, FEATURES, l2=l2, info=info, use=use)
 
 
 def stop_model_path() -> Optional[Path]:
-    """The first ``STOP_MODEL_NAME`` in the model folders (model_store.model_dirs)."""
-    from .model_store import model_dirs
-    return next((d / STOP_MODEL_NAME for d in model_dirs() if (d / STOP_MODEL_NAME).is_file()), None)
+    return resource_path(STOP_MODEL_NAME)
 
 
-def load_stop_model(path=None) -> Optional[StopModel]:
+def load_stop_model(path=None) -> Optional[LinearModel]:
     """The fitted stop model (``path``, else the installed one), or None when there is none."""
-    path = Path(path) if path is not None else stop_model_path()
-    if path is None or not path.is_file():
-        return None
-    try:
-        return StopModel.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FewShotSegError(f"stop model {path.name} is unreadable: {exc}") from None
+    return load_fitted(path if path is not None else stop_model_path(), FEATURES)

@@ -21,6 +21,8 @@ Methods (``--methods``, comma-separated):
 * ``learned``: the engine in ``mode="learned"``: registration carries the mask and the
   walk's step network (``--stepper``, default the shipped ``fewshotseg-propagator``)
   corrects it at every step; worst-slice user.
+* ``learned_suggest``: the engine in ``mode="learned"`` (the shipped default), with the user
+  who corrects the slice the tool suggests, as ``suggest``.
 * ``registration``: the engine's non-learned comparator, ``PropagationOptions(mode=
   "registration")``, with the worst-slice user.
 * ``fill``: 3D Slicer's *Fill between slices*: ITK's MorphologicalContourInterpolator
@@ -91,7 +93,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("fewshot", "suggest", "learned", "registration", "fill", "fill_spaced")
+METHODS = ("fewshot", "suggest", "learned", "learned_suggest", "registration", "fill", "fill_spaced")
+SUGGEST_METHODS = ("suggest", "learned_suggest")
 FILL_METHODS = ("fill", "fill_spaced")
 REPORT_COUNTS = (1, 2, 3, 4, 6)
 # Fill between slices on the 20 CHAOS-T2 cases x 4 organs, measured elsewhere (issue #34)
@@ -246,7 +249,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     dices, seconds, picks, wrong = [], [], [painted[0]], []
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
-    mode = {"registration": "registration", "learned": "learned"}.get(method, "chained")
+    mode = {"registration": "registration", "learned": "learned", "learned_suggest": "learned"}.get(method, "chained")
     runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
@@ -272,7 +275,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
             break
         done = set(painted) | set(absent)
         nxt = None
-        if method == "suggest" and result is not None:
+        if method in SUGGEST_METHODS and result is not None:
             for suggestion in (result.suggestions or [])[:1]:
                 if int(suggestion.slice) not in done:
                     nxt = int(suggestion.slice)
@@ -347,7 +350,7 @@ def summarise(records: list) -> dict:
                 "dice_drops_after_exclusion": _drops(rs, paint=False),
                 "wrong_voxels": _wrong(rs, counts),
                 "errors": int(sum(r["errors"] for r in rs)),
-                "suggest_fallbacks": int(sum(r["fallbacks"] for r in rs)) if method == "suggest" else None,
+                "suggest_fallbacks": int(sum(r["fallbacks"] for r in rs)) if method in SUGGEST_METHODS else None,
                 "axis_mismatch": int(sum(r["axis_mismatch"] for r in rs)),
             }
         out[dataset] = methods
@@ -416,10 +419,10 @@ def plot(paths: list, out_png: Path) -> Path:
     titles = {"chaos": "CHAOS-T2 MRI (manual labels)", "totalseg": "TotalSegmentator CT (agreement)",
               "totalseg_mr": "TotalSegmentator MR (agreement)"}
     labels = {"fewshot": "few-shot model, worst slice", "suggest": "few-shot model, its own suggestion",
-              "learned": "step network, worst slice",
+              "learned": "step network, worst slice", "learned_suggest": "step network, its own suggestion",
               "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI)",
               "fill_spaced": "Fill between slices, spaced slices"}
-    styles = {"learned": "C5P-", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
+    styles = {"learned": "C5P-", "learned_suggest": "C6X--", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in METHODS:
@@ -557,14 +560,14 @@ def main(argv=None) -> int:
                 from FewShotSegLib.checkpoints import load_checkpoint
                 from FewShotSegLib.model_store import resolve_model_path
                 model = load_checkpoint(resolve_model_path(args.model), device="cpu")
-            if method == "learned" and stepper is None:
+            if method in ("learned", "learned_suggest") and stepper is None:
                 from FewShotSegLib.checkpoints import load_for_mode
                 stepper = load_for_mode(args.stepper, "learned")
             if method in FILL_METHODS:
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
             record.update(run_structure(method, image, truth, axis, args.rounds,
-                                        stepper if method == "learned" else model, extra))
+                                        stepper if method in ("learned", "learned_suggest") else model, extra))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "

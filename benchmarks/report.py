@@ -146,6 +146,7 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
 INTERACTIVE_METHODS = {
     "fewshot": "few-shot model (chained), worst slice", "suggest": "few-shot model, its own suggestion",
     "learned": "step network (mode learned), worst slice",
+    "learned_suggest": "step network, its own suggestion",
     "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI), worst slice",
     "fill_spaced": "Fill between slices, slices spread out"}
 
