@@ -55,6 +55,7 @@ ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 MODES = ("auto", "learned", "chained", "direct", "registration")
 STOP_RULES = ("rules", "learned", "none")
+FITTED_SUGGEST_MODES = ("learned", "chained")
 
 
 class PropagationCancelled(FewShotSegError):
@@ -98,7 +99,7 @@ class PropagationOptions:
     # how the slices to look at next are ranked: 'parts' = the sum of the heuristic parts
     # (suggestions.py); 'fitted' = a ridge regression of the slice's wrong pixels on them
     # (fitted on the step network's runs; chosen on development data, docs/RESULTS.md);
-    # 'auto' = fitted in learned mode when installed, parts otherwise
+    # 'auto' = fitted in learned and chained modes when installed, parts otherwise
     suggest: str = "auto"
     # a second pass per slice that adds the slice's own confident prototypes (alpnet, crtpnet)
     query_prototypes: bool = False
@@ -320,8 +321,9 @@ class Propagator:
             slice_features=slice_features)
 
     def _suggestion_model(self):
-        """The fitted ranking of where to look next (learned mode; suggestions.py)."""
-        if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode == "learned"):
+        """The fitted ranking of where to look next (suggestions.py), in the modes it was
+        chosen for on development data; it lost there in registration mode."""
+        if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode in FITTED_SUGGEST_MODES):
             return load_suggestion_model()
         return None
 

@@ -82,3 +82,19 @@ def test_fit_suggest_writes_a_ranking_and_refuses_no_data(chaos_dir, tmp_path, c
     assert fit_suggest.cli(["--out", str(empty), "--chaos", "", "--ct-per-scan", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and not empty.exists()
+
+
+def test_auto_ranking_is_fitted_only_where_it_was_chosen(monkeypatch):
+    """'auto': the fitted ranking in learned and chained modes; registration mode keeps the
+    parts' sum (the fitted one lost there on development data)."""
+    calls = []
+    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda: calls.append(1))
+    array = np.random.default_rng(0).normal(0.2, 0.05, (12, 48, 48)).astype(np.float32)
+    array[2:10, 14:34, 14:34] += 1.0
+    support = np.zeros(array.shape, bool)
+    support[6, 14:34, 14:34] = True
+    image = sitk.GetImageFromArray(array)
+    propagate(image, support, None, PropagationOptions(mode="registration"))
+    assert calls == []
+    propagate(image, support, None, PropagationOptions(mode="registration", suggest="fitted"))
+    assert calls == [1]

@@ -23,6 +23,7 @@ Methods (``--methods``, comma-separated):
   corrects it at every step; worst-slice user.
 * ``learned_suggest``: the engine in ``mode="learned"`` (the shipped default), with the user
   who corrects the slice the tool suggests, as ``suggest``.
+* ``registration_suggest``: registration mode with the user who follows the suggestions.
 * ``registration``: the engine's non-learned comparator, ``PropagationOptions(mode=
   "registration")``, with the worst-slice user.
 * ``fill``: 3D Slicer's *Fill between slices*: ITK's MorphologicalContourInterpolator
@@ -93,8 +94,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("fewshot", "suggest", "learned", "learned_suggest", "registration", "fill", "fill_spaced")
-SUGGEST_METHODS = ("suggest", "learned_suggest")
+METHODS = ("fewshot", "suggest", "learned", "learned_suggest", "registration", "registration_suggest", "fill",
+           "fill_spaced")
+SUGGEST_METHODS = ("suggest", "learned_suggest", "registration_suggest")
 FILL_METHODS = ("fill", "fill_spaced")
 REPORT_COUNTS = (1, 2, 3, 4, 6)
 # Fill between slices on the 20 CHAOS-T2 cases x 4 organs, measured elsewhere (issue #34)
@@ -249,7 +251,8 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     dices, seconds, picks, wrong = [], [], [painted[0]], []
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
-    mode = {"registration": "registration", "learned": "learned", "learned_suggest": "learned"}.get(method, "chained")
+    mode = {"registration": "registration", "registration_suggest": "registration", "learned": "learned",
+            "learned_suggest": "learned"}.get(method, "chained")
     runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
@@ -420,9 +423,10 @@ def plot(paths: list, out_png: Path) -> Path:
               "totalseg_mr": "TotalSegmentator MR (agreement)"}
     labels = {"fewshot": "few-shot model, worst slice", "suggest": "few-shot model, its own suggestion",
               "learned": "step network, worst slice", "learned_suggest": "step network, its own suggestion",
-              "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI)",
+              "registration": "registration mode, worst slice", "registration_suggest": "registration, its own suggestion",
+              "fill": "Fill between slices (ITK MCI)",
               "fill_spaced": "Fill between slices, spaced slices"}
-    styles = {"learned": "C5P-", "learned_suggest": "C6X--", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
+    styles = {"learned": "C5P-", "learned_suggest": "C6X--", "registration_suggest": "C7v:", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in METHODS:

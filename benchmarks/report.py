@@ -147,6 +147,7 @@ INTERACTIVE_METHODS = {
     "fewshot": "few-shot model (chained), worst slice", "suggest": "few-shot model, its own suggestion",
     "learned": "step network (mode learned), worst slice",
     "learned_suggest": "step network, its own suggestion",
+    "registration_suggest": "registration mode, its own suggestion",
     "registration": "registration mode, worst slice", "fill": "Fill between slices (ITK MCI), worst slice",
     "fill_spaced": "Fill between slices, slices spread out"}
 
