@@ -7,6 +7,8 @@ protocol (a checkpoint trained on query scans did not).
 """
 from __future__ import annotations
 
+import re
+
 import textwrap
 
 from pathlib import Path
@@ -93,6 +95,11 @@ def same_folds(groups: dict) -> list:
     return tables
 
 
+def _without_local_paths(note: str) -> str:
+    """A run folder named by its last two parts ('gpu_4k/crtpnet-ft'), not where it lay."""
+    return re.sub(r"(?:\.\./|/)(?:[\w.\-]+/)+([\w.\-]+/[\w.\-]+)", r"\1", note)
+
+
 def _merge_notes(notes) -> list:
     """Per-fold notes become one: a note the folds share is kept whole; notes that differ
     only in their parenthesis (the fold's scans) keep the text before it."""
@@ -131,7 +138,8 @@ def markdown(summary: dict, run_name: str, protocol_doc: str) -> str:
                       "(models trained side by side took less wall time than that).", ""]
     for e in summary["results"]:
         per = e["ep1"]["per_class"]
-        note = "; ".join(e["notes"]) if e["notes"] else ("" if e["compliant"] else "not protocol-compliant")
+        note = "; ".join(_without_local_paths(n) for n in e["notes"]) if e["notes"] else (
+            "" if e["compliant"] else "not protocol-compliant")
         lines.append("| " + " | ".join([
             f"**{e['model']}** (ours)", SETTINGS.get(e["setting"], e["setting"]),
             *[_pct(per.get(o)) for o in SHORT], f"**{_pct(e['ep1']['mean'])}**", _pct(e["ep1_post"]["mean"]),

@@ -278,7 +278,8 @@ def ensemble_partners(args, path: Path, fold: P.Fold, queries, data_dir: Path, n
         if leaked:
             notes.append(f"not protocol-compliant: the ensemble partner was trained on query scans "
                          f"{','.join(leaked)}")
-        notes.append(f"ensemble partner: {folder} ({partner.provenance.get('steps')} steps)")
+        notes.append(f"ensemble partner: {Path(folder).parent.name}/{Path(folder).name} "
+                     f"({partner.provenance.get('steps')} steps)")
         compliant = compliant and not leaked
         yield partner, compliant
 
