@@ -235,6 +235,8 @@ def test_worker_killed_mid_run(logic, chaos, tiny_checkpoint):
     worker = killMidRun(logic.startPropagation(job))
     assertSameSegments(before, snapshot(chaos.seg, chaos.image))
     assert logic.worker.worker is None and not logic.isBusy
+    # a killed worker wrote nothing to its log: its temporary folder is gone with it
+    assert not Path(worker.folder).exists() or Path(worker.logPath).stat().st_size > 0
     summary = logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", worker=True)
     assert summary.slicesFilled > 0 and logic.worker.worker is not worker
 

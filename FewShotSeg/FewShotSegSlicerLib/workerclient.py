@@ -162,9 +162,9 @@ class WorkerProcess:
             pass
         code = self.proc.poll()
         lines = [line.strip() for line in self.logTail().splitlines() if line.strip()]
-        last = f" Last words: {lines[-1][:300]}." if lines else ""
+        last = f" Last words: {lines[-1][:300]}. Its log: {self.logPath}" if lines else ""
         return (f"the FewShotSeg worker stopped unexpectedly (exit code {code if code is not None else 'unknown'}); "
-                f"the segmentation was not changed.{last} Its log: {self.logPath}")
+                f"the segmentation was not changed.{last}")
 
     def logTail(self, chars: int = 2000) -> str:
         try:
@@ -187,7 +187,7 @@ class WorkerProcess:
 
     def close(self, keepLog: bool = False) -> None:
         """Ask it to quit, kill it if it does not, and remove the temporary folder (all but
-        the log when ``keepLog``: a crash's message points to it)."""
+        a non-empty log when ``keepLog``: a crash's message points to it)."""
         if self.proc.poll() is None:
             try:
                 self.send({"cmd": "quit"})
@@ -200,7 +200,7 @@ class WorkerProcess:
                 pipe.close()
             except OSError:
                 pass
-        if not keepLog:
+        if not keepLog or not self.logTail(1):      # an empty log says nothing: keep nothing
             shutil.rmtree(self.folder, ignore_errors=True)
             return
         for path in Path(self.folder).iterdir():
