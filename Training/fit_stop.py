@@ -14,54 +14,20 @@ the held-out CHAOS cases, the scored CT structures or any MR label.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from FewShotSegLib.checkpoints import atomic_write  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
+from Training import fitting  # noqa: E402
 
-CHAOS_FIT = ("1", "2", "3", "5", "8")
-CHAOS_ORGANS = (1, 2, 3, 4)
-CT_SCANS = ("ct_abdomen_3mm", "ct_small_3mm", "ct_dicom")
-# the CT classes the benchmarks score (benchmarks/interactive_benchmark.py): never fitted on
-SCORED_CT = {1, 2, 3, 5, 6, 19, 21, 29, 52, 63, 77, 80, 86, 88}
 WRONG_FRACTION = 0.5
 # steps kept after a walk has gone wrong: the decision that matters is the first one
 KEEP_WRONG = 3
-
-
-def _structures(data_dir: Path, chaos: list[str], ct_per_scan: int):
-    import SimpleITK as sitk
-    from FewShotSegLib.evaluation import load_chaos_case
-    from FewShotSegLib.imageio import read_image
-
-    for case in chaos:
-        image, label = load_chaos_case(data_dir, case)
-        for organ in CHAOS_ORGANS:
-            yield f"chaos {case}/{organ}", image, label == organ
-    folder = data_dir / "totalseg"
-    for scan in CT_SCANS if ct_per_scan > 0 else ():
-        path = folder / scan if (folder / scan).is_dir() else folder / f"{scan}.nii.gz"
-        if not path.exists():
-            continue
-        image = read_image(path)
-        label = sitk.GetArrayFromImage(read_image(folder / f"{scan}_seg.nii.gz", label=True))
-        values, counts = np.unique(label, return_counts=True)
-        chosen = [int(v) for v, c in sorted(zip(values, counts), key=lambda t: -t[1])
-                  if v != 0 and int(v) not in SCORED_CT and c >= 2000
-                  and int((label == v).any(axis=(1, 2)).sum()) >= 6][:ct_per_scan]
-        for value in chosen:
-            yield f"{scan}/{value}", image, label == value
 
 
 def _supports(truth: np.ndarray) -> list[list[int]]:
@@ -110,24 +76,12 @@ def structure_examples(image, truth: np.ndarray, stepper) -> tuple[np.ndarray, n
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", default=None, help="shared data folder (default ../shared/data)")
-    parser.add_argument("--stepper", default=None, help="step network (default: the shipped one)")
-    parser.add_argument("--chaos", default=",".join(CHAOS_FIT), help="CHAOS case ids whose labels are used")
-    parser.add_argument("--ct-per-scan", type=int, default=12, help="unscored CT classes per scan (largest first)")
+    parser = fitting.parser(__doc__.splitlines()[0])
     parser.add_argument("--features", default=None, help="comma-separated subset of the features (default: all)")
     parser.add_argument("--examples", type=Path, default=None,
                         help="an .npz of walked examples: read if it exists, else written after walking")
     args = parser.parse_args(argv)
-    import torch
-
-    from FewShotSegLib.checkpoints import load_for_mode
-    from FewShotSegLib.evaluation import shared_data_dir
     from FewShotSegLib.stopping import FEATURES
-    torch.set_num_threads(1)
-    data_dir = shared_data_dir(args.data)
-    stepper = load_for_mode(args.stepper, "learned")
     start = time.perf_counter()
     use = [f.strip() for f in args.features.split(",")] if args.features else None
     if args.examples is not None and args.examples.is_file():
@@ -135,48 +89,28 @@ def main(argv=None) -> int:
         if list(cached["features_names"]) != list(FEATURES):
             raise FewShotSegError(f"{args.examples}: examples of other features; walk again")
         return _fit_and_write(args, argv, cached["x"], cached["y"], int(cached["structures"]), use, start)
-    xs, ys, names = [], [], []
-    from FewShotSegLib.imageio import array_axis_for
-    for name, image, truth in _structures(data_dir, [c for c in args.chaos.split(",") if c], args.ct_per_scan):
-        if array_axis_for(image, "axial") != 0:
-            raise FewShotSegError(f"{name}: its axial slices are not the first array axis")
-        x, y = structure_examples(image, truth, stepper)
-        xs.append(x)
-        ys.append(y)
-        names.append(name)
-        print(f"{name}: {len(y)} steps, {int(y.sum())} mostly wrong", flush=True)
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    data_dir, stepper = fitting.setup(args)
+    x, y, count = fitting.collect(args, data_dir, lambda image, truth: structure_examples(image, truth, stepper),
+                                  "walk steps")
     if args.examples is not None:
-        np.savez(args.examples, x=x, y=y, structures=len(names), features_names=np.array(FEATURES))
-    return _fit_and_write(args, argv, x, y, len(names), use, start)
+        np.savez(args.examples, x=x, y=y, structures=count, features_names=np.array(FEATURES))
+    return _fit_and_write(args, argv, x, y, count, use, start)
 
 
 def _fit_and_write(args, argv, x, y, structures: int, use, start: float) -> int:
     from FewShotSegLib.stopping import FEATURES, fit_stop_model
-    info = {"fitted": datetime.date.today().isoformat(), "structures": structures, "steps": int(len(y)),
-            "wrong_steps": int(y.sum()), "data": f"CHAOS-T2 cases {args.chaos} (4 organs); TotalSegmentator CT "
-            f"unscored classes ({args.ct_per_scan} per scan: {', '.join(CT_SCANS)})",
-            "stepper": args.stepper or "the shipped step network", "label": f"under {WRONG_FRACTION:.0%} of the step's mask on the structure",
-            "command": shlex.join(["python", "-m", "Training.fit_stop"] + list(argv or sys.argv[1:])),
-            "seconds": round(time.perf_counter() - start, 1)}
-    info["features_used"] = use or list(FEATURES)
+    info = fitting.info(args, argv, "Training.fit_stop", start, structures=structures, steps=int(len(y)),
+                        wrong_steps=int(y.sum()), label=f"under {WRONG_FRACTION:.0%} of the step's mask on the structure",
+                        features_used=use or list(FEATURES))
     model = fit_stop_model(x, y, info=info, use=use)
     p = np.array([model.probability(f) for f in x])
     info["train_accuracy_balanced"] = round(float(0.5 * ((p[y > 0.5] >= 0.5).mean() + (p[y < 0.5] < 0.5).mean())), 3)
-    text = (json.dumps(model.to_dict(), indent=1) + "\n").encode()
-    atomic_write(args.out, lambda f: f.write(text))
-    print(json.dumps(dict(zip(FEATURES, np.round(model.weights, 3).tolist()))), "bias", round(model.bias, 3))
-    print(f"{args.out}: {info['steps']} steps ({info['wrong_steps']} wrong), balanced accuracy "
-          f"{info['train_accuracy_balanced']}, {info['seconds']} s")
-    return 0
+    return fitting.write(args.out, model, f"{info['steps']} steps ({info['wrong_steps']} wrong), balanced "
+                                          f"accuracy {info['train_accuracy_balanced']}")
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except FewShotSegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return fitting.cli(main, argv)
 
 
 if __name__ == "__main__":
