@@ -109,7 +109,7 @@ class Walk:
     disagreement: dict = field(default_factory=dict)  # slice -> pixels where network and registration differ
     areas: dict = field(default_factory=dict)       # slice -> mask area (pixels)
     agreement: dict = field(default_factory=dict)   # slice -> fraction of the mask inside the intensity band
-    features: dict = field(default_factory=dict)    # slice -> the stop decision's numbers (stopping.py)
+    features: dict = field(default_factory=dict)    # slice -> the stop model's numbers (stop 'learned' / 'none')
     stop: Optional[dict] = None                     # {"slice", "reason", "area_fraction"} where it ended early
     steps: int = 0
     painted_area: float = 0.0
@@ -238,9 +238,9 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
             agreement = intensity_agreement(ctx.slices.one(i), mask.numpy(), band)
             result.agreement[i] = agreement
             last = result.areas[slices[k - 1]] if k else result.painted_area
-            mask_np = mask.numpy()
-            result.features[i] = step_features(agreement, area, reference_area, last, smallest,
-                                               disagreement, narrowing, edge_pixels(mask_np))
+            if ctx.stop_model is not None or ctx.never_stop:
+                result.features[i] = step_features(agreement, area, reference_area, last, smallest,
+                                                   disagreement, narrowing, edge_pixels(mask.numpy()))
             if ctx.never_stop:
                 ended, reason = area < 4.0, "area"
             elif ctx.stop_model is not None:
