@@ -142,3 +142,28 @@ def test_fit_stop_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_learned_stop_without_a_fitted_model_is_one_line(monkeypatch):
+    monkeypatch.setattr("FewShotSegLib.propagation.load_stop_model", lambda: None)
+    array = np.random.default_rng(0).normal(0.2, 0.05, (8, 32, 32)).astype(np.float32)
+    support = np.zeros(array.shape, bool)
+    support[4, 8:24, 8:24] = True
+    with pytest.raises(FewShotSegError, match="no fitted stop model is installed") as info:
+        propagate(sitk.GetImageFromArray(array), support, None, PropagationOptions(mode="registration", stop="learned"))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_stop_option(tmp_path, capsys):
+    from FewShotSegLib import cli
+    array = np.random.default_rng(0).normal(0.2, 0.05, (8, 32, 32)).astype(np.float32)
+    array[2:7, 8:24, 8:24] += 1.0
+    image, support = tmp_path / "image.nii.gz", tmp_path / "support.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(image))
+    painted = np.zeros(array.shape, np.uint8)
+    painted[4, 8:24, 8:24] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(painted), str(support))
+    out = tmp_path / "out.nii.gz"
+    assert cli.main(["propagate", str(image), "--support", str(support), "--mode", "registration",
+                     "--stop", "learned", "-q", "-o", str(out)]) == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out)))[2:7].any()
