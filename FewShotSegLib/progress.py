@@ -13,7 +13,7 @@ def progress_bar(enabled: bool):
 
     def update(fraction: float, message: str) -> None:
         bar.n = int(round(100 * fraction))
-        bar.set_description(message)
+        bar.set_description(message, refresh=False)   # one redraw per update, below
         bar.refresh()
 
     return update, bar.close
