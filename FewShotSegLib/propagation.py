@@ -306,8 +306,10 @@ class Propagator:
         self.progress(0.97, "post-processing")
         mask, probs_vol = self._finish(probs_vol, touched)
         slice_features: dict = {}
+        self._notes: list = []
         suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n,
                                             model=self._suggestion_model(), features_out=slice_features)
+        warnings += self._notes
         stops = {f"{s.start}->{s.slices[-1]}": ws[0].stop["slice"]
                  for s, ws in walks.items() if s.kind == "outward" and ws[0].stop is not None}
         done = sum(w.steps for ws in walks.values() for w in ws)
@@ -324,7 +326,10 @@ class Propagator:
         """The fitted ranking of where to look next (suggestions.py), in the modes it was
         chosen for on development data; it lost there in registration mode."""
         if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode in FITTED_SUGGEST_MODES):
-            return load_suggestion_model()
+            try:
+                return load_suggestion_model()
+            except FewShotSegError as exc:   # a damaged ranking must not cost the user the result
+                self._notes.append(f"{exc}; the slices to check are ranked by the plain sum")
         return None
 
     def _excluded_on_model_grid(self, prepared) -> dict:

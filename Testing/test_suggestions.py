@@ -98,3 +98,18 @@ def test_auto_ranking_is_fitted_only_where_it_was_chosen(monkeypatch):
     assert calls == []
     propagate(image, support, None, PropagationOptions(mode="registration", suggest="fitted"))
     assert calls == [1]
+
+
+def test_a_damaged_ranking_costs_a_warning_not_the_result(tmp_path, monkeypatch):
+    from FewShotSegLib.fitted import load_fitted
+    bad = tmp_path / "fewshotseg-propagator.suggest.json"
+    bad.write_text("{damaged")
+    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda: load_fitted(bad, SUGGEST_FEATURES))
+    array = np.random.default_rng(0).normal(0.2, 0.05, (12, 48, 48)).astype(np.float32)
+    array[2:10, 14:34, 14:34] += 1.0
+    support = np.zeros(array.shape, bool)
+    support[6, 14:34, 14:34] = True
+    result = propagate(sitk.GetImageFromArray(array), support, None,
+                       PropagationOptions(mode="registration", suggest="fitted"))
+    assert result.mask[2:10].any()
+    assert any("unreadable" in w and "plain sum" in w for w in result.warnings)
