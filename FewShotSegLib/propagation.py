@@ -327,7 +327,7 @@ class Propagator:
         chosen for on development data; it lost there in registration mode."""
         if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode in FITTED_SUGGEST_MODES):
             try:
-                return load_suggestion_model()
+                return load_suggestion_model(beside=getattr(self.model, "path", None))
             except FewShotSegError as exc:   # a damaged ranking must not cost the user the result
                 self._notes.append(f"{exc}; the slices to check are ranked by the plain sum")
         return None

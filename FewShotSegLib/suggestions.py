@@ -131,7 +131,13 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
 SUGGEST_MODEL_NAME = "fewshotseg-propagator.suggest.json"
 
 
-def load_suggestion_model(path=None):
-    """The fitted ranking (``path``, else the installed one), or None when there is none."""
+def load_suggestion_model(path=None, beside=None):
+    """The fitted ranking: ``path``; else ``<checkpoint>.suggest.json`` beside the checkpoint
+    ``beside`` (a ranking fitted to that network's runs); else the installed one; None when
+    there is none."""
+    from pathlib import Path
     from .fitted import load_fitted, resource_path
+    if path is None and beside is not None:
+        own = Path(beside).with_suffix(".suggest.json")
+        path = own if own.is_file() else None
     return load_fitted(path if path is not None else resource_path(SUGGEST_MODEL_NAME), SUGGEST_FEATURES)

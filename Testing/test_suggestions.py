@@ -88,7 +88,7 @@ def test_auto_ranking_is_fitted_only_where_it_was_chosen(monkeypatch):
     """'auto': the fitted ranking in learned and chained modes; registration mode keeps the
     parts' sum (the fitted one lost there on development data)."""
     calls = []
-    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda: calls.append(1))
+    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda **_: calls.append(1))
     array = np.random.default_rng(0).normal(0.2, 0.05, (12, 48, 48)).astype(np.float32)
     array[2:10, 14:34, 14:34] += 1.0
     support = np.zeros(array.shape, bool)
@@ -104,7 +104,7 @@ def test_a_damaged_ranking_costs_a_warning_not_the_result(tmp_path, monkeypatch)
     from FewShotSegLib.fitted import load_fitted
     bad = tmp_path / "fewshotseg-propagator.suggest.json"
     bad.write_text("{damaged")
-    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda: load_fitted(bad, SUGGEST_FEATURES))
+    monkeypatch.setattr("FewShotSegLib.propagation.load_suggestion_model", lambda **_: load_fitted(bad, SUGGEST_FEATURES))
     array = np.random.default_rng(0).normal(0.2, 0.05, (12, 48, 48)).astype(np.float32)
     array[2:10, 14:34, 14:34] += 1.0
     support = np.zeros(array.shape, bool)
@@ -113,3 +113,16 @@ def test_a_damaged_ranking_costs_a_warning_not_the_result(tmp_path, monkeypatch)
                        PropagationOptions(mode="registration", suggest="fitted"))
     assert result.mask[2:10].any()
     assert any("unreadable" in w and "plain sum" in w for w in result.warnings)
+
+
+def test_a_ranking_beside_a_checkpoint_is_that_networks(tmp_path):
+    """``stepper.suggest.json`` beside ``stepper.pt`` ranks for that network; a network
+    without one gets the shipped ranking."""
+    import json
+    rng = np.random.default_rng(1)
+    own = fit_ridge(rng.normal(size=(50, len(SUGGEST_FEATURES))), rng.normal(size=50), SUGGEST_FEATURES)
+    (tmp_path / "stepper.pt").write_bytes(b"")
+    (tmp_path / "stepper.suggest.json").write_text(json.dumps(own.to_dict()))
+    assert load_suggestion_model(beside=tmp_path / "stepper.pt").bias == pytest.approx(own.bias)
+    (tmp_path / "other.pt").write_bytes(b"")
+    assert load_suggestion_model(beside=tmp_path / "other.pt").bias == pytest.approx(load_suggestion_model().bias)
