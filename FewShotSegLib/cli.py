@@ -16,9 +16,8 @@ from .progress import progress_bar
 
 def cmd_propagate(args) -> int:
     import SimpleITK as sitk
-    from .checkpoints import load_checkpoint
+    from .checkpoints import load_checkpoint, load_for_mode
     from .imageio import read_image, read_mask_like, select_label
-    from .checkpoints import load_for_mode
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 

@@ -114,6 +114,16 @@ def resource_path(name: str) -> Optional[Path]:
     return next((d / name for d in model_dirs() if (d / name).is_file()), None)
 
 
+def fitted_path(what: str, beside=None) -> Optional[Path]:
+    """``<checkpoint>.<what>.json`` beside the checkpoint ``beside`` (fitted to that step
+    network's runs), else the shipped ``fewshotseg-propagator.<what>.json``; None if neither."""
+    if beside is not None:
+        own = Path(beside).with_suffix(f".{what}.json")
+        if own.is_file():
+            return own
+    return resource_path(f"fewshotseg-propagator.{what}.json")
+
+
 def load_fitted(path, features: tuple) -> Optional[LinearModel]:
     """The model at ``path`` (None when there is none)."""
     if path is None or not Path(path).is_file():

@@ -306,10 +306,10 @@ class Propagator:
         self.progress(0.97, "post-processing")
         mask, probs_vol = self._finish(probs_vol, touched)
         slice_features: dict = {}
-        self._notes: list = []
+        ranking, note = self._suggestion_model()
         suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n,
-                                            model=self._suggestion_model(), features_out=slice_features)
-        warnings += self._notes
+                                            model=ranking, features_out=slice_features)
+        warnings += [note] if note else []
         stops = {f"{s.start}->{s.slices[-1]}": ws[0].stop["slice"]
                  for s, ws in walks.items() if s.kind == "outward" and ws[0].stop is not None}
         done = sum(w.steps for ws in walks.values() for w in ws)
@@ -323,14 +323,16 @@ class Propagator:
             slice_features=slice_features)
 
     def _suggestion_model(self):
-        """The fitted ranking of where to look next (suggestions.py), in the modes it was
-        chosen for on development data; it lost there in registration mode."""
-        if self.options.suggest == "fitted" or (self.options.suggest == "auto" and self.options.mode in FITTED_SUGGEST_MODES):
-            try:
-                return load_suggestion_model(beside=getattr(self.model, "path", None))
-            except FewShotSegError as exc:   # a damaged ranking must not cost the user the result
-                self._notes.append(f"{exc}; the slices to check are ranked by the plain sum")
-        return None
+        """(the fitted ranking of where to look next or None, a warning or None), in the
+        modes it was chosen for on development data; it lost there in registration mode."""
+        wanted = self.options.suggest == "fitted" or (
+            self.options.suggest == "auto" and self.options.mode in FITTED_SUGGEST_MODES)
+        if not wanted:
+            return None, None
+        try:
+            return load_suggestion_model(beside=getattr(self.model, "path", None)), None
+        except FewShotSegError as exc:   # a damaged ranking must not cost the user the result
+            return None, f"{exc}; the slices to check are ranked by the plain sum"
 
     def _excluded_on_model_grid(self, prepared) -> dict:
         """Slice -> excluded pixels on the model grid, for the slices holding exclusions."""
@@ -345,9 +347,10 @@ class Propagator:
         fields = self.session.fields if (net is None or opts.registration_weight) else None
         stop_model = None
         if opts.stop == "learned":
-            stop_model = load_stop_model()
+            stop_model = load_stop_model(beside=getattr(self.model, "path", None))
             if stop_model is None:
-                raise FewShotSegError("stop rule 'learned': no fitted stop model is installed (fewshotseg-propagator.stop.json)")
+                raise FewShotSegError("stop rule 'learned': no fitted stop model is installed "
+                                      "(fewshotseg-propagator.stop.json)")
         return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
                            painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
                            exclusion_key=self._exclusion_keys.get,

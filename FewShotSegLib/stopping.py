@@ -27,10 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-from .fitted import LinearModel, fit_logistic, load_fitted, resource_path
+from .fitted import LinearModel, fit_logistic, fitted_path, load_fitted
 
-# beside the step network it was fitted for, in the folders checkpoints are searched in
-STOP_MODEL_NAME = "fewshotseg-propagator.stop.json"
 FEATURES = ("agreement", "log_area_vs_reference", "log_area_vs_previous", "log_area_vs_smallest",
             "narrowing", "disagreement_per_edge")
 
@@ -72,10 +70,11 @@ def fit_stop_model(features: np.ndarray, wrong: np.ndarray, l2: float = 1e-2, in
     return fit_logistic(features, wrong, FEATURES, l2=l2, info=info, use=use)
 
 
-def stop_model_path() -> Optional[Path]:
-    return resource_path(STOP_MODEL_NAME)
+def stop_model_path(beside=None) -> Optional[Path]:
+    return fitted_path("stop", beside)
 
 
-def load_stop_model(path=None) -> Optional[LinearModel]:
-    """The fitted stop model (``path``, else the installed one), or None when there is none."""
-    return load_fitted(path if path is not None else stop_model_path(), FEATURES)
+def load_stop_model(path=None, beside=None) -> Optional[LinearModel]:
+    """The fitted stop model: ``path``, else the one fitted for the checkpoint ``beside``,
+    else the installed one; None when there is none."""
+    return load_fitted(path if path is not None else stop_model_path(beside), FEATURES)

@@ -128,16 +128,8 @@ def rank_slices(spans, walks: dict, painted: set, ends: set, n: int, top: int = 
     return ranked[:top], warnings
 
 
-SUGGEST_MODEL_NAME = "fewshotseg-propagator.suggest.json"
-
-
 def load_suggestion_model(path=None, beside=None):
-    """The fitted ranking: ``path``; else ``<checkpoint>.suggest.json`` beside the checkpoint
-    ``beside`` (a ranking fitted to that network's runs); else the installed one; None when
-    there is none."""
-    from pathlib import Path
-    from .fitted import load_fitted, resource_path
-    if path is None and beside is not None:
-        own = Path(beside).with_suffix(".suggest.json")
-        path = own if own.is_file() else None
-    return load_fitted(path if path is not None else resource_path(SUGGEST_MODEL_NAME), SUGGEST_FEATURES)
+    """The fitted ranking: ``path``, else the one fitted for the checkpoint ``beside``
+    (``<checkpoint>.suggest.json``), else the installed one; None when there is none."""
+    from .fitted import fitted_path, load_fitted
+    return load_fitted(path if path is not None else fitted_path("suggest", beside), SUGGEST_FEATURES)

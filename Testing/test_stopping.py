@@ -121,7 +121,7 @@ def test_fit_stop_writes_a_model_the_engine_reads(chaos_dir, tmp_path, monkeypat
     again = tmp_path / "again.json"
     assert fit_stop.cli(["--out", str(again), "--examples", str(examples), "--features", "agreement"]) == 0
     assert np.count_nonzero(load_stop_model(again).weights) == 1
-    monkeypatch.setattr("FewShotSegLib.propagation.load_stop_model", lambda: model)
+    monkeypatch.setattr("FewShotSegLib.propagation.load_stop_model", lambda **_: model)
     image, label = _chaos(chaos_dir, "1")
     support = np.zeros_like(label == 2)
     z = int(np.argmax((label == 2).sum((1, 2))))
@@ -145,7 +145,7 @@ def test_fit_stop_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_learned_stop_without_a_fitted_model_is_one_line(monkeypatch):
-    monkeypatch.setattr("FewShotSegLib.propagation.load_stop_model", lambda: None)
+    monkeypatch.setattr("FewShotSegLib.propagation.load_stop_model", lambda **_: None)
     array = np.random.default_rng(0).normal(0.2, 0.05, (8, 32, 32)).astype(np.float32)
     support = np.zeros(array.shape, bool)
     support[4, 8:24, 8:24] = True
