@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import FewShotSegError
-from .imageio import array_axis_for, read_image
+from .imageio import array_axis_for, read_image, read_mask_like
 from .metrics import dice, hd95
 from .propagation import PropagationOptions, propagate
 
@@ -116,11 +116,19 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def label_array(path, image: sitk.Image) -> np.ndarray:
+    """A label file as an array in ``image``'s voxel order, mapped through physical space.
+
+    Why: a label map may store its rows in another order than its scan (the TotalSegmentator
+    DICOM example's labels have the y axis flipped); taking its array as it is scores and
+    paints the mirror image of the structure."""
+    return sitk.GetArrayFromImage(read_mask_like(Path(path), image))
+
+
 def load_chaos_case(data_dir: Path, case: str):
     folder = data_dir / "chaos_t2"
     image = read_image(folder / f"image_{case}.nii.gz")
-    label = sitk.GetArrayFromImage(read_image(folder / f"label_{case}.nii.gz", label=True))
-    return image, label
+    return image, label_array(folder / f"label_{case}.nii.gz", image)
 
 
 def timed(fn, *args, **kwargs):

@@ -72,3 +72,32 @@ def test_quick_run_on_real_data(chaos_dir, tmp_path):
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "resuming" in again.stdout
     assert len(json.loads(out.read_text())["structures"]) == 2
+
+
+def test_label_array_follows_physical_space(tmp_path):
+    """A label file whose rows run the other way than its scan's (as the TotalSegmentator
+    DICOM example's do) is read in the scan's voxel order, not mirrored."""
+    import SimpleITK as sitk
+    from FewShotSegLib.evaluation import label_array
+    truth = np.zeros((4, 6, 5), np.uint8)
+    truth[1:3, 0:2, 1:4] = 1                               # near the first row
+    image = sitk.GetImageFromArray(np.zeros(truth.shape, np.float32))
+    flipped = sitk.GetImageFromArray(truth[:, ::-1, :].copy())
+    flipped.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    flipped.SetOrigin((0.0, 5.0, 0.0))                     # its first row is the scan's last
+    sitk.WriteImage(flipped, str(tmp_path / "seg.nii.gz"))
+    assert np.array_equal(label_array(tmp_path / "seg.nii.gz", image), truth)
+    assert not np.array_equal(sitk.GetArrayFromImage(flipped), truth)   # the array alone is mirrored
+
+
+def test_dev_ct_labels_lie_on_their_tissue(shared_data):
+    """The CT liver and spleen the benchmark scores lie on soft tissue (about 30-80 HU) in
+    every development scan; a mirrored label would cover air, fat and bone."""
+    bench = _bench()
+    found = 0
+    for dataset, case, organ, image, truth in bench.totalseg_structures(shared_data, ["liver", "spleen"], "dev_ct"):
+        import SimpleITK as sitk
+        values = sitk.GetArrayViewFromImage(image)[truth]
+        assert 20 <= float(np.median(values)) <= 150, (case, organ, float(np.median(values)))
+        found += 1
+    assert found >= 2

@@ -40,8 +40,7 @@ def structures(data_dir: Path, chaos: list[str], ct_per_scan: int):
     """(name, image, bool label) of the CHAOS organs of ``chaos`` and the ``ct_per_scan``
     largest unscored classes of each CT example (>= 2000 voxels over >= 6 slices); their
     axial slices are the first array axis."""
-    import SimpleITK as sitk
-    from FewShotSegLib.evaluation import load_chaos_case
+    from FewShotSegLib.evaluation import label_array, load_chaos_case
     from FewShotSegLib.imageio import array_axis_for, read_image
 
     def checked(name, image, truth):
@@ -59,7 +58,7 @@ def structures(data_dir: Path, chaos: list[str], ct_per_scan: int):
         if not path.exists():
             continue
         image = read_image(path)
-        label = sitk.GetArrayFromImage(read_image(folder / f"{scan}_seg.nii.gz", label=True))
+        label = label_array(folder / f"{scan}_seg.nii.gz", image)
         values, counts = np.unique(label, return_counts=True)
         chosen = [int(v) for v, c in sorted(zip(values, counts), key=lambda t: -t[1])
                   if v != 0 and int(v) not in SCORED_CT and c >= 2000

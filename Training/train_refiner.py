@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
 from FewShotSegLib.checkpoints import (load_training_state, save_checkpoint,  # noqa: E402
                                        save_training_state)
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
+from FewShotSegLib.evaluation import label_array  # noqa: E402
 from FewShotSegLib.imageio import read_image  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume  # noqa: E402
 from FewShotSegLib.refinement import build_refiner  # noqa: E402
@@ -132,7 +132,7 @@ class RefinerData:
 
     def _add(self, image_path, label_path, preprocess, values, source, min_voxels):
         image = read_image(image_path)
-        label = sitk.GetArrayFromImage(read_image(label_path, label=True))
+        label = label_array(label_path, image)
         prepared = prepare_volume(image, "axial", preprocess)
         vol = len(self.volumes)
         self.volumes.append(prepared.slices.half())

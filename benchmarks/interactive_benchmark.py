@@ -134,13 +134,13 @@ def chaos_structures(data_dir: Path, cases=None, organs=None):
 
 
 def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
-    import SimpleITK as sitk
+    from FewShotSegLib.evaluation import label_array
     from FewShotSegLib.imageio import read_image
     folder = data_dir / "totalseg"
     if dataset == "dev_ct":
         for case in DEV_CT_CASES:
             image = read_image(folder / case) if (folder / case).is_dir() else read_image(folder / f"{case}.nii.gz")
-            label = sitk.GetArrayFromImage(read_image(folder / f"{case}_seg.nii.gz", label=True))
+            label = label_array(folder / f"{case}_seg.nii.gz", image)
             for organ, value in TOTALSEG_STRUCTURES.items():
                 if (organs is None or organ in organs) and int((label == value).sum()) >= 1000:
                     yield dataset, case, organ, image, label == value
@@ -148,7 +148,7 @@ def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
     case, table = (TOTALSEG_MR_CASE, TOTALSEG_MR_STRUCTURES) if dataset == "totalseg_mr" \
         else (TOTALSEG_CASE, TOTALSEG_STRUCTURES)
     image = read_image(folder / f"{case}.nii.gz")
-    label = sitk.GetArrayFromImage(read_image(folder / f"{case}_seg.nii.gz", label=True))
+    label = label_array(folder / f"{case}_seg.nii.gz", image)
     for organ in organs or list(table):
         if organ in table:
             yield dataset, case, organ, image, label == table[organ]

@@ -14,14 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import SimpleITK as sitk
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from FewShotSegLib.checkpoints import load_checkpoint  # noqa: E402
-from FewShotSegLib.evaluation import (CHAOS_ORGANS, TOTALSEG_ORGANS, chaos_cases,  # noqa: E402
+from FewShotSegLib.evaluation import (CHAOS_ORGANS, TOTALSEG_ORGANS, chaos_cases, label_array,  # noqa: E402
                                       load_chaos_case, score_structure, shared_data_dir,
                                       summarise, write_json)
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
@@ -47,7 +46,7 @@ def run(model_name, mode, cases=None, data=None, tag=None, options_extra=None, s
             print(f"case {case:>3} {organ:13s} Dice {score.dice:.3f} ({score.seconds:.2f} s)", flush=True)
     chaos = summarise(scores)
     ct_image = read_image(data_dir / "totalseg" / "ct_abdomen_3mm.nii.gz")
-    ct_label = sitk.GetArrayFromImage(read_image(data_dir / "totalseg" / "ct_abdomen_3mm_seg.nii.gz", label=True))
+    ct_label = label_array(data_dir / "totalseg" / "ct_abdomen_3mm_seg.nii.gz", ct_image)
     ct_scores = []
     for organ, value in ({} if skip_ct else TOTALSEG_ORGANS).items():
         score, _, _ = score_structure(ct_image, ct_label, value, checkpoint, options, case="ct_abdomen_3mm",
