@@ -51,8 +51,7 @@ def cmd_propagate(args) -> int:
         return _propagate_medsam(args, image, support, exclude, value, inputs)
     model = load_for_mode(args.model, args.mode)
     if args.registration_weight is not None and getattr(model, "kind", None) == "propagator":
-        raise FewShotSegError("--registration-weight applies to few-shot models (mode chained); "
-                              "the step network of mode 'learned' weighs the registration itself")
+        options.registration_walk_weight = args.registration_weight   # the same meaning, its own default
     refiner = None
     if args.refine:   # validated before the long work starts
         refiner = load_checkpoint(resolve_model_path(args.refiner, default=DEFAULT_REFINER),
@@ -233,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 2 on CPU, 16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--registration-weight", type=float, default=None,
-                   help="chained: weight of the registration-carried mask fused with the model (0..1, default 0.75; 0 = model only)")
+                   help="weight of registration, 0..1: with a few-shot model (chained) the carried mask fused with "
+                        "the model at every slice (default 0.75); with the step network (learned) a registration-only "
+                        "walk averaged with the network's (default 0.4); 0 = the model alone")
     p.add_argument("--multi-scale", action="store_true",
                    help="also run the model at 1.5x its grid and average (about 3x the network time)")
     p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where walks end: rules (default: area, intensity band, growth) or learned "
                         "(a fitted stop model; better on CHAOS-T2 MRI, worse on other structures measured)")
     p.add_argument("--no-intensity-gate", action="store_true",
-                   help="keep voxels whose intensity is far from the structure's (default: dropped)")
+                   help="keep voxels whose intensity is far from the structure's (default: dropped; "
+                        "few-shot and registration modes, the step network draws its own edges)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
     p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
     p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")

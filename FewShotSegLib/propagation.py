@@ -12,7 +12,11 @@ Modes
 * ``auto`` (default): the model's own: ``learned`` for a step network, ``chained`` for a
   few-shot model, ``registration`` without a model.
 * ``learned``: registration carries the mask and the step network (a checkpoint of kind
-  'propagator', `models/slicestep.py`) corrects it at every step of the walk.
+  'propagator', `models/slicestep.py`) corrects it at every step of the walk. A
+  registration-only walk from the same painted slices runs beside it (the slice pairs'
+  fields are shared, so it costs little) and the two are averaged
+  (``registration_walk_weight``): their errors differ, the network's where it trims or
+  stops, registration's where it carries a leak along.
 * ``chained``: walk away from each painted slice (`walks.py`); each
   prediction becomes a support for the next slice, the walk's painted slice always
   stays in the support set, and the search is limited to the neighbourhood of the
@@ -24,7 +28,8 @@ Modes
 In every mode the walk stops by itself where the structure ends (the predicted area
 falls below a fraction of the painted area, or its intensities stop looking like the
 painted ones); then the probabilities are thresholded, the intensity gate drops voxels
-far from the structure's intensity (`postprocessing.intensity_gated`), the 3D result is
+far from the structure's intensity (`postprocessing.intensity_gated`; not in learned
+mode, where the network draws the edges), the 3D result is
 cleaned (`postprocessing.clean_mask`) and the painted slices are returned exactly as
 painted.
 """
@@ -84,6 +89,11 @@ class PropagationOptions:
     # probability (0 = model only); registration follows shape, the model follows appearance.
     # 0.75 measured best of 0, 0.5, 0.75 on CHAOS-T2 (benchmarks/results/product_*.json, README)
     registration_weight: float = 0.75
+    # learned: weight of a registration-only walk averaged with the step network's walk
+    # (0 = the network's walk alone). Where registration still carries the mask the
+    # network's probability needs 0.33 to count, where it does not 0.83 (at 0.4). Chosen
+    # on development data (docs/RESULTS.md)
+    registration_walk_weight: float = 0.4
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)
     registration_shrink: int = REGISTRATION_SHRINK
@@ -115,8 +125,10 @@ class PropagationOptions:
     # 0 = off. Slower (about 0.2 s a step on a 2-core CPU); gain measured in the README
     adapt_steps: int = 0
     # drop mask voxels far (3 robust SDs) in intensity from the confident and painted ones
-    # (postprocessing.intensity_gated; the protocol's +ig). On by default: CHAOS-T2 mean Dice
-    # 0.806 -> 0.818 (network alone 0.707 -> 0.735), CT agreement 0.864 -> 0.901 (README)
+    # (postprocessing.intensity_gated; the protocol's +ig). On by default in the few-shot and
+    # registration modes: CHAOS-T2 mean Dice 0.806 -> 0.818 (network alone 0.707 -> 0.735), CT
+    # agreement 0.864 -> 0.901 (README). Not applied in learned mode: the step network draws
+    # its own edges, and the gate cost it on development data (docs/RESULTS.md)
     intensity_gate: bool = True
     postprocess: bool = True
 
@@ -127,8 +139,9 @@ class PropagationOptions:
             raise FewShotSegError("batch size must be at least 1")
         if not 0.0 < self.threshold < 1.0:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
-        if not 0.0 <= self.registration_weight <= 1.0:
-            raise FewShotSegError("registration_weight must lie in [0, 1]")
+        for name in ("registration_weight", "registration_walk_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FewShotSegError(f"{name} must lie in [0, 1]")
         if not 0.0 <= self.min_intensity_agreement < 1.0:
             raise FewShotSegError("min_intensity_agreement must lie in [0, 1)")
         if not (_whole(self.registration_shrink, 1) and _whole(self.registration_iterations, 1)):
@@ -298,10 +311,17 @@ class Propagator:
             ctx = self._context(None, None)
             walks = self._walks(ctx)
         elif opts.mode == "learned":
+            if opts.registration_walk_weight > 0:
+                self._walk = (0.05, 0.8)
             walks, network_seconds = self._run_stepper()
         else:
             walks, network_seconds = self._run_model(prepared)
-        probs_vol, touched = self._probability_volume(prepared, walks)
+        probs = self._blended(walks)
+        if opts.mode == "learned" and opts.registration_walk_weight > 0:
+            self._walk = (0.85, 0.1)
+            beside = self._blended(self._walks(self._context(None, None), kind="registration"))
+            probs = averaged(probs, beside, opts.registration_walk_weight)
+        probs_vol, touched = self._probability_volume(prepared, probs)
         self._check_cancel()
         self.progress(0.97, "post-processing")
         mask, probs_vol = self._finish(probs_vol, touched)
@@ -364,16 +384,19 @@ class Propagator:
         other = pos + 1 if span.direction == "down" else pos - 1
         return self.painted[other] if 0 <= other < len(self.painted) else None
 
-    def _walk_key(self, start: int, slices: tuple, stop_rule: bool, inward: Optional[int], absent: bool) -> tuple:
+    def _walk_key(self, start: int, slices: tuple, stop_rule: bool, inward: Optional[int], absent: bool,
+                  kind: str) -> tuple:
         excl = tuple((i, self._exclusion_keys[i]) for i in slices if i in self._excluded)
         masks = [digest(self.painted_masks[i].numpy()) for i in (start, inward) if i is not None]
-        key = (start, inward, tuple(masks), slices, stop_rule, absent, excl)
+        key = (start, inward, tuple(masks), slices, stop_rule, absent, excl, kind)
         if self.options.adapt_steps:   # the tuned model depends on every painted slice
             key += (digest(np.stack([self.painted_masks[p].numpy() for p in self.painted])),)
         return key
 
-    def _walks(self, ctx: WalkContext) -> dict:
-        """span -> [walk] ('outward') or [walk from below, walk from above] ('between')."""
+    def _walks(self, ctx: WalkContext, kind: str = "") -> dict:
+        """span -> [walk] ('outward') or [walk from below, walk from above] ('between').
+        ``kind`` tells apart walks of one run that read the same anchors differently (the
+        registration walk beside the step network's)."""
         todo = []
         for span in self.spans:
             if span.kind == "between":
@@ -381,7 +404,7 @@ class Propagator:
                 todo.append((span, span.end, span.slices[::-1], False, None, False))
             else:
                 todo.append((span, span.start, span.slices, True, self._inward(span), span.end in self.ends))
-        keyed = [item + (self._walk_key(*item[1:]),) for item in todo]
+        keyed = [item + (self._walk_key(*item[1:], kind),) for item in todo]
         self._steps = [0, max(1, sum(len(item[2]) for item in keyed if item[-1] not in self.session.walks))]
         walks: dict = {}
         for span, start, slices, stop, inward, absent, key in keyed:
@@ -390,8 +413,8 @@ class Propagator:
             walks.setdefault(span, []).append(w)
         return walks
 
-    def _probability_volume(self, prepared, walks: dict):
-        """The walks' model-grid probabilities -> one volume; between two painted slices
+    def _blended(self, walks: dict) -> dict:
+        """The walks' model-grid probabilities, slice -> tensor; between two painted slices
         the two sides are blended by distance (each side counts more near its own slice)."""
         slices = {}
         for span, ws in walks.items():
@@ -405,6 +428,10 @@ class Propagator:
                         slices[i] = sum(parts)
             else:
                 slices.update(ws[0].probs)
+        return slices
+
+    def _probability_volume(self, prepared, slices: dict):
+        """Model-grid probabilities (slice -> tensor) -> one volume."""
         touched = sorted(i for i, p in slices.items() if bool((p > 0).any()))
         size = prepared.size
         stack = torch.stack([slices[i] for i in touched]) if touched else torch.zeros((0, size, size))
@@ -452,7 +479,7 @@ class Propagator:
         """Threshold, intensity gate and 3D clean-up of the boxed probabilities (slices
         first); the painted slices come back exactly as painted."""
         mask = probs >= self.options.threshold
-        if self.options.intensity_gate:
+        if self.options.intensity_gate and self.options.mode != "learned":
             # painted slices have probability 1, so they are always in the confident core
             image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)[box]
             mask = intensity_gated(mask, image, probs)
@@ -562,6 +589,16 @@ class Propagator:
             shape = [d for a, d in enumerate(self.support.shape) if a != self.axis_index]
             pixel_mm = max(shape[0] * in_plane[0], shape[1] * in_plane[1]) / prepared.size
         return max(1, int(round(self.options.search_margin_mm / float(pixel_mm))))
+
+
+def averaged(first: dict, second: dict, weight: float) -> dict:
+    """(1 - weight) first + weight second, slice by slice; a slice one of them did not
+    reach counts as 0 there."""
+    out = {}
+    for i in sorted(set(first) | set(second)):
+        a, b = first.get(i), second.get(i)
+        out[i] = (1 - weight) * a if b is None else weight * b if a is None else (1 - weight) * a + weight * b
+    return out
 
 
 def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,

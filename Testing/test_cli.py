@@ -117,6 +117,21 @@ def test_propagate_and_evaluate_with_the_shipped_model(case, capsys):
     assert not (gated & ~plain).any()
 
 
+def test_registration_weight_with_the_step_network(case, capsys):
+    """--registration-weight with the step network weighs the registration walk beside the
+    network's: 1 gives registration mode's mask, 0 the network's alone (another mask)."""
+    outs = {}
+    for weight, mode in (("1", "learned"), ("0", "learned"), (None, "registration")):
+        out = case["dir"] / f"walk_{weight}_{mode}.nii.gz"
+        extra = ["--registration-weight", weight] if weight else []
+        code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "-q", "--mode", mode,
+                                "--no-intensity-gate", *extra, "-o", out], capsys)
+        assert code == 0, err
+        outs[(weight, mode)] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.array_equal(outs[("1", "learned")], outs[(None, "registration")])
+    assert not np.array_equal(outs[("0", "learned")], outs[(None, "registration")])
+
+
 def test_propagate_refine_writes_mask_and_uncertainty(case, tiny_model, capsys):
     out, unc = case["dir"] / "refined.nii.gz", case["dir"] / "uncertainty.nii.gz"
     base = ["propagate", case["image"], "--support", case["support"], "--mode", "registration", "-q"]

@@ -204,6 +204,41 @@ def test_learned_mode_on_a_held_out_chaos_organ(chaos_dir):
     assert np.array_equal(learned.mask[z] > 0, truth[z])
 
 
+def test_averaged_walks_count_a_missing_slice_as_zero():
+    from FewShotSegLib.propagation import averaged
+    one, two = torch.ones(2, 2), torch.full((2, 2), 0.5)
+    out = averaged({1: one, 2: one}, {2: two, 3: two}, 0.4)
+    assert torch.allclose(out[1], one * 0.6) and torch.allclose(out[2], one * 0.6 + two * 0.4)
+    assert torch.allclose(out[3], two * 0.4) and sorted(out) == [1, 2, 3]
+    with pytest.raises(FewShotSegError, match="registration_walk_weight must lie in"):
+        PropagationOptions(registration_walk_weight=1.5).validate()
+
+
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_the_registration_walk_beside_the_network(chaos_dir):
+    """Learned mode averages the network's walk with a registration-only walk: weight 1 is
+    registration mode's probability exactly, weight 0 the network's alone, the default lies
+    between them; a second run on the same session reuses both kinds of walk."""
+    from FewShotSegLib.propagation import PropagationSession
+    image, label = _chaos_case(chaos_dir, "1")
+    truth = label == 4   # spleen
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    stepper = load_for_mode(None, "learned")
+    registration = propagate(image, support, None, PropagationOptions(mode="registration")).probability
+    only_registration = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=1.0))
+    assert np.allclose(only_registration.probability, registration, atol=1e-6)
+    network = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=0.0)).probability
+    session = PropagationSession()
+    default = propagate(image, support, stepper, PropagationOptions(), session=session)
+    expected = 0.6 * network + 0.4 * registration
+    expected[z] = support[z]
+    assert np.allclose(default.probability, expected, atol=1e-4)
+    again = propagate(image, support, stepper, PropagationOptions(), session=session)
+    assert again.walks_computed == 0 and again.walks_reused == 4 and np.array_equal(again.mask, default.mask)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_train_stepper_under_torchrun(tmp_path):
     """Two gloo processes, as on a GPU node: both train, rank 0 alone writes, the

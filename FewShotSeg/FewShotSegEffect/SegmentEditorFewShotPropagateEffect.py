@@ -79,7 +79,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.previewCheckBox = qt.QCheckBox("Preview before applying")
         self.gateCheckBox = qt.QCheckBox("Intensity gate")
         self.gateCheckBox.toolTip = ("Drop filled voxels whose intensity lies far from that of the structure's "
-                                     "confident core (leaks onto fat, muscle or bowel)")
+                                     "confident core (leaks onto fat, muscle or bowel). Few-shot models and "
+                                     "registration only: the step network draws its own edges")
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Axis:", self.axisComboBox)
