@@ -220,7 +220,7 @@ def dev_choices_table(name: str = "dev_choices.json") -> str:
     result = _load(name)
     if result is None:
         return "_no development choices recorded_"
-    lines = []
+    lines = [f"Caveat: {result['caveat']}.", ""] if result.get("caveat") else []
     for choice in result["choices"]:
         lines += [f"**{choice['question']}** ({choice['dev_cases']}). Rule, set before the runs: {choice['rule']}.", "",
                   "| candidate | dev set | structures | 1 | 2 | 3 | 4 | 6 |", "|---|---|---|---|---|---|---|---|"]
