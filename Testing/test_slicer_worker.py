@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -267,8 +268,12 @@ def test_worker_that_cannot_start_or_import(chaos, tiny_checkpoint, tmp_path):
     broken.chmod(0o755)
     logic = FewShotSegLogic(workerPython=str(broken))
     with pytest.raises(WorkerStopped, match=r"exit code 3\); the segmentation was not changed\. "
-                                            r"Last words: ModuleNotFoundError: No module named torch"):
+                                            r"Last words: ModuleNotFoundError: No module named torch") as stopped:
         logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, worker=True)
+    # the crash's log is kept for the user, and the message names it
+    log = Path(str(stopped.value).split("Its log: ")[-1])
+    assert log.is_file() and "No module named torch" in log.read_text()
+    shutil.rmtree(log.parent)
     assertSameSegments(before, snapshot(chaos.seg, chaos.image))
     assert not logic.isBusy and not missing.isBusy
 
