@@ -273,6 +273,7 @@ class Propagator:
         self.adapt_seconds = 0.0
         self._walk = (0.05, 0.9)       # progress fractions: the walks' start and width
         self._steps = [0, 1]           # walk steps done, expected
+        self._what = "slices propagated"   # the progress message's words
 
     # -- helpers ---------------------------------------------------------------------
     def _check_cancel(self):
@@ -285,7 +286,7 @@ class Propagator:
     def _on_step(self):
         self._steps[0] += 1
         done, total = self._steps
-        self.progress(self._walk[0] + self._walk[1] * min(1.0, done / total), f"{done} slices propagated")
+        self.progress(self._walk[0] + self._walk[1] * min(1.0, done / total), f"{done} {self._what}")
 
     def _preprocess(self):
         """The model's pre-processing; registration alone uses the default one."""
@@ -318,7 +319,7 @@ class Propagator:
             walks, network_seconds = self._run_model(prepared)
         probs = self._blended(walks)
         if opts.mode == "learned" and opts.registration_walk_weight > 0:
-            self._walk = (0.85, 0.1)
+            self._walk, self._what = (0.85, 0.1), "slices carried by registration alone"
             beside = self._blended(self._walks(self._context(None, None), kind="registration"))
             probs = averaged(probs, beside, opts.registration_walk_weight)
         probs_vol, touched = self._probability_volume(prepared, probs)
