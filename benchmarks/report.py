@@ -338,7 +338,10 @@ def render(config: dict) -> str:
              "in `usleep` (which holds the GIL, as Slicer's event loop does) between 100 ms polls; against "
              "`fewshotseg propagate` on the same files. 'Pre-started': the worker was started when the "
              "effect was chosen; 'model loaded': a second click.", "",
+             "The few-shot model (mode chained):", "",
              main_loop_table(), "",
+             "The default step network (mode auto, i.e. learned, the registration walk beside it):", "",
+             main_loop_table("slicer_main_loop_learned.json"), "",
              "### Product benchmark: CHAOS-T2, support = the organ's largest slice, every slice scored",
              "", product_table(config["product"]), "",
              "### Ablations of the propagation rules (CHAOS-T2 cases 1, 2, 3, 5, 8; the 7k-step model)", "",
