@@ -176,9 +176,16 @@ def cmd_models(args) -> int:
             continue
         card = payload.get("card", {})
         print(f"{entry.name}  [{payload['kind']}: {payload['model_name']}]  {entry.path}")
-        for key in ("description", "training", "measured"):
+        for key in ("description", "training"):
             if card.get(key):
                 print(f"    {key}: {card[key]}")
+        # the card file is kept up to date as the engine around the weights changes; the
+        # text inside the checkpoint is what was measured when it was published
+        card_file = Path(entry.path).with_suffix(".md")
+        if card_file.is_file():
+            print(f"    measured: see {card_file}")
+        elif card.get("measured"):
+            print(f"    measured (when published): {card['measured']}")
     return 0
 
 

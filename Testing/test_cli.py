@@ -164,6 +164,10 @@ def test_models_lists_checkpoints(capsys, tiny_model, monkeypatch):
     monkeypatch.setenv("FEWSHOTSEG_MODELS", str(tiny_model.parent))
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0 and "tiny" in out and "alpnet" in out
+    # the card file beside a checkpoint holds its current measurements; the command points there
+    (tiny_model.parent / "tiny.md").write_text("# tiny\n")
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and f"measured: see {tiny_model.parent / 'tiny.md'}" in out
 
 
 @pytest.mark.parametrize("problem", ["missing_image", "missing_support", "empty_support", "several_labels",
