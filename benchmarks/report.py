@@ -152,8 +152,9 @@ INTERACTIVE_METHODS = {
     "fill_spaced": "Fill between slices, slices spread out"}
 
 
-def interactive_table(name: str) -> str:
-    """Mean Dice after N painted slices per simulated user (benchmarks/interactive_benchmark.py)."""
+def interactive_table(name: str, labels: dict | None = None) -> str:
+    """Mean Dice after N painted slices per simulated user (benchmarks/interactive_benchmark.py);
+    ``labels``: method -> row name, where a file's method ran as an earlier engine did."""
     result = _load(name)
     if result is None:
         return f"_not run yet: `python benchmarks/interactive_benchmark.py` ({name})_"
@@ -163,7 +164,8 @@ def interactive_table(name: str) -> str:
              + " | first s | again s |", "|---|---|" + "---|" * (len(counts) + 2)]
     for method, m in summary.items():
         dice = " | ".join(f"{m['mean_dice'][str(n)]:.3f}" for n in counts)
-        lines.append(f"| {INTERACTIVE_METHODS.get(method, method)} | {m['structures']} | {dice} | "
+        label = (labels or {}).get(method) or INTERACTIVE_METHODS.get(method, method)
+        lines.append(f"| {label} | {m['structures']} | {dice} | "
                      f"{m['seconds_first']:.2f} | {m['seconds_repropagation']:.2f} |")
     hw = result.get("hardware", {})
     where = f"{hw.get('cpu', '?')}, {hw.get('cpu_cores', '?')} cores, {hw.get('threads', '?')} thread(s)"
@@ -208,7 +210,8 @@ def learned_section() -> list:
         "The same CT structures with a step network trained without this CT scan at all (labels and "
         "supervoxels of `ct_abdomen_3mm` left out, 4,000 steps; an ablation, not shipped; measured as the "
         "network's walk alone with the gate, compare 0.818 / 0.858 / 0.883 / 0.899 / 0.917):", "",
-        interactive_table("interactive_learned_totalseg_scan_out.json"), "",
+        interactive_table("interactive_learned_totalseg_scan_out.json",
+                          {"learned": "step network's walk alone, intensity gate (mode learned before), worst slice"}), "",
         "TotalSegmentator MR example (20 slices of 3 mm), 11 structures:", "",
         interactive_table("interactive_totalseg_mr.json"), "",
         *stop_section(),
