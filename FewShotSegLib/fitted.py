@@ -47,13 +47,20 @@ class LinearModel:
 
     @classmethod
     def from_dict(cls, data: dict, features: tuple) -> "LinearModel":
-        if list(data.get("features", [])) != list(features):
+        """A model over ``features`` or over some of them: one fitted before a version added
+        a feature still loads (the new feature weighs nothing), so a user's own fit keeps
+        working; a feature this version does not know is an error."""
+        names = list(data.get("features", []))
+        if not names or len(set(names)) != len(names) or set(names) - set(features):
             raise FewShotSegError(f"fitted model: its features are not this version's ({', '.join(features)}); "
                                   "fit it again")
         arrays = [np.asarray(data[k], np.float64) for k in ("weights", "mean", "scale")]
-        if any(a.shape != (len(features),) for a in arrays) or not np.all(arrays[2] > 0):
+        if any(a.shape != (len(names),) for a in arrays) or not np.all(arrays[2] > 0):
             raise FewShotSegError("fitted model: weights, mean and scale must hold one value per feature")
-        return cls(tuple(features), arrays[0], float(data["bias"]), arrays[1], arrays[2],
+        weights, mean, scale = np.zeros(len(features)), np.zeros(len(features)), np.ones(len(features))
+        at = [features.index(f) for f in names]
+        weights[at], mean[at], scale[at] = arrays
+        return cls(tuple(features), weights, float(data["bias"]), mean, scale,
                    float(data.get("threshold", 0.5)), data.get("info"))
 
 

@@ -52,12 +52,20 @@ def test_bad_stop_models_are_one_line_errors(tmp_path):
     with pytest.raises(FewShotSegError, match="only one class"):
         fit_stop_model(x, np.zeros(len(x)))
     data = fit_stop_model(x, y).to_dict()
-    data["features"] = data["features"][:-1]
     path = tmp_path / "old.json"
-    path.write_text(json.dumps(data))
+    # fitted by an older version over fewer features: it loads, and the missing one weighs nothing
+    older = {**data, **{k: data[k][:-1] for k in ("features", "weights", "mean", "scale")}}
+    path.write_text(json.dumps(older))
+    loaded = load_stop_model(path)
+    assert loaded.weights[-1] == 0 and np.allclose(loaded.weights[:-1], data["weights"][:-1])
+    # a feature this version does not know, or arrays that do not fit the names: one line each
+    path.write_text(json.dumps({**data, "features": data["features"][:-1] + ["from_the_future"]}))
     with pytest.raises(FewShotSegError, match="fit it again") as info:
         load_stop_model(path)
     assert "\n" not in str(info.value)
+    path.write_text(json.dumps({**data, "features": data["features"][:-1]}))
+    with pytest.raises(FewShotSegError, match="one value per feature"):
+        load_stop_model(path)
     path.write_text("{not json")
     with pytest.raises(FewShotSegError, match="unreadable"):
         load_stop_model(path)
