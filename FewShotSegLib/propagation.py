@@ -274,6 +274,7 @@ class Propagator:
         self._walk = (0.05, 0.9)       # progress fractions: the walks' start and width
         self._steps = [0, 1]           # walk steps done, expected
         self._what = "slices propagated"   # the progress message's words
+        self._loaded_stop_model = None     # stop 'learned': read at the first walk
 
     # -- helpers ---------------------------------------------------------------------
     def _check_cancel(self):
@@ -366,18 +367,24 @@ class Propagator:
     def _context(self, net, features) -> WalkContext:
         opts = self.options
         fields = self.session.fields if (net is None or opts.registration_weight) else None
-        stop_model = None
-        if opts.stop == "learned":
-            stop_model = load_stop_model(beside=getattr(self.model, "path", None))
-            if stop_model is None:
-                raise FewShotSegError("stop rule 'learned': no fitted stop model is installed "
-                                      "(fewshotseg-propagator.stop.json)")
         return WalkContext(net=net, features=features, slices=self.session.slices, fields=fields,
                            painted_masks=self.painted_masks.__getitem__, excluded=self._excluded.get,
                            exclusion_key=self._exclusion_keys.get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step,
-                           stop_model=stop_model, never_stop=opts.stop == "none")
+                           stop_model=self._stop_model(), never_stop=opts.stop == "none")
+
+    def _stop_model(self):
+        """The fitted stop model for stop 'learned' (read once per run: the network's walks
+        and the registration walks beside them use the same one), else None."""
+        if self.options.stop != "learned":
+            return None
+        if self._loaded_stop_model is None:
+            self._loaded_stop_model = load_stop_model(beside=getattr(self.model, "path", None))
+            if self._loaded_stop_model is None:
+                raise FewShotSegError("stop rule 'learned': no fitted stop model is installed "
+                                      "(fewshotseg-propagator.stop.json)")
+        return self._loaded_stop_model
 
     def _inward(self, span) -> Optional[int]:
         """The painted slice next to an outward span's anchor on the other side, if any."""
@@ -595,11 +602,8 @@ class Propagator:
 def averaged(first: dict, second: dict, weight: float) -> dict:
     """(1 - weight) first + weight second, slice by slice; a slice one of them did not
     reach counts as 0 there."""
-    out = {}
-    for i in sorted(set(first) | set(second)):
-        a, b = first.get(i), second.get(i)
-        out[i] = (1 - weight) * a if b is None else weight * b if a is None else (1 - weight) * a + weight * b
-    return out
+    return {i: sum(w * side[i] for w, side in ((1 - weight, first), (weight, second)) if i in side)
+            for i in sorted(set(first) | set(second))}
 
 
 def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,
