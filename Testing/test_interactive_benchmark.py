@@ -101,3 +101,24 @@ def test_dev_ct_labels_lie_on_their_tissue(shared_data):
         assert 20 <= float(np.median(values)) <= 150, (case, organ, float(np.median(values)))
         found += 1
     assert found >= 2
+
+
+def test_inverted_intensities_keep_the_geometry(tmp_path, capsys):
+    """--invert turns intensities upside down on the same grid; a results file written on the
+    other intensities is not resumed."""
+    import SimpleITK as sitk
+    bench = _bench()
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    image.SetSpacing((0.8, 0.9, 3.0))
+    image.SetOrigin((1.0, -2.0, 5.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    out = bench.inverted(image)
+    assert np.array_equal(sitk.GetArrayFromImage(out), 23 - np.arange(24).reshape(2, 3, 4))
+    assert (out.GetSpacing(), out.GetOrigin(), out.GetDirection()) == \
+        (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    results = tmp_path / "done.json"
+    options = "PropagationOptions() defaults; registration: mode='registration'"
+    results.write_text(json.dumps({"settings": {"rounds": 6, "options": options}, "structures": []}))
+    with pytest.raises(SystemExit):
+        bench.main(["--invert", "--methods", "registration", "--out", str(results), "--data", str(tmp_path)])
+    assert "holds a run on as stored intensities" in capsys.readouterr().err

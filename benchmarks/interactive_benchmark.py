@@ -63,6 +63,10 @@ autochthon, left iliopsoas: every one spans >= 15 axial slices and >= 2000 voxel
 of each left/right pair, colon and small bowel left out (tubes that leave and re-enter the
 slab), capped at 14 so a run fits in minutes.
 
+``--invert``: every image's intensities turned upside down (max - value) before the user
+paints: a stand-in for a contrast the networks never saw (bright structures dark, dark ones
+bright, as between T1 and T2 MRI). A robustness probe; it says nothing about such scans.
+
 Output (``--out``, default ``benchmarks/results/interactive_<dataset>.json``): per dataset
 and method the mean Dice at 1, 2, 3, 4, 6 painted slices (and per organ), mean seconds of
 the first propagation and of re-propagations, counts (structures, exclusions, errors,
@@ -186,6 +190,15 @@ def inputs_for(truth: np.ndarray, axis: int, painted: list, absent: list):
 
 # ----------------------------------------------------------------------------- methods
 _ITK = None
+
+
+def inverted(image):
+    """The image with its intensities turned upside down (max - value), geometry kept."""
+    import SimpleITK as sitk
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    out = sitk.GetImageFromArray(array.max() - array)
+    out.CopyInformation(image)
+    return out
 
 
 def load_itk(threads: int | None = None):
@@ -469,6 +482,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stepper", default=None, help="step network for method learned (default: the shipped one)")
     parser.add_argument("--data", default=None, help="shared data folder (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=1, help="torch / ITK threads (default 1)")
+    parser.add_argument("--invert", action="store_true",
+                        help="invert every image's intensities (a contrast no network here saw)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
@@ -530,6 +545,7 @@ def main(argv=None) -> int:
                 "stepper": args.stepper or "shipped default",
                 "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
                 + "; registration: mode='registration'",
+                "intensities": "inverted (max - value)" if args.invert else "as stored",
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
                         "UseDistanceTransform off, cross element (Slicer's vtkITK settings)"}
     records = []
@@ -539,6 +555,9 @@ def main(argv=None) -> int:
             parser.error(f"{out} holds a run with another --rounds; choose another --out")
         if previous.get("settings", {}).get("options") != settings["options"]:
             parser.error(f"{out} holds a run with other engine options; choose another --out")
+        if previous.get("settings", {}).get("intensities", "as stored") != settings["intensities"]:
+            parser.error(f"{out} holds a run on {previous['settings'].get('intensities', 'as stored')} "
+                         "intensities; choose another --out")
         records = previous.get("structures", [])
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
@@ -557,6 +576,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for dataset, case, organ, image, truth in structures():
         axis = array_axis_for(image, "axial")
+        if args.invert:
+            image = inverted(image)
         for method in methods:
             if (dataset, case, organ, method) in have:
                 continue
