@@ -272,3 +272,36 @@ def test_training_commands_end_bad_input_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists() and not list((tmp_path / "out").glob("*.npz"))
     with pytest.raises(FewShotSegError, match="few-shot model .* but a propagator"):
         load_for_mode(resolve_model_path(None), "learned")   # the shipped few-shot model, named
+
+
+def _blob_volume(path, seed: int):
+    """A small synthetic scan: a bright ellipsoid in noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:10, :40, :40]
+    inside = ((z - 5) / 4.0) ** 2 + ((y - 20) / 10.0) ** 2 + ((x - 18) / 8.0) ** 2 <= 1
+    image = sitk.GetImageFromArray((inside * 300 + rng.normal(0, 20, (10, 40, 40))).astype(np.int16))
+    image.SetSpacing((2.0, 2.0, 4.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def test_examples_from_a_folder_of_unlabeled_scans(tmp_path, capsys):
+    """--images: every scan a glob matches gives supervoxel examples; scans of one name in
+    different folders get distinct files; two worker processes make the same examples as one."""
+    import Training.step_pairs as step_pairs
+    for k, folder in enumerate(("s0001", "s0002")):
+        _blob_volume(tmp_path / "scans" / folder / "ct.nii.gz", k)
+    pattern = str(tmp_path / "scans" / "*" / "ct.nii.gz")
+    args = ["--images", pattern, "--supervoxels", "3", "--seed", "5"]
+    assert step_pairs.main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert step_pairs.main(args + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.npz"))
+    assert names == ["s0001_ct_axial.npz", "s0002_ct_axial.npz"]
+    for name in names:
+        one, two = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
+        assert len(one["inputs"]) > 0 and np.array_equal(one["inputs"], two["inputs"])
+        assert np.array_equal(one["targets"], two["targets"])
+    capsys.readouterr()
+    assert step_pairs.main(["--images", str(tmp_path / "nothing" / "*.nii.gz"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no file or folder matches" in err[0]

@@ -14,8 +14,12 @@ targets uint8), so a run can be resumed or moved to another machine without the 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +155,35 @@ def walk_examples(slices: torch.Tensor, structures: list[torch.Tensor], net, cro
     return _stacked(examples, crop)
 
 
-def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None) -> list[Path]:
-    """One source entry -> one .npz per axis. ``source``: {"image", "label" (optional),
-    "classes" (label values to use), "supervoxels" (how many), "axes"}. With a ``policy``
-    network the examples are the steps of its own walks (`walk_examples`)."""
+def image_sources(patterns: list[str], count: int, axes: list[str]) -> list[dict]:
+    """Sources for unlabeled volumes: every path the globs match (a DICOM series folder
+    counts as one volume), ``count`` supervoxels each."""
+    sources = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise FewShotSegError(f"--images {pattern}: no file or folder matches")
+        sources += [{"image": m, "supervoxels": count, "axes": list(axes)} for m in matches]
+    return sources
+
+
+def example_names(sources: list[dict]) -> list[str]:
+    """Each source's file-name stem: the image's name, with its folder's name in front
+    where two images share a name (scans/s0001/ct.nii.gz, scans/s0002/ct.nii.gz)."""
+    stems = [Path(src["image"]).name.split(".")[0] for src in sources]
+    names = [f"{Path(src['image']).parent.name}_{stem}" if stems.count(stem) > 1 else stem
+             for src, stem in zip(sources, stems)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FewShotSegError(f"two sources would write the same examples ({repeated[0]}); give the images distinct names")
+    return names
+
+
+def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None, name: str | None = None) -> list[Path]:
+    """One source entry -> one .npz per axis, named ``<name>_<axis>.npz`` (``name``: the
+    image's name by default). ``source``: {"image", "label" (optional), "classes" (label
+    values to use), "supervoxels" (how many), "axes"}. With a ``policy`` network the
+    examples are the steps of its own walks (`walk_examples`)."""
     rng = np.random.default_rng(seed)
     image = read_image(source["image"])
     structures3d = []
@@ -168,7 +197,7 @@ def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None)
         structures3d += supervoxels(image, int(source.get("supervoxels", 0)), rng)
     written = []
     for axis in source.get("axes", ["axial"]):
-        out = out_dir / f"{Path(source['image']).name.split('.')[0]}_{axis}.npz"
+        out = out_dir / f"{name or Path(source['image']).name.split('.')[0]}_{axis}.npz"
         if out.exists():
             written.append(out)
             continue
@@ -183,26 +212,64 @@ def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None)
     return written
 
 
+_POLICY: dict = {}
+
+
+def _load_policy(path):
+    """The policy network, loaded once per process."""
+    if path is None:
+        return None
+    if path not in _POLICY:
+        from FewShotSegLib.checkpoints import load_checkpoint
+        _POLICY[path] = load_checkpoint(path, expect_kind="propagator").model
+    return _POLICY[path]
+
+
+def _build_job(job: tuple) -> list[Path]:
+    source, out_dir, seed, crop, policy_path, name = job
+    torch.set_num_threads(1)
+    return build(source, out_dir, seed, crop, _load_policy(policy_path), name)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Make the step network's training examples")
-    parser.add_argument("sources", type=Path, help="JSON list of sources (see build())")
+    parser.add_argument("sources", type=Path, nargs="?", default=None, help="JSON list of sources (see build())")
+    parser.add_argument("--images", nargs="+", default=[], metavar="GLOB",
+                        help="unlabeled volumes (files, or DICOM series folders): supervoxel examples from each")
+    parser.add_argument("--supervoxels", type=int, default=8, help="supervoxels per --images volume (default 8)")
+    parser.add_argument("--axes", default="axial", help="for --images: comma-separated of axial, coronal, sagittal")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop", type=int, default=CROP)
     parser.add_argument("--policy", type=Path, default=None,
                         help="a step network checkpoint: record the steps of its own walks instead")
+    parser.add_argument("--workers", type=int, default=1, help="volumes made at once, one process each (default 1)")
     args = parser.parse_args(argv)
+    if args.sources is None and not args.images:
+        parser.error("give a sources JSON, --images, or both")
+    if args.workers < 1 or args.supervoxels < 1:
+        parser.error("--workers and --supervoxels must be at least 1")
     torch.set_num_threads(1)
     try:
-        sources = json.loads(args.sources.read_text())
-        policy = None
+        sources = json.loads(args.sources.read_text()) if args.sources is not None else []
+        sources += image_sources(args.images, args.supervoxels, [a.strip() for a in args.axes.split(",") if a.strip()])
+        names = example_names(sources)
         if args.policy is not None:
-            from FewShotSegLib.checkpoints import load_checkpoint
-            policy = load_checkpoint(args.policy, expect_kind="propagator").model
-            args.crop = int(policy.config["crop"])
+            args.crop = int(_load_policy(args.policy).config["crop"])
         args.out.mkdir(parents=True, exist_ok=True)
-        for k, source in enumerate(sources):
-            build(source, args.out, args.seed + k, args.crop, policy)
+        jobs = [(source, args.out, args.seed + k, args.crop, args.policy, name)
+                for k, (source, name) in enumerate(zip(sources, names))]
+        if args.workers == 1:
+            for job in jobs:
+                _build_job(job)
+        else:   # each volume is its own job and its own files: the same examples as one process
+            with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+                for _ in pool.map(_build_job, jobs):
+                    pass
+    except BrokenProcessPool:
+        print("step_pairs: error: a worker process died (out of memory?); files written so far are whole, "
+              "run again to go on", file=sys.stderr)
+        return 2
     except (FewShotSegError, OSError, ValueError, KeyError) as exc:   # every file written so far is whole
         print(f"step_pairs: error: {type(exc).__name__ + ': ' if isinstance(exc, KeyError) else ''}{exc}",
               file=sys.stderr)
