@@ -305,3 +305,8 @@ def test_examples_from_a_folder_of_unlabeled_scans(tmp_path, capsys):
     assert step_pairs.main(["--images", str(tmp_path / "nothing" / "*.nii.gz"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no file or folder matches" in err[0]
+    policy = save_checkpoint(tmp_path / "policy.pt", build_model("slicestep", widths=[8, 16]), kind="propagator",
+                             preprocess=PreprocessConfig(), provenance={"test": True}, half=False)
+    assert step_pairs.main(args + ["--out", str(tmp_path / "walks"), "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labelled structures only" in err[0] and not (tmp_path / "walks").exists()

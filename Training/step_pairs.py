@@ -254,6 +254,10 @@ def main(argv=None) -> int:
         sources = json.loads(args.sources.read_text()) if args.sources is not None else []
         sources += image_sources(args.images, args.supervoxels, [a.strip() for a in args.axes.split(",") if a.strip()])
         names = example_names(sources)
+        unlabeled = [src["image"] for src in sources if not src.get("label")]
+        if args.policy is not None and unlabeled:
+            raise FewShotSegError(f"--policy records walks of labelled structures only; {unlabeled[0]} has no label "
+                                  "(supervoxels end where the image has no edge: no walk should learn to stop there)")
         if args.policy is not None:
             args.crop = int(_load_policy(args.policy).config["crop"])
         args.out.mkdir(parents=True, exist_ok=True)
