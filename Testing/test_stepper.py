@@ -310,3 +310,6 @@ def test_examples_from_a_folder_of_unlabeled_scans(tmp_path, capsys):
     assert step_pairs.main(args + ["--out", str(tmp_path / "walks"), "--policy", str(policy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "labelled structures only" in err[0] and not (tmp_path / "walks").exists()
+    assert step_pairs.main(args + ["--out", str(tmp_path / "axes"), "--axes", "axial,foo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown axis 'foo'" in err[0] and not (tmp_path / "axes").exists()

@@ -28,7 +28,7 @@ import torch
 from scipy import ndimage
 
 from FewShotSegLib.checkpoints import atomic_write
-from FewShotSegLib.imageio import read_image, read_mask_like
+from FewShotSegLib.imageio import AXES, read_image, read_mask_like
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.models.slicestep import CROP, crop_box, crop_resized, next_mask_probability, step_inputs
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
@@ -254,6 +254,9 @@ def main(argv=None) -> int:
         sources = json.loads(args.sources.read_text()) if args.sources is not None else []
         sources += image_sources(args.images, args.supervoxels, [a.strip() for a in args.axes.split(",") if a.strip()])
         names = example_names(sources)
+        unknown = [(src["image"], a) for src in sources for a in src.get("axes", ["axial"]) if a not in AXES]
+        if unknown:   # before any work: a run that stops half-way has to be started again
+            raise FewShotSegError(f"{unknown[0][0]}: unknown axis '{unknown[0][1]}'; choose {', '.join(AXES)}")
         unlabeled = [src["image"] for src in sources if not src.get("label")]
         if args.policy is not None and unlabeled:
             raise FewShotSegError(f"--policy records walks of labelled structures only; {unlabeled[0]} has no label "

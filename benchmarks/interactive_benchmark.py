@@ -574,10 +574,13 @@ def main(argv=None) -> int:
                 yield from totalseg_structures(data_dir, organs, dataset)
 
     start = time.perf_counter()
+    flipped = [None, None]   # --invert: (image as read, inverted)
     for dataset, case, organ, image, truth in structures():
         axis = array_axis_for(image, "axial")
-        if args.invert:
-            image = inverted(image)
+        if args.invert:   # the CT and MR examples give many structures of one image: invert it once
+            if flipped[0] is not image:
+                flipped[:] = [image, inverted(image)]
+            image = flipped[1]
         for method in methods:
             if (dataset, case, organ, method) in have:
                 continue
