@@ -200,8 +200,9 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     with the other slice's it let walks run on past the structure.
 
     ``towards_absent``: the slice after ``slices`` is marked absent. A walk that reaches it
-    without stopping has run past the structure unnoticed, so it ends at the slice whose
-    mask looks least like the painted intensities.
+    without stopping has run past the structure unnoticed, so it ends just after its
+    narrowest mask when the mask widens again from there (it slid onto a neighbour), else
+    where its masks stop looking like the painted intensities.
 
     ``memory``: the steps of earlier walks from the same painted slice in the same
     direction (kept by the session); its matching prefix is reused, so a walk that now
@@ -260,8 +261,23 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
         result.areas[i] = area
         prev_mask = mask.float()
     if stop_rule and towards_absent and result.stop is None and result.agreement:
-        _end_at_least_agreement(result, list(slices), reference_area)
+        _end_at_waist(result, list(slices), reference_area)
+        if result.stop is None:
+            _end_at_least_agreement(result, list(slices), reference_area)
     return result
+
+
+def _end_at_waist(result: Walk, slices: list[int], reference_area: float) -> None:
+    """Cut a walk that ran into an absent slice just after its smallest mask, when the
+    mask grows again past ``TAPER_GROWTH`` times that: the structure ends before the
+    absent slice, so a mask that narrows and widens again has slid onto a neighbour
+    (a vein painted lengthwise carried onto the liver; a stomach walk reaching the colon)."""
+    walked = [i for i in slices if i in result.areas]
+    areas = [result.areas[i] for i in walked]
+    k = int(np.argmin(areas)) if areas else 0
+    if k + 1 >= len(walked) or max(areas[k + 1:]) <= TAPER_GROWTH * max(areas[k], 1.0):
+        return
+    _cut(result, walked[k:], areas[k] / max(reference_area, 1.0))
 
 
 def _end_at_least_agreement(result: Walk, slices: list[int], reference_area: float) -> None:
@@ -276,9 +292,13 @@ def _end_at_least_agreement(result: Walk, slices: list[int], reference_area: flo
             best, cut = drop, k
     if cut is None:
         return
-    last = result.areas[slices[cut - 1]]
-    result.stop = {"slice": int(slices[cut]), "reason": "absent", "area_fraction": last / max(reference_area, 1.0)}
-    for i in slices[cut:]:
+    _cut(result, slices[cut - 1:], result.areas[slices[cut - 1]] / max(reference_area, 1.0))
+
+
+def _cut(result: Walk, tail: list[int], area_fraction: float) -> None:
+    """End the walk after ``tail[0]``: the slices after it are dropped."""
+    result.stop = {"slice": int(tail[1]), "reason": "absent", "area_fraction": area_fraction}
+    for i in tail[1:]:
         result.probs.pop(i, None)
         result.areas.pop(i, None)
         result.disagreement.pop(i, None)

@@ -122,3 +122,32 @@ def test_inverted_intensities_keep_the_geometry(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--invert", "--methods", "registration", "--out", str(results), "--data", str(tmp_path)])
     assert "holds a run on as stored intensities" in capsys.readouterr().err
+
+
+def test_a_run_painted_in_another_plane_is_not_resumed(tmp_path, capsys):
+    """--plane coronal slices across the index axis nearest the coronal direction; a results
+    file of axial painting is not resumed into it."""
+    bench = _bench()
+    results = tmp_path / "axial.json"
+    options = "PropagationOptions() defaults; registration: mode='registration'"
+    results.write_text(json.dumps({"settings": {"rounds": 6, "options": options}, "structures": []}))
+    with pytest.raises(SystemExit):
+        bench.main(["--plane", "coronal", "--methods", "registration", "--out", str(results), "--data", str(tmp_path)])
+    assert "painted in the axial plane" in capsys.readouterr().err
+
+
+def test_a_user_painting_coronal_slices(chaos_dir):
+    """The simulated user paints coronal slices of a real CHAOS kidney (the volume's slice
+    axis is axial): the engine finds that plane from the painting, fills the kidney from one
+    painted slice, and a second painted slice does not make it worse."""
+    from FewShotSegLib.checkpoints import load_for_mode
+    from FewShotSegLib.evaluation import load_chaos_case
+    from FewShotSegLib.imageio import array_axis_for
+    bench = _bench()
+    image, label = load_chaos_case(chaos_dir.parent, "1")
+    axis = array_axis_for(image, "coronal")
+    assert axis != array_axis_for(image, "axial")
+    record = bench.run_structure("learned", image, label == 2, axis, 2, load_for_mode(None, "learned"))
+    assert record["axis_mismatch"] == 0 and record["errors"] == 0
+    assert record["slices"] == label.shape[axis]
+    assert record["dice"][0] > 0.8 and record["dice"][1] >= record["dice"][0] - 0.01, record["dice"]

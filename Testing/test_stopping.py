@@ -175,3 +175,58 @@ def test_cli_stop_option(tmp_path, capsys):
     assert cli.main(["propagate", str(image), "--support", str(support), "--mode", "registration",
                      "--stop", "learned", "-q", "-o", str(out)]) == 0
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out)))[2:7].any()
+
+
+def _walk_with(areas: list, agreement: list):
+    from FewShotSegLib.walks import Walk
+    w = Walk()
+    for i, (a, g) in enumerate(zip(areas, agreement), start=1):
+        w.probs[i], w.areas[i], w.agreement[i] = np.full((2, 2), 0.9, np.float32), float(a), float(g)
+    return w
+
+
+def test_a_walk_into_an_absent_slice_ends_after_its_waist():
+    """A walk that reached a slice marked absent narrows to a waist and widens again (it slid
+    onto a neighbour): it ends after the waist, although its intensities agree all along. A
+    walk that only narrows is left to the agreement cut, which finds no fall here."""
+    from FewShotSegLib.walks import _end_at_least_agreement, _end_at_waist
+    slices = list(range(1, 9))
+    waist = _walk_with([900, 700, 400, 150, 300, 600, 900, 1200], [0.95] * 8)
+    _end_at_waist(waist, slices, 1000.0)
+    assert sorted(waist.probs) == [1, 2, 3, 4] and sorted(waist.areas) == [1, 2, 3, 4]
+    assert waist.stop == {"slice": 5, "reason": "absent", "area_fraction": 0.15}
+    narrowing = _walk_with([900, 700, 400, 150, 140, 120, 100, 90], [0.95] * 8)
+    _end_at_waist(narrowing, slices, 1000.0)
+    _end_at_least_agreement(narrowing, slices, 1000.0)
+    assert narrowing.stop is None and sorted(narrowing.probs) == slices
+    # small wobbles (within 1.3x of the narrowest mask) are not a waist
+    wobble = _walk_with([900, 700, 400, 150, 160, 180, 190, 170], [0.95] * 8)
+    _end_at_waist(wobble, slices, 1000.0)
+    assert wobble.stop is None
+
+
+@needs_stepper
+def test_a_vein_painted_lengthwise_stops_before_the_slice_marked_absent(shared_data):
+    """The inferior vena cava of a TotalSegmentator CT (not trained on), painted in a sagittal
+    slice, with a sagittal slice 26 slices away marked absent: the walk towards it slides onto
+    the liver and widens; it now ends where the vein ends (it ended at the absent slice)."""
+    from FewShotSegLib.checkpoints import load_for_mode
+    from FewShotSegLib.evaluation import label_array
+    from FewShotSegLib.imageio import array_axis_for, read_image
+    from FewShotSegLib.metrics import dice
+    image = read_image(shared_data / "totalseg" / "ct_small_3mm.nii.gz")
+    truth = label_array(shared_data / "totalseg" / "ct_small_3mm_seg.nii.gz", image) == 63
+    axis = array_axis_for(image, "sagittal")
+    moved = np.moveaxis(truth, axis, 0)
+    present = np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1))
+    painted = int(np.argmax(moved.reshape(moved.shape[0], -1).sum(1)))
+    absent = int(present.max()) + 26
+    support, exclude = np.zeros_like(truth), np.zeros_like(truth)
+    np.moveaxis(support, axis, 0)[painted] = moved[painted]
+    np.moveaxis(exclude, axis, 0)[absent] = True
+    result = propagate(image, support, load_for_mode(None, "learned"), PropagationOptions(mode="learned"),
+                       exclude=exclude)
+    assert result.axis_index == axis
+    beyond = np.moveaxis(result.mask, axis, 0)[int(present.max()) + 3:]
+    assert int(beyond.sum()) == 0
+    assert dice(result.mask > 0, truth) > 0.75

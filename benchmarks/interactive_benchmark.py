@@ -7,7 +7,9 @@ there in truth, its true mask is painted (a new anchor); if it is absent, the wh
 marked "structure absent" (an exclusion of every voxel of that slice, an end anchor for the
 engine). Each correction counts as one painted slice. We report mean 3D Dice over the whole
 volume after 1, 2, 3, 4 and 6 painted slices and the seconds per (re)propagation. Slices
-are taken across the volume's axial axis (the slice axis of every volume used here).
+are taken across the volume's axial axis (the slice axis of every volume used here), or
+with ``--plane coronal|sagittal`` across the index axis nearest that direction: the user
+paints in another view and the engine finds the plane from the painting.
 
 Methods (``--methods``, comma-separated):
 
@@ -484,6 +486,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch / ITK threads (default 1)")
     parser.add_argument("--invert", action="store_true",
                         help="invert every image's intensities (a contrast no network here saw)")
+    parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
+                        help="the plane the user paints in (default axial; the engine finds it from the painting)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
@@ -546,6 +550,7 @@ def main(argv=None) -> int:
                 "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
                 + "; registration: mode='registration'",
                 "intensities": "inverted (max - value)" if args.invert else "as stored",
+                "plane": args.plane,
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
                         "UseDistanceTransform off, cross element (Slicer's vtkITK settings)"}
     records = []
@@ -558,6 +563,9 @@ def main(argv=None) -> int:
         if previous.get("settings", {}).get("intensities", "as stored") != settings["intensities"]:
             parser.error(f"{out} holds a run on {previous['settings'].get('intensities', 'as stored')} "
                          "intensities; choose another --out")
+        if previous.get("settings", {}).get("plane", "axial") != args.plane:
+            parser.error(f"{out} holds a run painted in the {previous['settings'].get('plane', 'axial')} plane; "
+                         "choose another --out")
         records = previous.get("structures", [])
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
@@ -576,7 +584,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     flipped = [None, None]   # --invert: (image as read, inverted)
     for dataset, case, organ, image, truth in structures():
-        axis = array_axis_for(image, "axial")
+        axis = array_axis_for(image, args.plane)
         if args.invert:   # the CT and MR examples give many structures of one image: invert it once
             if flipped[0] is not image:
                 flipped[:] = [image, inverted(image)]
