@@ -222,6 +222,7 @@ def learned_section() -> list:
         "on MR it loses 0.006-0.008 from two slices on and gains 0.015 at one.", "",
         interactive_table("interactive_inverted_chaos.json"), "",
         interactive_table("interactive_inverted_totalseg_mr.json"), "",
+        *plane_section(),
         *stop_section(),
         "LiteMedSAM (opt-in, `--mode medsam`), one painted slice, against registration on the same "
         "structures (`benchmarks/medsam_benchmark.py`; its training data very likely includes CHAOS):", "",
@@ -229,6 +230,25 @@ def learned_section() -> list:
         "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, torch's default threads "
         "(what users get) and `--threads 1`):", "",
         speed_table(("speed_learned.json", "speed_learned_1thread.json")), ""]
+
+
+PLANE_SETS = (("chaos", "CHAOS-T2, the 10 held-out cases x 4 organs"), ("totalseg", "TotalSegmentator CT, 14 structures"),
+              ("totalseg_mr", "TotalSegmentator MR, 11 structures"))
+
+
+def plane_section() -> list:
+    """The same users painting coronal or sagittal slices (interactive_benchmark.py --plane)."""
+    out = ["The same held-out structures painted in the coronal and the sagittal plane (`--plane`: the "
+           "user paints and corrects slices across the index axis nearest that direction; the engine finds "
+           "the plane from the painting). The scans' slices are axial, so a CHAOS-T2 coronal slice has 1.5 mm "
+           "pixels across and 7-9 mm ones from head to foot, and a walk crosses 100-200 thin slices. The "
+           "step network trained on CHAOS-T2 walks in the axial plane only and on the TotalSegmentator "
+           "examples in all three.", ""]
+    for plane in ("coronal", "sagittal"):
+        for dataset, title in PLANE_SETS:
+            out += [f"{title}, painted in the {plane} plane:", "",
+                    interactive_table(f"interactive_{plane}_{dataset}.json"), ""]
+    return out
 
 
 def dev_choices_table(name: str = "dev_choices.json") -> str:
