@@ -270,8 +270,9 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
 def _end_at_waist(result: Walk, slices: list[int], reference_area: float) -> None:
     """Cut a walk that ran into an absent slice just after its smallest mask, when the
     mask grows again past ``TAPER_GROWTH`` times that: the structure ends before the
-    absent slice, so a mask that narrows and widens again has slid onto a neighbour
-    (a vein painted lengthwise carried onto the liver; a stomach walk reaching the colon)."""
+    absent slice, so a mask that narrows and widens again has slid onto a neighbour (a
+    vena cava painted in a sagittal slice carried onto the liver). Checked before the
+    agreement cut, which can end a walk over an uneven organ (a stomach) far too early."""
     walked = [i for i in slices if i in result.areas]
     areas = [result.areas[i] for i in walked]
     k = int(np.argmin(areas)) if areas else 0
