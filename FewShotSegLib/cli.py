@@ -30,7 +30,8 @@ def cmd_propagate(args) -> int:
     options = PropagationOptions(mode=mode, axis=args.axis, device=args.device,
                                  batch_size=args.batch_size, num_threads=args.threads,
                                  multi_scale=args.multi_scale, adapt_steps=args.adapt_steps,
-                                 intensity_gate=not args.no_intensity_gate, stop=args.stop)
+                                 intensity_gate=not args.no_intensity_gate, stop=args.stop,
+                                 walk_step_mm=args.walk_step_mm)
     if args.registration_weight is not None:
         options.registration_weight = args.registration_weight
     options.validate()
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="rules", choices=["rules", "learned"],
                    help="where walks end: rules (default: area, intensity band, growth) or learned "
                         "(a fitted stop model; better on CHAOS-T2 MRI, worse on other structures measured)")
+    p.add_argument("--walk-step-mm", type=float, default=0.0, metavar="MM",
+                   help="walks step at least MM across thin slices, the slices between filled from the steps "
+                        "around them (faster; e.g. 3 for 1.5 mm coronal MRI slices; default 0: every slice)")
     p.add_argument("--no-intensity-gate", action="store_true",
                    help="keep voxels whose intensity is far from the structure's (default: dropped; "
                         "few-shot and registration modes, the step network draws its own edges)")

@@ -54,6 +54,11 @@ class PropagationOptions:
     # on the TotalSegmentator CT and MR structures, docs/RESULTS.md); 'none' = on until the
     # mask vanishes (for fitting a stop model)
     stop: str = "rules"
+    # walks step at least this far (mm), filling the slices stepped over from the two steps
+    # around them (walks.walk_stride); 0 = one step per slice. Opt-in: across 1.5 mm coronal
+    # MRI slices twice as fast and better on development data, a little worse across 0.98 mm
+    # CT slices there (benchmarks/results/dev_choices.json); only with the stop rules
+    walk_step_mm: float = 0.0
     # how the slices to look at next are ranked: 'parts' = the sum of the heuristic parts
     # (suggestions.py); 'fitted' = a ridge regression of the slice's wrong pixels on them
     # (fitted on the step network's runs; chosen on development data, docs/RESULTS.md);
@@ -94,6 +99,8 @@ class PropagationOptions:
             raise FewShotSegError("min_intensity_agreement must lie in [0, 1)")
         if not (_whole(self.registration_shrink, 1) and _whole(self.registration_iterations, 1)):
             raise FewShotSegError("registration_shrink and registration_iterations must be whole numbers >= 1")
+        if not (isinstance(self.walk_step_mm, (int, float)) and 0.0 <= self.walk_step_mm <= 100.0):
+            raise FewShotSegError("walk_step_mm must lie in [0, 100] (mm; 0 = one step per slice)")
         if not 0.0 <= self.min_area_fraction < 1.0:
             raise FewShotSegError("min_area_fraction must lie in [0, 1)")
         if self.suggest not in ("auto", "parts", "fitted"):

@@ -53,7 +53,7 @@ from .preprocessing import prepare_volume
 from .session import PropagationSession, digest
 from .stopping import load_stop_model
 from .suggestions import SliceSuggestion, load_suggestion_model, rank_slices
-from .walks import Walk, WalkContext, walk
+from .walks import Walk, WalkContext, walk, walk_stride
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -173,6 +173,7 @@ class Propagator:
         self._steps = [0, 1]           # walk steps done, expected
         self._what = "slices propagated"   # the progress message's words
         self._loaded_stop_model = None     # stop 'learned': read at the first walk
+        self._stride = 1                   # slices per walk step (walks.walk_stride)
 
     # -- helpers ---------------------------------------------------------------------
     def _check_cancel(self):
@@ -203,6 +204,8 @@ class Propagator:
         session.open(self.image, self.model, self.axis_index, opts,
                      lambda: prepare_volume(self.image, self.axis_index, self._preprocess()))
         prepared = session.prepared
+        self._stride = (walk_stride(opts.walk_step_mm, prepared.spacing[self.axis_index])
+                        if opts.stop == "rules" else 1)   # the stop model was fitted on single steps
         self.painted_masks = dict(zip(self.painted, prepared.mask_to_model(self.support, self.painted)))
         self._excluded = self._excluded_on_model_grid(prepared)
         self._check_cancel()
@@ -270,7 +273,7 @@ class Propagator:
                            exclusion_key=self._exclusion_keys.get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step,
-                           stop_model=self._stop_model(), never_stop=opts.stop == "none")
+                           stop_model=self._stop_model(), never_stop=opts.stop == "none", stride=self._stride)
 
     def _stop_model(self):
         """The fitted stop model for stop 'learned' (read once per run: the network's walks
@@ -311,7 +314,8 @@ class Propagator:
             else:
                 todo.append((span, span.start, span.slices, True, self._inward(span), span.end in self.ends))
         keyed = [item + (self._walk_key(*item[1:], kind),) for item in todo]
-        self._steps = [0, max(1, sum(len(item[2]) for item in keyed if item[-1] not in self.session.walks))]
+        self._steps = [0, max(1, sum(-(-len(item[2]) // self._stride) for item in keyed
+                                     if item[-1] not in self.session.walks))]
         walks: dict = {}
         for span, start, slices, stop, inward, absent, key in keyed:
             memory = self.session.steps((start, key[2][0], slices[0] > start) + key[7:])

@@ -219,3 +219,39 @@ def test_a_longer_walk_continues_the_steps_already_walked(kidney, model):
     walked_up = len([i for i in range(middle + 1, last) if before.probability[i].any()])
     assert walked_up > 0
     assert after.slices_done <= fresh.slices_done - walked_up
+
+
+# ------------------------------------------------------------------- thin slices
+def test_walk_stride_and_the_slices_stepped_on():
+    from FewShotSegLib.walks import _stepped, walk_stride
+    assert [walk_stride(3.0, s) for s in (0.7, 0.98, 1.5, 2.0, 3.0, 7.7)] == [4, 3, 2, 1, 1, 1]
+    assert walk_stride(0.0, 0.7) == 1
+    assert _stepped(list(range(1, 8)), 3) == [3, 6, 7]
+    assert _stepped(list(range(1, 7)), 3) == [3, 6]
+    assert _stepped([4, 3, 2], 1) == [4, 3, 2]
+    assert _stepped([5], 2) == [5]
+
+
+def test_a_walk_across_thin_slices_steps_over_some_and_fills_them(kidney):
+    """The kidney painted in a coronal slice of the MRI (1.5 mm apart), with steps of at
+    least 3 mm: the walks step on every second slice and fill the ones between, so every
+    slice from the first filled one to the last holds kidney, with about half as many steps
+    as slices filled; by default every slice is a step."""
+    from FewShotSegLib.imageio import array_axis_for
+    image, truth = kidney[0], kidney[1]
+    axis = array_axis_for(image, "coronal")
+    moved = np.moveaxis(truth, axis, 0)
+    largest = int(np.argmax(moved.reshape(moved.shape[0], -1).sum(1)))
+    support = np.zeros_like(truth)
+    np.moveaxis(support, axis, 0)[largest] = moved[largest]
+    result = propagate(image, support, None, PropagationOptions(mode="registration", walk_step_mm=3.0))
+    assert result.axis_index == axis
+    filled = np.flatnonzero(np.moveaxis(result.mask, axis, 0).any((1, 2)))
+    assert np.array_equal(filled, np.arange(filled[0], filled[-1] + 1))
+    assert len(filled) > 20 and result.slices_done <= 0.6 * len(filled)
+    assert dice(result.mask.astype(bool), truth) > 0.7
+    every = propagate(image, support, None, REGISTRATION)
+    assert every.slices_done >= len(np.flatnonzero(np.moveaxis(every.mask, axis, 0).any((1, 2)))) - 2
+    assert dice(every.mask.astype(bool), result.mask.astype(bool)) > 0.9
+    with pytest.raises(FewShotSegError, match="walk_step_mm"):
+        propagate(image, support, None, PropagationOptions(mode="registration", walk_step_mm=-1.0))

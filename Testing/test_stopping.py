@@ -230,3 +230,26 @@ def test_a_vein_painted_lengthwise_stops_before_the_slice_marked_absent(shared_d
     beyond = np.moveaxis(result.mask, axis, 0)[int(present.max()) + 3:]
     assert int(beyond.sum()) == 0
     assert dice(result.mask > 0, truth) > 0.75
+
+
+def test_cli_walk_step_option(tmp_path, capsys):
+    """--walk-step-mm reaches the engine: a bad value is one line and nothing is written; 2 mm
+    across 1 mm slices fills the block as every-slice steps do."""
+    from FewShotSegLib import cli
+    array = np.random.default_rng(0).normal(0.2, 0.05, (16, 32, 32)).astype(np.float32)
+    array[2:14, 8:24, 8:24] += 1.0
+    image, support = tmp_path / "image.nii.gz", tmp_path / "support.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(image))
+    painted = np.zeros(array.shape, np.uint8)
+    painted[8, 8:24, 8:24] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(painted), str(support))
+    out = tmp_path / "out.nii.gz"
+    args = ["propagate", str(image), "--support", str(support), "--mode", "registration", "-q", "-o", str(out)]
+    assert cli.main(args + ["--walk-step-mm", "-2"]) == 2
+    assert "walk_step_mm" in capsys.readouterr().err and not out.exists()
+    assert cli.main(args + ["--walk-step-mm", "2"]) == 0
+    stepped = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert cli.main(args) == 0
+    every = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert stepped[3:13, 10:22, 10:22].all()
+    assert np.abs(stepped.astype(int) - every.astype(int)).sum() < 0.05 * every.sum()
