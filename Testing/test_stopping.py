@@ -162,18 +162,23 @@ def test_learned_stop_without_a_fitted_model_is_one_line(monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_cli_stop_option(tmp_path, capsys):
-    from FewShotSegLib import cli
-    array = np.random.default_rng(0).normal(0.2, 0.05, (8, 32, 32)).astype(np.float32)
-    array[2:7, 8:24, 8:24] += 1.0
-    image, support = tmp_path / "image.nii.gz", tmp_path / "support.nii.gz"
+def _bright_block_command(tmp_path, slices: int, block: slice, painted_slice: int) -> tuple:
+    """A noisy volume with a bright block on ``block`` slices, one slice of it painted: the
+    `fewshotseg propagate` arguments (registration mode) and the output path."""
+    array = np.random.default_rng(0).normal(0.2, 0.05, (slices, 32, 32)).astype(np.float32)
+    array[block, 8:24, 8:24] += 1.0
+    image, support, out = tmp_path / "image.nii.gz", tmp_path / "support.nii.gz", tmp_path / "out.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(array), str(image))
     painted = np.zeros(array.shape, np.uint8)
-    painted[4, 8:24, 8:24] = 1
+    painted[painted_slice, 8:24, 8:24] = 1
     sitk.WriteImage(sitk.GetImageFromArray(painted), str(support))
-    out = tmp_path / "out.nii.gz"
-    assert cli.main(["propagate", str(image), "--support", str(support), "--mode", "registration",
-                     "--stop", "learned", "-q", "-o", str(out)]) == 0
+    return ["propagate", str(image), "--support", str(support), "--mode", "registration", "-q", "-o", str(out)], out
+
+
+def test_cli_stop_option(tmp_path, capsys):
+    from FewShotSegLib import cli
+    args, out = _bright_block_command(tmp_path, 8, slice(2, 7), 4)
+    assert cli.main(args + ["--stop", "learned"]) == 0
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out)))[2:7].any()
 
 
@@ -236,15 +241,7 @@ def test_cli_walk_step_option(tmp_path, capsys):
     """--walk-step-mm reaches the engine: a bad value is one line and nothing is written; 2 mm
     across 1 mm slices fills the block as every-slice steps do."""
     from FewShotSegLib import cli
-    array = np.random.default_rng(0).normal(0.2, 0.05, (16, 32, 32)).astype(np.float32)
-    array[2:14, 8:24, 8:24] += 1.0
-    image, support = tmp_path / "image.nii.gz", tmp_path / "support.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(image))
-    painted = np.zeros(array.shape, np.uint8)
-    painted[8, 8:24, 8:24] = 1
-    sitk.WriteImage(sitk.GetImageFromArray(painted), str(support))
-    out = tmp_path / "out.nii.gz"
-    args = ["propagate", str(image), "--support", str(support), "--mode", "registration", "-q", "-o", str(out)]
+    args, out = _bright_block_command(tmp_path, 16, slice(2, 14), 8)
     assert cli.main(args + ["--walk-step-mm", "-2"]) == 2
     assert "walk_step_mm" in capsys.readouterr().err and not out.exists()
     assert cli.main(args + ["--walk-step-mm", "2"]) == 0
