@@ -135,7 +135,7 @@ class WalkContext:
     stepper: Optional[torch.nn.Module] = None     # learned mode: the step network
     stop_model: Optional[object] = None           # stopping.StopModel: replaces the intensity and growth rules
     never_stop: bool = False                      # walks run on until the mask vanishes (fitting a stop model)
-    stride: int = 1                               # slices per step (`walk_stride`)
+    stride: int = 1                               # slices per step (`walk_stride`; 1 for a stop model)
     network_seconds: float = 0.0
 
     def foreground(self, sup_feats, sup_masks, query_feats) -> torch.Tensor:
@@ -234,7 +234,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     min_area = ctx.min_area(reference_area)
     narrowing = inward is not None and result.painted_area < TAPER_RATIO * float(ctx.painted_masks(inward).sum())
     smallest = result.painted_area
-    stride = ctx.stride if ctx.stop_model is None and not ctx.never_stop else 1   # the stop model read single steps
+    stride = ctx.stride
     visited = _stepped(list(slices), stride)
     chain = [start] + visited
     steps = memory if memory is not None else []

@@ -178,6 +178,6 @@ def test_a_tilted_grid_covers_the_scan_and_keeps_the_structure():
         assert all(-1e-6 <= c <= n - 1 + 1e-6 for c, n in zip(index, grid.GetSize()))
     truth = np.zeros((8, 12, 10), bool)
     truth[2:6, 3:9, 2:8] = True
-    moved, mask = bench.tilted(image, truth, 25.0)
+    moved, mask = bench.tilted(image, 25.0), bench.tilted(image, 25.0, truth)
     assert mask.shape == sitk.GetArrayViewFromImage(moved).shape
     assert abs(int(mask.sum()) - int(truth.sum())) < 0.15 * truth.sum()

@@ -230,17 +230,18 @@ def tilted_grid(image, degrees: float):
     return grid
 
 
-def tilted(image, truth: np.ndarray, degrees: float):
-    """The image (linear) and the structure's mask (nearest) resampled onto ``tilted_grid``;
-    outside the scan the image takes its minimum."""
+def tilted(image, degrees: float, truth: np.ndarray | None = None):
+    """The image resampled (linear) onto ``tilted_grid``, outside the scan its minimum; with
+    ``truth``, the structure's mask (nearest) on that grid instead."""
     import SimpleITK as sitk
     grid = tilted_grid(image, degrees)
+    if truth is not None:
+        mask = sitk.GetImageFromArray(truth.astype(np.uint8))
+        mask.CopyInformation(image)
+        moved = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        return sitk.GetArrayFromImage(moved).astype(bool)
     low = float(sitk.GetArrayViewFromImage(image).min())
-    out = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, low)
-    mask = sitk.GetImageFromArray(truth.astype(np.uint8))
-    mask.CopyInformation(image)
-    moved = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return out, sitk.GetArrayFromImage(moved).astype(bool)
+    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, low)
 
 
 def load_itk(threads: int | None = None):
@@ -633,8 +634,8 @@ def main(argv=None) -> int:
     for dataset, case, organ, image, truth in structures():
         if args.tilt:
             if turned[0] is not image:
-                turned[:] = [image, tilted(image, np.zeros(truth.shape, bool), args.tilt)[0]]
-            truth = tilted(image, truth, args.tilt)[1]
+                turned[:] = [image, tilted(image, args.tilt)]
+            truth = tilted(image, args.tilt, truth)
             image = turned[1]
         axis = array_axis_for(image, args.plane)
         if args.invert:   # the CT and MR examples give many structures of one image: invert it once
