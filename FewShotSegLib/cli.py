@@ -30,7 +30,8 @@ def cmd_propagate(args) -> int:
     options = PropagationOptions(mode=mode, axis=args.axis, device=args.device,
                                  batch_size=args.batch_size, num_threads=args.threads,
                                  multi_scale=args.multi_scale, adapt_steps=args.adapt_steps,
-                                 intensity_gate=not args.no_intensity_gate, stop=args.stop,
+                                 intensity_gate=not args.no_intensity_gate, trim_unlike=args.trim_unlike,
+                                 stop=args.stop,
                                  walk_step_mm=args.walk_step_mm)
     if args.registration_weight is not None:
         options.registration_weight = args.registration_weight
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intensity-gate", action="store_true",
                    help="keep voxels whose intensity is far from the structure's (default: dropped; "
                         "few-shot and registration modes, the step network draws its own edges)")
+    p.add_argument("--trim-unlike", action="store_true",
+                   help="on the slices not painted, cut regions at the mask's edge whose intensities lie "
+                        "outside the painted voxels' (learned mode; opt-in)")
     p.add_argument("--probability", default=None, help="also write the foreground probability")
     p.add_argument("--refine", action="store_true", help="refine the result with the diffusion refiner")
     p.add_argument("--refiner", default=None, help="refiner name or .pt file (default: the shipped one)")

@@ -83,6 +83,12 @@ class PropagationOptions:
     # agreement 0.864 -> 0.901 (README). Not applied in learned mode: the step network draws
     # its own edges, and the gate cost it on development data (docs/RESULTS.md)
     intensity_gate: bool = True
+    # learned mode: on the slices not painted, cut the regions at the mask's edge whose
+    # intensities lie outside the painted voxels' 5-95 % band (postprocessing.trimmed_unlike;
+    # a walk carried them onto a neighbour). Opt-in: on development data +0.012 on CHAOS-T2
+    # livers and spleens with one painted slice, but as much lost as gained elsewhere
+    # (benchmarks/results/dev_choices.json)
+    trim_unlike: bool = False
     postprocess: bool = True
 
     def validate(self) -> None:
@@ -110,7 +116,7 @@ class PropagationOptions:
         for name in ("support_refinement_steps", "adapt_steps"):
             if not _whole(getattr(self, name), 0):
                 raise FewShotSegError(f"{name} must be a whole number >= 0")
-        for name in ("query_prototypes", "multi_scale", "intensity_gate", "postprocess"):
+        for name in ("query_prototypes", "multi_scale", "intensity_gate", "trim_unlike", "postprocess"):
             if getattr(self, name) not in (True, False):  # also 0/1, as the benchmarks' --option pass
                 raise FewShotSegError(f"{name} must be true or false, not {getattr(self, name)!r}")
 

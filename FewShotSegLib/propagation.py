@@ -48,7 +48,7 @@ from .errors import FewShotSegError
 from .extent import intensity_agreement, intensity_band
 from .models.multiscale import MultiScaleModel
 from .options import MODES, PropagationOptions
-from .postprocessing import clean_mask, intensity_gated
+from .postprocessing import clean_mask, intensity_gated, trimmed_unlike
 from .preprocessing import prepare_volume
 from .session import PropagationSession, digest
 from .stopping import load_stop_model
@@ -393,6 +393,9 @@ class Propagator:
             # painted slices have probability 1, so they are always in the confident core
             image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)[box]
             mask = intensity_gated(mask, image, probs)
+        elif self.options.trim_unlike and self.options.mode == "learned":
+            image = np.moveaxis(sitk.GetArrayViewFromImage(self.image), self.axis_index, 0)[box]
+            mask = trimmed_unlike(mask, image, support, self._in_plane_spacing())
         if self.options.postprocess:
             mask = clean_mask(mask, support, 0)
         else:
@@ -488,6 +491,12 @@ class Propagator:
                 w.probs[i], w.areas[i] = probs[i], area
             walks[span] = [w, w] if span.kind == "between" else [w]
         return walks
+
+    def _in_plane_spacing(self) -> float:
+        """The painted plane's pixel size (mm; the geometric mean of its two spacings)."""
+        spacing = np.array(self.image.GetSpacing())[::-1]  # array order
+        in_plane = [s for a, s in enumerate(spacing) if a != self.axis_index]
+        return float(np.sqrt(in_plane[0] * in_plane[1]))
 
     def _search_radius_px(self, prepared) -> Optional[int]:
         if self.options.search_margin_mm is None:
