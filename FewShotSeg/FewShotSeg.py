@@ -19,7 +19,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FewShotSegSlicerLib.logic import AXES, MODES, sharedLogic
+from FewShotSegSlicerLib.logic import AXES, FAST_STEP_MM, MODES, sharedLogic
 
 
 class FewShotSeg(ScriptedLoadableModule):
@@ -60,6 +60,7 @@ class FewShotSegParameterNode:
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
     intensityGate: bool = True
+    fastThinSlices: bool = False
     refineSamples: int = 4
     refineSteps: int = 4
 
@@ -217,7 +218,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startOrCancel(self.runner, "Cannot propagate.",
                             lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
                                                        mode=p.mode, axis=p.axis, device=p.device,
-                                                       intensityGate=p.intensityGate, forWorker=True),
+                                                       intensityGate=p.intensityGate, forWorker=True,
+                                                       walkStepMm=FAST_STEP_MM if p.fastThinSlices else 0.0),
                             start, self.onResult)
 
     def _startOrCancel(self, runner, errorTitle, prepare, start, onResult):

@@ -226,6 +226,38 @@ def test_intensity_gate_switch_reaches_the_engine(logic, chaos, tiny_checkpoint)
     assert np.array_equal(ungated[chaos.k], chaos.painted[chaos.k])
 
 
+def test_faster_across_thin_slices_reaches_the_engine(logic, scene, data_dir, tiny_checkpoint):
+    """The panel's "Faster across thin slices" (off by default): the liver painted in one
+    coronal slice (1.25 mm apart), propagated in the worker with walks of at least
+    FAST_STEP_MM, gives another result than every slice a step; the painted slice stays
+    exact and the filled slices run without a gap either way."""
+    from FewShotSegSlicerLib.logic import FAST_STEP_MM
+    folder = data_dir / "chaos_t2"
+    image = scene.load(folder / f"image_{CHAOS_CASE}.nii.gz")
+    labelNode = scene.load(folder / f"label_{CHAOS_CASE}.nii.gz", labelmap=True)
+    label = slicer.util.arrayFromVolume(labelNode).copy()
+    j = int(np.argmax((label == LIVER).sum((0, 2))))
+    painted = np.zeros_like(label)
+    painted[:, j][label[:, j] == LIVER] = LIVER
+    slicer.util.updateVolumeFromArray(labelNode, painted)
+    seg = scene.segmentation(image)
+    liver = scene.importLabels(labelNode, seg)[LIVER]
+    history = segmentationHistory(seg)
+    history.SaveState()
+    results = {}
+    for step in (0.0, FAST_STEP_MM):
+        summary = logic.propagate(image, seg, liver, model=tiny_checkpoint, mode="chained", worker=True,
+                                  walkStepMm=step)
+        assert summary.axis == "coronal"
+        results[step] = geometry.segmentToArray(seg, liver, image).astype(bool)
+        assert np.array_equal(results[step][:, j], painted[:, j] == LIVER)
+        filled = np.flatnonzero(results[step].any((0, 2)))
+        assert np.array_equal(filled, np.arange(filled[0], filled[-1] + 1)) and len(filled) > 3
+        assert history.RestorePreviousState()
+        history.SaveState()
+    assert not np.array_equal(results[0.0], results[FAST_STEP_MM])
+
+
 def sceneNodeIds(scene) -> set:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
@@ -322,6 +354,7 @@ def test_segmentation_geometry_differs_from_volume(logic, scene, chaos, tiny_che
     ("bad mode", "unknown mode"),
     ("bad device", "not available"),
     ("bad gate switch", "intensityGate must be True or False"),
+    ("bad walk step", "walkStepMm must be a number of mm"),
 ])
 def test_bad_inputs(logic, scene, chaos, tiny_checkpoint, what, match):
     volume, seg, segmentId, model = chaos.image, chaos.seg, chaos.liver, tiny_checkpoint
@@ -346,6 +379,8 @@ def test_bad_inputs(logic, scene, chaos, tiny_checkpoint, what, match):
         kwargs["device"] = "tpu"
     elif what == "bad gate switch":
         kwargs["intensityGate"] = "yes"
+    elif what == "bad walk step":
+        kwargs["walkStepMm"] = -3.0
     before = snapshot(chaos.seg, chaos.image)
     with pytest.raises(FewShotSegError, match=match):
         logic.propagate(volume, seg, segmentId, model=model, **kwargs)

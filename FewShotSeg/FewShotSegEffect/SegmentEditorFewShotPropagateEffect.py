@@ -24,7 +24,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from FewShotSegLib.errors import FewShotSegError
 from FewShotSegSlicerLib import dependencies, geometry
-from FewShotSegSlicerLib.logic import AXES, MODES, sharedLogic
+from FewShotSegSlicerLib.logic import AXES, FAST_STEP_MM, MODES, sharedLogic
 from FewShotSegSlicerLib.qtsupport import SuggestionList, TaskRunner, showUncertaintyOverlay
 
 PREVIEW_NAME = "FewShotSeg preview"
@@ -81,11 +81,16 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.gateCheckBox.toolTip = ("Drop filled voxels whose intensity lies far from that of the structure's "
                                      "confident core (leaks onto fat, muscle or bowel). Few-shot models and "
                                      "registration only: the step network draws its own edges")
+        self.fastCheckBox = qt.QCheckBox("Faster across thin slices")
+        self.fastCheckBox.toolTip = ("Walks step over slices closer than 3 mm and fill the ones between: about "
+                                     "twice as fast in a plane of thin slices; a structure that moves fast from "
+                                     "slice to slice (a thin vessel crossing the plane) can be lost")
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Axis:", self.axisComboBox)
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
         self.scriptedEffect.addOptionsWidget(self.gateCheckBox)
+        self.scriptedEffect.addOptionsWidget(self.fastCheckBox)
         self.scriptedEffect.addOptionsWidget(self.previewCheckBox)
 
         self.propagateButton = qt.QPushButton("Propagate")
@@ -133,7 +138,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.refreshModels()
         for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        for checkBox in (self.previewCheckBox, self.gateCheckBox):
+        for checkBox in (self.previewCheckBox, self.gateCheckBox, self.fastCheckBox):
             checkBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         for spinBox in (self.refineSamplesSpinBox, self.refineStepsSpinBox):
             spinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
@@ -169,6 +174,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Device", "cpu")
         self.scriptedEffect.setParameterDefault("Preview", 0)
         self.scriptedEffect.setParameterDefault("IntensityGate", 1)
+        self.scriptedEffect.setParameterDefault("FastThinSlices", 0)
         self.scriptedEffect.setParameterDefault("RefineSamples", 4)
         self.scriptedEffect.setParameterDefault("RefineSteps", 4)
 
@@ -180,7 +186,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             index = combo.findText(self.scriptedEffect.parameter(name))
             combo.setCurrentIndex(max(index, 0))
             combo.blockSignals(wasBlocked)
-        for checkBox, name in ((self.previewCheckBox, "Preview"), (self.gateCheckBox, "IntensityGate")):
+        for checkBox, name in ((self.previewCheckBox, "Preview"), (self.gateCheckBox, "IntensityGate"),
+                               (self.fastCheckBox, "FastThinSlices")):
             wasBlocked = checkBox.blockSignals(True)
             checkBox.checked = self.scriptedEffect.integerParameter(name) != 0
             checkBox.blockSignals(wasBlocked)
@@ -196,6 +203,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("Device", self.deviceComboBox.currentText)
         self.scriptedEffect.setParameter("Preview", 1 if self.previewCheckBox.checked else 0)
         self.scriptedEffect.setParameter("IntensityGate", 1 if self.gateCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("FastThinSlices", 1 if self.fastCheckBox.checked else 0)
         self.scriptedEffect.setParameter("RefineSamples", self.refineSamplesSpinBox.value)
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
@@ -241,7 +249,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
                                      mode=p("Mode"), axis=p("Axis"), device=p("Device"),
                                      intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
-                                     forWorker=True)
+                                     forWorker=True, walkStepMm=FAST_STEP_MM
+                                     if self.scriptedEffect.integerParameter("FastThinSlices") else 0.0)
             self.showSuggestions([])
             self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result))
 

@@ -31,7 +31,7 @@ def _accepts(function, name: str) -> bool:
 
 def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: str, device: str,
         intensityGate: bool, exclude: Optional[np.ndarray] = None, session=None, progress: Optional[Callable] = None,
-        cancel: Optional[Callable] = None):
+        cancel: Optional[Callable] = None, walkStepMm: float = 0.0):
     """propagate() with the Logic's options; the excluded voxels are never in ``result.mask``."""
     from FewShotSegLib import propagation
     from FewShotSegLib.propagation import PropagationOptions, propagate
@@ -41,6 +41,12 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
     if getattr(model, "kind", None) == "propagator":
         mode = "learned"   # a step network runs one way; the mode choice is for few-shot models
     options = PropagationOptions(mode=mode, axis=axis, device=device, intensity_gate=bool(intensityGate))
+    if walkStepMm:
+        if not hasattr(options, "walk_step_mm"):
+            from FewShotSegLib.errors import FewShotSegError
+
+            raise FewShotSegError("this engine steps on every slice: update FewShotSeg for faster walks across thin slices")
+        options.walk_step_mm = float(walkStepMm)
     kwargs = {}
     if exclude is not None and _accepts(propagate, "exclude"):
         kwargs["exclude"] = exclude

@@ -37,6 +37,9 @@ from FewShotSegSlicerLib.refinement import RefineJob, RefineSummary
 
 MODES = ("auto", "chained", "direct")   # auto: the model's own (a step network runs 'learned')
 AXES = ("auto", "axial", "coronal", "sagittal")
+# "Faster across thin slices": walks step at least this far and fill the slices between
+# (twice as fast across 1.5 mm slices; a structure that moves fast across slices can be lost)
+FAST_STEP_MM = 3.0
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 
@@ -57,6 +60,7 @@ class PropagationJob:
     device: str
     paintedSlices: list = field(default_factory=list)   # user slices holding voxels
     intensityGate: bool = True    # drop voxels whose intensity is far from the organ's
+    walkStepMm: float = 0.0       # walks step at least this far (mm) across thin slices; 0: every slice
     prepareSeconds: float = 0.0
     notes: list = field(default_factory=list)
     current: Optional[np.ndarray] = None      # bool: the whole segment as it was at prepare()
@@ -209,14 +213,16 @@ class FewShotSegLogic(RefineMixin):
 
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                 axis: str = "auto", device: str = "cpu", intensityGate: bool = True,
-                forWorker: bool = False) -> PropagationJob:
+                forWorker: bool = False, walkStepMm: float = 0.0) -> PropagationJob:
         """Validate the inputs and copy the user's voxels (and, unless ``forWorker``, the
         image) out of the scene.
 
         ``axis`` 'auto': the axis of this segment's last propagation, else the one across
         which the painting covers the fewest slices (the slice view it was painted in).
         ``intensityGate``: drop the voxels whose intensity lies far from that of the
-        structure's confident core (the engine's default)."""
+        structure's confident core (the engine's default). ``walkStepMm``: walks step over
+        slices thinner than this and fill them from the steps around them (``FAST_STEP_MM``
+        for "Faster across thin slices"; 0, the default, steps on every slice)."""
         start = time.perf_counter()
         if self.isBusy:
             raise FewShotSegError("a propagation is already running: wait for it or cancel it")
@@ -224,6 +230,8 @@ class FewShotSegLogic(RefineMixin):
             raise FewShotSegError(f"unknown mode '{mode}'; choose {' or '.join(MODES)}")
         if not isinstance(intensityGate, (bool, np.bool_)):
             raise FewShotSegError(f"intensityGate must be True or False, not {intensityGate!r}")
+        if isinstance(walkStepMm, bool) or not isinstance(walkStepMm, (int, float)) or not 0 <= walkStepMm <= 100:
+            raise FewShotSegError(f"walkStepMm must be a number of mm in [0, 100], not {walkStepMm!r}")
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         modelPath = self.modelPath(model)
         if device != "cpu":  # the CPU is always there: PyTorch need not be imported in Slicer's process
@@ -249,6 +257,7 @@ class FewShotSegLogic(RefineMixin):
         painted = userslices.nonEmptySlices(support, axisIndex)
         job = PropagationJob(volumeNode, segmentationNode, segmentId, image, support, modelPath, mode,
                              axisName, axisIndex, device, painted, intensityGate=bool(intensityGate),
+                             walkStepMm=float(walkStepMm),
                              current=current, exclude=exclude, userSlices=list(users.user),
                              editedSlices=list(users.edited),
                              endSlices=[i for i in users.user if i not in set(painted)],
@@ -338,7 +347,7 @@ class FewShotSegLogic(RefineMixin):
                 session = self._sessions[key]
             result = engine.run(job.image, job.support, model, job.mode, job.axisIndex, job.axis, job.device,
                                 job.intensityGate, exclude=job.exclude, session=session, progress=progress,
-                                cancel=cancel)
+                                cancel=cancel, walkStepMm=job.walkStepMm)
             return engine.EngineResult.fromEngine(result)
         finally:
             self._computeLock.release()
@@ -473,12 +482,12 @@ class FewShotSegLogic(RefineMixin):
     def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                   axis: str = "auto", device: str = "cpu", progress: Optional[Progress] = None,
                   cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None,
-                  intensityGate: bool = True, worker: bool = False) -> PropagationSummary:
+                  intensityGate: bool = True, worker: bool = False, walkStepMm: float = 0.0) -> PropagationSummary:
         """Synchronous propagation, in this process or (``worker=True``) in the worker
         process; the segmentation is unchanged whenever this raises."""
         start = time.perf_counter()
         job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device, intensityGate,
-                           forWorker=worker)
+                           forWorker=worker, walkStepMm=walkStepMm)
         if worker:
             result = self.startPropagation(job).follow(progress, cancel)
         else:

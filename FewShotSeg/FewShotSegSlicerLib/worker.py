@@ -11,7 +11,7 @@ Protocol (one JSON object per line). In, on stdin::
     {"cmd": "job", "id": 1, "volumeKey": "...", "volume": "v.npy" | null, "geometry": {...},
      "support": "s.npy", "exclude": "e.npy" | null, "sessionKey": "...", "model": "m.pt",
      "device": "cpu", "mode": "chained", "axisIndex": 0, "axisName": "axial",
-     "intensityGate": true, "out": "folder"}
+     "intensityGate": true, "walkStepMm": 0.0, "out": "folder"}
     {"cmd": "refine", "id": 2, "volumeKey": "...", "volume": ..., "geometry": {...}, "shape": [...],
      "coarse": "c.npy", "keep": "k.npy" | null, "refiner": "r.pt", "device": "cpu",
      "samples": 4, "steps": 4, "axisName": "axial", "out": "folder"}
@@ -169,7 +169,8 @@ class Worker:
         exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
         result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
                             job["device"], job["intensityGate"], exclude=exclude,
-                            session=self.session(job["sessionKey"]), progress=progress, cancel=cancel)
+                            session=self.session(job["sessionKey"]), progress=progress, cancel=cancel,
+                            walkStepMm=float(job.get("walkStepMm", 0.0)))
         return {"mask": saveMask(job, result.mask), "result": engine.summary(result)}
 
     def refine(self, job: dict, image, progress, cancel) -> dict:

@@ -399,7 +399,7 @@ class WorkerClient:
         return self._submit(PropagationHandle, job, volumeArray, geometry, volumeKey, {
             "cmd": "job", "support": job.support, "exclude": job.exclude, "sessionKey": sessionKey,
             "model": str(job.modelPath), "mode": job.mode, "axisIndex": int(job.axisIndex),
-            "intensityGate": bool(job.intensityGate)})
+            "intensityGate": bool(job.intensityGate), "walkStepMm": float(job.walkStepMm)})
 
     def startRefine(self, job, volumeArray, geometry: dict, volumeKey: str) -> RefineHandle:
         """Send a refinement (refinement.RefineJob); the volume only if the worker does not hold it."""
