@@ -188,6 +188,46 @@ def test_train_stepper_resumes(tmp_path):
     assert loaded.provenance["steps"] == 4 and loaded.config["crop"] == 32 and loaded.card["description"]
 
 
+def test_intensity_likelihood_reads_the_previous_masks_histogram():
+    """Where the next slice has the intensities found under the previous mask the channel
+    is positive, where it has those outside it negative; no mask, no opinion (0)."""
+    from FewShotSegLib.models.slicestep import intensity_likelihood
+    x = torch.zeros(2, 4, 32, 32)
+    x[:, 1] = -1.0
+    x[:, 1, 8:20, 8:20] = 2.0            # the structure, bright, on the previous slice
+    x[:, 2, 8:20, 8:20] = 1.0
+    x[:, 0] = -1.0
+    x[:, 0, 12:24, 12:24] = 2.0          # it moved on the next slice
+    x[1, 2] = 0.0
+    out = intensity_likelihood(x)
+    assert out.shape == (2, 1, 32, 32)
+    assert out[0, 0, 16, 16] > 0.9 and out[0, 0, 2, 2] < -0.9
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    net = build_model("slicestep", widths=[8, 16], crop=32, likelihood=True)
+    assert net(x).shape == (2, 1, 32, 32)
+
+
+def test_training_starts_from_a_checkpoint_with_a_new_input(tmp_path):
+    """--init takes a step network's weights; with --likelihood its input layer gains a
+    channel at zero weight, so before any step the new network is the old one."""
+    import Training.train_stepper as trainer
+    folder = _synthetic_examples(tmp_path, 24)
+    common = [str(folder), "--batch", "4", "--widths", "8,16", "--save-every", "2"]
+    assert trainer.main(common + ["--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    first = load_checkpoint(tmp_path / "a" / "stepper.pt", expect_kind="propagator").model
+    widened = build_model("slicestep", widths=[8, 16], crop=32, likelihood=True)
+    trainer._load_widened(widened, trainer._initial_weights(tmp_path / "a" / "stepper.pt")[0], tmp_path)
+    x = _inputs(2, 32)
+    assert torch.allclose(widened.eval()(x), first.eval()(x), atol=1e-5)
+    assert trainer.main(common + ["--out", str(tmp_path / "b"), "--steps", "2", "--likelihood",
+                                  "--init", str(tmp_path / "a" / "stepper.pt")]) == 0
+    loaded = load_checkpoint(tmp_path / "b" / "stepper.pt", expect_kind="propagator")
+    assert loaded.config["likelihood"] is True and loaded.provenance["init"]
+    with pytest.raises(FewShotSegError, match="weight"):
+        trainer._load_widened(build_model("slicestep", widths=[8, 24], crop=32),
+                              trainer._initial_weights(tmp_path / "a" / "stepper.pt")[0], tmp_path)
+
+
 @pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
 def test_learned_mode_on_a_held_out_chaos_organ(chaos_dir):
     """On a CHAOS case whose labels the shipped step network never saw, one painted slice:

@@ -75,6 +75,35 @@ def step_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
+def _initial_weights(path: Path) -> tuple[dict, list]:
+    """The state dict and widths of a step-network checkpoint (``--init``: a file or an
+    installed model's name)."""
+    from FewShotSegLib.checkpoints import load_checkpoint
+    from FewShotSegLib.model_store import resolve_model_path
+    loaded = load_checkpoint(resolve_model_path(path), expect_kind="propagator")
+    net = getattr(loaded, "model", loaded)
+    return {k: v.detach().float() for k, v in net.state_dict().items()}, list(net.config["widths"])
+
+
+def _load_widened(model, state: dict, path: Path) -> None:
+    """``state`` into ``model``; an input layer with more channels than the checkpoint's
+    gets zero weights for the new ones (the network starts as the checkpoint's)."""
+    target = model.state_dict()
+    for name, value in state.items():
+        want = target.get(name)
+        if want is None:
+            raise FewShotSegError(f"{path}: weight {name} has no place in this network")
+        if want.shape != value.shape:
+            if value.dim() != 4 or want.shape[0] != value.shape[0] or want.shape[1] < value.shape[1] \
+                    or want.shape[2:] != value.shape[2:]:
+                raise FewShotSegError(f"{path}: weight {name} is {tuple(value.shape)}, this network's "
+                                      f"{tuple(want.shape)}")
+            value = torch.cat([value, value.new_zeros((want.shape[0], want.shape[1] - value.shape[1],
+                                                       *want.shape[2:]))], 1)
+        target[name] = value
+    model.load_state_dict(target)
+
+
 def _without_description(args: list) -> list:
     """The command line for the card; the description is the card's own text."""
     out, skip = [], False
@@ -101,6 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", default=None, metavar="CHECKPOINT",
+                        help="start from a step network's weights (e.g. the shipped one) instead of at random; "
+                             "a new input channel (--likelihood) starts at zero, so the start is that network")
+    parser.add_argument("--likelihood", action="store_true",
+                        help="a fifth input: the next slice's intensities under the previous mask's histogram")
     parser.add_argument("--oversample", action="append", default=[], metavar="GLOB=WEIGHT",
                         help="draw the examples of files matching GLOB WEIGHT times as often (repeatable)")
     parser.add_argument("--description", default="The walk's step network (mode 'learned').",
@@ -121,7 +155,14 @@ def main(argv=None) -> int:
     x_all, y_all, files, weights = load_examples(args.examples, oversample)
     crop = int(x_all.shape[-1])
     torch.manual_seed(args.seed)
-    model = build_model("slicestep", widths=[int(w) for w in args.widths.split(",")], crop=crop).to(device)
+    widths = [int(w) for w in args.widths.split(",")]
+    start_weights = _initial_weights(args.init) if args.init else None
+    if start_weights is not None:
+        widths = start_weights[1]
+    model = build_model("slicestep", widths=widths, crop=crop, likelihood=args.likelihood)
+    if start_weights is not None:
+        _load_widened(model, start_weights[0], args.init)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -169,6 +210,8 @@ def main(argv=None) -> int:
                                   f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(x_all), "example_files": len(files),
                       "batch": args.batch * world,
                       "oversample": oversample,
+                      "init": display_path(Path(args.init)) if args.init else None,
+                      "likelihood": bool(args.likelihood),
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
                       "command": shlex.join(["python", "-m", "Training.train_stepper"] + _without_description(
                           list(argv or sys.argv[1:]))),

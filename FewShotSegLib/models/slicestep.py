@@ -26,6 +26,7 @@ CROP_MARGIN = 0.3    # the crop extends the masks' box by this fraction of its s
 CROP_PAD = 8         # ... plus this many model-grid pixels
 CARRIED_CLAMP = 0.05  # the carried mask's logit is taken at [0.05, 0.95]: +-2.9
 IN_CHANNELS = 4      # next slice, previous slice, previous mask, carried mask
+LIKELIHOOD_BINS = 24  # histogram bins over [-4, 4] structure-relative intensity (option 'likelihood')
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -33,12 +34,38 @@ def _block(cin: int, cout: int) -> nn.Sequential:
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True))
 
 
+@torch.no_grad()
+def intensity_likelihood(inputs: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] in [-1, 1]: how much more often each pixel's intensity in the next
+    slice occurs under the previous mask than outside it, in the previous slice (2p - 1,
+    p from the two smoothed, normalised histograms; 0 where the mask is empty).
+
+    Why: a convolution sees a neighbourhood; whether a region of the next slice has the
+    structure's intensities is a question about the whole previous mask. Read from the
+    step's own inputs, so examples made before this option train it unchanged."""
+    b = inputs.shape[0]
+    edges = torch.linspace(-4.0, 4.0, LIKELIHOOD_BINS + 1, device=inputs.device)[1:-1]
+    prev_bins = torch.bucketize(inputs[:, 1].float().clamp(-4, 4).reshape(b, -1), edges)
+    next_bins = torch.bucketize(inputs[:, 0].float().clamp(-4, 4).reshape(b, -1), edges)
+    inside = (inputs[:, 2] > 0.5).reshape(b, -1).float()
+    hist_in = torch.zeros(b, LIKELIHOOD_BINS, device=inputs.device).scatter_add_(1, prev_bins, inside)
+    hist_out = torch.zeros(b, LIKELIHOOD_BINS, device=inputs.device).scatter_add_(1, prev_bins, 1.0 - inside)
+    kernel = torch.tensor([[[0.25, 0.5, 0.25]]], device=inputs.device)
+    hist = F.conv1d(torch.stack([hist_in, hist_out], 1).reshape(2 * b, 1, -1), kernel, padding=1).reshape(b, 2, -1)
+    density = hist / hist.sum(-1, keepdim=True).clamp_min(1e-6)
+    p = density[:, 0] / (density[:, 0] + density[:, 1]).clamp_min(1e-6)
+    p = torch.where(density[:, 0] + density[:, 1] > 0, p, torch.full_like(p, 0.5))
+    p = torch.where(inside.sum(1, keepdim=True) > 0, p, torch.full_like(p, 0.5))
+    return (2 * torch.gather(p, 1, next_bins) - 1).reshape(b, 1, *inputs.shape[-2:]).to(inputs.dtype)
+
+
 @register_model("slicestep")
 class SliceStepNet(nn.Module):
-    """A small U-Net (``widths`` per level) on [B, 4, CROP, CROP]; logits [B, 1, CROP, CROP]."""
+    """A small U-Net (``widths`` per level) on [B, 4, CROP, CROP]; logits [B, 1, CROP, CROP].
+    ``likelihood``: a fifth input channel, ``intensity_likelihood`` of the four."""
 
     kind = "propagator"
-    defaults = {"widths": [16, 32, 48, 64], "crop": CROP}
+    defaults = {"widths": [16, 32, 48, 64], "crop": CROP, "likelihood": False}
 
     def __init__(self, **config):
         super().__init__()
@@ -51,8 +78,9 @@ class SliceStepNet(nn.Module):
         if len(widths) < 2 or any(w < 4 or w % 4 for w in widths):
             raise FewShotSegError("model 'slicestep': widths must be two or more multiples of 4")
         self.config["widths"] = widths
+        self.config["likelihood"] = bool(self.config["likelihood"])
         self.down = nn.ModuleList()
-        cin = IN_CHANNELS
+        cin = IN_CHANNELS + int(self.config["likelihood"])
         for w in widths:
             self.down.append(_block(cin, w))
             cin = w
@@ -64,6 +92,8 @@ class SliceStepNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config["likelihood"]:
+            x = torch.cat([x, intensity_likelihood(x)], 1)
         skips = []
         for k, block in enumerate(self.down):
             x = block(x if k == 0 else F.max_pool2d(x, 2))
