@@ -64,11 +64,12 @@ RING_HOLE_FRACTION = 0.05
 
 def painted_as_ring(painted: np.ndarray, axis: int) -> bool:
     """Whether the user's painting encloses holes of its own (then holes are kept)."""
-    painted = np.asarray(painted, bool)
+    painted = np.moveaxis(np.asarray(painted, bool), axis, 0)
+    painted = painted[np.flatnonzero(painted.reshape(painted.shape[0], -1).any(1))]  # the painted slices only
     area = int(painted.sum())
     if area == 0:
         return False
-    holes = int((fill_holes_per_slice(painted, axis) & ~painted).sum())
+    holes = int((fill_holes_per_slice(painted, 0) & ~painted).sum())
     return holes > RING_HOLE_FRACTION * area
 
 

@@ -131,6 +131,8 @@ def speed_table(files=("speed.json", "speed_model_only.json")) -> str:
         settings = f"{result['mode']}, " + ("default fusion" if weight is None else f"fusion {weight:g}")
         settings += f", multi-scale ({_scales(result)} x grid)" if result.get("multi_scale") else ""
         settings += f", {result['threads']} thread(s)" if "threads" in result else ""
+        settings += f", painted {result['plane']}" if result.get("plane", "axial") != "axial" else ""
+        settings += f", --walk-step-mm {result['walk_step_mm']:g}" if result.get("walk_step_mm") else ""
         for case, c in result["cases"].items():
             logic = (f"{c['logic_seconds']:.2f} | {c['logic_to_cli_ratio']:.2f}" if "logic_seconds" in c
                      else "– | –")
@@ -229,7 +231,8 @@ def learned_section() -> list:
         medsam_table(), "",
         "Speed of mode `learned` (`benchmarks/speed_benchmark.py --mode learned`, torch's default threads "
         "(what users get) and `--threads 1`):", "",
-        speed_table(("speed_learned.json", "speed_learned_1thread.json")), ""]
+        speed_table(("speed_learned.json", "speed_learned_1thread.json", "speed_learned_coronal.json",
+                     "speed_learned_coronal_step3.json")), ""]
 
 
 PLANE_SETS = (("chaos", "CHAOS-T2, the 10 held-out cases x 4 organs"), ("totalseg", "TotalSegmentator CT, 14 structures"),

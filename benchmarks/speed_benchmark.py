@@ -7,6 +7,9 @@ peak RSS is that of one propagation; the ratio of total time to the network's ow
 forward time shows the engine's overhead. Then, in the same process and session, one
 correction: the label's slice halfway from the painted slice to the structure's far end
 is painted too and the volume propagated again (the interactive loop's click).
+``--plane coronal|sagittal``: the structure painted in its largest slice of that plane
+instead (the CT's coronal slices lie 0.6 mm apart); ``--walk-step-mm``: the option of that
+name (Slicer's "Faster across thin slices" is 3).
 Writes benchmarks/results/speed.json.
 """
 from __future__ import annotations
@@ -27,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 TARGETS = {"mri_256x256x40": 2.0, "ct_512x512x300": 20.0}
 
 
-def make_cases(data_dir: Path, work: Path) -> dict:
+def make_cases(data_dir: Path, work: Path, plane: str = "axial") -> dict:
     """Write the two benchmark volumes and their one-slice supports into ``work``."""
     import numpy as np
     import SimpleITK as sitk
     from FewShotSegLib.evaluation import largest_slice_support
-    from FewShotSegLib.imageio import read_image
+    from FewShotSegLib.imageio import array_axis_for, read_image
 
     cases = {}
     mri = read_image(data_dir / "chaos_t2" / "image_1.nii.gz")
@@ -55,17 +58,20 @@ def make_cases(data_dir: Path, work: Path) -> dict:
     out = {}
     for name, (image, label, value) in cases.items():
         arr = sitk.GetArrayFromImage(label) == value
-        support, painted = largest_slice_support(arr, 0)
-        rows = np.flatnonzero(arr.any((1, 2)))
+        axis = array_axis_for(image, plane)
+        support, painted = largest_slice_support(arr, axis)
+        rows = np.flatnonzero(np.moveaxis(arr, axis, 0).any((1, 2)))
         far = int(rows[0]) if painted - rows[0] > rows[-1] - painted else int(rows[-1])
         corrected = support.copy()
-        corrected[(painted + far) // 2] = arr[(painted + far) // 2]
+        middle = (painted + far) // 2
+        np.moveaxis(corrected, axis, 0)[middle] = np.moveaxis(arr, axis, 0)[middle]
         sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(work / f"{name}.nii.gz"))
         for suffix, mask in (("support", support), ("corrected", corrected)):
             sup = sitk.GetImageFromArray(mask.astype(np.uint8))
             sup.CopyInformation(image)
             sitk.WriteImage(sup, str(work / f"{name}_{suffix}.nii.gz"))
-        out[name] = {"size": list(image.GetSize()), "spacing": [round(s, 3) for s in image.GetSpacing()]}
+        out[name] = {"size": list(image.GetSize()), "spacing": [round(s, 3) for s in image.GetSpacing()],
+                     "plane": plane, "slices_across": int(arr.shape[axis])}
     return out
 
 
@@ -82,7 +88,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(image, support, model, mode, result_path, registration_weight=None, multi_scale=False):
+def _child(image, support, model, mode, result_path, registration_weight=None, multi_scale=False, walk_step_mm=0.0):
     """Runs inside a fresh process: one propagation, timed, with the network's share."""
     import SimpleITK as sitk
     from FewShotSegLib.checkpoints import load_for_mode
@@ -94,7 +100,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
     sup = sitk.GetArrayFromImage(read_mask_like(support, img)) > 0
     ckpt = load_for_mode(model, mode)
     t1 = time.perf_counter()
-    options = PropagationOptions(mode=mode, multi_scale=multi_scale)
+    options = PropagationOptions(mode=mode, multi_scale=multi_scale, walk_step_mm=walk_step_mm)
     if registration_weight is not None:
         options.registration_weight = registration_weight
     session = PropagationSession()
@@ -113,7 +119,7 @@ def _child(image, support, model, mode, result_path, registration_weight=None, m
         "peak_rss_mb": peak_first, "peak_rss_mb_after_correction": _peak_rss_mb()}))
 
 
-def _logic_child(image, support, model, mode, result_path):
+def _logic_child(image, support, model, mode, result_path, walk_step_mm=0.0):
     """Runs inside a fresh process: Apply -> filled segment through the module's Logic on
     real MRML nodes (PyPI slicer-core), as the Slicer user waits for it."""
     sys.path.insert(0, str(ROOT / "FewShotSeg"))
@@ -126,7 +132,7 @@ def _logic_child(image, support, model, mode, result_path):
     labels = core.load(support, labelmap=True)
     segment_id = core.importLabels(labels, seg)[1]
     logic = FewShotSegLogic()
-    summary = logic.propagate(volume, seg, segment_id, model=model, mode=mode)
+    summary = logic.propagate(volume, seg, segment_id, model=model, mode=mode, walkStepMm=walk_step_mm)
     Path(result_path).write_text(json.dumps({
         "logic_seconds": summary.seconds, "logic_engine_seconds": summary.engineSeconds,
         "logic_peak_rss_mb": _peak_rss_mb()}))
@@ -143,15 +149,19 @@ def main(argv=None):
     parser.add_argument("--registration-weight", type=float, default=None,
                         help="chained: override the fusion weight (0 = the network alone)")
     parser.add_argument("--multi-scale", action="store_true", help="propagate with the model at 1 and 1.5x its grid")
+    parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
+                        help="the plane the structure is painted in (default axial)")
+    parser.add_argument("--walk-step-mm", type=float, default=0.0, help="the propagation option (default 0)")
     parser.add_argument("--tag", default=None, help="results file speed_<tag>.json (default speed.json)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the timed processes (default: torch's own, what users get)")
     args = parser.parse_args(argv)
     if args.child:
-        _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight, args.multi_scale)
+        _child(*args.child[:2], args.model, args.mode, args.child[3], args.registration_weight, args.multi_scale,
+               args.walk_step_mm)
         return
     if args.logic_child:
-        _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3])
+        _logic_child(*args.logic_child[:2], args.model, args.mode, args.logic_child[3], args.walk_step_mm)
         return
     from FewShotSegLib.evaluation import shared_data_dir, write_json
     from FewShotSegLib.models.multiscale import MULTI_SCALES
@@ -166,15 +176,17 @@ def main(argv=None):
     results = {"hardware": f"{hardware(torch.device('cpu'), 1, threads)}, torch {torch.__version__}", "mode": args.mode,
                "threads": threads,
                "registration_weight": args.registration_weight, "multi_scale": args.multi_scale,
+               "plane": args.plane, "walk_step_mm": args.walk_step_mm,
                "multi_scales": list(MULTI_SCALES) if args.multi_scale else None, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        geometry = make_cases(data_dir, work)
+        geometry = make_cases(data_dir, work, args.plane)
         for name in TARGETS:
             image, support = work / f"{name}.nii.gz", work / f"{name}_support.nii.gz"
             res_file = work / f"{name}.json"
             weight = [] if args.registration_weight is None else ["--registration-weight", str(args.registration_weight)]
             weight += ["--multi-scale"] * args.multi_scale
+            weight += ["--walk-step-mm", str(args.walk_step_mm)] if args.walk_step_mm else []
             cmd = [sys.executable, __file__, "--mode", args.mode, "--child", str(image), str(support), "_",
                    str(res_file)] + (["--model", args.model] if args.model else []) + weight
             subprocess.run(cmd, check=True, env=env)
@@ -190,7 +202,8 @@ def main(argv=None):
                 logic_file = work / f"{name}_logic.json"
                 logic_mode = "auto" if args.mode == "learned" else args.mode   # the Logic's auto runs a step network learned
                 cmd = [sys.executable, __file__, "--mode", logic_mode, "--logic-child", str(image), str(support), "_",
-                       str(logic_file)] + (["--model", args.model] if args.model else [])
+                       str(logic_file)] + (["--model", args.model] if args.model else []) \
+                    + (["--walk-step-mm", str(args.walk_step_mm)] if args.walk_step_mm else [])
                 subprocess.run(cmd, check=True, env=env)
                 logic = json.loads(logic_file.read_text())
                 logic["logic_to_cli_ratio"] = logic["logic_seconds"] / cli_seconds
