@@ -42,6 +42,9 @@ class PropagationOptions:
     # network's probability needs 0.33 to count, where it does not 0.83 (at 0.4). Chosen
     # on development data (docs/RESULTS.md)
     registration_walk_weight: float = 0.4
+    # learned: weight of the registration-carried mask averaged into every step's
+    # probability (0 = the network's step alone)
+    step_registration_weight: float = 0.0
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)
     registration_shrink: int = REGISTRATION_SHRINK
@@ -98,7 +101,7 @@ class PropagationOptions:
             raise FewShotSegError("batch size must be at least 1")
         if not 0.0 < self.threshold < 1.0:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
-        for name in ("registration_weight", "registration_walk_weight"):
+        for name in ("registration_weight", "registration_walk_weight", "step_registration_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FewShotSegError(f"{name} must lie in [0, 1]")
         if not 0.0 <= self.min_intensity_agreement < 1.0:

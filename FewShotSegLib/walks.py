@@ -184,6 +184,8 @@ def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, f
         fg = next_mask_probability(ctx.stepper, prev_image, next_image, prev_mask, carried)
         ctx.network_seconds += time.perf_counter() - start
         disagreement = float(((fg >= opts.threshold) != (carried >= opts.threshold)).sum())
+        if opts.step_registration_weight:
+            fg = (1 - opts.step_registration_weight) * fg + opts.step_registration_weight * carried
     elif ctx.net is None:
         fg = carried
     else:

@@ -279,6 +279,27 @@ def test_the_registration_walk_beside_the_network(chaos_dir):
     assert again.walks_computed == 0 and again.walks_reused == 4 and np.array_equal(again.mask, default.mask)
 
 
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_the_registration_averaged_into_every_step(chaos_dir):
+    """step_registration_weight: 1 makes every step the carried mask (registration mode's
+    walk exactly), 0 the network's; between, the walk keeps more of the carried mask."""
+    image, label = _chaos_case(chaos_dir, "1")
+    truth = label == 4   # spleen
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    stepper = load_for_mode(None, "learned")
+    registration = propagate(image, support, None, PropagationOptions(mode="registration")).probability
+    carried = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=0.0,
+                                                                    step_registration_weight=1.0))
+    assert np.allclose(carried.probability, registration, atol=1e-6)
+    quarter = propagate(image, support, stepper, PropagationOptions(step_registration_weight=0.25))
+    plain = propagate(image, support, stepper, PropagationOptions())
+    assert not np.array_equal(quarter.probability, plain.probability)
+    with pytest.raises(FewShotSegError, match="step_registration_weight must lie in"):
+        PropagationOptions(step_registration_weight=-0.1).validate()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_train_stepper_under_torchrun(tmp_path):
     """Two gloo processes, as on a GPU node: both train, rank 0 alone writes, the
