@@ -254,19 +254,25 @@ def test_averaged_walks_count_a_missing_slice_as_zero():
         PropagationOptions(registration_walk_weight=1.5).validate()
 
 
+def _spleen_painted_once(chaos_dir):
+    """CHAOS case 1's spleen painted on its largest slice: the image, the support, that
+    slice, the shipped step network and registration mode's probability."""
+    image, label = _chaos_case(chaos_dir, "1")
+    truth = label == 4   # spleen
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    registration = propagate(image, support, None, PropagationOptions(mode="registration")).probability
+    return image, support, z, load_for_mode(None, "learned"), registration
+
+
 @pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
 def test_the_registration_walk_beside_the_network(chaos_dir):
     """Learned mode averages the network's walk with a registration-only walk: weight 1 is
     registration mode's probability exactly, weight 0 the network's alone, the default lies
     between them; a second run on the same session reuses both kinds of walk."""
     from FewShotSegLib.propagation import PropagationSession
-    image, label = _chaos_case(chaos_dir, "1")
-    truth = label == 4   # spleen
-    z = int(np.argmax(truth.sum((1, 2))))
-    support = np.zeros_like(truth)
-    support[z] = truth[z]
-    stepper = load_for_mode(None, "learned")
-    registration = propagate(image, support, None, PropagationOptions(mode="registration")).probability
+    image, support, z, stepper, registration = _spleen_painted_once(chaos_dir)
     only_registration = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=1.0))
     assert np.allclose(only_registration.probability, registration, atol=1e-6)
     network = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=0.0)).probability
@@ -283,13 +289,7 @@ def test_the_registration_walk_beside_the_network(chaos_dir):
 def test_the_registration_averaged_into_every_step(chaos_dir):
     """step_registration_weight: 1 makes every step the carried mask (registration mode's
     walk exactly), 0 the network's; between, the walk keeps more of the carried mask."""
-    image, label = _chaos_case(chaos_dir, "1")
-    truth = label == 4   # spleen
-    z = int(np.argmax(truth.sum((1, 2))))
-    support = np.zeros_like(truth)
-    support[z] = truth[z]
-    stepper = load_for_mode(None, "learned")
-    registration = propagate(image, support, None, PropagationOptions(mode="registration")).probability
+    image, support, z, stepper, registration = _spleen_painted_once(chaos_dir)
     carried = propagate(image, support, stepper, PropagationOptions(registration_walk_weight=0.0,
                                                                     step_registration_weight=1.0))
     assert np.allclose(carried.probability, registration, atol=1e-6)
