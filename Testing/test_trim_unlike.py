@@ -86,3 +86,16 @@ def test_the_trim_removes_a_liver_carried_onto_its_neighbours(chaos_dir, tmp_pat
     args = ["propagate", str(chaos_dir / "image_1.nii.gz"), "--support", str(support_path), "-q", "-o", str(out)]
     assert cli.main(args + ["--trim-unlike"]) == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0, trimmed)
+
+
+def test_the_trim_outside_learned_mode_says_it_did_nothing(chaos_dir):
+    image = read_image(chaos_dir / "image_1.nii.gz")
+    truth = sitk.GetArrayFromImage(read_image(chaos_dir / "label_1.nii.gz", label=True)) == 2
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    plain = propagate(image, support, None, PropagationOptions(mode="registration"))
+    asked = propagate(image, support, None, PropagationOptions(mode="registration", trim_unlike=True))
+    assert np.array_equal(plain.mask, asked.mask)
+    assert any("trim_unlike applies to the step network" in w for w in asked.warnings)
+    assert not any("trim_unlike" in w for w in plain.warnings)
