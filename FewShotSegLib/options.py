@@ -89,8 +89,8 @@ class PropagationOptions:
     # learned mode: on the slices not painted, cut the regions at the mask's edge whose
     # intensities lie outside the painted voxels' 5-95 % band (postprocessing.trimmed_unlike;
     # a walk carried them onto a neighbour). Opt-in: on development data +0.012 on CHAOS-T2
-    # livers and spleens with one painted slice, but as much lost as gained elsewhere
-    # (benchmarks/results/dev_choices.json)
+    # with one painted slice, but as much lost as gained elsewhere (dev_choices.json); held
+    # out, it helped on MRI and cost about 0.01 on the CT (docs/RESULTS.md)
     trim_unlike: bool = False
     postprocess: bool = True
 
