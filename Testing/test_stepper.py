@@ -226,6 +226,10 @@ def test_training_starts_from_a_checkpoint_with_a_new_input(tmp_path):
     with pytest.raises(FewShotSegError, match="weight"):
         trainer._load_widened(build_model("slicestep", widths=[8, 24], crop=32),
                               trainer._initial_weights(tmp_path / "a" / "stepper.pt")[0], tmp_path)
+    few_shot = tmp_path / "few_shot.pt"
+    save_checkpoint(few_shot, build_model("alpnet", pretrained=False), preprocess=PreprocessConfig(size=64),
+                    provenance={"purpose": "tests"})
+    assert trainer.cli(common + ["--out", str(tmp_path / "c"), "--steps", "2", "--init", str(few_shot)]) == 2
 
 
 @pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")

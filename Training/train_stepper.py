@@ -152,11 +152,11 @@ def main(argv=None) -> int:
             oversample[pattern] = float(weight)
         except ValueError:
             raise FewShotSegError(f"--oversample wants GLOB=WEIGHT, not {item!r}") from None
+    start_weights = _initial_weights(args.init) if args.init else None   # a wrong file: before loading
     x_all, y_all, files, weights = load_examples(args.examples, oversample)
     crop = int(x_all.shape[-1])
     torch.manual_seed(args.seed)
     widths = [int(w) for w in args.widths.split(",")]
-    start_weights = _initial_weights(args.init) if args.init else None
     if start_weights is not None:
         widths = start_weights[1]
     model = build_model("slicestep", widths=widths, crop=crop, likelihood=args.likelihood)
