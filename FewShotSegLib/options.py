@@ -43,7 +43,9 @@ class PropagationOptions:
     # on development data (docs/RESULTS.md)
     registration_walk_weight: float = 0.4
     # learned: weight of the registration-carried mask averaged into every step's
-    # probability (0 = the network's step alone)
+    # probability (0 = the network's step alone). Not the default: at 0.25, on development
+    # data, it kept what the network trims across thin slices (CHAOS-T2 painted coronally
+    # +0.012) and the registration's leaks across 7.7 mm ones (-0.008; dev_choices.json)
     step_registration_weight: float = 0.0
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)
