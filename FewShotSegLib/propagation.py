@@ -494,19 +494,22 @@ class Propagator:
             walks[span] = [w, w] if span.kind == "between" else [w]
         return walks
 
+    def _in_plane_spacings(self) -> list:
+        """The painted plane's two pixel spacings (mm), in array order."""
+        spacing = np.array(self.image.GetSpacing())[::-1]  # array order
+        return [float(s) for a, s in enumerate(spacing) if a != self.axis_index]
+
     def _in_plane_spacing(self) -> float:
         """The painted plane's pixel size (mm; the geometric mean of its two spacings)."""
-        spacing = np.array(self.image.GetSpacing())[::-1]  # array order
-        in_plane = [s for a, s in enumerate(spacing) if a != self.axis_index]
-        return float(np.sqrt(in_plane[0] * in_plane[1]))
+        rows, cols = self._in_plane_spacings()
+        return float(np.sqrt(rows * cols))
 
     def _search_radius_px(self, prepared) -> Optional[int]:
         if self.options.search_margin_mm is None:
             return None
         pixel_mm = getattr(prepared.sampler, "model_spacing", None)
         if pixel_mm is None:
-            spacing = np.array(self.image.GetSpacing())[::-1]  # array order
-            in_plane = [s for a, s in enumerate(spacing) if a != self.axis_index]
+            in_plane = self._in_plane_spacings()
             shape = [d for a, d in enumerate(self.support.shape) if a != self.axis_index]
             pixel_mm = max(shape[0] * in_plane[0], shape[1] * in_plane[1]) / prepared.size
         return max(1, int(round(self.options.search_margin_mm / float(pixel_mm))))

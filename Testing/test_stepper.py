@@ -223,6 +223,10 @@ def test_training_starts_from_a_checkpoint_with_a_new_input(tmp_path):
                                   "--init", str(tmp_path / "a" / "stepper.pt")]) == 0
     loaded = load_checkpoint(tmp_path / "b" / "stepper.pt", expect_kind="propagator")
     assert loaded.config["likelihood"] is True and loaded.provenance["init"]
+    # started from that network without --likelihood, the input it had stays
+    assert trainer.main(common + ["--out", str(tmp_path / "d"), "--steps", "2",
+                                  "--init", str(tmp_path / "b" / "stepper.pt")]) == 0
+    assert load_checkpoint(tmp_path / "d" / "stepper.pt", expect_kind="propagator").config["likelihood"] is True
     with pytest.raises(FewShotSegError, match="weight"):
         trainer._load_widened(build_model("slicestep", widths=[8, 24], crop=32),
                               trainer._initial_weights(tmp_path / "a" / "stepper.pt")[0], tmp_path)

@@ -75,14 +75,14 @@ def step_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
-def _initial_weights(path: Path) -> tuple[dict, list]:
-    """The state dict and widths of a step-network checkpoint (``--init``: a file or an
-    installed model's name)."""
+def _initial_weights(path: Path) -> tuple[dict, dict]:
+    """The state dict and configuration of a step-network checkpoint (``--init``: a file
+    or an installed model's name)."""
     from FewShotSegLib.checkpoints import load_checkpoint
     from FewShotSegLib.model_store import resolve_model_path
     loaded = load_checkpoint(resolve_model_path(path), expect_kind="propagator")
     net = getattr(loaded, "model", loaded)
-    return {k: v.detach().float() for k, v in net.state_dict().items()}, list(net.config["widths"])
+    return {k: v.detach().float() for k, v in net.state_dict().items()}, dict(net.config)
 
 
 def _load_widened(model, state: dict, path: Path) -> None:
@@ -156,10 +156,11 @@ def main(argv=None) -> int:
     x_all, y_all, files, weights = load_examples(args.examples, oversample)
     crop = int(x_all.shape[-1])
     torch.manual_seed(args.seed)
-    widths = [int(w) for w in args.widths.split(",")]
-    if start_weights is not None:
-        widths = start_weights[1]
-    model = build_model("slicestep", widths=widths, crop=crop, likelihood=args.likelihood)
+    widths, likelihood = [int(w) for w in args.widths.split(",")], args.likelihood
+    if start_weights is not None:   # the started network's shape; an input it had stays
+        widths = list(start_weights[1]["widths"])
+        likelihood = likelihood or bool(start_weights[1].get("likelihood", False))
+    model = build_model("slicestep", widths=widths, crop=crop, likelihood=likelihood)
     if start_weights is not None:
         _load_widened(model, start_weights[0], args.init)
     model = model.to(device)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
                       "batch": args.batch * world,
                       "oversample": oversample,
                       "init": display_path(Path(args.init)) if args.init else None,
-                      "likelihood": bool(args.likelihood),
+                      "likelihood": likelihood,
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
                       "command": shlex.join(["python", "-m", "Training.train_stepper"] + _without_description(
                           list(argv or sys.argv[1:]))),
