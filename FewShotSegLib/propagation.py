@@ -275,7 +275,8 @@ class Propagator:
                            exclusion_key=self._exclusion_keys.get,
                            options=opts, radius=self._search_radius_px(self.session.prepared) if net else None,
                            min_area=self._min_area, check_cancel=self._check_cancel, on_step=self._on_step,
-                           stop_model=self._stop_model(), never_stop=opts.stop == "none", stride=self._stride)
+                           stop_model=self._stop_model(), never_stop=opts.stop == "none", stride=self._stride,
+                           spacing_mm=float(self.session.prepared.spacing[self.axis_index]))
 
     def _stop_model(self):
         """The fitted stop model for stop 'learned' (read once per run: the network's walks
@@ -320,7 +321,8 @@ class Propagator:
                                      if item[-1] not in self.session.walks))]
         walks: dict = {}
         for span, start, slices, stop, inward, absent, key in keyed:
-            memory = self.session.steps((start, key[2][0], slices[0] > start) + key[7:])
+            offset = () if stop or not ctx.offset(start) else ("zero-motion",)   # its steps differ
+            memory = self.session.steps((start, key[2][0], slices[0] > start) + key[7:] + offset)
             w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop, inward, absent, memory))
             walks.setdefault(span, []).append(w)
         return walks

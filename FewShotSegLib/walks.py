@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .extent import intensity_agreement, intensity_band
-from .models.slicestep import next_mask_probability
+from .models.slicestep import next_mask_probability, zero_motion_offset
 from .stopping import edge_pixels, step_features
 from .registration import FIELD_BATCH, slice_fields, warp_mask
 
@@ -137,6 +137,18 @@ class WalkContext:
     never_stop: bool = False                      # walks run on until the mask vanishes (fitting a stop model)
     stride: int = 1                               # slices per step (`walk_stride`; 1 for a stop model)
     network_seconds: float = 0.0
+    spacing_mm: float = 0.0                      # between the slices a walk steps across
+    offsets: dict = field(default_factory=dict)   # painted slice -> the network's zero-motion offset
+
+    def offset(self, start: int) -> float:
+        """The step network's logit offset for walks from the painted slice ``start``
+        (0 unless the slices are at most options.zero_motion_max_mm apart)."""
+        limit = self.options.zero_motion_max_mm
+        if self.stepper is None or limit <= 0 or self.spacing_mm * self.stride > limit:
+            return 0.0
+        if start not in self.offsets:
+            self.offsets[start] = zero_motion_offset(self.stepper, self.slices([start])[0], self.painted_masks(start))
+        return self.offsets[start]
 
     def foreground(self, sup_feats, sup_masks, query_feats) -> torch.Tensor:
         start = time.perf_counter()
@@ -171,7 +183,7 @@ def _stepped(slices: list[int], stride: int) -> list[int]:
     return visited
 
 
-def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, fuse: float):
+def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, fuse: float, offset: float = 0.0):
     """The probability of ``chain[k + 1]`` from the painted slice ``chain[0]`` and the
     previous slice ``chain[k]`` with its mask; and the pixels where the network and the
     registration disagree (None without both)."""
@@ -181,7 +193,7 @@ def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, f
     if ctx.stepper is not None:
         start = time.perf_counter()
         prev_image, next_image = ctx.slices([chain[k], i])
-        fg = next_mask_probability(ctx.stepper, prev_image, next_image, prev_mask, carried)
+        fg = next_mask_probability(ctx.stepper, prev_image, next_image, prev_mask, carried, offset)
         ctx.network_seconds += time.perf_counter() - start
         disagreement = float(((fg >= opts.threshold) != (carried >= opts.threshold)).sum())
         if opts.step_registration_weight:
@@ -241,6 +253,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     chain = [start] + visited
     steps = memory if memory is not None else []
     prev_mask = p_mask
+    offset = 0.0 if stop_rule else ctx.offset(start)   # an outward walk's shrinkage is how it ends
     for k, i in enumerate(visited):
         ctx.check_cancel()
         excluded_key = ctx.exclusion_key(i)
@@ -248,7 +261,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
             fg, disagreement = steps[k][2], steps[k][3]      # the same step of an earlier walk
         else:
             del steps[k:]
-            fg, disagreement = _step(ctx, chain, k, prev_mask, fuse)
+            fg, disagreement = _step(ctx, chain, k, prev_mask, fuse, offset)
             steps.append((i, excluded_key, fg, disagreement))
             result.steps += 1
             ctx.on_step()

@@ -156,9 +156,34 @@ def paste(probability: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
     return full
 
 
+OFFSET_LIMIT = 2.0   # the zero-motion offset is kept within +-2 logits
+
+
 @torch.inference_mode()
-def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, carried) -> torch.Tensor:
-    """The walk's step: [H, W] probability of the next slice's mask (model grid)."""
+def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tensor) -> float:
+    """The logit offset that makes ``mask`` on ``image`` stepping onto itself (nothing
+    moved) come back with its own area: the network, trained on steps where structures
+    mostly shrink, trims every mask a little, which compounds over many thin slices."""
+    box = crop_box(mask, mask, image.shape[-1])
+    area = int((mask > 0.5).sum())
+    if box is None or area == 0:
+        return 0.0
+    inputs = step_inputs(image, image, mask, mask, box, int(net.config["crop"]))
+    device = next(net.parameters()).device
+    logits = net.logits(inputs[None].to(device).contiguous(memory_format=torch.channels_last))[0, 0].float().cpu()
+    y0, y1, x0, x1 = box
+    pasted = _resize(logits[None, None], (y1 - y0, x1 - x0))[0, 0].flatten()
+    if area >= pasted.numel():
+        return 0.0
+    kth = torch.topk(pasted, area).values[-1]
+    return float(min(OFFSET_LIMIT, max(-OFFSET_LIMIT, -kth)))
+
+
+@torch.inference_mode()
+def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, carried,
+                          offset: float = 0.0) -> torch.Tensor:
+    """The walk's step: [H, W] probability of the next slice's mask (model grid).
+    ``offset``: added to the logits (`zero_motion_offset`)."""
     size = prev_image.shape[-1]
     box = crop_box(prev_mask, carried, size)
     if box is None:
@@ -167,5 +192,5 @@ def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, 
     device = next(net.parameters()).device
     # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
     inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
-    probability = torch.sigmoid(net.logits(inputs)[0, 0].float()).cpu()
+    probability = torch.sigmoid(net.logits(inputs)[0, 0].float() + offset).cpu()
     return paste(probability, box, size)
