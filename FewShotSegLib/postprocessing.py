@@ -152,7 +152,8 @@ TRIM_PERCENTILES = (5, 95)   # the painted structure's intensity band
 
 def trimmed_unlike(mask: np.ndarray, image: np.ndarray, support: np.ndarray, spacing_mm: float) -> np.ndarray:
     """``mask`` (slices first) without, on each slice not painted, the regions at its edge
-    whose intensities lie outside the painted voxels' 5-95 % band; holes then filled.
+    whose intensities lie outside the painted voxels' 5-95 % band. Holes are left as they
+    are: the clean-up fills them, unless the painting is a ring (a cavity is meant).
 
     Why: a walk carries part of the mask onto a neighbour where the structure ends beside
     it (a liver's left lobe ends and the carried mask stays on the stomach next to it);
@@ -189,5 +190,5 @@ def trimmed_unlike(mask: np.ndarray, image: np.ndarray, support: np.ndarray, spa
         if n > 1:                                   # what the cut split off is not the structure
             sizes = ndimage.sum(kept, parts, range(1, n + 1))
             kept = parts == 1 + int(np.argmax(sizes))
-        out[z] = ndimage.binary_fill_holes(kept)
+        out[z] = kept
     return out

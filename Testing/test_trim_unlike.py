@@ -59,6 +59,26 @@ def test_nothing_is_cut_without_painting_or_where_intensities_agree():
     assert not (trimmed_unlike(mask, image, support, 10.0)[1] & neighbour).any()
 
 
+def test_the_trim_leaves_a_painted_ring_its_cavity():
+    """A wall round a cavity (a ring painted on slice 0; on slices 1-2 the walk's ring and
+    a darker neighbour carried beside it): the neighbour is cut and the cavity stays open;
+    filling holes is the clean-up's call (it keeps a painted ring's cavity)."""
+    y, x = np.mgrid[:64, :64]
+    r = np.hypot(x - 30, y - 32)
+    wall, cavity = (r >= 8) & (r < 14), r < 8
+    neighbour = (x >= 44) & (x < 58) & (abs(y - 32) < 7)
+    image = np.full((3, 64, 64), 10.0, np.float32)
+    image[:, wall], image[:, cavity], image[:, neighbour] = 100.0, 200.0, 40.0
+    mask = np.zeros((3, 64, 64), bool)
+    mask[:, wall | neighbour] = True
+    support = np.zeros_like(mask)
+    support[0] = wall
+    out = trimmed_unlike(mask, image, support, spacing_mm=1.0)
+    for z in (1, 2):
+        assert (out[z] & neighbour).sum() < 0.1 * neighbour.sum() and not (out[z] & cavity).any()
+        assert (wall & out[z]).sum() > 0.95 * wall.sum()
+
+
 @pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
 def test_the_trim_removes_a_liver_carried_onto_its_neighbours(chaos_dir, tmp_path):
     """CHAOS-T2 case 1, liver, one painted slice: the walk carries the left lobe on where it

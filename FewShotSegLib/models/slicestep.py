@@ -156,6 +156,19 @@ def paste(probability: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
     return full
 
 
+def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried):
+    """The network's logits [crop, crop] for one step and the box they cover, or None
+    when both masks are empty."""
+    box = crop_box(prev_mask, carried, prev_image.shape[-1])
+    if box is None:
+        return None
+    inputs = step_inputs(prev_image, next_image, prev_mask, carried, box, int(net.config["crop"]))
+    device = next(net.parameters()).device
+    # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
+    inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
+    return net.logits(inputs)[0, 0].float().cpu(), box
+
+
 OFFSET_LIMIT = 2.0   # the zero-motion offset is kept within +-2 logits
 
 
@@ -164,14 +177,11 @@ def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tenso
     """The logit offset that makes ``mask`` on ``image`` stepping onto itself (nothing
     moved) come back with its own area: the network, trained on steps where structures
     mostly shrink, trims every mask a little, which compounds over many thin slices."""
-    box = crop_box(mask, mask, image.shape[-1])
     area = int((mask > 0.5).sum())
-    if box is None or area == 0:
+    found = _crop_logits(net, image, image, mask, mask) if area else None
+    if found is None:
         return 0.0
-    inputs = step_inputs(image, image, mask, mask, box, int(net.config["crop"]))
-    device = next(net.parameters()).device
-    logits = net.logits(inputs[None].to(device).contiguous(memory_format=torch.channels_last))[0, 0].float().cpu()
-    y0, y1, x0, x1 = box
+    logits, (y0, y1, x0, x1) = found
     pasted = _resize(logits[None, None], (y1 - y0, x1 - x0))[0, 0].flatten()
     if area >= pasted.numel():
         return 0.0
@@ -184,13 +194,8 @@ def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, 
                           offset: float = 0.0) -> torch.Tensor:
     """The walk's step: [H, W] probability of the next slice's mask (model grid).
     ``offset``: added to the logits (`zero_motion_offset`)."""
-    size = prev_image.shape[-1]
-    box = crop_box(prev_mask, carried, size)
-    if box is None:
+    found = _crop_logits(net, prev_image, next_image, prev_mask, carried)
+    if found is None:
         return torch.zeros_like(prev_image)
-    inputs = step_inputs(prev_image, next_image, prev_mask, carried, box, int(net.config["crop"]))
-    device = next(net.parameters()).device
-    # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
-    inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
-    probability = torch.sigmoid(net.logits(inputs)[0, 0].float() + offset).cpu()
-    return paste(probability, box, size)
+    logits, box = found
+    return paste(torch.sigmoid(logits + offset), box, prev_image.shape[-1])
