@@ -55,6 +55,12 @@ class PropagationOptions:
     # Not the default: on development data +0.011 on CHAOS-T2 painted coronally, -0.003 on a
     # CT painted sagittally (dev_choices.json)
     zero_motion_max_mm: float = 0.0
+    # learned: outward walks also end where the step network's presence read-out (fitted
+    # beside it by Training/fit_presence.py; none is shipped) judges the step's mask mostly
+    # wrong; the zero-motion offset (zero_motion_max_mm) then applies to outward walks too.
+    # Research opt-in: a linear read-out fitted on ten cases' walks did not transfer to
+    # development cases (-0.040 with the offset on every walk; dev_choices.json)
+    presence: bool = False
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)
     registration_shrink: int = REGISTRATION_SHRINK
@@ -131,7 +137,7 @@ class PropagationOptions:
         for name in ("support_refinement_steps", "adapt_steps"):
             if not _whole(getattr(self, name), 0):
                 raise FewShotSegError(f"{name} must be a whole number >= 0")
-        for name in ("query_prototypes", "multi_scale", "intensity_gate", "trim_unlike", "postprocess"):
+        for name in ("query_prototypes", "multi_scale", "intensity_gate", "trim_unlike", "postprocess", "presence"):
             if getattr(self, name) not in (True, False):  # also 0/1, as the benchmarks' --option pass
                 raise FewShotSegError(f"{name} must be true or false, not {getattr(self, name)!r}")
 

@@ -51,7 +51,7 @@ from .options import MODES, PropagationOptions
 from .postprocessing import clean_mask, intensity_gated, trimmed_unlike
 from .preprocessing import prepare_volume
 from .session import PropagationSession, digest
-from .stopping import load_stop_model
+from .stopping import load_presence_model, load_stop_model
 from .suggestions import SliceSuggestion, load_suggestion_model, rank_slices
 from .walks import Walk, WalkContext, walk, walk_stride
 
@@ -205,7 +205,7 @@ class Propagator:
                      lambda: prepare_volume(self.image, self.axis_index, self._preprocess()))
         prepared = session.prepared
         self._stride = (walk_stride(opts.walk_step_mm, prepared.spacing[self.axis_index])
-                        if opts.stop == "rules" else 1)   # the stop model was fitted on single steps
+                        if opts.stop == "rules" and not opts.presence else 1)   # fitted on single steps
         self.painted_masks = dict(zip(self.painted, prepared.mask_to_model(self.support, self.painted)))
         self._excluded = self._excluded_on_model_grid(prepared)
         self._check_cancel()
@@ -290,6 +290,14 @@ class Propagator:
                                       "(fewshotseg-propagator.stop.json)")
         return self._loaded_stop_model
 
+    def _presence_model(self, stepper):
+        """The presence read-out fitted for this step network (options.presence)."""
+        model = load_presence_model(stepper, beside=getattr(self.model, "path", None))
+        if model is None:
+            raise FewShotSegError("presence: no presence model is fitted for this step network "
+                                  "(<checkpoint>.presence.json; Training/fit_presence.py)")
+        return model
+
     def _inward(self, span) -> Optional[int]:
         """The painted slice next to an outward span's anchor on the other side, if any."""
         pos = self.painted.index(span.start)
@@ -321,7 +329,7 @@ class Propagator:
                                      if item[-1] not in self.session.walks))]
         walks: dict = {}
         for span, start, slices, stop, inward, absent, key in keyed:
-            offset = () if stop or not ctx.offset(start) else ("zero-motion",)   # its steps differ
+            offset = ("zero-motion",) if ctx.offset(start, outward=stop) else ()   # its steps differ
             memory = self.session.steps((start, key[2][0], slices[0] > start) + key[7:] + offset)
             w = self.session.walk(key, lambda: walk(ctx, start, list(slices), stop, inward, absent, memory))
             walks.setdefault(span, []).append(w)
@@ -413,6 +421,8 @@ class Propagator:
         stepper.to(resolve_device(self.options.device), memory_format=torch.channels_last).eval()
         ctx = self._context(None, None)
         ctx.stepper = stepper
+        if self.options.presence:
+            ctx.presence_model = self._presence_model(stepper)
         walks = self._walks(ctx)
         return walks, ctx.network_seconds
 

@@ -26,7 +26,7 @@ from .walks import FeatureCache, FieldCache, SliceImages, Walk
 WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "registration_weight",
                 "registration_shrink", "registration_iterations", "min_intensity_agreement",
                 "query_prototypes", "support_refinement_steps", "multi_scale", "adapt_steps", "stop",
-                "walk_step_mm", "step_registration_weight", "zero_motion_max_mm")
+                "walk_step_mm", "step_registration_weight", "zero_motion_max_mm", "presence")
 KEEP_WALKS = 64
 KEEP_WALK_BYTES = 256 << 20      # the walks' probabilities kept, at most (256 KB a 256x256 slice)
 

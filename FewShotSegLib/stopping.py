@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from .fitted import LinearModel, fit_logistic, fitted_path, load_fitted
+from .fitted import LinearModel, fit_logistic, fitted_path, load_fitted, resource_path
 
 FEATURES = ("agreement", "log_area_vs_reference", "log_area_vs_previous", "log_area_vs_smallest",
             "narrowing", "disagreement_per_edge")
@@ -78,3 +78,27 @@ def load_stop_model(path=None, beside=None) -> Optional[LinearModel]:
     """The fitted stop model: ``path``, else the one fitted for the checkpoint ``beside``,
     else the installed one; None when there is none."""
     return load_fitted(path if path is not None else stop_model_path(beside), FEATURES)
+
+
+# -- the presence read-out ---------------------------------------------------------------
+# The step network's own outputs tell a step past the structure's end poorly (a mask that
+# no longer shrinks looks alike on and past it); its features tell it better. A logistic
+# regression of "the step's mask is mostly wrong" on the stop features and the network's
+# pooled features (models.slicestep.presence_features), fitted on the network's own walks
+# over labelled training structures in all three planes (Training/fit_presence.py), is
+# data beside the network: ``<checkpoint>.presence.json``.
+
+def presence_features_of(net) -> tuple:
+    """The presence model's feature names for step network ``net``."""
+    from .models.slicestep import presence_feature_names
+    return FEATURES + presence_feature_names(net)
+
+
+def load_presence_model(net, path=None, beside=None) -> Optional[LinearModel]:
+    """The presence model fitted for ``net``: ``path``, else the one beside its checkpoint
+    ``beside`` (never another network's: it reads that network's features), else, for the
+    shipped network (no ``beside``), the installed one; None when there is none."""
+    if path is None:
+        path = (Path(beside).with_suffix(".presence.json") if beside is not None
+                else resource_path("fewshotseg-propagator.presence.json"))
+    return load_fitted(path, presence_features_of(net))

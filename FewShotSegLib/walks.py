@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .extent import intensity_agreement, intensity_band
-from .models.slicestep import next_mask_probability, zero_motion_offset
+from .models.slicestep import next_mask_step, zero_motion_offset
 from .stopping import edge_pixels, step_features
 from .registration import FIELD_BATCH, slice_fields, warp_mask
 
@@ -110,6 +110,7 @@ class Walk:
     areas: dict = field(default_factory=dict)       # slice -> mask area (pixels)
     agreement: dict = field(default_factory=dict)   # slice -> fraction of the mask inside the intensity band
     features: dict = field(default_factory=dict)    # slice -> the stop model's numbers (stop 'learned' / 'none')
+    presence: dict = field(default_factory=dict)    # slice -> the presence model's numbers (stop features + network's)
     stop: Optional[dict] = None                     # {"slice", "reason", "area_fraction"} where it ended early
     steps: int = 0
     painted_area: float = 0.0
@@ -135,15 +136,20 @@ class WalkContext:
     stepper: Optional[torch.nn.Module] = None     # learned mode: the step network
     stop_model: Optional[object] = None           # stopping.StopModel: replaces the intensity and growth rules
     never_stop: bool = False                      # walks run on until the mask vanishes (fitting a stop model)
+    presence_model: Optional[object] = None       # stopping.load_presence_model: also ends outward walks
     stride: int = 1                               # slices per step (`walk_stride`; 1 for a stop model)
     network_seconds: float = 0.0
     spacing_mm: float = 0.0                      # between the slices a walk steps across
     offsets: dict = field(default_factory=dict)   # painted slice -> the network's zero-motion offset
 
-    def offset(self, start: int) -> float:
+    def offset(self, start: int, outward: bool = False) -> float:
         """The step network's logit offset for walks from the painted slice ``start``
-        (0 unless the slices are at most options.zero_motion_max_mm apart)."""
+        (0 unless the slices are at most options.zero_motion_max_mm apart). An outward
+        walk's shrinkage is how it ends, so it keeps it unless the presence read-out ends
+        it (options.presence, or fitting that read-out: stop 'none')."""
         limit = self.options.zero_motion_max_mm
+        if outward and not (self.options.presence or self.options.stop == "none"):
+            return 0.0
         if self.stepper is None or limit <= 0 or self.spacing_mm * self.stride > limit:
             return 0.0
         if start not in self.offsets:
@@ -183,17 +189,19 @@ def _stepped(slices: list[int], stride: int) -> list[int]:
     return visited
 
 
-def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, fuse: float, offset: float = 0.0):
+def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, fuse: float, offset: float = 0.0,
+          features: bool = False):
     """The probability of ``chain[k + 1]`` from the painted slice ``chain[0]`` and the
-    previous slice ``chain[k]`` with its mask; and the pixels where the network and the
-    registration disagree (None without both)."""
+    previous slice ``chain[k]`` with its mask; the pixels where the network and the
+    registration disagree (None without both); the step network's presence features
+    (``features``; else None)."""
     opts, i = ctx.options, chain[k + 1]
     carried = torch.from_numpy(ctx.fields.carry(chain, k, prev_mask.numpy())) if fuse else None
-    disagreement = None
+    disagreement, net_features = None, None
     if ctx.stepper is not None:
         start = time.perf_counter()
         prev_image, next_image = ctx.slices([chain[k], i])
-        fg = next_mask_probability(ctx.stepper, prev_image, next_image, prev_mask, carried, offset)
+        fg, net_features = next_mask_step(ctx.stepper, prev_image, next_image, prev_mask, carried, offset, features)
         ctx.network_seconds += time.perf_counter() - start
         disagreement = float(((fg >= opts.threshold) != (carried >= opts.threshold)).sum())
         if opts.step_registration_weight:
@@ -217,7 +225,7 @@ def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, f
         if ctx.radius is not None:
             fg = fg * _dilate(prev_mask > 0.5, ctx.radius)
     excluded = ctx.excluded(i)
-    return (fg if excluded is None else fg.masked_fill(excluded, 0.0)), disagreement
+    return (fg if excluded is None else fg.masked_fill(excluded, 0.0)), disagreement, net_features
 
 
 def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
@@ -253,16 +261,18 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     chain = [start] + visited
     steps = memory if memory is not None else []
     prev_mask = p_mask
-    offset = 0.0 if stop_rule else ctx.offset(start)   # an outward walk's shrinkage is how it ends
+    offset = ctx.offset(start, outward=stop_rule)
+    read_presence = stop_rule and ctx.stepper is not None and (ctx.presence_model is not None or ctx.never_stop)
     for k, i in enumerate(visited):
         ctx.check_cancel()
         excluded_key = ctx.exclusion_key(i)
-        if k < len(steps) and steps[k][0] == i and steps[k][1] == excluded_key:
-            fg, disagreement = steps[k][2], steps[k][3]      # the same step of an earlier walk
+        if k < len(steps) and steps[k][0] == i and steps[k][1] == excluded_key and (steps[k][4] is not None
+                                                                                   or not read_presence):
+            fg, disagreement, net_features = steps[k][2:]      # the same step of an earlier walk
         else:
             del steps[k:]
-            fg, disagreement = _step(ctx, chain, k, prev_mask, fuse, offset)
-            steps.append((i, excluded_key, fg, disagreement))
+            fg, disagreement, net_features = _step(ctx, chain, k, prev_mask, fuse, offset, read_presence)
+            steps.append((i, excluded_key, fg, disagreement, net_features))
             result.steps += 1
             ctx.on_step()
         if disagreement is not None:
@@ -273,9 +283,12 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
             agreement = intensity_agreement(ctx.slices.one(i), mask.numpy(), band)
             result.agreement[i] = agreement
             last = result.areas[visited[k - 1]] if k else result.painted_area
-            if ctx.stop_model is not None or ctx.never_stop:
+            if ctx.stop_model is not None or ctx.never_stop or read_presence:
                 result.features[i] = step_features(agreement, area, reference_area, last, smallest,
                                                    disagreement, narrowing, edge_pixels(mask.numpy()))
+            if read_presence:
+                result.presence[i] = (np.concatenate([result.features[i], net_features.numpy()])
+                                      if net_features is not None else None)
             if ctx.never_stop:
                 ended, reason = area < 4.0, "area"
             elif ctx.stop_model is not None:
@@ -285,6 +298,8 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
                 grew = narrowing and area > TAPER_GROWTH * smallest
                 ended = area < min_area or agreement < opts.min_intensity_agreement or grew
                 reason = "area" if area < min_area else ("growth" if grew else "intensity")
+            if not ended and read_presence and ctx.presence_model is not None and result.presence[i] is not None:
+                ended, reason = ctx.presence_model.stops(result.presence[i]), "presence"
             if ended:
                 result.stop = {"slice": int(i), "reason": reason,
                                "area_fraction": last / max(reference_area, 1.0)}

@@ -92,16 +92,22 @@ class SliceStepNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor):
+        """(the correction [B, 1, c, c], the deepest features [B, widths[-1], ., .], the
+        last features [B, widths[0], c, c]): the presence read-out reads the two."""
         if self.config["likelihood"]:
             x = torch.cat([x, intensity_likelihood(x)], 1)
         skips = []
         for k, block in enumerate(self.down):
             x = block(x if k == 0 else F.max_pool2d(x, 2))
             skips.append(x)
+        deep = x
         for block, skip in zip(self.up, skips[-2::-1]):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([skip, x], 1))
-        return self.head(x)
+        return self.head(x), deep, x
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The next mask's logits: the carried mask's logit plus the learned correction."""
@@ -156,9 +162,32 @@ def paste(probability: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
     return full
 
 
-def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried):
-    """The network's logits [crop, crop] for one step and the box they cover, or None
-    when both masks are empty."""
+def presence_feature_names(net: SliceStepNet) -> tuple:
+    """The names of `presence_features`' columns for ``net``'s widths."""
+    deep, top = int(net.config["widths"][-1]), int(net.config["widths"][0])
+    return (tuple(f"deep_{k}" for k in range(deep)) + tuple(f"inside_{k}" for k in range(top))
+            + tuple(f"outside_{k}" for k in range(top)) + ("mean_probability_inside", "log_area_ratio"))
+
+
+def presence_features(inputs: torch.Tensor, logits: torch.Tensor, deep: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """[B, F]: what one step of the network holds about whether the structure goes on
+    (its outputs alone tell it poorly: a mask that stopped shrinking looks alike on and
+    past the end): the deepest features pooled, the last features pooled inside and
+    outside the carried mask, the mean probability inside it and the log mask-area ratio."""
+    carried = (inputs[:, 3:4] >= 0.5).float()
+    inside_n, outside_n = carried.sum((2, 3)).clamp_min(1), (1 - carried).sum((2, 3)).clamp_min(1)
+    mean_p = (torch.sigmoid(logits) * carried).sum((2, 3)) / inside_n
+    area = (logits >= 0).float().sum((2, 3))
+    previous = (inputs[:, 2:3] >= 0.5).float().sum((2, 3))
+    return torch.cat([deep.mean((2, 3)), (top * carried).sum((2, 3)) / inside_n,
+                      (top * (1 - carried)).sum((2, 3)) / outside_n, mean_p,
+                      torch.log((area + 1) / (previous + 1))], 1).float()
+
+
+def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
+                 features: bool = False):
+    """(the network's logits [crop, crop] for one step (plus ``offset``), the box they
+    cover, its `presence_features` [F] or None), or None when both masks are empty."""
     box = crop_box(prev_mask, carried, prev_image.shape[-1])
     if box is None:
         return None
@@ -166,7 +195,11 @@ def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried):
     device = next(net.parameters()).device
     # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
     inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
-    return net.logits(inputs)[0, 0].float().cpu(), box
+    correction, deep, top = net.forward_features(inputs)
+    clamped = inputs[:, 3:4].clamp(CARRIED_CLAMP, 1 - CARRIED_CLAMP)
+    logits = torch.logit(clamped) + correction + offset
+    found = presence_features(inputs, logits, deep, top)[0].cpu() if features else None
+    return logits[0, 0].float().cpu(), box, found
 
 
 OFFSET_LIMIT = 2.0   # the zero-motion offset is kept within +-2 logits
@@ -181,7 +214,7 @@ def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tenso
     found = _crop_logits(net, image, image, mask, mask) if area else None
     if found is None:
         return 0.0
-    logits, (y0, y1, x0, x1) = found
+    logits, (y0, y1, x0, x1), _ = found
     pasted = _resize(logits[None, None], (y1 - y0, x1 - x0))[0, 0].flatten()
     if area >= pasted.numel():
         return 0.0
@@ -190,12 +223,18 @@ def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tenso
 
 
 @torch.inference_mode()
+def next_mask_step(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
+                   features: bool = False):
+    """The walk's step: ([H, W] probability of the next slice's mask (model grid), its
+    `presence_features` or None). ``offset``: added to the logits (`zero_motion_offset`)."""
+    found = _crop_logits(net, prev_image, next_image, prev_mask, carried, offset, features)
+    if found is None:
+        return torch.zeros_like(prev_image), None
+    logits, box, feats = found
+    return paste(torch.sigmoid(logits), box, prev_image.shape[-1]), feats
+
+
 def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, carried,
                           offset: float = 0.0) -> torch.Tensor:
-    """The walk's step: [H, W] probability of the next slice's mask (model grid).
-    ``offset``: added to the logits (`zero_motion_offset`)."""
-    found = _crop_logits(net, prev_image, next_image, prev_mask, carried)
-    if found is None:
-        return torch.zeros_like(prev_image)
-    logits, box = found
-    return paste(torch.sigmoid(logits + offset), box, prev_image.shape[-1])
+    """`next_mask_step`'s probability alone."""
+    return next_mask_step(net, prev_image, next_image, prev_mask, carried, offset)[0]

@@ -1,0 +1,111 @@
+"""The step network's presence read-out (options.presence): its features, its fit on real
+walks (Training/fit_presence.py) and how it ends a walk."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from FewShotSegLib.checkpoints import load_for_mode, save_checkpoint
+from FewShotSegLib.errors import FewShotSegError
+from FewShotSegLib.fitted import LinearModel
+from FewShotSegLib.metrics import dice
+from FewShotSegLib.model_store import DEFAULT_PROPAGATOR, list_model_files, resolve_model_path
+from FewShotSegLib.models import build_model
+from FewShotSegLib.models.slicestep import presence_feature_names, presence_features
+from FewShotSegLib.preprocessing import PreprocessConfig
+from FewShotSegLib.propagation import PropagationOptions, propagate
+from FewShotSegLib.stopping import load_presence_model, presence_features_of
+
+SHIPPED = DEFAULT_PROPAGATOR in {e.name for e in list_model_files()}
+
+
+def test_presence_features_read_the_networks_own_pass():
+    """forward_features is forward plus what the read-out reads; one named column each."""
+    net = build_model("slicestep", widths=[8, 16, 24]).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 80, 80, generator=g)
+    x[:, 2:] = (x[:, 2:] > 0).float()
+    correction, deep, top = net.forward_features(x)
+    assert torch.equal(correction, net(x)) and deep.shape[1] == 24 and top.shape == (3, 8, 80, 80)
+    feats = presence_features(x, net.logits(x), deep, top)
+    names = presence_feature_names(net)
+    assert feats.shape == (3, len(names)) and len(set(names)) == len(names) and torch.isfinite(feats).all()
+    # the carried mask's inside and outside are told apart
+    inside, outside = feats[:, 24:32], feats[:, 32:40]
+    assert not torch.allclose(inside, outside)
+
+
+def _case(chaos_dir, case: str):
+    from FewShotSegLib.evaluation import load_chaos_case
+    return load_chaos_case(chaos_dir.parent, case)
+
+
+def _painted_largest(truth: np.ndarray) -> np.ndarray:
+    z = int(np.argmax(truth.sum((1, 2))))
+    support = np.zeros_like(truth)
+    support[z] = truth[z]
+    return support
+
+
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_fit_presence_on_real_walks_and_end_a_walk_with_it(chaos_dir, tmp_path, capsys):
+    """Fitted on the shipped network's never-stopping walks over one CHAOS case's organs
+    (axial and coronal), the read-out tells the walks' wrong steps from the right ones
+    (balanced accuracy on its own examples), it is found beside its network, and a
+    propagation with it on another case's organ stays accurate."""
+    from Training import fit_presence
+    net_path = tmp_path / "net.pt"
+    shutil.copy(resolve_model_path(DEFAULT_PROPAGATOR), net_path)
+    out = tmp_path / "net.presence.json"
+    assert fit_presence.main(["--stepper", str(net_path), "--chaos", "2", "--ct-per-scan", "0",
+                              "--planes", "axial,coronal", "--zero-motion-max-mm", "100",
+                              "--data", str(chaos_dir.parent), "--out", str(out)]) == 0
+    stepper = load_for_mode(str(net_path), "learned")
+    model = load_presence_model(stepper.model, beside=net_path)
+    assert model is not None and model.info["planes"] == ["axial", "coronal"]
+    assert model.info["wrong_steps"] > 10 and model.info["train_accuracy_balanced"] >= 0.8
+    image, label = _case(chaos_dir, "1")
+    truth = label == 2
+    options = PropagationOptions(presence=True, zero_motion_max_mm=100)
+    result = propagate(image, _painted_largest(truth), stepper, options)
+    assert dice(result.mask > 0, truth) >= 0.8
+
+
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_a_read_out_that_judges_every_step_wrong_ends_walks_at_once(chaos_dir, tmp_path):
+    """A read-out whose bias alone says "wrong" ends every outward walk at its first step:
+    only the painted slice is left; one that never says so leaves the default's result."""
+    net_path = tmp_path / "net.pt"
+    shutil.copy(resolve_model_path(DEFAULT_PROPAGATOR), net_path)
+    stepper = load_for_mode(str(net_path), "learned")
+    names = presence_features_of(stepper.model)
+    image, label = _case(chaos_dir, "1")
+    truth = label == 3
+    support = _painted_largest(truth)
+    options = PropagationOptions(presence=True)
+    for bias, painted_only in ((20.0, True), (-20.0, False)):
+        model = LinearModel(names, np.zeros(len(names)), bias, np.zeros(len(names)), np.ones(len(names)))
+        (tmp_path / "net.presence.json").write_text(json.dumps(model.to_dict()))
+        mask = propagate(image, support, stepper, options).mask > 0
+        filled = np.flatnonzero(mask.any((1, 2)))
+        assert (len(filled) == 1) == painted_only
+    assert np.array_equal(mask, propagate(image, support, stepper, PropagationOptions()).mask > 0)
+
+
+def test_presence_needs_a_read_out_fitted_for_that_network(tmp_path, chaos_dir):
+    """Another network's read-out is never used (it reads that network's features): a
+    checkpoint with none beside it is one clear error."""
+    net = build_model("slicestep")
+    path = tmp_path / "mine.pt"
+    save_checkpoint(path, net, kind="propagator", preprocess=PreprocessConfig(), provenance={"data": "none"})
+    image, label = _case(chaos_dir, "1")
+    with pytest.raises(FewShotSegError, match="no presence model is fitted for this step network"):
+        propagate(image, _painted_largest(label == 2), load_for_mode(str(path), "learned"),
+                  PropagationOptions(presence=True))
+    with pytest.raises(FewShotSegError, match="presence must be true or false"):
+        PropagationOptions(presence="yes").validate()
