@@ -421,7 +421,7 @@ class Propagator:
         stepper.to(resolve_device(self.options.device), memory_format=torch.channels_last).eval()
         ctx = self._context(None, None)
         ctx.stepper = stepper
-        if self.options.presence:
+        if self.options.presence and not stepper.config.get("presence"):   # else its own output
             ctx.presence_model = self._presence_model(stepper)
         walks = self._walks(ctx)
         return walks, ctx.network_seconds

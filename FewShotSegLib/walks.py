@@ -111,6 +111,7 @@ class Walk:
     agreement: dict = field(default_factory=dict)   # slice -> fraction of the mask inside the intensity band
     features: dict = field(default_factory=dict)    # slice -> the stop model's numbers (stop 'learned' / 'none')
     presence: dict = field(default_factory=dict)    # slice -> the presence model's numbers (stop features + network's)
+    present: dict = field(default_factory=dict)     # slice -> the step network's presence output (if it has one)
     stop: Optional[dict] = None                     # {"slice", "reason", "area_fraction"} where it ended early
     steps: int = 0
     painted_area: float = 0.0
@@ -262,7 +263,7 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
     steps = memory if memory is not None else []
     prev_mask = p_mask
     offset = ctx.offset(start, outward=stop_rule)
-    read_presence = stop_rule and ctx.stepper is not None and (ctx.presence_model is not None or ctx.never_stop)
+    read_presence = stop_rule and ctx.stepper is not None and (ctx.options.presence or ctx.never_stop)
     for k, i in enumerate(visited):
         ctx.check_cancel()
         excluded_key = ctx.exclusion_key(i)
@@ -287,8 +288,10 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
                 result.features[i] = step_features(agreement, area, reference_area, last, smallest,
                                                    disagreement, narrowing, edge_pixels(mask.numpy()))
             if read_presence:
-                result.presence[i] = (np.concatenate([result.features[i], net_features.numpy()])
+                result.presence[i] = (np.concatenate([result.features[i], net_features["features"].numpy()])
                                       if net_features is not None else None)
+                if net_features is not None and net_features["present"] is not None:
+                    result.present[i] = net_features["present"]
             if ctx.never_stop:
                 ended, reason = area < 4.0, "area"
             elif ctx.stop_model is not None:
@@ -298,7 +301,9 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
                 grew = narrowing and area > TAPER_GROWTH * smallest
                 ended = area < min_area or agreement < opts.min_intensity_agreement or grew
                 reason = "area" if area < min_area else ("growth" if grew else "intensity")
-            if not ended and read_presence and ctx.presence_model is not None and result.presence[i] is not None:
+            if not ended and read_presence and i in result.present:
+                ended, reason = result.present[i] < 0.5, "presence"     # the network's own presence output
+            elif not ended and read_presence and ctx.presence_model is not None and result.presence[i] is not None:
                 ended, reason = ctx.presence_model.stops(result.presence[i]), "presence"
             if ended:
                 result.stop = {"slice": int(i), "reason": reason,

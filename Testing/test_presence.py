@@ -109,3 +109,76 @@ def test_presence_needs_a_read_out_fitted_for_that_network(tmp_path, chaos_dir):
                   PropagationOptions(presence=True))
     with pytest.raises(FewShotSegError, match="presence must be true or false"):
         PropagationOptions(presence="yes").validate()
+
+
+def test_a_presence_output_learns_where_a_structure_ends(chaos_dir):
+    """Walk steps of a real CHAOS case (four organs, made by the training path; the steps
+    past an organ's end have empty targets): a few dozen steps of the presence loss on a
+    small network tell those steps from the others on the examples it trained on."""
+    from FewShotSegLib.evaluation import load_chaos_case
+    from FewShotSegLib.preprocessing import prepare_volume
+    from Training.step_pairs import volume_examples
+    from FewShotSegLib.models.slicestep import PRESENT_PIXELS
+    image, label = load_chaos_case(chaos_dir.parent, "1")
+    prepared = prepare_volume(image, "axial", PreprocessConfig())
+    masks = [prepared.mask_to_model(label == organ) for organ in (1, 2, 3, 4)]
+    x, y = volume_examples(prepared.slices, masks, np.random.default_rng(0))
+    x = torch.from_numpy(x).float()
+    present = ((torch.from_numpy(y) > 127).flatten(1).sum(1) >= PRESENT_PIXELS).float()
+    assert 4 <= int((present == 0).sum()) < len(present) // 2
+    torch.manual_seed(0)
+    net = build_model("slicestep", widths=[8, 16, 24], presence=True)
+    correction, logit = net(x[:4], with_presence=True)
+    assert correction.shape == (4, 1, 80, 80) and logit.shape == (4,)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for step in range(60):
+        batch = torch.randint(0, len(x), (32,), generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[batch], with_presence=True)[1],
+                                                                    present[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        score = net(x, with_presence=True)[1]
+    ended, going = score[present == 0], score[present == 1]
+    auroc = float((ended[:, None] < going[None, :]).float().mean())
+    assert auroc >= 0.8
+
+
+def test_train_stepper_adds_a_presence_output_to_a_network(tmp_path):
+    """--presence with --init: the started network's weights stay, the new output is
+    trained and kept in the checkpoint; the engine then ends walks with it."""
+    import Training.train_stepper as trainer
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    inputs = rng.standard_normal((24, 4, 32, 32)).astype(np.float16)
+    inputs[:, 2:] = inputs[:, 2:] > 0
+    targets = (inputs[:, 3] * 255).astype(np.uint8)
+    targets[::3] = 0                                   # a third of the steps past the end
+    np.savez(folder / "a.npz", inputs=inputs, targets=targets)
+    start = save_checkpoint(tmp_path / "start.pt", build_model("slicestep", widths=[8, 16], crop=32),
+                            kind="propagator", preprocess=PreprocessConfig(), provenance={"test": True}, half=False)
+    out = tmp_path / "run"
+    assert trainer.main([str(folder), "--out", str(out), "--batch", "4", "--steps", "3", "--init", str(start),
+                         "--presence"]) == 0
+    loaded = load_for_mode(str(out / "stepper.pt"), "learned")
+    assert loaded.model.config["presence"] and loaded.provenance["presence"]
+    assert hasattr(loaded.model, "presence_head")
+
+
+def test_a_network_whose_presence_output_says_ended_stops_at_once(chaos_dir, tmp_path):
+    """A network with a presence output whose bias says "ended" ends every outward walk at
+    its first step (options.presence; no fitted read-out needed); without the option the
+    output is not read."""
+    net = build_model("slicestep", presence=True).eval()
+    torch.nn.init.zeros_(net.presence_head[2].weight)
+    torch.nn.init.constant_(net.presence_head[2].bias, -20.0)
+    path = save_checkpoint(tmp_path / "ended.pt", net, kind="propagator", preprocess=PreprocessConfig(),
+                           provenance={"test": True}, half=False)
+    stepper = load_for_mode(str(path), "learned")
+    image, label = _case(chaos_dir, "1")
+    support = _painted_largest(label == 3)
+    with_output = propagate(image, support, stepper, PropagationOptions(presence=True)).mask > 0
+    without = propagate(image, support, stepper, PropagationOptions()).mask > 0
+    assert len(np.flatnonzero(with_output.any((1, 2)))) == 1 and len(np.flatnonzero(without.any((1, 2)))) > 3

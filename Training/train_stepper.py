@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 from FewShotSegLib.checkpoints import load_training_state, save_checkpoint, save_training_state  # noqa: E402
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegLib.models import build_model  # noqa: E402
+from FewShotSegLib.models.slicestep import PRESENT_PIXELS  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.provenance import display_path, git_commit, hardware  # noqa: E402
 from Training.train import _device, _distributed  # noqa: E402
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
                              "a new input channel (--likelihood) starts at zero, so the start is that network")
     parser.add_argument("--likelihood", action="store_true",
                         help="a fifth input: the next slice's intensities under the previous mask's histogram")
+    parser.add_argument("--presence", action="store_true",
+                        help="train a presence output too (the structure goes on in the next slice: its own "
+                             "loss, beside the mask's); with --init a network without one gains it")
     parser.add_argument("--oversample", action="append", default=[], metavar="GLOB=WEIGHT",
                         help="draw the examples of files matching GLOB WEIGHT times as often (repeatable)")
     parser.add_argument("--description", default="The walk's step network (mode 'learned').",
@@ -156,11 +160,12 @@ def main(argv=None) -> int:
     x_all, y_all, files, weights = load_examples(args.examples, oversample)
     crop = int(x_all.shape[-1])
     torch.manual_seed(args.seed)
-    widths, likelihood = [int(w) for w in args.widths.split(",")], args.likelihood
-    if start_weights is not None:   # the started network's shape; an input it had stays
+    widths, likelihood, presence = [int(w) for w in args.widths.split(",")], args.likelihood, args.presence
+    if start_weights is not None:   # the started network's shape; an input or output it had stays
         widths = list(start_weights[1]["widths"])
         likelihood = likelihood or bool(start_weights[1].get("likelihood", False))
-    model = build_model("slicestep", widths=widths, crop=crop, likelihood=likelihood)
+        presence = presence or bool(start_weights[1].get("presence", False))
+    model = build_model("slicestep", widths=widths, crop=crop, likelihood=likelihood, presence=presence)
     if start_weights is not None:
         _load_widened(model, start_weights[0], args.init)
     model = model.to(device)
@@ -188,8 +193,12 @@ def main(argv=None) -> int:
                  else torch.randint(0, len(x_all), (args.batch,), generator=generator))
         x, y = augmented(x_all[index].float(), y_all[index].float()[:, None] / 255.0, generator)
         carried = x[:, 3:4].clamp(0.05, 0.95)
-        logits = torch.logit(carried.to(device)) + net(x.to(device))
-        loss = step_loss(logits, y.to(device))
+        out = net(x.to(device), with_presence=presence)
+        correction, present_logit = out if presence else (out, None)
+        loss = step_loss(torch.logit(carried.to(device)) + correction, y.to(device))
+        if presence:
+            present = ((y > 0.5).flatten(1).sum(1) >= PRESENT_PIXELS).float()
+            loss = loss + F.binary_cross_entropy_with_logits(present_logit, present.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
                       "batch": args.batch * world,
                       "oversample": oversample,
                       "init": display_path(Path(args.init)) if args.init else None,
-                      "likelihood": likelihood,
+                      "likelihood": likelihood, "presence": presence,
                       "steps": step, "wall_seconds": round(seconds, 1), "hardware": hardware(device, world),
                       "command": shlex.join(["python", "-m", "Training.train_stepper"] + _without_description(
                           list(argv or sys.argv[1:]))),

@@ -27,6 +27,7 @@ CROP_PAD = 8         # ... plus this many model-grid pixels
 CARRIED_CLAMP = 0.05  # the carried mask's logit is taken at [0.05, 0.95]: +-2.9
 IN_CHANNELS = 4      # next slice, previous slice, previous mask, carried mask
 LIKELIHOOD_BINS = 24  # histogram bins over [-4, 4] structure-relative intensity (option 'likelihood')
+PRESENT_PIXELS = 12   # a training step's target with at least this many crop pixels: the structure goes on
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -62,10 +63,12 @@ def intensity_likelihood(inputs: torch.Tensor) -> torch.Tensor:
 @register_model("slicestep")
 class SliceStepNet(nn.Module):
     """A small U-Net (``widths`` per level) on [B, 4, CROP, CROP]; logits [B, 1, CROP, CROP].
-    ``likelihood``: a fifth input channel, ``intensity_likelihood`` of the four."""
+    ``likelihood``: a fifth input channel, ``intensity_likelihood`` of the four.
+    ``presence``: a second output, the logit that the structure goes on in the next slice
+    (trained with its own loss: the mask's shrinkage alone tells a walk's end poorly)."""
 
     kind = "propagator"
-    defaults = {"widths": [16, 32, 48, 64], "crop": CROP, "likelihood": False}
+    defaults = {"widths": [16, 32, 48, 64], "crop": CROP, "likelihood": False, "presence": False}
 
     def __init__(self, **config):
         super().__init__()
@@ -79,6 +82,7 @@ class SliceStepNet(nn.Module):
             raise FewShotSegError("model 'slicestep': widths must be two or more multiples of 4")
         self.config["widths"] = widths
         self.config["likelihood"] = bool(self.config["likelihood"])
+        self.config["presence"] = bool(self.config["presence"])
         self.down = nn.ModuleList()
         cin = IN_CHANNELS + int(self.config["likelihood"])
         for w in widths:
@@ -90,9 +94,22 @@ class SliceStepNet(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if self.config["presence"]:
+            self.presence_head = nn.Sequential(nn.Linear(widths[-1] + 2 * widths[0], 32), nn.ReLU(inplace=True),
+                                               nn.Linear(32, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
+    def forward(self, x: torch.Tensor, with_presence: bool = False):
+        """The correction [B, 1, c, c]; with ``with_presence`` also the presence logit [B]."""
+        correction, deep, top = self.forward_features(x)
+        return (correction, self.presence_logit(x, deep, top)) if with_presence else correction
+
+    def presence_logit(self, x: torch.Tensor, deep: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """[B]: the logit that the structure goes on in the next slice, read from the deepest
+        features pooled and the last features pooled inside and outside the carried mask."""
+        carried = (x[:, 3:4] >= 0.5).to(top.dtype)
+        inside = (top * carried).sum((2, 3)) / carried.sum((2, 3)).clamp_min(1)
+        outside = (top * (1 - carried)).sum((2, 3)) / (1 - carried).sum((2, 3)).clamp_min(1)
+        return self.presence_head(torch.cat([deep.mean((2, 3)), inside, outside], 1))[:, 0]
 
     def forward_features(self, x: torch.Tensor):
         """(the correction [B, 1, c, c], the deepest features [B, widths[-1], ., .], the
@@ -187,7 +204,8 @@ def presence_features(inputs: torch.Tensor, logits: torch.Tensor, deep: torch.Te
 def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
                  features: bool = False):
     """(the network's logits [crop, crop] for one step (plus ``offset``), the box they
-    cover, its `presence_features` [F] or None), or None when both masks are empty."""
+    cover, {"features": its `presence_features` [F], "present": its presence head's
+    probability or None} or None), or None when both masks are empty."""
     box = crop_box(prev_mask, carried, prev_image.shape[-1])
     if box is None:
         return None
@@ -198,7 +216,11 @@ def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried, 
     correction, deep, top = net.forward_features(inputs)
     clamped = inputs[:, 3:4].clamp(CARRIED_CLAMP, 1 - CARRIED_CLAMP)
     logits = torch.logit(clamped) + correction + offset
-    found = presence_features(inputs, logits, deep, top)[0].cpu() if features else None
+    found = None
+    if features:
+        present = (float(torch.sigmoid(net.presence_logit(inputs, deep, top))[0])
+                   if net.config.get("presence") else None)
+        found = {"features": presence_features(inputs, logits, deep, top)[0].cpu(), "present": present}
     return logits[0, 0].float().cpu(), box, found
 
 
@@ -225,8 +247,9 @@ def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tenso
 @torch.inference_mode()
 def next_mask_step(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
                    features: bool = False):
-    """The walk's step: ([H, W] probability of the next slice's mask (model grid), its
-    `presence_features` or None). ``offset``: added to the logits (`zero_motion_offset`)."""
+    """The walk's step: ([H, W] probability of the next slice's mask (model grid), what it
+    tells of the structure's presence (`_crop_logits`) or None). ``offset``: added to the
+    logits (`zero_motion_offset`)."""
     found = _crop_logits(net, prev_image, next_image, prev_mask, carried, offset, features)
     if found is None:
         return torch.zeros_like(prev_image), None
