@@ -55,11 +55,12 @@ class PropagationOptions:
     # Not the default: on development data +0.011 on CHAOS-T2 painted coronally, -0.003 on a
     # CT painted sagittally (dev_choices.json)
     zero_motion_max_mm: float = 0.0
-    # learned: outward walks also end where the step network's presence read-out (fitted
-    # beside it by Training/fit_presence.py; none is shipped) judges the step's mask mostly
-    # wrong; the zero-motion offset (zero_motion_max_mm) then applies to outward walks too.
-    # Research opt-in: a linear read-out fitted on ten cases' walks did not transfer to
-    # development cases (-0.040 with the offset on every walk; dev_choices.json)
+    # learned: outward walks also end where the step network says the structure has ended:
+    # its own presence output (train_stepper --presence), else a read-out of its features
+    # fitted beside it (Training/fit_presence.py; none is shipped); the zero-motion offset
+    # (zero_motion_max_mm) then applies to outward walks too. Research opt-in: on
+    # development data neither kind gained (a CPU-trained output +0.000; a read-out fitted
+    # on ten cases' walks did not transfer: -0.040 with the offset; dev_choices.json)
     presence: bool = False
     # demons registration (registration mode and the fusion): field estimated on a grid
     # shrunk by this factor, for this many iterations (registration.py)

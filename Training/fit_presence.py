@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from Training import fitting  # noqa: E402
-from Training.fit_stop import KEEP_WRONG, WRONG_FRACTION, _supports  # noqa: E402
+from Training.fit_stop import WRONG_FRACTION, _supports, labelled_steps  # noqa: E402
 
 # array axis that becomes the first one: sitk.PermuteAxes order, numpy transpose
 PLANES = {"axial": ((0, 1, 2), (0, 1, 2)), "coronal": ((0, 2, 1), (1, 0, 2)), "sagittal": ((1, 2, 0), (2, 0, 1))}
@@ -52,23 +52,9 @@ def structure_examples(image, truth: np.ndarray, stepper, zero_motion_max_mm: fl
             support = np.zeros_like(truth_p)
             support[painted] = truth_p[painted]
             propagate(volume, support, stepper, options, session=session)
-        prepared = session.prepared
-        for w in session.walks.values():
-            slices = sorted(i for i in w.presence if w.presence[i] is not None)
-            if not slices:
-                continue
-            if slices[0] < w.start:
-                slices = slices[::-1]                  # the walk's own order: outward
-            true = prepared.mask_to_model(truth_p, slices) >= 0.5
-            seen_wrong = 0
-            for i, t in zip(slices, true):
-                if i not in w.probs or seen_wrong >= KEEP_WRONG:
-                    continue
-                mask = w.probs[i] >= 0.5
-                is_wrong = float((mask & t).sum()) < WRONG_FRACTION * float(mask.sum())
-                seen_wrong += is_wrong
-                feats.append(w.presence[i])
-                wrong.append(is_wrong)
+        for w, i, is_wrong in labelled_steps(session, truth_p, lambda w: w.presence):
+            feats.append(w.presence[i])
+            wrong.append(is_wrong)
     width = len(feats[0]) if feats else 0
     return np.array(feats).reshape(-1, width), np.array(wrong, np.float64)
 

@@ -55,11 +55,21 @@ def structure_examples(image, truth: np.ndarray, stepper) -> tuple[np.ndarray, n
         support = np.zeros_like(truth)
         support[painted] = truth[painted]
         propagate(image, support, stepper, options, session=session)
+    for w, i, is_wrong in labelled_steps(session, truth, lambda w: w.features):
+        feats.append(w.features[i])
+        wrong.append(is_wrong)
+    return np.array(feats).reshape(-1, len(FEATURES)), np.array(wrong, np.float64)
+
+
+def labelled_steps(session, truth: np.ndarray, recorded):
+    """(walk, slice, mostly wrong) of each outward step of the session's walks whose
+    ``recorded(walk)`` (a dict by slice) holds it, in the walk's order, up to the first
+    ``KEEP_WRONG`` wrong steps of each walk."""
     prepared = session.prepared
     for w in session.walks.values():
-        if not w.features:
+        slices = sorted(i for i, value in recorded(w).items() if value is not None)
+        if not slices:
             continue
-        slices = sorted(w.features)
         if slices[0] < w.start:
             slices = slices[::-1]                  # the walk's own order: outward
         true = prepared.mask_to_model(truth, slices) >= 0.5
@@ -70,9 +80,7 @@ def structure_examples(image, truth: np.ndarray, stepper) -> tuple[np.ndarray, n
             mask = w.probs[i] >= 0.5
             is_wrong = float((mask & t).sum()) < WRONG_FRACTION * float(mask.sum())
             seen_wrong += is_wrong
-            feats.append(w.features[i])
-            wrong.append(is_wrong)
-    return np.array(feats).reshape(-1, len(FEATURES)), np.array(wrong, np.float64)
+            yield w, i, is_wrong
 
 
 def main(argv=None) -> int:
