@@ -181,3 +181,23 @@ def test_a_tilted_grid_covers_the_scan_and_keeps_the_structure():
     moved, mask = bench.tilted(image, 25.0), bench.tilted(image, 25.0, truth)
     assert mask.shape == sitk.GetArrayViewFromImage(moved).shape
     assert abs(int(mask.sum()) - int(truth.sum())) < 0.15 * truth.sum()
+
+
+def test_the_top_three_user_corrects_the_worst_listed_slice(chaos_dir):
+    """learned_top3: after the first run on a real CHAOS liver the user's next slice is one
+    of the three the tool lists first, the one of them with the most wrong voxels (at least
+    as wrong as the first suggestion, which learned_suggest would take)."""
+    from FewShotSegLib.checkpoints import load_for_mode
+    from FewShotSegLib.evaluation import load_chaos_case
+    from FewShotSegLib.propagation import PropagationOptions, propagate
+    bench = _bench()
+    image, label = load_chaos_case(chaos_dir.parent, "2")
+    truth = label == 1
+    stepper = load_for_mode(None, "learned")
+    record = bench.run_structure("learned_top3", image, truth, 0, 2, stepper)
+    support, exclude = bench.inputs_for(truth, 0, [record["picks"][0]], [])
+    first = propagate(image, support, stepper, PropagationOptions(mode="learned"), exclude=exclude)
+    listed = [int(s.slice) for s in first.suggestions[:3]]
+    wrong = bench.slice_counts((first.mask > 0) != truth, 0)
+    assert record["picks"][1] in listed and wrong[record["picks"][1]] == max(wrong[i] for i in listed)
+    assert wrong[record["picks"][1]] >= wrong[listed[0]]

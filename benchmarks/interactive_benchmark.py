@@ -26,6 +26,9 @@ Methods (``--methods``, comma-separated):
 * ``learned_suggest``: the engine in ``mode="learned"`` (the shipped default), with the user
   who corrects the slice the tool suggests, as ``suggest``.
 * ``registration_suggest``: registration mode with the user who follows the suggestions.
+* ``learned_top3``: the engine in ``mode="learned"``, with a user who looks at the three
+  slices the tool lists first (the command prints three, Slicer lists them with *Next*) and
+  corrects the one where the result is most wrong (falling back as ``suggest``).
 * ``registration``: the engine's non-learned comparator, ``PropagationOptions(mode=
   "registration")``, with the worst-slice user.
 * ``fill``: 3D Slicer's *Fill between slices*: ITK's MorphologicalContourInterpolator
@@ -104,9 +107,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("fewshot", "suggest", "learned", "learned_suggest", "registration", "registration_suggest", "fill",
+METHODS = ("fewshot", "suggest", "learned", "learned_suggest", "learned_top3", "registration", "registration_suggest", "fill",
            "fill_spaced")
-SUGGEST_METHODS = ("suggest", "learned_suggest", "registration_suggest")
+SUGGEST_METHODS = ("suggest", "learned_suggest", "registration_suggest", "learned_top3")
 FILL_METHODS = ("fill", "fill_spaced")
 REPORT_COUNTS = (1, 2, 3, 4, 6)
 # Fill between slices on the 20 CHAOS-T2 cases x 4 organs, measured elsewhere (issue #34)
@@ -308,7 +311,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     errors, fallbacks, axis_mismatch = 0, 0, 0
     spacing = image.GetSpacing()
     mode = {"registration": "registration", "registration_suggest": "registration", "learned": "learned",
-            "learned_suggest": "learned"}.get(method, "chained")
+            "learned_suggest": "learned", "learned_top3": "learned"}.get(method, "chained")
     runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
@@ -335,9 +338,11 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
         done = set(painted) | set(absent)
         nxt = None
         if method in SUGGEST_METHODS and result is not None:
-            for suggestion in (result.suggestions or [])[:1]:
-                if int(suggestion.slice) not in done:
-                    nxt = int(suggestion.slice)
+            listed = [int(s.slice) for s in (result.suggestions or [])[:3 if method == "learned_top3" else 1]]
+            listed = [i for i in listed if i not in done]
+            if listed:
+                errors_per_slice = slice_counts(pred != truth, axis)
+                nxt = max(listed, key=lambda i: errors_per_slice[i])
             if nxt is None:
                 fallbacks += 1
         if nxt is None:
@@ -479,10 +484,11 @@ def plot(paths: list, out_png: Path) -> Path:
               "totalseg_mr": "TotalSegmentator MR (agreement)"}
     labels = {"fewshot": "few-shot model, worst slice", "suggest": "few-shot model, its own suggestion",
               "learned": "step network, worst slice", "learned_suggest": "step network, its own suggestion",
+              "learned_top3": "step network, the worst of its first three suggestions",
               "registration": "registration mode, worst slice", "registration_suggest": "registration, its own suggestion",
               "fill": "Fill between slices (ITK MCI)",
               "fill_spaced": "Fill between slices, spaced slices"}
-    styles = {"learned": "C5P-", "learned_suggest": "C6X--", "registration_suggest": "C7v:", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
+    styles = {"learned": "C5P-", "learned_suggest": "C6X--", "learned_top3": "C8o--", "registration_suggest": "C7v:", "fewshot": "C0o-", "suggest": "C2s-", "registration": "C1^-", "fill": "C3D-", "fill_spaced": "C4v--"}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in METHODS:
@@ -588,7 +594,7 @@ def main(argv=None) -> int:
         args.dataset, [args.dataset])
     out = Path(args.out) if args.out else RESULTS / f"interactive_{args.dataset}{'_quick' if args.quick else ''}.json"
     settings = {"rounds": args.rounds, "user": "largest slice, then the worst slice (fill: worst slice where "
-                "present; suggest: suggestions[0])", "model": args.model or "shipped default",
+                "present; suggest: suggestions[0]; top3: the most wrong of suggestions[:3])", "model": args.model or "shipped default",
                 "stepper": args.stepper or "shipped default",
                 "options": ("PropagationOptions() defaults" if not extra else f"PropagationOptions(**{extra})")
                 + "; registration: mode='registration'",
@@ -649,14 +655,14 @@ def main(argv=None) -> int:
                 from FewShotSegLib.checkpoints import load_checkpoint
                 from FewShotSegLib.model_store import resolve_model_path
                 model = load_checkpoint(resolve_model_path(args.model), device="cpu")
-            if method in ("learned", "learned_suggest") and stepper is None:
+            if method in ("learned", "learned_suggest", "learned_top3") and stepper is None:
                 from FewShotSegLib.checkpoints import load_for_mode
                 stepper = load_for_mode(args.stepper, "learned")
             if method in FILL_METHODS:
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
             record.update(run_structure(method, image, truth, axis, args.rounds,
-                                        stepper if method in ("learned", "learned_suggest") else model, extra))
+                                        stepper if method in ("learned", "learned_suggest", "learned_top3") else model, extra))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "
