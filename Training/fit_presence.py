@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from Training import fitting  # noqa: E402
-from Training.fit_stop import WRONG_FRACTION, _supports, labelled_steps  # noqa: E402
+from Training.fit_stop import WRONG_FRACTION, walked_steps, write_step_classifier  # noqa: E402
 
 # array axis that becomes the first one: sitk.PermuteAxes order, numpy transpose
 PLANES = {"axial": ((0, 1, 2), (0, 1, 2)), "coronal": ((0, 2, 1), (1, 0, 2)), "sagittal": ((1, 2, 0), (2, 0, 1))}
@@ -39,22 +39,17 @@ def turned(image, truth: np.ndarray, plane: str):
 
 def structure_examples(image, truth: np.ndarray, stepper, zero_motion_max_mm: float, planes: list[str]):
     """Presence features and 'mostly wrong' labels of every outward step, no stop rule."""
-    from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
+    from FewShotSegLib.propagation import PropagationOptions
     feats, wrong = [], []
     for plane in planes:
         volume, truth_p = turned(image, truth, plane)
         if int(truth_p.any(axis=(1, 2)).sum()) < 3:
             continue
-        session = PropagationSession()
         options = PropagationOptions(mode="learned", stop="none", axis=0, registration_walk_weight=0.0,
                                      zero_motion_max_mm=zero_motion_max_mm)
-        for painted in _supports(truth_p):
-            support = np.zeros_like(truth_p)
-            support[painted] = truth_p[painted]
-            propagate(volume, support, stepper, options, session=session)
-        for w, i, is_wrong in labelled_steps(session, truth_p, lambda w: w.presence):
-            feats.append(w.presence[i])
-            wrong.append(is_wrong)
+        f, w = walked_steps(volume, truth_p, stepper, options, lambda walk: walk.presence)
+        feats += f
+        wrong += w
     width = len(feats[0]) if feats else 0
     return np.array(feats).reshape(-1, width), np.array(wrong, np.float64)
 
@@ -91,11 +86,7 @@ def main(argv=None) -> int:
     info = fitting.info(args, argv, "Training.fit_presence", start, structures=count, steps=int(len(y)),
                         wrong_steps=int(y.sum()), planes=planes, zero_motion_max_mm=args.zero_motion_max_mm,
                         label=f"under {WRONG_FRACTION:.0%} of the step's mask on the structure")
-    model = fit_logistic(x, y, names, l2=args.l2, info=info)
-    p = np.array([model.probability(f) for f in x])
-    info["train_accuracy_balanced"] = round(float(0.5 * ((p[y > 0.5] >= 0.5).mean() + (p[y < 0.5] < 0.5).mean())), 3)
-    return fitting.write(args.out, model, f"{info['steps']} steps ({info['wrong_steps']} wrong), balanced "
-                                          f"accuracy {info['train_accuracy_balanced']}")
+    return write_step_classifier(args.out, fit_logistic(x, y, names, l2=args.l2, info=info), x, y)
 
 
 def cli(argv=None) -> int:

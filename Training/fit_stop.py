@@ -45,20 +45,27 @@ def _supports(truth: np.ndarray) -> list[list[int]]:
 
 def structure_examples(image, truth: np.ndarray, stepper) -> tuple[np.ndarray, np.ndarray]:
     """Features and 'mostly wrong' labels of every outward step, no stop rule."""
-    from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
+    from FewShotSegLib.propagation import PropagationOptions
     from FewShotSegLib.stopping import FEATURES
+    feats, wrong = walked_steps(image, truth, stepper, PropagationOptions(mode="learned", stop="none", axis=0),
+                                lambda w: w.features)
+    return np.array(feats).reshape(-1, len(FEATURES)), np.array(wrong, np.float64)
 
+
+def walked_steps(image, truth: np.ndarray, stepper, options, recorded) -> tuple[list, list]:
+    """The numbers ``recorded(walk)[slice]`` and 'mostly wrong' labels of the outward steps of
+    walks from each set of painted slices (``_supports``); axis 0 is the slices'."""
+    from FewShotSegLib.propagation import PropagationSession, propagate
     session = PropagationSession()
-    options = PropagationOptions(mode="learned", stop="none", axis=0)
-    feats, wrong = [], []
     for painted in _supports(truth):
         support = np.zeros_like(truth)
         support[painted] = truth[painted]
         propagate(image, support, stepper, options, session=session)
-    for w, i, is_wrong in labelled_steps(session, truth, lambda w: w.features):
-        feats.append(w.features[i])
+    feats, wrong = [], []
+    for w, i, is_wrong in labelled_steps(session, truth, recorded):
+        feats.append(recorded(w)[i])
         wrong.append(is_wrong)
-    return np.array(feats).reshape(-1, len(FEATURES)), np.array(wrong, np.float64)
+    return feats, wrong
 
 
 def labelled_steps(session, truth: np.ndarray, recorded):
@@ -110,11 +117,16 @@ def _fit_and_write(args, argv, x, y, structures: int, use, start: float) -> int:
     info = fitting.info(args, argv, "Training.fit_stop", start, structures=structures, steps=int(len(y)),
                         wrong_steps=int(y.sum()), label=f"under {WRONG_FRACTION:.0%} of the step's mask on the structure",
                         features_used=use or list(FEATURES))
-    model = fit_stop_model(x, y, info=info, use=use)
+    return write_step_classifier(args.out, fit_stop_model(x, y, info=info, use=use), x, y)
+
+
+def write_step_classifier(out: Path, model, x: np.ndarray, y: np.ndarray) -> int:
+    """``model`` (P(a step is mostly wrong)) written with its balanced accuracy on ``x``."""
     p = np.array([model.probability(f) for f in x])
-    info["train_accuracy_balanced"] = round(float(0.5 * ((p[y > 0.5] >= 0.5).mean() + (p[y < 0.5] < 0.5).mean())), 3)
-    return fitting.write(args.out, model, f"{info['steps']} steps ({info['wrong_steps']} wrong), balanced "
-                                          f"accuracy {info['train_accuracy_balanced']}")
+    model.info["train_accuracy_balanced"] = round(float(0.5 * ((p[y > 0.5] >= 0.5).mean()
+                                                               + (p[y < 0.5] < 0.5).mean())), 3)
+    return fitting.write(out, model, f"{model.info['steps']} steps ({model.info['wrong_steps']} wrong), balanced "
+                                     f"accuracy {model.info['train_accuracy_balanced']}")
 
 
 def cli(argv=None) -> int:
