@@ -162,6 +162,29 @@ def test_walk_examples_follow_the_networks_own_walk(chaos_dir):
     assert int((y.reshape(len(y), -1).max(1) == 0).sum()) >= 1     # steps past the end
 
 
+@pytest.mark.skipif(not SHIPPED, reason=f"the shipped step network ({DEFAULT_PROPAGATOR}.pt) is not installed")
+def test_walk_examples_with_the_zero_motion_offset_keep_their_masks_past_the_end(chaos_dir, capsys):
+    """--zero-motion: the shipped network's walks across a CHAOS kidney's coronal slices
+    with the offset carry larger masks onto the slices past its end (the examples a
+    presence output must learn to call ended) than without; asked for without --policy,
+    one line."""
+    from Training.step_pairs import main, walk_examples
+    image, label = _chaos_case(chaos_dir, "1")
+    prepared = prepare_volume(image, "coronal", PreprocessConfig())
+    kidney = prepared.mask_to_model(label == 2)
+    net = load_for_mode(None, "learned").model.eval()
+
+    def past_end_area(zero_motion):
+        x, y = walk_examples(prepared.slices, [kidney], net, zero_motion=zero_motion)
+        ended = y.reshape(len(y), -1).max(1) == 0
+        assert ended.sum() >= 2
+        return float(x[ended, 2].astype(np.float32).reshape(int(ended.sum()), -1).sum(1).mean())
+
+    assert past_end_area(True) > 1.1 * past_end_area(False)
+    assert main(["--images", str(chaos_dir / "image_1.nii.gz"), "--out", "unused", "--zero-motion"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def _synthetic_examples(tmp_path, count: int):
     """A folder with one .npz of random 32x32 walk steps (the trainer's input format)."""
     rng = np.random.default_rng(count)

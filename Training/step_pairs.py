@@ -30,7 +30,8 @@ from scipy import ndimage
 from FewShotSegLib.checkpoints import atomic_write
 from FewShotSegLib.imageio import AXES, read_image, read_mask_like
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegLib.models.slicestep import CROP, crop_box, crop_resized, next_mask_probability, step_inputs
+from FewShotSegLib.models.slicestep import (CROP, crop_box, crop_resized, next_mask_probability, step_inputs,
+                                            zero_motion_offset)
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 from FewShotSegLib.registration import FIELD_BATCH, slice_fields, warp_mask
 
@@ -127,16 +128,19 @@ def volume_examples(slices: torch.Tensor, structures: list[torch.Tensor], rng: n
 
 
 def walk_examples(slices: torch.Tensor, structures: list[torch.Tensor], net, crop: int = CROP,
-                  past_end: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                  past_end: int = 2, zero_motion: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The steps a walk of ``net`` really takes: from each structure's largest slice, up
     and down, the previous mask is the network's own last prediction (errors compound
     along a walk; a network trained on true previous masks alone learns to shrink them
     step after step). The walk goes ``past_end`` slices beyond the structure, where the
-    target is empty: there the network learns to stop."""
+    target is empty: there the network learns to stop. ``zero_motion``: the walk runs with
+    the network's zero-motion offset, as with options.presence: its masks no longer shrink
+    towards the end, so the steps past it are the ones a presence output must call ended."""
     n, fields, examples = slices.shape[0], _Fields(slices), []
     for masks in structures:
         areas = masks.flatten(1).sum(1)
         start = int(areas.argmax())
+        offset = zero_motion_offset(net, slices[start], (masks[start] > 0.5).float()) if zero_motion else 0.0
         for d in (-1, 1):
             prev, beyond = masks[start].numpy() > 0.5, 0
             for b in range(start + d, n if d > 0 else -1, d):
@@ -147,7 +151,7 @@ def walk_examples(slices: torch.Tensor, structures: list[torch.Tensor], net, cro
                 examples.append(found[:2])
                 carried = found[2]
                 probability = next_mask_probability(net, slices[a], slices[b], torch.from_numpy(prev.astype(np.float32)),
-                                                    carried)
+                                                    carried, offset)
                 prev = (probability >= 0.5).numpy()
                 beyond += float(areas[b]) < MIN_AREA
                 if prev.sum() < MIN_AREA or beyond > past_end:
@@ -179,7 +183,8 @@ def example_names(sources: list[dict]) -> list[str]:
     return names
 
 
-def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None, name: str | None = None) -> list[Path]:
+def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None, name: str | None = None,
+          zero_motion: bool = False) -> list[Path]:
     """One source entry -> one .npz per axis, named ``<name>_<axis>.npz`` (``name``: the
     image's name by default). ``source``: {"image", "label" (optional), "classes" (label
     values to use), "supervoxels" (how many), "axes"}. With a ``policy`` network the
@@ -204,7 +209,7 @@ def build(source: dict, out_dir: Path, seed: int, crop: int = CROP, policy=None,
         prepared = prepare_volume(image, axis, PreprocessConfig())
         slices = prepared.slices
         masks = [prepared.mask_to_model(m) for m in structures3d]
-        x, y = walk_examples(slices, masks, policy, crop) if policy is not None \
+        x, y = walk_examples(slices, masks, policy, crop, zero_motion=zero_motion) if policy is not None \
             else volume_examples(slices, masks, rng, crop)
         atomic_write(out, lambda f: np.savez(f, inputs=x, targets=y))
         print(f"{out.name}: {len(x)} steps from {len(masks)} structures", flush=True)
@@ -226,9 +231,9 @@ def _load_policy(path):
 
 
 def _build_job(job: tuple) -> list[Path]:
-    source, out_dir, seed, crop, policy_path, name = job
+    source, out_dir, seed, crop, policy_path, name, zero_motion = job
     torch.set_num_threads(1)
-    return build(source, out_dir, seed, crop, _load_policy(policy_path), name)
+    return build(source, out_dir, seed, crop, _load_policy(policy_path), name, zero_motion)
 
 
 def main(argv=None) -> int:
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, default=CROP)
     parser.add_argument("--policy", type=Path, default=None,
                         help="a step network checkpoint: record the steps of its own walks instead")
+    parser.add_argument("--zero-motion", action="store_true",
+                        help="with --policy: its walks run with the zero-motion offset (options.presence's walks)")
     parser.add_argument("--workers", type=int, default=1, help="volumes made at once, one process each (default 1)")
     args = parser.parse_args(argv)
     if args.sources is None and not args.images:
@@ -261,10 +268,12 @@ def main(argv=None) -> int:
         if args.policy is not None and unlabeled:
             raise FewShotSegError(f"--policy records walks of labelled structures only; {unlabeled[0]} has no label "
                                   "(supervoxels end where the image has no edge: no walk should learn to stop there)")
+        if args.zero_motion and args.policy is None:
+            raise FewShotSegError("--zero-motion changes the walks of a --policy network; give one")
         if args.policy is not None:
             args.crop = int(_load_policy(args.policy).config["crop"])
         args.out.mkdir(parents=True, exist_ok=True)
-        jobs = [(source, args.out, args.seed + k, args.crop, args.policy, name)
+        jobs = [(source, args.out, args.seed + k, args.crop, args.policy, name, args.zero_motion)
                 for k, (source, name) in enumerate(zip(sources, names))]
         if args.workers == 1:
             for job in jobs:
