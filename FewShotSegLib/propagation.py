@@ -233,8 +233,9 @@ class Propagator:
         suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n,
                                             model=ranking, features_out=slice_features)
         warnings += [note] if note else []
-        if opts.trim_unlike and opts.mode != "learned":
-            warnings.append(f"trim_unlike applies to the step network (mode learned) only; not applied in mode {opts.mode}")
+        for name in ("trim_unlike", "presence"):
+            if getattr(opts, name) and opts.mode != "learned":
+                warnings.append(f"{name} applies to the step network (mode learned) only; not applied in mode {opts.mode}")
         stops = {f"{s.start}->{s.slices[-1]}": ws[0].stop["slice"]
                  for s, ws in walks.items() if s.kind == "outward" and ws[0].stop is not None}
         done = sum(w.steps for ws in walks.values() for w in ws)

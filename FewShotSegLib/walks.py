@@ -288,8 +288,8 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
                 result.features[i] = step_features(agreement, area, reference_area, last, smallest,
                                                    disagreement, narrowing, edge_pixels(mask.numpy()))
             if read_presence:
-                result.presence[i] = (np.concatenate([result.features[i], net_features["features"].numpy()])
-                                      if net_features is not None else None)
+                own = net_features["features"] if net_features is not None else None
+                result.presence[i] = np.concatenate([result.features[i], own.numpy()]) if own is not None else None
                 if net_features is not None and net_features["present"] is not None:
                     result.present[i] = net_features["present"]
             if ctx.never_stop:
@@ -301,9 +301,11 @@ def walk(ctx: WalkContext, start: int, slices: list[int], stop_rule: bool,
                 grew = narrowing and area > TAPER_GROWTH * smallest
                 ended = area < min_area or agreement < opts.min_intensity_agreement or grew
                 reason = "area" if area < min_area else ("growth" if grew else "intensity")
-            if not ended and read_presence and i in result.present:
+            if ended or ctx.never_stop or not read_presence:
+                pass
+            elif i in result.present:
                 ended, reason = result.present[i] < 0.5, "presence"     # the network's own presence output
-            elif not ended and read_presence and ctx.presence_model is not None and result.presence[i] is not None:
+            elif ctx.presence_model is not None and result.presence[i] is not None:
                 ended, reason = ctx.presence_model.stops(result.presence[i]), "presence"
             if ended:
                 result.stop = {"slice": int(i), "reason": reason,

@@ -182,3 +182,9 @@ def test_a_network_whose_presence_output_says_ended_stops_at_once(chaos_dir, tmp
     with_output = propagate(image, support, stepper, PropagationOptions(presence=True)).mask > 0
     without = propagate(image, support, stepper, PropagationOptions()).mask > 0
     assert len(np.flatnonzero(with_output.any((1, 2)))) == 1 and len(np.flatnonzero(without.any((1, 2)))) > 3
+    # fitting a stop model (stop 'none') reads the output but never stops on it
+    never = propagate(image, support, stepper, PropagationOptions(stop="none", presence=True)).mask > 0
+    assert len(np.flatnonzero(never.any((1, 2)))) > 3
+    # registration mode has no network to ask: said, not silently ignored
+    asked = propagate(image, support, None, PropagationOptions(mode="registration", presence=True))
+    assert any("presence applies to the step network" in w for w in asked.warnings)

@@ -128,8 +128,13 @@ class SliceStepNet(nn.Module):
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The next mask's logits: the carried mask's logit plus the learned correction."""
+        return self.logits_and_features(inputs)[0]
+
+    def logits_and_features(self, inputs: torch.Tensor):
+        """(`logits`, and the two feature maps of `forward_features`) from one pass."""
+        correction, deep, top = self.forward_features(inputs)
         carried = inputs[:, 3:4].clamp(CARRIED_CLAMP, 1 - CARRIED_CLAMP)
-        return torch.logit(carried) + self(inputs)
+        return torch.logit(carried) + correction, deep, top
 
 
 def crop_box(prev_mask: torch.Tensor, carried: torch.Tensor, size: int) -> tuple[int, int, int, int] | None:
@@ -204,8 +209,9 @@ def presence_features(inputs: torch.Tensor, logits: torch.Tensor, deep: torch.Te
 def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
                  features: bool = False):
     """(the network's logits [crop, crop] for one step (plus ``offset``), the box they
-    cover, {"features": its `presence_features` [F], "present": its presence head's
-    probability or None} or None), or None when both masks are empty."""
+    cover, {"features": its `presence_features` [F] (for a fitted read-out; None when the
+    network has its own presence output), "present": that output's probability or None}
+    or None), or None when both masks are empty."""
     box = crop_box(prev_mask, carried, prev_image.shape[-1])
     if box is None:
         return None
@@ -213,14 +219,13 @@ def _crop_logits(net: SliceStepNet, prev_image, next_image, prev_mask, carried, 
     device = next(net.parameters()).device
     # channels-last: ~30 % faster small convolutions on a CPU (the walk's main cost)
     inputs = inputs[None].to(device).contiguous(memory_format=torch.channels_last)
-    correction, deep, top = net.forward_features(inputs)
-    clamped = inputs[:, 3:4].clamp(CARRIED_CLAMP, 1 - CARRIED_CLAMP)
-    logits = torch.logit(clamped) + correction + offset
+    logits, deep, top = net.logits_and_features(inputs)
+    logits = logits + offset
     found = None
-    if features:
-        present = (float(torch.sigmoid(net.presence_logit(inputs, deep, top))[0])
-                   if net.config.get("presence") else None)
-        found = {"features": presence_features(inputs, logits, deep, top)[0].cpu(), "present": present}
+    if features and net.config.get("presence"):
+        found = {"features": None, "present": float(torch.sigmoid(net.presence_logit(inputs, deep, top))[0])}
+    elif features:
+        found = {"features": presence_features(inputs, logits, deep, top)[0].cpu(), "present": None}
     return logits[0, 0].float().cpu(), box, found
 
 
