@@ -133,6 +133,21 @@ def check_exclusion(support: np.ndarray, exclude: Optional[np.ndarray], axis_ind
     return exclude if exclude.any() else None
 
 
+def check_editable(support: np.ndarray, editable: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The voxels outside the editable area and not painted (the painting wins) as bool,
+    or None when nothing is outside it; an area with no voxel is an error."""
+    if editable is None:
+        return None
+    editable = np.asarray(editable, bool)
+    if editable.shape != support.shape:
+        raise FewShotSegError(f"editable area shape {editable.shape} differs from the image {support.shape}; "
+                              "resample it onto the image first")
+    if not editable.any():
+        raise FewShotSegError("the editable area holds no voxel: nothing could be filled")
+    outside = ~editable & ~support
+    return outside if outside.any() else None
+
+
 @dataclass(frozen=True)
 class Span:
     """Slices the engine fills from one or two anchors.

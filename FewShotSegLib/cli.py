@@ -17,11 +17,12 @@ from .progress import progress_bar
 def cmd_propagate(args) -> int:
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint, load_for_mode
+    from .anchors import check_editable
     from .imageio import read_image, read_mask_like, select_label
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
-    inputs = [p for p in (args.image, args.support, args.exclude) if p]
+    inputs = [p for p in (args.image, args.support, args.exclude, args.editable) if p]
     out_paths = [p for p in (args.output, args.probability, args.uncertainty) if p]
     _refuse_overwriting_inputs(out_paths, inputs)
     if args.uncertainty and not args.refine:
@@ -46,11 +47,15 @@ def cmd_propagate(args) -> int:
     value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     exclude = None
     if args.exclude:
-        exclude = sitk.GetArrayViewFromImage(read_mask_like(args.exclude, image)) != 0
+        exclude = sitk.GetArrayFromImage(read_mask_like(args.exclude, image)) != 0
         if not exclude.any():
             exclude = None
+    editable = None
+    if args.editable:
+        editable = sitk.GetArrayFromImage(read_mask_like(args.editable, image)) != 0
+        check_editable(support, editable)
     if args.mode == "medsam":
-        return _propagate_medsam(args, image, support, exclude, value, inputs)
+        return _propagate_medsam(args, image, support, exclude, value, inputs, editable)
     model = load_for_mode(args.model, args.mode)
     if args.registration_weight is not None and getattr(model, "kind", None) == "propagator":
         options.registration_walk_weight = args.registration_weight   # the same meaning, its own default
@@ -60,7 +65,7 @@ def cmd_propagate(args) -> int:
                                   expect_kind="refiner", device="cpu")
     update, close = progress_bar(not args.quiet)
     try:
-        result = propagate(image, support, model, options, progress=update, exclude=exclude)
+        result = propagate(image, support, model, options, progress=update, exclude=exclude, editable=editable)
         mask, probability, uncertainty = result.mask, result.probability, None
         if refiner is not None:
             from .refinement.sampling import RefineOptions, refine
@@ -78,8 +83,9 @@ def cmd_propagate(args) -> int:
     return 0
 
 
-def _propagate_medsam(args, image, support, exclude, value, inputs) -> int:
-    """--mode medsam: LiteMedSAM slice by slice (the optional extra); exclusions are cut from the result."""
+def _propagate_medsam(args, image, support, exclude, value, inputs, editable=None) -> int:
+    """--mode medsam: LiteMedSAM slice by slice (the optional extra); exclusions and what lies
+    outside the editable area are cut from the result."""
     import time
     from .anchors import resolve_axis
     from .medsam import LiteMedSAM, medsam_propagate
@@ -99,6 +105,8 @@ def _propagate_medsam(args, image, support, exclude, value, inputs) -> int:
         close()
     if exclude is not None:
         mask &= ~exclude
+    if editable is not None:
+        mask &= editable | support
     _write_outputs(image, inputs, (args.output, _label_array(mask, value)))
     print(f"{model.slices_segmented} slices segmented by LiteMedSAM in {time.perf_counter() - start:.2f} s "
           f"-> {args.output}")
@@ -235,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default=None, metavar="MASK",
                    help="label file of voxels that are not the structure (erased); a slice holding only "
                         "excluded voxels marks where the structure is absent")
+    p.add_argument("--editable", default=None, metavar="MASK",
+                   help="label file of the voxels the result may hold (e.g. outside the structures already "
+                        "segmented); walks do not carry the structure through the rest")
     p.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
                    help="slices to propagate across (default auto: the plane the support was painted in)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")

@@ -43,7 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .anchors import axis_name, check_exclusion, plan_spans, resolve_axis, slices_holding
+from .anchors import axis_name, check_editable, check_exclusion, plan_spans, resolve_axis, slices_holding
 from .errors import FewShotSegError
 from .extent import intensity_agreement, intensity_band
 from .models.multiscale import MultiScaleModel
@@ -143,7 +143,8 @@ class Propagator:
 
     def __init__(self, image: sitk.Image, support: np.ndarray, model, options: PropagationOptions,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
-                 exclude: Optional[np.ndarray] = None, session: Optional[PropagationSession] = None):
+                 exclude: Optional[np.ndarray] = None, session: Optional[PropagationSession] = None,
+                 editable: Optional[np.ndarray] = None):
         options.validate()
         options = replace(options, mode=resolved_mode(model, options.mode))
         self.image, self.options = image, options
@@ -154,6 +155,11 @@ class Propagator:
                                   f"{shape}; resample it onto the image first")
         self.axis_index = resolve_axis(image, self.support, options.axis, exclude)
         self.exclude = check_exclusion(self.support, exclude, self.axis_index)
+        # never in the result and never walked through: the exclusions and what lies outside
+        # the editable area (unlike an exclusion, that does not say the structure is absent)
+        outside = check_editable(self.support, editable)
+        self.keep_out = outside if self.exclude is None else (self.exclude if outside is None
+                                                              else self.exclude | outside)
         self.model = _checked_kind(model, options)
         self.session = session if session is not None else PropagationSession()
         self.progress = progress or (lambda fraction, message: None)
@@ -261,12 +267,13 @@ class Propagator:
             return None, f"{exc}; the slices to check are ranked by the plain sum"
 
     def _excluded_on_model_grid(self, prepared) -> dict:
-        """Slice -> excluded pixels on the model grid, for the slices holding exclusions."""
-        if self.exclude is None:
+        """Slice -> kept-out pixels on the model grid (excluded, or outside the editable
+        area), for the slices holding any."""
+        if self.keep_out is None:
             return {}
-        rows = [int(i) for i in slices_holding(self.exclude, self.axis_index)]
-        self._exclusion_keys = {i: digest(np.take(self.exclude, i, axis=self.axis_index)) for i in rows}
-        return {i: m >= 0.5 for i, m in zip(rows, prepared.mask_to_model(self.exclude, rows))}
+        rows = [int(i) for i in slices_holding(self.keep_out, self.axis_index)]
+        self._exclusion_keys = {i: digest(np.take(self.keep_out, i, axis=self.axis_index)) for i in rows}
+        return {i: m >= 0.5 for i, m in zip(rows, prepared.mask_to_model(self.keep_out, rows))}
 
     def _context(self, net, features) -> WalkContext:
         opts = self.options
@@ -371,8 +378,8 @@ class Propagator:
         box = self._result_box(prob_moved, support_moved, touched)
         if box is not None:
             excluded = None
-            if self.exclude is not None:
-                excluded = np.moveaxis(self.exclude, self.axis_index, 0)[box]
+            if self.keep_out is not None:
+                excluded = np.moveaxis(self.keep_out, self.axis_index, 0)[box]
                 prob_moved[box][excluded] = 0.0
             inner = self._finished_mask(prob_moved[box], support_moved[box], box)
             if excluded is not None:
@@ -538,16 +545,19 @@ def averaged(first: dict, second: dict, weight: float) -> dict:
 def propagate(image: sitk.Image, support: np.ndarray, model, options: PropagationOptions | None = None,
               progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
               exclude: Optional[np.ndarray] = None,
-              session: Optional[PropagationSession] = None) -> PropagationResult:
+              session: Optional[PropagationSession] = None,
+              editable: Optional[np.ndarray] = None) -> PropagationResult:
     """Propagate the painted ``support`` (bool, volume array order) through ``image``.
 
     ``model`` is a `checkpoints.LoadedCheckpoint` (its pre-processing is used); not used
     in ``registration`` mode. ``exclude`` (bool, same shape): voxels that are never in the
-    result; a slice holding only excluded voxels is an end anchor. ``session``: pass the
-    same `PropagationSession` to every run on one image to recompute only what changed.
+    result; a slice holding only excluded voxels is an end anchor. ``editable`` (bool, same
+    shape; Slicer's editable area): outside it, voxels are never in the result and walks do
+    not carry the mask through them, but a slice is not thereby an end. ``session``: pass
+    the same `PropagationSession` to every run on one image to recompute only what changed.
     """
     options = options or PropagationOptions()
-    return Propagator(image, support, model, options, progress, cancel, exclude, session).run()
+    return Propagator(image, support, model, options, progress, cancel, exclude, session, editable).run()
 
 
 __all__ = ["PropagationOptions", "PropagationResult", "PropagationSession", "PropagationCancelled",

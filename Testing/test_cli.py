@@ -256,6 +256,29 @@ def test_exclude_ends_the_structure_and_the_review_is_printed(case, capsys, tmp_
     assert "check next" in stdout and "slice" in stdout.split("check next", 1)[1]
 
 
+def test_editable_keeps_the_result_inside_and_an_empty_area_is_refused(case, capsys, tmp_path):
+    """--editable: no voxel outside it in the result; an area with no voxel is one line
+    and no file."""
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case["label"])))
+    spleen = label == 4
+    painted = int(spleen.sum((1, 2)).argmax())
+    editable = np.ones_like(spleen)
+    editable[:, :, : spleen.shape[2] // 2] = False
+    editable[painted] = True
+    editable_path = _label_file(editable, case["label"], tmp_path / "editable.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "--editable", editable_path,
+                            "--mode", "registration", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert result.any() and not (result & ~editable).any()
+    empty_path = _label_file(np.zeros_like(spleen), case["label"], tmp_path / "empty.nii.gz")
+    out2 = tmp_path / "out2.nii.gz"
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "--editable", empty_path,
+                            "--mode", "registration", "-o", out2, "-q"], capsys)
+    assert_refused(code, err, out2, "editable area holds no voxel")
+
+
 def test_bad_anchor_input_is_refused(case, capsys, tmp_path):
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(case["label"])))
     painted = int((label == 4).sum((1, 2)).argmax())

@@ -95,7 +95,7 @@ def test_dev_ct_labels_lie_on_their_tissue(shared_data):
     every development scan; a mirrored label would cover air, fat and bone."""
     bench = _bench()
     found = 0
-    for dataset, case, organ, image, truth in bench.totalseg_structures(shared_data, ["liver", "spleen"], "dev_ct"):
+    for dataset, case, organ, image, truth, _ in bench.totalseg_structures(shared_data, ["liver", "spleen"], "dev_ct"):
         import SimpleITK as sitk
         values = sitk.GetArrayViewFromImage(image)[truth]
         assert 20 <= float(np.median(values)) <= 150, (case, organ, float(np.median(values)))

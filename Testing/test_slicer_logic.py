@@ -544,3 +544,70 @@ def test_result_image_follows_parent_transforms(logic, scene, chaos, tiny_checkp
     image = logic.resultAsOrientedImage(job, fakeResult(mask))
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, probe, "result")
     assert np.array_equal(geometry.segmentToArray(probe, segmentIds(probe)[-1], chaos.image), mask | chaos.painted)
+
+
+def editorSettings(scene, maskMode=None, intensityRange=None):
+    editor = scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    if maskMode is not None:
+        editor.SetMaskMode(maskMode)
+    if intensityRange is not None:
+        editor.SetSourceVolumeIntensityMask(True)
+        editor.SetSourceVolumeIntensityMaskRange(*intensityRange)
+    editor.SetOverwriteMode(editor.OverwriteAllSegments)
+    return editor
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+def test_editable_area_is_read_from_the_segment_editor(logic, scene, chaos, tiny_checkpoint):
+    """'Outside all segments': every other segment's voxels (not this segment's own);
+    an intensity range: the voxels inside it; both: their overlap; everywhere: None."""
+    nodes = slicer.vtkMRMLSegmentationNode
+    area = logic.editableArea(chaos.image, chaos.seg, chaos.liver, editorSettings(scene, nodes.EditAllowedOutsideAllSegments))
+    spleen = geometry.segmentToArray(chaos.seg, chaos.spleen, chaos.image)
+    assert np.array_equal(area, ~spleen)
+    values = slicer.util.arrayFromVolume(chaos.image)
+    low, high = np.percentile(values, [40, 99])
+    inRange = (values >= low) & (values <= high)
+    area = logic.editableArea(chaos.image, chaos.seg, chaos.liver, editorSettings(scene, intensityRange=(low, high)))
+    assert np.array_equal(area, inRange)
+    both = editorSettings(scene, nodes.EditAllowedOutsideAllSegments, (low, high))
+    assert np.array_equal(logic.editableArea(chaos.image, chaos.seg, chaos.liver, both), inRange & ~spleen)
+    assert logic.editableArea(chaos.image, chaos.seg, chaos.liver, editorSettings(scene)) is None
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, editorNode=both)
+    assert np.array_equal(job.editable, inRange & ~spleen)
+    nothing = editorSettings(scene, intensityRange=(values.max() + 1, values.max() + 2))
+    with pytest.raises(FewShotSegError, match="editable area holds no voxel"):
+        logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, editorNode=nothing)
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+def test_walks_stay_inside_the_editable_area(logic, scene, chaos, tiny_checkpoint):
+    """With 'Outside all segments' the liver's result never takes another segment's voxels
+    (overwrite 'all' would otherwise move them), the others are untouched, and a segment
+    across the liver two slices on stops the walk there: the result is the engine's with
+    that area, not the unmasked result cut afterwards."""
+    from FewShotSegLib.checkpoints import load_for_mode
+    from FewShotSegLib.propagation import PropagationOptions, propagate
+
+    across = np.zeros_like(chaos.painted)
+    across[chaos.k + 2] = chaos.label[chaos.k + 2] == LIVER      # the liver's whole slice, another segment's
+    acrossId = chaos.seg.GetSegmentation().AddEmptySegment("across")
+    geometry.writeSegment(chaos.seg, acrossId, across, chaos.image)
+    editor = editorSettings(scene, slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    before = snapshot(chaos.seg, chaos.image)
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="chained", editorNode=editor)
+    logic.apply(job, logic.compute(job), editorNode=editor)
+    after = snapshot(chaos.seg, chaos.image)
+    others = before[chaos.spleen] | before[acrossId]
+    assert np.array_equal(after[chaos.spleen], before[chaos.spleen]) and np.array_equal(after[acrossId], across)
+    assert not (after[chaos.liver] & others).any()
+    image = geometry.volumeToSitk(chaos.image)
+    model = load_for_mode(str(tiny_checkpoint), "chained")
+    options = PropagationOptions(mode="chained", axis=job.axisIndex)
+    inside = propagate(image, chaos.painted, model, options, editable=~others).mask > 0
+    assert np.array_equal(after[chaos.liver], inside | chaos.painted)
+    beyond = slice(chaos.k + 3, None)
+    cut = (propagate(image, chaos.painted, model, options).mask > 0) & ~others
+    assert cut[beyond].sum() > 1000 and inside[beyond].sum() < 0.1 * cut[beyond].sum()

@@ -189,6 +189,26 @@ def test_worker_gives_the_in_process_result(logic, chaos, tiny_checkpoint):
     assert np.array_equal(geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image), inProcess)
 
 
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+def test_worker_keeps_the_walks_inside_the_editable_area(logic, scene, chaos, tiny_checkpoint):
+    """The editor's editable area travels to the worker: the same result as in process."""
+    editor = scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    across = np.zeros_like(chaos.painted)
+    across[chaos.k + 2] = chaos.label[chaos.k + 2] == LIVER
+    geometry.writeSegment(chaos.seg, chaos.seg.GetSegmentation().AddEmptySegment("across"), across, chaos.image)
+    history = segmentationHistory(chaos.seg)
+    history.SaveState()
+    logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", editorNode=editor)
+    inProcess = geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image)
+    assert history.RestorePreviousState()
+    logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct", worker=True,
+                    editorNode=editor)
+    inWorker = geometry.segmentToArray(chaos.seg, chaos.liver, chaos.image)
+    assert np.array_equal(inWorker, inProcess) and not (inWorker & across).any()
+
+
 def test_main_loop_holding_the_gil_does_not_slow_the_worker(logic, chaos, tiny_checkpoint):
     """Polled every 100 ms by a main thread that keeps the GIL in between (Slicer's main
     loop), the user waits for the worker's own time plus the polling, not more (a Python

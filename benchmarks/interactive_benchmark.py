@@ -143,7 +143,9 @@ def chaos_structures(data_dir: Path, cases=None, organs=None):
     for case in cases or chaos_cases(data_dir):
         image, label = load_chaos_case(data_dir, case)
         for organ in organs:
-            yield "chaos", case, organ, image, label == CHAOS_ORGANS[organ]
+            value = CHAOS_ORGANS[organ]
+            yield "chaos", case, organ, image, label == value, lambda v=value: np.isin(
+                label, [x for x in CHAOS_ORGANS.values() if x != v])
 
 
 def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
@@ -156,7 +158,8 @@ def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
             label = label_array(folder / f"{case}_seg.nii.gz", image)
             for organ, value in TOTALSEG_STRUCTURES.items():
                 if (organs is None or organ in organs) and int((label == value).sum()) >= 1000:
-                    yield dataset, case, organ, image, label == value
+                    yield dataset, case, organ, image, label == value, lambda v=value: np.isin(
+                        label, [x for x in TOTALSEG_STRUCTURES.values() if x != v])
         return
     case, table = (TOTALSEG_MR_CASE, TOTALSEG_MR_STRUCTURES) if dataset == "totalseg_mr" \
         else (TOTALSEG_CASE, TOTALSEG_STRUCTURES)
@@ -164,7 +167,8 @@ def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
     label = label_array(folder / f"{case}_seg.nii.gz", image)
     for organ in organs or list(table):
         if organ in table:
-            yield dataset, case, organ, image, label == table[organ]
+            yield dataset, case, organ, image, label == table[organ], lambda v=table[organ]: np.isin(
+                label, [x for x in table.values() if x != v])
 
 
 # ----------------------------------------------------------------------------- the user
@@ -284,9 +288,9 @@ def fill_between_slices(support: np.ndarray, spacing) -> np.ndarray:
 class EngineRunner:
     """One (re)propagation of the engine; a session per structure (incremental rounds)."""
 
-    def __init__(self, image, model, mode: str, extra: dict | None = None):
+    def __init__(self, image, model, mode: str, extra: dict | None = None, editable=None):
         from FewShotSegLib.propagation import PropagationOptions, PropagationSession
-        self.image, self.model = image, model
+        self.image, self.model, self.editable = image, model, editable
         extra = dict(extra or {})
         if mode != "chained":
             extra["mode"] = mode
@@ -295,13 +299,16 @@ class EngineRunner:
 
     def __call__(self, support, exclude):
         from FewShotSegLib.propagation import propagate
-        result = propagate(self.image, support, self.model, self.options, exclude=exclude, session=self.session)
+        result = propagate(self.image, support, self.model, self.options, exclude=exclude, session=self.session,
+                           editable=self.editable)
         return result.mask.astype(bool), result
 
 
 def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int, model=None,
-                  options: dict | None = None) -> dict:
-    """One simulated user on one structure; returns the compact record."""
+                  options: dict | None = None, editable: np.ndarray | None = None, cut: bool = False) -> dict:
+    """One simulated user on one structure; returns the compact record. ``editable``: the
+    voxels the result may hold (Slicer's editable area; the engine's walks stay inside it,
+    or with ``cut`` its result is cut to it when written; Fill between slices is cut)."""
     from FewShotSegLib.metrics import dice
     areas = slice_counts(truth, axis)
     if areas.max() == 0:
@@ -312,7 +319,7 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
     spacing = image.GetSpacing()
     mode = {"registration": "registration", "registration_suggest": "registration", "learned": "learned",
             "learned_suggest": "learned", "learned_top3": "learned"}.get(method, "chained")
-    runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options)
+    runner = None if method in FILL_METHODS else EngineRunner(image, model, mode, options, None if cut else editable)
     for r in range(rounds):
         support, exclude = inputs_for(truth, axis, painted, absent)
         result = None
@@ -320,8 +327,12 @@ def run_structure(method: str, image, truth: np.ndarray, axis: int, rounds: int,
         try:
             if method in FILL_METHODS:
                 pred = fill_between_slices(support, spacing)
+                if editable is not None:
+                    pred &= editable | support
             else:
                 pred, result = runner(support, exclude)
+                if cut and editable is not None:
+                    pred &= editable | support
                 if getattr(result, "axis_index", axis) != axis:
                     axis_mismatch += 1
         except Exception as exc:  # noqa: BLE001 - recorded, the user goes on
@@ -537,6 +548,11 @@ def main(argv=None) -> int:
                         help="resample every scan and label onto slices tilted by this angle (an oblique stack)")
     parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
                         help="the plane the user paints in (default axial; the engine finds it from the painting)")
+    parser.add_argument("--neighbours", default=None, choices=["walk", "cut"],
+                        help="the user has segmented the set's other structures of each scan and edits outside "
+                             "them (Slicer's editable area 'outside all segments'; their true masks): walk = the "
+                             "walks stay outside them (the engine's editable area), cut = the result is cut when "
+                             "written (what masking alone does)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a PropagationOptions field for the engine's users, e.g. threshold=0.6 (repeatable)")
     parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
@@ -557,6 +573,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.neighbours and (args.tilt or args.invert):
+        parser.error("--neighbours is measured on the scans as stored (not with --tilt or --invert)")
     from FewShotSegLib.propagation import PropagationOptions
     extra = {}
     for item in args.option:
@@ -601,6 +619,8 @@ def main(argv=None) -> int:
                 "intensities": "inverted (max - value)" if args.invert else "as stored",
                 "plane": args.plane,
                 "tilt_degrees": args.tilt,
+                "editable": f"outside the set's other structures (true masks), {args.neighbours}"
+                            if args.neighbours else "everywhere",
                 "fill": "itk MorphologicalContourInterpolator label 0, axis -1, heuristic alignment, "
                         "UseDistanceTransform off, cross element (Slicer's vtkITK settings)"}
     records = []
@@ -619,6 +639,8 @@ def main(argv=None) -> int:
         if previous.get("settings", {}).get("plane", "axial") != args.plane:
             parser.error(f"{out} holds a run painted in the {previous['settings'].get('plane', 'axial')} plane; "
                          "choose another --out")
+        if previous.get("settings", {}).get("editable", "everywhere") != settings["editable"]:
+            parser.error(f"{out} holds a run with another editable area; choose another --out")
         records = previous.get("structures", [])
         print(f"resuming {out}: {len(records)} records there", flush=True)
     have = {(r["dataset"], r["case"], r["organ"], r["method"]) for r in records}
@@ -637,7 +659,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     flipped = [None, None]   # --invert: (image as read, inverted)
     turned = [None, None]    # --tilt: (image as read, tilted)
-    for dataset, case, organ, image, truth in structures():
+    for dataset, case, organ, image, truth, others in structures():
+        editable = ~others() if args.neighbours else None
+        cut = args.neighbours == "cut"
         if args.tilt:
             if turned[0] is not image:
                 turned[:] = [image, tilted(image, args.tilt)]
@@ -662,7 +686,8 @@ def main(argv=None) -> int:
                 load_itk(args.threads)
             record = {"dataset": dataset, "case": case, "organ": organ, "method": method}
             record.update(run_structure(method, image, truth, axis, args.rounds,
-                                        stepper if method in ("learned", "learned_suggest", "learned_top3") else model, extra))
+                                        stepper if method in ("learned", "learned_suggest", "learned_top3") else model, extra,
+                                        editable, cut))
             records.append(record)
             write_results(out, settings, records, args.threads)
             print(f"{dataset} {case:>14s} {organ:20s} {method:12s} Dice "

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     if args.cases:
         structures.append(chaos_structures(data_dir, args.cases.split(","), args.organs.split(",")))
     for source in structures:
-        for dataset, case, organ, image, truth in source:
+        for dataset, case, organ, image, truth, _ in source:
             axis = array_axis_for(image, "axial")
             for method in methods:
                 if (dataset, case, organ, method) in have:

@@ -63,7 +63,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                 "To correct, paint or erase any slice and click <b>Propagate</b> again: the slices you "
                 "drew stay exactly, a slice you erased to empty is where the structure ends, the rest is "
                 "refilled. <b>Next</b> jumps to the slices most worth checking. "
-                "Masking and overwrite settings apply; Undo restores the previous state.</html>")
+                "Masking and overwrite settings apply; the fill also stays inside the <i>Editable area</i> "
+                "while it is computed (e.g. 'Outside all segments': it does not cross the segments you have "
+                "drawn). Undo restores the previous state.</html>")
 
     # -- options panel --------------------------------------------------------------------
     def setupOptionsFrame(self):
@@ -250,7 +252,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                                      mode=p("Mode"), axis=p("Axis"), device=p("Device"),
                                      intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
                                      forWorker=True, walkStepMm=FAST_STEP_MM
-                                     if self.scriptedEffect.integerParameter("FastThinSlices") else 0.0)
+                                     if self.scriptedEffect.integerParameter("FastThinSlices") else 0.0,
+                                     editorNode=self.scriptedEffect.parameterSetNode())
             self.showSuggestions([])
             self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result))
 

@@ -31,8 +31,9 @@ def _accepts(function, name: str) -> bool:
 
 def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: str, device: str,
         intensityGate: bool, exclude: Optional[np.ndarray] = None, session=None, progress: Optional[Callable] = None,
-        cancel: Optional[Callable] = None, walkStepMm: float = 0.0):
-    """propagate() with the Logic's options; the excluded voxels are never in ``result.mask``."""
+        cancel: Optional[Callable] = None, walkStepMm: float = 0.0, editable: Optional[np.ndarray] = None):
+    """propagate() with the Logic's options; the excluded voxels, and those outside the
+    ``editable`` area, are never in ``result.mask``."""
     from FewShotSegLib import propagation
     from FewShotSegLib.propagation import PropagationOptions, propagate
 
@@ -50,6 +51,8 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
     kwargs = {}
     if exclude is not None and _accepts(propagate, "exclude"):
         kwargs["exclude"] = exclude
+    if editable is not None and _accepts(propagate, "editable"):
+        kwargs["editable"] = editable
     if session is not None and _accepts(propagate, "session"):
         kwargs["session"] = session
     result = propagate(image, support, model, options, progress=progress, cancel=cancel, **kwargs)
@@ -59,6 +62,8 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
         raise FewShotSegError(f"the engine returned shape {result.mask.shape}, expected {support.shape}")
     if exclude is not None:  # an engine without exclude: still never write the excluded voxels
         result.mask = np.where(exclude, 0, result.mask).astype(np.uint8)
+    if editable is not None:  # nor, without editable, those outside the editable area
+        result.mask = np.where(editable | support, result.mask, 0).astype(np.uint8)
     return result
 
 

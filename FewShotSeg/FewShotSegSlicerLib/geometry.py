@@ -187,6 +187,20 @@ def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None):
     return image
 
 
+def orientedImageToArray(image, volumeNode, segmentationNode) -> np.ndarray:
+    """A labelmap in the segmentation's coordinates (the editor's mask) as a bool array on
+    the volume's grid: resampled (nearest voxel) onto `arrayToOrientedImage`'s grid."""
+    from vtk.util import numpy_support
+
+    shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
+    reference = arrayToOrientedImage(np.zeros(shape, np.uint8), volumeNode, segmentationNode)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, resampled, False):
+        raise FewShotSegError(f"could not resample the editor's mask onto volume '{volumeNode.GetName()}'")
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
+
+
 def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> None:
     """Replace one segment's content by ``mask`` (volume grid); other segments are not touched.
 

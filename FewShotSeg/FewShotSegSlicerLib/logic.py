@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,6 +66,7 @@ class PropagationJob:
     notes: list = field(default_factory=list)
     current: Optional[np.ndarray] = None      # bool: the whole segment as it was at prepare()
     exclude: Optional[np.ndarray] = None      # bool: never in the result (user slices' background)
+    editable: Optional[np.ndarray] = None     # bool: the editor's editable area (None: everywhere)
     userSlices: list = field(default_factory=list)      # painted or erased by the user
     editedSlices: list = field(default_factory=list)    # of those, changed since the last run
     endSlices: list = field(default_factory=list)       # user slices erased to empty
@@ -213,7 +215,7 @@ class FewShotSegLogic(RefineMixin):
 
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                 axis: str = "auto", device: str = "cpu", intensityGate: bool = True,
-                forWorker: bool = False, walkStepMm: float = 0.0) -> PropagationJob:
+                forWorker: bool = False, walkStepMm: float = 0.0, editorNode=None) -> PropagationJob:
         """Validate the inputs and copy the user's voxels (and, unless ``forWorker``, the
         image) out of the scene.
 
@@ -222,7 +224,8 @@ class FewShotSegLogic(RefineMixin):
         ``intensityGate``: drop the voxels whose intensity lies far from that of the
         structure's confident core (the engine's default). ``walkStepMm``: walks step over
         slices thinner than this and fill them from the steps around them (``FAST_STEP_MM``
-        for "Faster across thin slices"; 0, the default, steps on every slice)."""
+        for "Faster across thin slices"; 0, the default, steps on every slice). ``editorNode``:
+        the Segment Editor's settings, whose editable area the walks then stay inside."""
         start = time.perf_counter()
         if self.isBusy:
             raise FewShotSegError("a propagation is already running: wait for it or cancel it")
@@ -262,6 +265,8 @@ class FewShotSegLogic(RefineMixin):
                              editedSlices=list(users.edited),
                              endSlices=[i for i in users.user if i not in set(painted)],
                              stamp=geometry.segmentStamp(segmentationNode, segmentId))
+        if editorNode is not None:
+            job.editable = self.editableArea(volumeNode, segmentationNode, segmentId, editorNode)
         if len(users.user) == n:
             job.notes.append(f"every {axisName} slice was drawn by the user: nothing left to fill")
         job.prepareSeconds = time.perf_counter() - start
@@ -347,15 +352,19 @@ class FewShotSegLogic(RefineMixin):
                 session = self._sessions[key]
             result = engine.run(job.image, job.support, model, job.mode, job.axisIndex, job.axis, job.device,
                                 job.intensityGate, exclude=job.exclude, session=session, progress=progress,
-                                cancel=cancel, walkStepMm=job.walkStepMm)
+                                cancel=cancel, walkStepMm=job.walkStepMm, editable=job.editable)
             return engine.EngineResult.fromEngine(result)
         finally:
             self._computeLock.release()
 
     # -- step 3: main thread ---------------------------------------------------------------
     def finalMask(self, job: PropagationJob, result) -> np.ndarray:
-        """Result as bool on the volume grid: the user's voxels always, the excluded never."""
-        mask = np.asarray(result.mask, bool) | job.support
+        """Result as bool on the volume grid: the user's voxels always, the excluded and
+        those outside the editable area never."""
+        mask = np.asarray(result.mask, bool)
+        if job.editable is not None:
+            mask &= job.editable
+        mask |= job.support
         if job.exclude is not None:
             mask &= ~job.exclude
         return mask
@@ -425,29 +434,35 @@ class FewShotSegLogic(RefineMixin):
 
     def _applyWithEditorMasking(self, job, mask: np.ndarray, editorNode) -> None:
         """Honour the editor's editable area and overwrite mode (Slicer's C++ editor logic)."""
-        EditorLogic = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
-        if EditorLogic is None:
-            raise FewShotSegError("masking from the module panel needs Slicer 5.9 or later; "
-                                  "use the 'Few-shot propagate' Segment Editor effect")
-        settings = slicer.vtkMRMLSegmentEditorNode()  # private copy: the user's selection stays
-        settings.SetMaskMode(editorNode.GetMaskMode())
-        settings.SetMaskSegmentID(editorNode.GetMaskSegmentID())
-        settings.SetOverwriteMode(editorNode.GetOverwriteMode())
-        settings.SetSourceVolumeIntensityMask(editorNode.GetSourceVolumeIntensityMask())
-        settings.SetSourceVolumeIntensityMaskRange(editorNode.GetSourceVolumeIntensityMaskRange())
-        settings.SetSelectedSegmentID(job.segmentId)
-        job.volumeNode.GetScene().AddNode(settings)
-        try:
-            logic = EditorLogic()
-            logic.SetMRMLScene(job.volumeNode.GetScene())
-            logic.SetSegmentEditorNode(settings)
-            logic.SetSegmentationNode(job.segmentationNode)
-            logic.SetSourceVolumeNode(job.volumeNode)
+        with _editorLogic(job.volumeNode, job.segmentationNode, job.segmentId, editorNode) as logic:
             modifier = geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode)
             logic.ModifySegmentByLabelmap(job.segmentationNode, job.segmentId, modifier,
                                           logic.ModificationModeSet, True, False)
-        finally:
-            job.volumeNode.GetScene().RemoveNode(settings)
+
+    def editableArea(self, volumeNode, segmentationNode, segmentId, editorNode) -> Optional[np.ndarray]:
+        """Where the Segment Editor lets this segment change (its editable area and source
+        intensity range) as bool on the volume grid; None when that is everywhere, or
+        before Slicer 5.9 (the area then applies only when the result is written). Why:
+        masking only what is written lets a walk carry the structure across another
+        segment and on over the tissue beyond it."""
+        if getattr(slicer, "vtkSlicerSegmentEditorLogic", None) is None:
+            return None
+        editable = None
+        if editorNode.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere:
+            with _editorLogic(volumeNode, segmentationNode, segmentId, editorNode) as logic:
+                if not logic.UpdateMaskLabelmap():
+                    raise FewShotSegError("the Segment Editor's editable area could not be computed")
+                # the mask labelmap is 1 where editing is not allowed
+                editable = ~geometry.orientedImageToArray(logic.GetMaskLabelmap(), volumeNode, segmentationNode)
+        if editorNode.GetSourceVolumeIntensityMask():
+            low, high = editorNode.GetSourceVolumeIntensityMaskRange()
+            values = slicer.util.arrayFromVolume(volumeNode)
+            inRange = (values >= low) & (values <= high)
+            editable = inRange if editable is None else editable & inRange
+        if editable is not None and not editable.any():
+            raise FewShotSegError("the Segment Editor's editable area holds no voxel of this volume: "
+                                  "change 'Editable area' or 'Editable intensity range'")
+        return None if editable is None or editable.all() else editable
 
     def summarize(self, job, result, mask, applySeconds: float = 0.0) -> PropagationSummary:
         n = mask.shape[job.axisIndex]
@@ -487,7 +502,7 @@ class FewShotSegLogic(RefineMixin):
         process; the segmentation is unchanged whenever this raises."""
         start = time.perf_counter()
         job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device, intensityGate,
-                           forWorker=worker, walkStepMm=walkStepMm)
+                           forWorker=worker, walkStepMm=walkStepMm, editorNode=editorNode)
         if worker:
             result = self.startPropagation(job).follow(progress, cancel)
         else:
@@ -495,6 +510,33 @@ class FewShotSegLogic(RefineMixin):
         summary = self.apply(job, result, saveStateForUndo, editorNode)
         summary.seconds = time.perf_counter() - start
         return summary
+
+
+@contextmanager
+def _editorLogic(volumeNode, segmentationNode, segmentId, editorNode):
+    """Slicer's C++ segment editor logic on a private copy of the user's editor settings
+    (the user's node, and its selected segment, stay as they are)."""
+    EditorLogic = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
+    if EditorLogic is None:
+        raise FewShotSegError("masking from the module panel needs Slicer 5.9 or later; "
+                              "use the 'Few-shot propagate' Segment Editor effect")
+    settings = slicer.vtkMRMLSegmentEditorNode()
+    settings.SetMaskMode(editorNode.GetMaskMode())
+    settings.SetMaskSegmentID(editorNode.GetMaskSegmentID())
+    settings.SetOverwriteMode(editorNode.GetOverwriteMode())
+    settings.SetSourceVolumeIntensityMask(editorNode.GetSourceVolumeIntensityMask())
+    settings.SetSourceVolumeIntensityMaskRange(editorNode.GetSourceVolumeIntensityMaskRange())
+    settings.SetSelectedSegmentID(segmentId)
+    volumeNode.GetScene().AddNode(settings)
+    try:
+        logic = EditorLogic()
+        logic.SetMRMLScene(volumeNode.GetScene())
+        logic.SetSegmentEditorNode(settings)
+        logic.SetSegmentationNode(segmentationNode)
+        logic.SetSourceVolumeNode(volumeNode)
+        yield logic
+    finally:
+        volumeNode.GetScene().RemoveNode(settings)
 
 
 _SHARED = []

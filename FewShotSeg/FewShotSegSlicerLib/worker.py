@@ -9,7 +9,7 @@ NumPy and SimpleITK: no Slicer, no Qt.
 Protocol (one JSON object per line). In, on stdin::
 
     {"cmd": "job", "id": 1, "volumeKey": "...", "volume": "v.npy" | null, "geometry": {...},
-     "support": "s.npy", "exclude": "e.npy" | null, "sessionKey": "...", "model": "m.pt",
+     "support": "s.npy", "exclude": "e.npy" | null, "editable": "a.npy" | null, "sessionKey": "...", "model": "m.pt",
      "device": "cpu", "mode": "chained", "axisIndex": 0, "axisName": "axial",
      "intensityGate": true, "walkStepMm": 0.0, "out": "folder"}
     {"cmd": "refine", "id": 2, "volumeKey": "...", "volume": ..., "geometry": {...}, "shape": [...],
@@ -167,8 +167,9 @@ class Worker:
             raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
         support = unpack(job["support"], job["shape"])
         exclude = unpack(job["exclude"], job["shape"]) if job.get("exclude") else None
+        editable = unpack(job["editable"], job["shape"]) if job.get("editable") else None
         result = engine.run(image, support, model, job["mode"], job["axisIndex"], job["axisName"],
-                            job["device"], job["intensityGate"], exclude=exclude,
+                            job["device"], job["intensityGate"], exclude=exclude, editable=editable,
                             session=self.session(job["sessionKey"]), progress=progress, cancel=cancel,
                             walkStepMm=float(job.get("walkStepMm", 0.0)))
         return {"mask": saveMask(job, result.mask), "result": engine.summary(result)}

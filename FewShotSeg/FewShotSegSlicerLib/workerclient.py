@@ -397,7 +397,8 @@ class WorkerClient:
     def start(self, job, volumeArray, geometry: dict, volumeKey: str, sessionKey: str) -> PropagationHandle:
         """Send a propagation; the volume only if the worker does not hold it."""
         return self._submit(PropagationHandle, job, volumeArray, geometry, volumeKey, {
-            "cmd": "job", "support": job.support, "exclude": job.exclude, "sessionKey": sessionKey,
+            "cmd": "job", "support": job.support, "exclude": job.exclude, "editable": job.editable,
+            "sessionKey": sessionKey,
             "model": str(job.modelPath), "mode": job.mode, "axisIndex": int(job.axisIndex),
             "intensityGate": bool(job.intensityGate), "walkStepMm": float(job.walkStepMm)})
 

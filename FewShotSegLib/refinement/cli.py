@@ -38,7 +38,7 @@ def cmd_refine(args) -> int:
     value = args.label if args.label else int(coarse_arr[coarse].max())  # keep the label value
     keep = None
     if args.keep:
-        keep = sitk.GetArrayViewFromImage(read_mask_like(args.keep, image)) != 0
+        keep = sitk.GetArrayFromImage(read_mask_like(args.keep, image)) != 0
     refiner = load_checkpoint(resolve_model_path(args.model, default=DEFAULT_REFINER),
                               expect_kind="refiner", device="cpu")
     update, close = progress_bar(not args.quiet)
