@@ -117,14 +117,20 @@ def _brief(indices) -> str:
     return ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
 
 
+def _on_image_grid(mask: np.ndarray, support: np.ndarray, what: str) -> np.ndarray:
+    """``mask`` as bool, checked to have the painting's (the image's) shape."""
+    mask = np.asarray(mask, bool)
+    if mask.shape != support.shape:
+        raise FewShotSegError(f"{what} shape {mask.shape} differs from the image {support.shape}; "
+                              "resample it onto the image first")
+    return mask
+
+
 def check_exclusion(support: np.ndarray, exclude: Optional[np.ndarray], axis_index: int) -> Optional[np.ndarray]:
     """The exclusion as bool, or None; overlapping the painting is an error naming the slice."""
     if exclude is None:
         return None
-    exclude = np.asarray(exclude, bool)
-    if exclude.shape != support.shape:
-        raise FewShotSegError(f"exclusion mask shape {exclude.shape} differs from the image {support.shape}; "
-                              "resample it onto the image first")
+    exclude = _on_image_grid(exclude, support, "exclusion mask")
     overlap = exclude & support
     if overlap.any():
         where = slices_holding(overlap, axis_index)
@@ -138,10 +144,7 @@ def check_editable(support: np.ndarray, editable: Optional[np.ndarray]) -> Optio
     or None when nothing is outside it; an area with no voxel is an error."""
     if editable is None:
         return None
-    editable = np.asarray(editable, bool)
-    if editable.shape != support.shape:
-        raise FewShotSegError(f"editable area shape {editable.shape} differs from the image {support.shape}; "
-                              "resample it onto the image first")
+    editable = _on_image_grid(editable, support, "editable area")
     if not editable.any():
         raise FewShotSegError("the editable area holds no voxel: nothing could be filled")
     outside = ~editable & ~support
