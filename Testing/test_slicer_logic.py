@@ -611,3 +611,40 @@ def test_walks_stay_inside_the_editable_area(logic, scene, chaos, tiny_checkpoin
     beyond = slice(chaos.k + 3, None)
     cut = (propagate(image, chaos.painted, model, options).mask > 0) & ~others
     assert cut[beyond].sum() > 1000 and inside[beyond].sum() < 0.1 * cut[beyond].sum()
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+@pytest.mark.parametrize("where", ["coarser segmentation grid", "segmentation moved by a transform"])
+def test_editable_area_lands_on_the_volume_grid(logic, scene, chaos, where):
+    """The editor's mask lives on the segmentation's grid and in its coordinates; on the
+    volume's grid it matches the other segment exported there (Slicer's own export)."""
+    seg = chaos.seg
+    if where == "coarser segmentation grid":
+        coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse")
+        matrix = vtk.vtkMatrix4x4()
+        chaos.image.GetIJKToRASMatrix(matrix)
+        for r in range(3):
+            for c in range(2):
+                matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
+        coarse.SetIJKToRASMatrix(matrix)
+        small = chaos.label[:, ::2, ::2]
+        labels = np.zeros_like(small)
+        labels[chaos.k][small[chaos.k] == LIVER] = LIVER
+        labels[small == SPLEEN] = SPLEEN
+        slicer.util.updateVolumeFromArray(coarse, labels.astype(np.uint8))
+        seg = scene.segmentation(coarse, "coarse segmentation")
+        ids = scene.importLabels(coarse, seg)
+        liver, spleen = ids[LIVER], ids[SPLEEN]
+    else:
+        shift = scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 12.5)   # ten voxels to the side
+        shift.SetMatrixTransformToParent(matrix)
+        seg.SetAndObserveTransformNodeID(shift.GetID())
+        liver, spleen = chaos.liver, chaos.spleen
+    editor = editorSettings(scene, slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    area = logic.editableArea(chaos.image, seg, liver, editor)
+    other = geometry.segmentToArray(seg, spleen, chaos.image)
+    assert other.sum() > 10000 and not np.array_equal(other, chaos.label == SPLEEN)   # it did move
+    assert (~area & other).sum() >= 0.98 * other.sum() and (~area & ~other).sum() <= 0.02 * other.sum()
