@@ -303,6 +303,8 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_propagate_synthetic()
         self.setUp()
+        self.test_editable_area_synthetic()
+        self.setUp()
         self.test_refine_synthetic()
 
     def test_widget(self):
@@ -311,25 +313,34 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
                      "refineButton", "samplesSpinBox", "stepsSpinBox", "uncertainSlicesList"):
             self.assertTrue(hasattr(widget.ui, name), name)
 
+    def _blob(self, name):
+        """A bright ellipsoid (24 axial slices of 4 mm) and a segmentation with an empty segment."""
+        import numpy as np
+
+        k, j, i = np.mgrid[:24, :96, :96]
+        inside = ((k - 12) / 9.0) ** 2 + ((j - 48) / 28.0) ** 2 + ((i - 48) / 22.0) ** 2 <= 1
+        image = (inside * 800 + np.random.default_rng(0).normal(100, 20, inside.shape)).astype(np.int16)
+        volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([1.5, 1.5, 4.0, 1.0]), name=name)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        return inside, volume, seg, seg.GetSegmentation().AddEmptySegment("blob")
+
+    def _ready(self):
+        from FewShotSegSlicerLib import dependencies
+
+        if not dependencies.torchAvailable() or not sharedLogic().catalog.defaultModelName():
+            self.delayDisplay("PyTorch or the default model is missing: propagation test skipped")
+            return False
+        return True
+
     def test_propagate_synthetic(self):
         """A bright ellipsoid painted on its middle slice: that slice stays, others untouched."""
         import numpy as np
 
-        from FewShotSegSlicerLib import dependencies
-
-        logic = sharedLogic()
-        if not dependencies.torchAvailable() or not logic.catalog.defaultModelName():
-            self.delayDisplay("PyTorch or the default model is missing: propagation test skipped")
+        if not self._ready():
             return
-        k, j, i = np.mgrid[:24, :96, :96]
-        inside = ((k - 12) / 9.0) ** 2 + ((j - 48) / 28.0) ** 2 + ((i - 48) / 22.0) ** 2 <= 1
-        image = (inside * 800 + np.random.default_rng(0).normal(100, 20, inside.shape)).astype(np.int16)
-        volume = slicer.util.addVolumeFromArray(image, ijkToRAS=np.diag([1.5, 1.5, 4.0, 1.0]),
-                                                name="FewShotSegTestVolume")
-        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        seg.CreateDefaultDisplayNodes()
-        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        segId = seg.GetSegmentation().AddEmptySegment("blob")
+        inside, volume, seg, segId = self._blob("FewShotSegTestVolume")
         otherId = seg.GetSegmentation().AddEmptySegment("other")
         painted = np.zeros_like(inside)
         painted[12] = inside[12]
@@ -337,12 +348,33 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         other[2:5, 5:20, 5:20] = True
         slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), seg, segId, volume)
         slicer.util.updateSegmentBinaryLabelmapFromArray(other.astype(np.uint8), seg, otherId, volume)
-        summary = logic.propagate(volume, seg, segId, axis="axial", worker=True)  # as the GUI runs it
+        summary = sharedLogic().propagate(volume, seg, segId, axis="axial", worker=True)  # as the GUI runs it
         result = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segId, volume) > 0
         self.assertTrue(np.array_equal(result[12], painted[12]))
         self.assertTrue(np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, otherId, volume) > 0,
                                        other))
         self.delayDisplay(summary.statusText())
+
+    def test_editable_area_synthetic(self):
+        """Editable area 'outside all segments': a segment across the ellipsoid two slices
+        up is not taken, and the fill does not go on beyond it."""
+        import numpy as np
+
+        if not self._ready() or not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+            return
+        inside, volume, seg, segId = self._blob("FewShotSegEditableVolume")
+        painted = np.zeros_like(inside)
+        painted[12] = inside[12]
+        across = np.zeros_like(inside)
+        across[14] = True
+        slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), seg, segId, volume)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            across.astype(np.uint8), seg, seg.GetSegmentation().AddEmptySegment("across"), volume)
+        editor = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+        sharedLogic().propagate(volume, seg, segId, axis="axial", worker=True, editorNode=editor)
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segId, volume) > 0
+        self.assertTrue(result[11].any() and not result[14:].any())
 
     def test_refine_synthetic(self):
         """A shrunken ellipsoid refined through the widget's path: overlay shown, slices listed."""
