@@ -61,6 +61,7 @@ class FewShotSegParameterNode:
     device: Annotated[str, Choice(["cpu", "cuda", "mps"])] = "cpu"
     intensityGate: bool = True
     fastThinSlices: bool = False
+    outsideOtherSegments: bool = False
     refineSamples: int = 4
     refineSteps: int = 4
 
@@ -219,7 +220,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
                                                        mode=p.mode, axis=p.axis, device=p.device,
                                                        intensityGate=p.intensityGate, forWorker=True,
-                                                       walkStepMm=FAST_STEP_MM if p.fastThinSlices else 0.0),
+                                                       walkStepMm=FAST_STEP_MM if p.fastThinSlices else 0.0,
+                                                       outsideOtherSegments=p.outsideOtherSegments),
                             start, self.onResult)
 
     def _startOrCancel(self, runner, errorTitle, prepare, start, onResult):

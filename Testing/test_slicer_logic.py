@@ -615,6 +615,23 @@ def test_walks_stay_inside_the_editable_area(logic, scene, chaos, tiny_checkpoin
 
 @pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
                     reason="this Slicer has no C++ segment editor logic (before 5.9)")
+def test_module_panel_stays_outside_other_segments(logic, scene, chaos, tiny_checkpoint):
+    """The module panel's 'Stay outside other segments': the area is every other segment's
+    outside, and the result written without the editor holds none of their voxels."""
+    before = snapshot(chaos.seg, chaos.image)
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct",
+                        outsideOtherSegments=True)
+    assert np.array_equal(job.editable, ~before[chaos.spleen])
+    logic.apply(job, fakeResult(np.ones_like(chaos.painted)))
+    after = snapshot(chaos.seg, chaos.image)
+    assert np.array_equal(after[chaos.liver], ~before[chaos.spleen])
+    assert np.array_equal(after[chaos.spleen], before[chaos.spleen])
+    with pytest.raises(FewShotSegError, match="outsideOtherSegments must be True or False"):
+        logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, outsideOtherSegments="yes")
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
 @pytest.mark.parametrize("where", ["coarser segmentation grid", "segmentation moved by a transform"])
 def test_editable_area_lands_on_the_volume_grid(logic, scene, chaos, where):
     """The editor's mask lives on the segmentation's grid and in its coordinates; on the

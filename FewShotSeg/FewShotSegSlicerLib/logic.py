@@ -215,7 +215,8 @@ class FewShotSegLogic(RefineMixin):
 
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                 axis: str = "auto", device: str = "cpu", intensityGate: bool = True,
-                forWorker: bool = False, walkStepMm: float = 0.0, editorNode=None) -> PropagationJob:
+                forWorker: bool = False, walkStepMm: float = 0.0, editorNode=None,
+                outsideOtherSegments: bool = False) -> PropagationJob:
         """Validate the inputs and copy the user's voxels (and, unless ``forWorker``, the
         image) out of the scene.
 
@@ -225,14 +226,17 @@ class FewShotSegLogic(RefineMixin):
         structure's confident core (the engine's default). ``walkStepMm``: walks step over
         slices thinner than this and fill them from the steps around them (``FAST_STEP_MM``
         for "Faster across thin slices"; 0, the default, steps on every slice). ``editorNode``:
-        the Segment Editor's settings, whose editable area the walks then stay inside."""
+        the Segment Editor's settings, whose editable area the walks then stay inside.
+        ``outsideOtherSegments`` (the module panel): the same with the area 'outside all
+        segments'."""
         start = time.perf_counter()
         if self.isBusy:
             raise FewShotSegError("a propagation is already running: wait for it or cancel it")
         if mode not in MODES:
             raise FewShotSegError(f"unknown mode '{mode}'; choose {' or '.join(MODES)}")
-        if not isinstance(intensityGate, (bool, np.bool_)):
-            raise FewShotSegError(f"intensityGate must be True or False, not {intensityGate!r}")
+        for name, value in (("intensityGate", intensityGate), ("outsideOtherSegments", outsideOtherSegments)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise FewShotSegError(f"{name} must be True or False, not {value!r}")
         if isinstance(walkStepMm, bool) or not isinstance(walkStepMm, (int, float)) or not 0 <= walkStepMm <= 100:
             raise FewShotSegError(f"walkStepMm must be a number of mm in [0, 100], not {walkStepMm!r}")
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
@@ -265,6 +269,12 @@ class FewShotSegLogic(RefineMixin):
                              editedSlices=list(users.edited),
                              endSlices=[i for i in users.user if i not in set(painted)],
                              stamp=geometry.segmentStamp(segmentationNode, segmentId))
+        if outsideOtherSegments and editorNode is None:
+            if getattr(slicer, "vtkSlicerSegmentEditorLogic", None) is None:
+                raise FewShotSegError("'Stay outside other segments' needs Slicer 5.9 or later; use the "
+                                      "Segment Editor effect with the editable area 'Outside all segments'")
+            editorNode = slicer.vtkMRMLSegmentEditorNode()   # private settings, never in the scene
+            editorNode.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
         if editorNode is not None:
             job.editable = self.editableArea(volumeNode, segmentationNode, segmentId, editorNode)
         if len(users.user) == n:
@@ -497,12 +507,14 @@ class FewShotSegLogic(RefineMixin):
     def propagate(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                   axis: str = "auto", device: str = "cpu", progress: Optional[Progress] = None,
                   cancel: Optional[Cancel] = None, saveStateForUndo=None, editorNode=None,
-                  intensityGate: bool = True, worker: bool = False, walkStepMm: float = 0.0) -> PropagationSummary:
+                  intensityGate: bool = True, worker: bool = False, walkStepMm: float = 0.0,
+                  outsideOtherSegments: bool = False) -> PropagationSummary:
         """Synchronous propagation, in this process or (``worker=True``) in the worker
         process; the segmentation is unchanged whenever this raises."""
         start = time.perf_counter()
         job = self.prepare(volumeNode, segmentationNode, segmentId, model, mode, axis, device, intensityGate,
-                           forWorker=worker, walkStepMm=walkStepMm, editorNode=editorNode)
+                           forWorker=worker, walkStepMm=walkStepMm, editorNode=editorNode,
+                           outsideOtherSegments=outsideOtherSegments)
         if worker:
             result = self.startPropagation(job).follow(progress, cancel)
         else:
