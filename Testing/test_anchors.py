@@ -124,6 +124,24 @@ def test_walks_stay_inside_the_editable_area_and_its_edge_is_no_end(chaos_dir):
     assert len(np.flatnonzero(ended.any((1, 2)))) < 0.5 * len(liver_slices)
 
 
+def test_an_editable_area_changed_on_one_side_recomputes_only_that_side(kidney, model):
+    """A segment drawn meanwhile above the painted slice (the area shrinks there): the walk
+    up runs again, the walk down is reused; the result is a fresh run's."""
+    image, truth, first, last = kidney
+    middle = (first + last) // 2
+    session = PropagationSession()
+    support = painted(truth, [middle])
+    editable = np.ones_like(truth)
+    before = propagate(image, support, model, session=session, editable=editable)
+    editable[middle + 2, :, : truth.shape[2] // 2] = False
+    after = propagate(image, support, model, session=session, editable=editable)
+    assert after.walks_reused == 1 and after.walks_computed == 1
+    below = list(range(0, middle))
+    np.testing.assert_array_equal(after.probability[below], before.probability[below])
+    assert not (after.mask.astype(bool) & ~editable).any()
+    np.testing.assert_array_equal(propagate(image, support, model, editable=editable).mask, after.mask)
+
+
 def test_bad_editable_area_is_one_clear_error_and_the_painting_wins(kidney):
     image, truth, first, last = kidney
     middle = (first + last) // 2
