@@ -136,6 +136,24 @@ def _checked_kind(model, options: PropagationOptions):
     return model
 
 
+class KeptOut:
+    """Slice -> the kept-out pixels on the model grid (bool), made on first read; None for
+    a slice holding none."""
+
+    def __init__(self, rows=(), make: Optional[Callable[[int], torch.Tensor]] = None):
+        self.rows, self.make, self.made = set(rows), make, {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.rows
+
+    def get(self, index: int) -> Optional[torch.Tensor]:
+        if index not in self.rows:
+            return None
+        if index not in self.made:
+            self.made[index] = self.make(index)
+        return self.made[index]
+
+
 class Propagator:
     """Runs one propagation; a class so the steps stay small and readable:
     anchors and spans (`anchors.py`) -> walks (`walks.py`, cached by `session.py`) ->
@@ -172,7 +190,7 @@ class Propagator:
         excluded_slices = [] if self.exclude is None else slices_holding(self.exclude, self.axis_index)
         self.ends = sorted(set(int(i) for i in excluded_slices) - set(self.painted))
         self.spans = plan_spans(self.painted, self.ends, self.n)
-        self._excluded: dict = {}          # slice -> excluded pixels on the model grid
+        self._excluded = KeptOut()          # slice -> kept-out pixels on the model grid
         self._exclusion_keys: dict = {}    # slice -> digest of its exclusion (walk keys)
         self.adapt_seconds = 0.0
         self._walk = (0.05, 0.9)       # progress fractions: the walks' start and width
@@ -266,14 +284,15 @@ class Propagator:
         except FewShotSegError as exc:   # a damaged ranking must not cost the user the result
             return None, f"{exc}; the slices to check are ranked by the plain sum"
 
-    def _excluded_on_model_grid(self, prepared) -> dict:
+    def _excluded_on_model_grid(self, prepared) -> "KeptOut":
         """Slice -> kept-out pixels on the model grid (excluded, or outside the editable
-        area), for the slices holding any."""
+        area), for the slices holding any; each slice resampled when a walk first reads it
+        (an editable area can reach every slice of a CT, most of which no walk visits)."""
         if self.keep_out is None:
-            return {}
+            return KeptOut()
         rows = [int(i) for i in slices_holding(self.keep_out, self.axis_index)]
         self._exclusion_keys = {i: digest(np.take(self.keep_out, i, axis=self.axis_index)) for i in rows}
-        return {i: m >= 0.5 for i, m in zip(rows, prepared.mask_to_model(self.keep_out, rows))}
+        return KeptOut(rows, lambda i: prepared.mask_to_model(self.keep_out, [i])[0] >= 0.5)
 
     def _context(self, net, features) -> WalkContext:
         opts = self.options
