@@ -579,6 +579,9 @@ def test_editable_area_is_read_from_the_segment_editor(logic, scene, chaos, tiny
     nothing = editorSettings(scene, intensityRange=(values.max() + 1, values.max() + 2))
     with pytest.raises(FewShotSegError, match="editable area holds no voxel"):
         logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, editorNode=nothing)
+    noneChosen = editorSettings(scene, nodes.EditAllowedInsideSingleSegment)   # and no segment chosen
+    with pytest.raises(FewShotSegError, match="editable area holds no voxel"):
+        logic.editableArea(chaos.image, chaos.seg, chaos.liver, noneChosen)
 
 
 @pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
