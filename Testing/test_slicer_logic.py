@@ -153,6 +153,21 @@ def chaos(scene, data_dir):
                            k=k, painted=painted == LIVER, path=folder / f"image_{CHAOS_CASE}.nii.gz")
 
 
+def coarseSegmentation(scene, volume, labels: np.ndarray):
+    """A segmentation of ``labels`` stored on a grid twice as coarse in-plane as ``volume``'s
+    (``labels`` on that coarse grid); returns it and the imported segment ids by label."""
+    coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse grid")
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    for r in range(3):
+        for c in range(2):
+            matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
+    coarse.SetIJKToRASMatrix(matrix)
+    slicer.util.updateVolumeFromArray(coarse, labels.astype(np.uint8))
+    seg = scene.segmentation(coarse, "coarse segmentation")
+    return seg, scene.importLabels(coarse, seg)
+
+
 def run(logic, case, model, **kwargs):
     kwargs.setdefault("mode", "direct")
     return logic.propagate(case.image, case.seg, case.liver, model=model, **kwargs)
@@ -323,19 +338,11 @@ def test_dicom_geometry_with_flipped_label(logic, scene, data_dir, tiny_checkpoi
 
 def test_segmentation_geometry_differs_from_volume(logic, scene, chaos, tiny_checkpoint):
     """Segment painted in a coarser segmentation grid: resampled onto the volume, written back."""
-    coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse")
-    matrix = vtk.vtkMatrix4x4()
-    chaos.image.GetIJKToRASMatrix(matrix)
-    for r in range(3):
-        for c in range(2):
-            matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
-    coarse.SetIJKToRASMatrix(matrix)
     small = chaos.label[:, ::2, ::2]
     painted = np.zeros_like(small)
     painted[chaos.k] = small[chaos.k] == LIVER
-    slicer.util.updateVolumeFromArray(coarse, painted.astype(np.uint8))
-    seg = scene.segmentation(coarse, "coarse segmentation")
-    liver = scene.importLabels(coarse, seg)[1]
+    seg, ids = coarseSegmentation(scene, chaos.image, painted)
+    liver = ids[1]
     summary = logic.propagate(chaos.image, seg, liver, model=tiny_checkpoint, mode="direct")
     assert summary.paintedSlices == 1 and summary.slicesFilled > 0
     written = geometry.segmentToArray(seg, liver, chaos.image)
@@ -641,20 +648,11 @@ def test_editable_area_lands_on_the_volume_grid(logic, scene, chaos, where):
     volume's grid it matches the other segment exported there (Slicer's own export)."""
     seg = chaos.seg
     if where == "coarser segmentation grid":
-        coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse")
-        matrix = vtk.vtkMatrix4x4()
-        chaos.image.GetIJKToRASMatrix(matrix)
-        for r in range(3):
-            for c in range(2):
-                matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
-        coarse.SetIJKToRASMatrix(matrix)
         small = chaos.label[:, ::2, ::2]
         labels = np.zeros_like(small)
         labels[chaos.k][small[chaos.k] == LIVER] = LIVER
         labels[small == SPLEEN] = SPLEEN
-        slicer.util.updateVolumeFromArray(coarse, labels.astype(np.uint8))
-        seg = scene.segmentation(coarse, "coarse segmentation")
-        ids = scene.importLabels(coarse, seg)
+        seg, ids = coarseSegmentation(scene, chaos.image, labels)
         liver, spleen = ids[LIVER], ids[SPLEEN]
     else:
         shift = scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")

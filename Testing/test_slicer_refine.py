@@ -35,8 +35,8 @@ from FewShotSegSlicerLib.logic import FewShotSegLogic, segmentationHistory  # no
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.refinement import (COLOR_NODE_IDS, UNCERTAINTY_ATTRIBUTE,  # noqa: E402
                                             rankSlices)
-from test_slicer_logic import (CHAOS_CASE, LIVER, SPLEEN, assertSameSegments, dice,  # noqa: E402
-                               sceneNodeIds, sharedCore, snapshot)
+from test_slicer_logic import (CHAOS_CASE, LIVER, SPLEEN, assertSameSegments, coarseSegmentation,  # noqa: E402
+                               dice, sceneNodeIds, sharedCore, snapshot)
 from test_slicer_worker import POLL_SECONDS, killMidRun, mainLoop, waitForProgress  # noqa: E402
 
 KIDNEY_R = 2
@@ -208,16 +208,8 @@ def test_painted_slice_is_kept_and_uncertainty_volume_reused(logic, scene, case,
 
 def test_segment_on_another_grid_is_resampled_and_said_so(logic, scene, case):
     """Segmentation stored on a grid twice as coarse in-plane: read onto the volume's grid."""
-    coarseGrid = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse grid")
-    matrix = vtk.vtkMatrix4x4()
-    case.image.GetIJKToRASMatrix(matrix)
-    for r in range(3):
-        for c in range(2):
-            matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
-    coarseGrid.SetIJKToRASMatrix(matrix)
-    slicer.util.updateVolumeFromArray(coarseGrid, case.coarse[:, ::2, ::2].astype(np.uint8))
-    seg = scene.segmentation(coarseGrid, "coarse segmentation")
-    segmentId = scene.importLabels(coarseGrid, seg)[1]
+    seg, ids = coarseSegmentation(scene, case.image, case.coarse[:, ::2, ::2])
+    segmentId = ids[1]
     job = logic.prepareRefine(case.image, seg, segmentId, **FAST)
     assert any("resampled onto the volume's grid" in note for note in job.notes)
     assert dice(job.coarse, case.coarse) > 0.85
