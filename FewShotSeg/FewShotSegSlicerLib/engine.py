@@ -51,7 +51,8 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
     kwargs = {}
     if exclude is not None and _accepts(propagate, "exclude"):
         kwargs["exclude"] = exclude
-    if editable is not None and _accepts(propagate, "editable"):
+    engineKeepsInside = editable is not None and _accepts(propagate, "editable")
+    if engineKeepsInside:
         kwargs["editable"] = editable
     if session is not None and _accepts(propagate, "session"):
         kwargs["session"] = session
@@ -62,7 +63,7 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
         raise FewShotSegError(f"the engine returned shape {result.mask.shape}, expected {support.shape}")
     if exclude is not None:  # an engine without exclude: still never write the excluded voxels
         result.mask = np.where(exclude, 0, result.mask).astype(np.uint8)
-    if editable is not None:  # nor, without editable, those outside the editable area
+    if editable is not None and not engineKeepsInside:  # an engine without editable: cut afterwards
         result.mask = np.where(editable | support, result.mask, 0).astype(np.uint8)
     return result
 
