@@ -68,6 +68,36 @@ def _second_plane(support: np.ndarray, best: int, counts: list[int]) -> Optional
     return None
 
 
+# adjacent painted slices "fit together edge to edge" when they share at most this fraction
+# of the smaller one's voxels and touch: strips of one stroke cut by the volume's slices
+STRIP_OVERLAP = 0.05
+# smaller paintings are left alone: a thin vessel painted on two adjacent slices may move by
+# its own width between them
+MIN_STRIP_VOXELS = 20
+
+
+def _strips(support: np.ndarray, axis_index: int) -> list[int]:
+    """The painted slices, when two or more of them are adjacent and every adjacent pair
+    fits together edge to edge (else []): a stroke painted in a slice view that is not
+    aligned with the volume's slices falls into several slices as strips side by side,
+    where slices painted on purpose overlap their painted neighbours."""
+    from scipy import ndimage
+
+    painted = slices_holding(support, axis_index)
+    pairs = [(int(a), int(b)) for a, b in zip(painted, painted[1:]) if b == a + 1]
+    if not pairs:
+        return []
+    moved = np.moveaxis(support, axis_index, 0)
+    for a, b in pairs:
+        first, second = moved[a], moved[b]
+        smaller = min(int(first.sum()), int(second.sum()))
+        if smaller < MIN_STRIP_VOXELS or int((first & second).sum()) > STRIP_OVERLAP * smaller:
+            return []
+        if not (ndimage.binary_dilation(first, np.ones((3, 3), bool)) & second).any():
+            return []
+    return [int(i) for i in painted]
+
+
 def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, None] = "auto",
                  exclude: Optional[np.ndarray] = None) -> int:
     """The array axis the slices are taken across.
@@ -90,6 +120,12 @@ def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, N
     spacing = np.array(image.GetSpacing(), float)[::-1]           # array order
     best = min(range(3), key=lambda a: (counts[a], -spacing[a], a))
     key = "auto" if axis is None else axis
+    strips = _strips(support, best)
+    if strips:
+        raise FewShotSegError(
+            f"the painting falls into {len(strips)} {axis_name(image, best)} ({_brief(strips)}) as strips side by "
+            "side: it was painted in a view not aligned with the volume's slices; align the slice view with the "
+            "volume (in 3D Slicer: 'Rotate to volume plane') and paint again")
     if isinstance(key, str) and key.strip().lower() == "auto":
         other = _second_plane(support, best, counts)
         if other is not None:

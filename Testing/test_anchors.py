@@ -189,6 +189,32 @@ def test_two_painted_planes_are_named(kidney):
         resolve_axis(image, support)
 
 
+def _oblique_stroke(image, truth, tilt_degrees: float) -> np.ndarray:
+    """The structure where a plane tilted about the left-right axis crosses it, one slice
+    thick: what painting in a slice view rotated against the volume's slices leaves."""
+    spacing = np.array(image.GetSpacing())[::-1]
+    z, y, _ = np.indices(truth.shape)
+    z0 = int(np.argmax(truth.sum((1, 2))))
+    y0 = np.flatnonzero(truth.any((0, 2))).mean()
+    height = z0 * spacing[0] + np.tan(np.radians(tilt_degrees)) * (y - y0) * spacing[1]
+    return truth & (np.abs(z * spacing[0] - height) <= spacing[0] / 2)
+
+
+@pytest.mark.parametrize("tilt", [4, 25])
+def test_a_stroke_painted_in_a_view_rotated_against_the_slices_is_named(chaos_dir, tilt):
+    """Strips side by side in adjacent slices are one line naming the cause, whatever the
+    axis asked for; slices painted on purpose next to each other are not strips."""
+    image = read_image(chaos_dir / "image_1.nii.gz")
+    liver = sitk.GetArrayFromImage(read_image(chaos_dir / "label_1.nii.gz", label=True)) == 1
+    stroke = _oblique_stroke(image, liver, tilt)
+    assert len(np.flatnonzero(stroke.any((1, 2)))) >= 2
+    for axis in ("auto", "axial"):
+        with pytest.raises(FewShotSegError, match=r"as strips side by side.*not aligned.*Rotate to volume plane"):
+            resolve_axis(image, stroke, axis)
+    z0 = int(np.argmax(liver.sum((1, 2))))
+    assert resolve_axis(image, painted(liver, [z0, z0 + 1])) == 0
+
+
 def test_reoriented_volume_gives_the_same_mask(kidney, model):
     """The same scan stored with its slice axis last (physical space unchanged): the axis
     comes from the painting, and the mask mapped back is the original's."""

@@ -296,3 +296,12 @@ def test_bad_anchor_input_is_refused(case, capsys, tmp_path):
     code, _, err = run_cli(["propagate", case["image"], "--support", empty_path, "--exclude", overlap_path,
                             "--mode", "registration", "-o", out, "-q"], capsys)
     assert_refused(code, err, out, "no painted voxel")
+    # a stroke painted in a view rotated against the slices: strips in three adjacent slices
+    strips = np.zeros(label.shape, np.uint8)
+    rows = np.flatnonzero((label == 4).any((0, 2)))
+    for k, part in enumerate(np.array_split(rows, 3)):
+        strips[painted - 1 + k, part] = label[painted - 1 + k, part] == 4
+    strips_path = _label_file(strips, case["label"], tmp_path / "strips.nii.gz")
+    code, _, err = run_cli(["propagate", case["image"], "--support", strips_path, "--mode", "registration",
+                            "-o", out, "-q"], capsys)
+    assert_refused(code, err, out, "as strips side by side")
