@@ -14,7 +14,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -62,8 +62,9 @@ class FewShotSegParameterNode:
     intensityGate: bool = True
     fastThinSlices: bool = False
     outsideOtherSegments: bool = False
-    refineSamples: int = 4
-    refineSteps: int = 4
+    # the ranges again here: connecting the panel replaces the .ui's spin box limits
+    refineSamples: Annotated[int, WithinRange(1, 32)] = 4
+    refineSteps: Annotated[int, WithinRange(1, 50)] = 4
 
 
 class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -163,6 +164,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inputs = bool(p.inputVolume and p.segmentation and p.segmentId)
         self.ui.propagateButton.enabled = (inputs and bool(p.model) and not self.refineRunner.running
                                            or self.runner.running)
+        if self.runner.running or self.refineRunner.running:   # a download shares the propagation's runner
+            self.ui.downloadModelButton.enabled = False
         self.ui.refineButton.enabled = inputs and not self.runner.running or self.refineRunner.running
 
     def onSegmentChanged(self, segmentId):
@@ -205,6 +208,9 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDownloadModel(self):
         info = self.logic.catalog.find(self.ui.modelComboBox.currentData)
+        if self.runner.running or self.refineRunner.running:
+            self.ui.statusLabel.text = "Wait for the running job to end, or cancel it, then download."
+            return
         self.runner.start(lambda progress, cancel: self.logic.catalog.download(info, progress, cancel),
                           lambda path: self.refreshModels(select=info.name), self.updateGUI)
 

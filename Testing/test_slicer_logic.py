@@ -349,6 +349,32 @@ def test_segmentation_geometry_differs_from_volume(logic, scene, chaos, tiny_che
     assert dice(written[chaos.k], chaos.painted[chaos.k]) > 0.9
 
 
+def test_the_effects_result_lands_on_the_editors_reference_grid(scene, chaos):
+    """With the editor's intensity range on, Slicer writes a modifier only on the grid of
+    the segmentation's reference geometry; the effect's result, made on the volume's grid,
+    is resampled there when the two differ (a coarser segmentation) and left alone when not."""
+    small = chaos.label[:, ::2, ::2]
+    seg, _ = coarseSegmentation(scene, chaos.image, (small == SPLEEN).astype(np.uint8))
+    converter = slicer.vtkSegmentationConverter
+    reference = slicer.vtkOrientedImageData()
+    converter.DeserializeImageGeometry(
+        seg.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName()), reference)
+    liver = chaos.label == LIVER
+    modifier = geometry.arrayToOrientedImage(liver.astype(np.uint8), chaos.image, seg)
+    moved = geometry.onReferenceGrid(modifier, reference)
+    assert slicer.vtkOrientedImageDataResample.DoGeometriesMatch(moved, reference)
+    assert not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference)
+    from vtk.util import numpy_support
+    coarse = numpy_support.vtk_to_numpy(moved.GetPointData().GetScalars()).reshape(small.shape) > 0
+    assert dice(coarse, small == LIVER) > 0.95
+    same = geometry.arrayToOrientedImage(liver.astype(np.uint8), chaos.image, chaos.seg)
+    own = slicer.vtkOrientedImageData()
+    converter.DeserializeImageGeometry(chaos.seg.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()), own)
+    assert geometry.onReferenceGrid(same, own) is same          # the usual case: written as made
+    assert geometry.onReferenceGrid(same, slicer.vtkOrientedImageData()) is same   # no grid yet
+
+
 # -- bad inputs: a clear message and the segmentation exactly as before --------------------
 @pytest.mark.parametrize("what, match", [
     ("no volume", "no input volume"),

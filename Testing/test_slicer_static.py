@@ -88,7 +88,7 @@ def test_every_effect_parameter_read_has_a_default_and_is_saved():
     """An effect parameter read without a default is "" (0) on first use: a switch that
     is on by default (IntensityGate) would silently start off."""
     text = (MODULE / "FewShotSegEffect" / "SegmentEditorFewShotPropagateEffect.py").read_text(encoding="utf-8")
-    read = set(re.findall(r'(?:integerParameter|parameter|p)\("(\w+)"\)', text))
+    read = set(re.findall(r'(?:integerParameter|parameter|_text|p)\("(\w+)"\)', text))
     defaults = set(re.findall(r'setParameterDefault\("(\w+)"', text))
     saved = set(re.findall(r'setParameter\("(\w+)"', text))
     assert {"Model", "Mode", "Axis", "Device", "Preview", "IntensityGate"} <= read

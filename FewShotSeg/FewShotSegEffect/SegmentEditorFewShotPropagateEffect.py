@@ -180,12 +180,17 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("RefineSamples", 4)
         self.scriptedEffect.setParameterDefault("RefineSteps", 4)
 
+    def _text(self, name: str) -> str:
+        """A string parameter, "" when not stored: Slicer stores no empty value (the model
+        is "" until one is installed) and logs an error for every read of a missing one."""
+        return self.scriptedEffect.parameter(name) if self.scriptedEffect.parameterDefined(name) else ""
+
     def updateGUIFromMRML(self):
         pairs = ((self.modelComboBox, "Model"), (self.modeComboBox, "Mode"),
                  (self.axisComboBox, "Axis"), (self.deviceComboBox, "Device"))
         for combo, name in pairs:
             wasBlocked = combo.blockSignals(True)
-            index = combo.findText(self.scriptedEffect.parameter(name))
+            index = combo.findText(self._text(name))
             combo.setCurrentIndex(max(index, 0))
             combo.blockSignals(wasBlocked)
         for checkBox, name in ((self.previewCheckBox, "Preview"), (self.gateCheckBox, "IntensityGate"),
@@ -199,6 +204,12 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             spinBox.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self, *args):
+        # one modified event for all: each one refreshes every widget from the stored values
+        # (updateGUIFromMRML), which would undo the change before the next line stored it
+        with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
+            self._storeParameters()
+
+    def _storeParameters(self):
         self.scriptedEffect.setParameter("Model", self.modelComboBox.currentText)
         self.scriptedEffect.setParameter("Mode", self.modeComboBox.currentText)
         self.scriptedEffect.setParameter("Axis", self.axisComboBox.currentText)
@@ -215,7 +226,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.refreshModels()
         self.updateGUIFromMRML()
         if dependencies.torchAvailable() and not dependencies.missingPackages():
-            self.logic.warmUp(self.scriptedEffect.parameter("Model") or None,
+            self.logic.warmUp(self._text("Model") or None,
                               self.scriptedEffect.parameter("Device") or "cpu")
         if dependencies.torchAvailable() and self.deviceComboBox.count == 1:
             wasBlocked = self.deviceComboBox.blockSignals(True)
@@ -228,6 +239,14 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         """Another effect or module was chosen: a running job goes on and its result is
         applied when it arrives (only a shown preview is dropped)."""
         self.discardPreview()
+
+    def cleanup(self):
+        """The editor widget is being deleted (Slicer calls this first): stop polling, so no
+        timer fires at deleted widgets; a running job is cancelled and its result dropped."""
+        for runner in (getattr(self, "runner", None), getattr(self, "refineRunner", None)):
+            if runner is not None:
+                runner.stop()
+                runner.timer.stop()
 
     # -- propagation ----------------------------------------------------------------------
     def _inputs(self):
@@ -247,7 +266,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             if not dependencies.ensureEngineDependencies(askConfirmation=True):
                 return
             volume, segmentation, segmentId = self._inputs()
-            p = self.scriptedEffect.parameter
+            p = self._text
             job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
                                      mode=p("Mode"), axis=p("Axis"), device=p("Device"),
                                      intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
@@ -258,7 +277,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result))
 
     def onResult(self, job, result):
-        if self.scriptedEffect.integerParameter("Preview"):
+        # a preview needs this effect's panel (its Apply and Discard buttons): once the user
+        # has left the effect the result is applied, as the docstring at the top says
+        active = self.scriptedEffect.active() if hasattr(self.scriptedEffect, "active") else True
+        if self.scriptedEffect.integerParameter("Preview") and active:
             self.showPreview(job, result)
         else:
             self.applyResult(job, result)
@@ -291,6 +313,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
 
     def writeSelectedSegment(self, modifier):
         """The only place the effect changes a segment: one undo state, then Set mode."""
+        modifier = geometry.onReferenceGrid(modifier, self.scriptedEffect.referenceGeometryImage())
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)

@@ -201,6 +201,23 @@ def orientedImageToArray(image, volumeNode, segmentationNode) -> np.ndarray:
     return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
 
 
+def onReferenceGrid(modifier, reference):
+    """``modifier`` resampled (nearest voxel) onto the grid of ``reference`` (the Segment
+    Editor's reference geometry image), or itself when it already lies on it or there is
+    no reference. Why: with the editor's intensity range on, Slicer writes a modifier only
+    when its geometry matches the source volume aligned to that grid, and ours lies on the
+    volume's own grid (a segmentation oversampled, or made for another volume, differs)."""
+    if reference is None or any(high < low for low, high in zip(reference.GetExtent()[::2], reference.GetExtent()[1::2])):
+        return modifier      # the editor has no reference grid yet
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):
+        return modifier
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            modifier, reference, resampled, False):
+        raise FewShotSegError("could not resample the result onto the segmentation's grid; nothing was written")
+    return resampled
+
+
 def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> None:
     """Replace one segment's content by ``mask`` (volume grid); other segments are not touched.
 

@@ -64,22 +64,30 @@ class TaskRunner:
         if self.task is None:
             self.timer.stop()
             return
-        finished = self.task.poll()
-        fraction, message = self.task.status()
+        try:
+            finished = self.task.poll()
+            fraction, message = self.task.status()
+        except Exception as exc:  # noqa: BLE001 - the timer must not go on firing at a broken job
+            logging.exception("FewShotSeg: polling the job failed")
+            self._finish(failure=exc)
+            return
         self.progressBar.setValue(int(round(100 * fraction)))
         if message and not self.task.cancelRequested:
             self.statusLabel.text = message
         if finished:
             self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, failure: Optional[BaseException] = None) -> None:
         task, onSuccess, onEnd = self.task, self._onSuccess, self._onEnd
         self.task = None
         self.timer.stop()
         self.progressBar.setVisible(False)
         self.button.text = self.startText
         try:
-            if task.error is None:
+            if failure is not None:
+                self.statusLabel.text = f"Failed: {failure}"
+                slicer.util.errorDisplay(f"Failed: {failure}")
+            elif task.error is None:
                 with slicer.util.tryWithErrorDisplay("Could not write the result.", waitCursor=True):
                     onSuccess(task.result)
             elif type(task.error).__name__ in ("PropagationCancelled", "RefineCancelled") or task.cancelRequested:
