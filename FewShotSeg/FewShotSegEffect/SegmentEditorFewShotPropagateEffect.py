@@ -206,7 +206,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
     def updateMRMLFromGUI(self, *args):
         # one modified event for all: each one refreshes every widget from the stored values
         # (updateGUIFromMRML), which would undo the change before the next line stored it
-        with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
+        node = self.scriptedEffect.parameterSetNode()
+        if node is None:
+            return
+        with slicer.util.NodeModify(node):
             self._storeParameters()
 
     def _storeParameters(self):
