@@ -27,7 +27,7 @@ import vtk  # noqa: E402
 
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegSlicerLib.logic import FewShotSegLogic, segmentationHistory  # noqa: E402
-from FewShotSegSlicerLib import geometry  # noqa: E402
+from FewShotSegSlicerLib import geometry, userslices  # noqa: E402
 from FewShotSegSlicerLib.tasks import BackgroundTask  # noqa: E402
 
 CHAOS_CASE = 15          # 31 slices: the smallest CHAOS volume
@@ -431,6 +431,23 @@ def test_painted_only_outside_the_volume(logic, scene, chaos, tiny_checkpoint):
     with pytest.raises(FewShotSegError, match="only outside volume"):
         logic.propagate(chaos.image, chaos.seg, outsideId, model=tiny_checkpoint)
     assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_a_stroke_in_a_view_rotated_against_the_volume_is_named(logic, scene, chaos, tiny_checkpoint):
+    """Painted in a slice view not aligned with the volume, a stroke lands as strips in
+    adjacent slices: one line saying so, the segment and its record untouched."""
+    liver = chaos.label == LIVER
+    rows = np.flatnonzero(liver[chaos.k].any(1))
+    strips = np.zeros_like(liver)
+    for n, part in enumerate(np.array_split(rows, 3)):
+        strips[chaos.k - 1 + n, part] = liver[chaos.k - 1 + n, part]
+    segmentId = chaos.seg.GetSegmentation().AddEmptySegment("stroke")
+    geometry.writeSegment(chaos.seg, segmentId, strips.astype(np.uint8), chaos.image)
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match="as strips side by side.*Rotate to volume plane"):
+        logic.propagate(chaos.image, chaos.seg, segmentId, model=tiny_checkpoint, mode="direct")
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+    assert userslices.read(chaos.seg, segmentId) is None
 
 
 def test_one_slice_volume(logic, scene, chaos, tiny_checkpoint):
