@@ -123,9 +123,9 @@ def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, N
     strips = _strips(support, best)
     if strips:
         raise FewShotSegError(
-            f"the painting falls into {len(strips)} {axis_name(image, best)} ({_brief(strips)}) as strips side by "
-            "side: it was painted in a view not aligned with the volume's slices; align the slice view with the "
-            "volume (in 3D Slicer: 'Rotate to volume plane') and paint again")
+            f"the painting falls into {len(strips)} {axis_name(image, best)}, {_brief(strips)}, as strips side "
+            "by side: it was painted in a view not aligned with the volume's slices; align the slice view with "
+            "the volume (in 3D Slicer: 'Rotate to volume plane') and paint again")
     if isinstance(key, str) and key.strip().lower() == "auto":
         other = _second_plane(support, best, counts)
         if other is not None:

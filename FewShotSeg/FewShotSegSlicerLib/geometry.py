@@ -194,11 +194,19 @@ def orientedImageToArray(image, volumeNode, segmentationNode) -> np.ndarray:
 
     shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
     reference = arrayToOrientedImage(np.zeros(shape, np.uint8), volumeNode, segmentationNode)
+    resampled = _resampled(image, reference, f"could not resample the editor's mask onto volume "
+                                             f"'{volumeNode.GetName()}'")
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
+
+
+def _resampled(image, reference, failure: str):
+    """``image`` resampled (nearest voxel) onto ``reference``'s grid and extent; ``failure``
+    is the error's message."""
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             image, reference, resampled, False):
-        raise FewShotSegError(f"could not resample the editor's mask onto volume '{volumeNode.GetName()}'")
-    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
+        raise FewShotSegError(failure)
+    return resampled
 
 
 def onReferenceGrid(modifier, reference):
@@ -209,13 +217,10 @@ def onReferenceGrid(modifier, reference):
     volume's own grid (a segmentation oversampled, or made for another volume, differs)."""
     if reference is None or any(high < low for low, high in zip(reference.GetExtent()[::2], reference.GetExtent()[1::2])):
         return modifier      # the editor has no reference grid yet
-    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):   # Slicer's own test
         return modifier
-    resampled = slicer.vtkOrientedImageData()
-    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            modifier, reference, resampled, False):
-        raise FewShotSegError("could not resample the result onto the segmentation's grid; nothing was written")
-    return resampled
+    return _resampled(modifier, reference, "could not resample the result onto the segmentation's grid; "
+                                           "nothing was written")
 
 
 def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> None:
