@@ -71,6 +71,52 @@ def test_corrupt_cache_is_recomputed(chaos_dir, tmp_path):
     np.testing.assert_array_equal(again.regions, first.regions)
 
 
+def test_a_cached_volume_is_memory_mapped_and_the_scan_not_read(volume, chaos_dir, monkeypatch):
+    """A thousand-scan collection starts in seconds and shares the page cache across ranks."""
+    import pickle
+    import FewShotSegLib.imageio as imageio
+    vol, cache = volume
+
+    def no_scan(*_args, **_kwargs):
+        raise AssertionError("the scan was read although its cache entry is complete")
+
+    monkeypatch.setattr(imageio, "read_image", no_scan)
+    again = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=96), "axial", cache)
+    assert isinstance(again.regions, np.memmap) and isinstance(again.slices, torch.Tensor)
+    torch.testing.assert_close(again.slices, vol.slices, rtol=0, atol=0)
+    assert [(i, ids.tolist()) for i, ids in again.valid] == [(i, ids.tolist()) for i, ids in vol.valid]
+    sent = pickle.dumps(again)                        # what a spawned DataLoader worker receives
+    assert len(sent) < vol.slices.numel()             # the cache's path, not the volume
+    back = pickle.loads(sent)
+    np.testing.assert_array_equal(back.regions, vol.regions)
+    assert torch.equal(back.slices, vol.slices)
+
+
+def test_superpixels_of_the_previous_cache_format_are_reused(chaos_dir, tmp_path):
+    """Hours of superpixels of a large collection survive the new cache format."""
+    fresh = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", None)
+    marked = np.where(fresh.regions > 0, fresh.regions + 7, 0).astype(np.int16)   # not what would be computed
+    key = fresh._cache_key.__func__(type("P", (), {"image_path": fresh.image_path, "label_path": None})(),
+                                    PreprocessConfig(size=64), "axial", 2)
+    np.savez_compressed(tmp_path / f"image_5_{key}.npz", regions=marked)
+    vol = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,
+                       progress=lambda done, total: pytest.fail("superpixels computed again"))
+    np.testing.assert_array_equal(vol.regions, marked)
+
+
+def test_labels_are_cached_apart_from_superpixels(chaos_dir, tmp_path):
+    labelled = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,
+                            label_path=chaos_dir / "label_5.nii.gz")
+    plain = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    assert set(np.unique(labelled.regions)) <= {0, 1, 2, 3, 4}
+    assert not np.array_equal(plain.regions, labelled.regions)
+    again = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,
+                         label_path=chaos_dir / "label_5.nii.gz")
+    assert isinstance(again.regions, np.memmap)
+    np.testing.assert_array_equal(again.regions, labelled.regions)
+
+
 def test_superpixel_preparation_reports_every_slice_and_the_cache_none(chaos_dir, tmp_path):
     calls = []
     vol = VolumeSlices(chaos_dir / "image_5.nii.gz", PreprocessConfig(size=64), "axial", tmp_path,

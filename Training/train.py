@@ -312,8 +312,8 @@ class _VolumeProgress:
 def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     """The episode sampler of this rank, the data files (for the provenance), the pre-processing.
 
-    Under DDP the ranks first fill the superpixel cache together (volume i by rank i % world),
-    then every rank loads all volumes from it; episodes differ by rank through the seed.
+    Under DDP the ranks first fill the cache together (volume i by rank i % world), then
+    every rank memory-maps all volumes from it; episodes differ by rank through the seed.
     """
     data = config["data"]
     bases = [Path(config.get("_config_dir", ROOT)), ROOT]
@@ -339,7 +339,7 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     with _VolumeProgress(images, rank) as bar:
         volumes = [VolumeSlices(p, preprocess, data["axis"], cache, exclude_labels=excluding.get(p),
                                 progress=bar.slice_done(p)) for p in images]
-    volumes += [VolumeSlices(i, preprocess, data["axis"], None, label_path=lab) for i, lab in pairs]
+    volumes += [VolumeSlices(i, preprocess, data["axis"], cache, label_path=lab) for i, lab in pairs]
     values = _exclusion_values(data.get("exclude_labels"), images)
     volumes += [load_pack(p, preprocess, data["axis"], values) for p in packs]
     try:

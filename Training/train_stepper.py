@@ -10,7 +10,6 @@ from it. The release checkpoint (kind 'propagator', float16) is written at the e
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import shlex
@@ -33,24 +32,8 @@ from FewShotSegLib.models import build_model  # noqa: E402
 from FewShotSegLib.models.slicestep import PRESENT_PIXELS  # noqa: E402
 from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.provenance import display_path, git_commit, hardware  # noqa: E402
-from Training.train import _device, _distributed  # noqa: E402
-
-
-def load_examples(folders: list[Path], oversample: dict | None = None):
-    """Every .npz under ``folders``: inputs [n, 4, c, c] float16, targets [n, c, c] uint8,
-    the file names, and each example's sampling weight (``oversample``: a file-name glob ->
-    weight, e.g. {"image_*": 4} to draw a scarce modality's examples more often)."""
-    files = sorted(f for folder in folders for f in Path(folder).glob("*.npz"))
-    if not files:
-        raise FewShotSegError(f"no step examples (.npz) in {', '.join(map(str, folders))}")
-    xs, ys, ws = [], [], []
-    for f in files:
-        with np.load(f) as data:
-            xs.append(torch.from_numpy(data["inputs"]))
-            ys.append(torch.from_numpy(data["targets"]))
-        weight = max([w for pattern, w in (oversample or {}).items() if fnmatch.fnmatch(f.name, pattern)], default=1.0)
-        ws.append(torch.full((len(xs[-1]),), float(weight)))
-    return torch.cat(xs), torch.cat(ys), [display_path(f) for f in files], torch.cat(ws)
+from Training.example_store import ExampleStore, consolidate  # noqa: E402
+from Training.train import _barrier, _device, _distributed  # noqa: E402
 
 
 def augmented(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
@@ -157,8 +140,13 @@ def main(argv=None) -> int:
         except ValueError:
             raise FewShotSegError(f"--oversample wants GLOB=WEIGHT, not {item!r}") from None
     start_weights = _initial_weights(args.init) if args.init else None   # a wrong file: before loading
-    x_all, y_all, files, weights = load_examples(args.examples, oversample)
-    crop = int(x_all.shape[-1])
+    if rank == 0:                                      # the others wait, then map the same files
+        for folder in args.examples:
+            consolidate(folder)
+    if world > 1:
+        _barrier(device)
+    examples = ExampleStore(args.examples, oversample)
+    crop, files, weights = examples.crop, examples.files, examples.weights
     torch.manual_seed(args.seed)
     widths, likelihood, presence = [int(w) for w in args.widths.split(",")], args.likelihood, args.presence
     if start_weights is not None:   # the started network's shape; an input or output it had stays
@@ -185,13 +173,13 @@ def main(argv=None) -> int:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        print(f"{len(x_all)} examples from {len(files)} files, crop {crop}, "
+        print(f"{len(examples)} examples from {len(files)} files, crop {crop}, "
               f"{sum(p.numel() for p in model.parameters())} weights, from step {step}", flush=True)
     running, start = [], time.perf_counter()
     while step < args.steps:
         index = (torch.multinomial(weights, args.batch, replacement=True, generator=generator) if oversample
-                 else torch.randint(0, len(x_all), (args.batch,), generator=generator))
-        x, y = augmented(x_all[index].float(), y_all[index].float()[:, None] / 255.0, generator)
+                 else torch.randint(0, len(examples), (args.batch,), generator=generator))
+        x, y = augmented(*examples.batch(index), generator)
         carried = x[:, 3:4].clamp(0.05, 0.95)
         out = net(x.to(device), with_presence=presence)
         correction, present_logit = out if presence else (out, None)
@@ -217,7 +205,7 @@ def main(argv=None) -> int:
             print(f"step {step}: loss {json.loads(log_path.read_text().splitlines()[-1])['loss']:.4f}", flush=True)
     if rank == 0:
         provenance = {"training": f"supervised walk steps (Training/step_pairs.py), batch {args.batch * world}, "
-                                  f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(x_all), "example_files": len(files),
+                                  f"AdamW lr {args.lr:g} cosine", "data": [display_path(f) for f in args.examples], "examples": len(examples), "example_files": len(files),
                       "batch": args.batch * world,
                       "oversample": oversample,
                       "init": display_path(Path(args.init)) if args.init else None,

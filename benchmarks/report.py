@@ -353,6 +353,27 @@ def main_loop_table(name: str = "slicer_main_loop.json") -> str:
             f"{result.get('target_ratio', 1.2)}.\n\n" + "\n".join(lines))
 
 
+def training_memory_table(name: str = "training_memory.json") -> str:
+    """Training's data, memory-mapped against copied into each process (training_memory.py)."""
+    result = _load(name)
+    if result is None:
+        return "_not run yet: `python benchmarks/training_memory.py`_"
+    lines = ["| data | size | layout | start s | private MB per process | resident MB | per draw ms |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, label, size, draw in (("few_shot", "few-shot episodes", "{volumes} volumes, {slices} slices",
+                                     "episode_ms"),
+                                    ("step_network", "step-network examples", "{examples} examples", "batch_ms")):
+        for layout, text in (("mapped", "memory-mapped (now)"), ("in_memory", "copied in (before)")):
+            r = result[kind][layout]
+            lines.append(f"| {label} | {size.format(**r)}, {r['data_mb']:.0f} MB | {text} | {r['start_seconds']:.2f} | "
+                         f"{r['private_mb']:.0f} | {r['resident_mb']:.0f} | {r[draw]:.2f} |")
+    first = result["step_network"].get("consolidate_seconds_first_time")
+    note = (f" The step examples were consolidated once beforehand in {first:.1f} s." if first is not None else "")
+    return (f"Hardware: {result['hardware']}. Private memory is paid by every DDP rank, the mapped files' "
+            "page cache (counted in the resident size) once per machine and given back under memory "
+            f"pressure; a draw is one augmented episode or one batch of 16 examples.{note}\n\n" + "\n".join(lines))
+
+
 def refine_table(files: list[str]) -> str:
     lines = ["| coarse masks (file) | Dice coarse | Dice refined | HD95 mm coarse | HD95 mm refined "
              "| AUROC (variance) | s per slice | cases |", "|---|---|---|---|---|---|---|---|"]
@@ -467,7 +488,9 @@ def render(config: dict) -> str:
              "Multi-scale against single scale, both timed alike: one torch thread while two training "
              "jobs shared the 2 cores (slower than the table above; compare the two rows of a case).", "",
              speed_table(("speed_single_scale_loaded.json", "speed_multiscale.json")), "",
-             "### Refinement (held-out CHAOS-T2 cases)", "", refine_table(config["refine"])]
+             "### Refinement (held-out CHAOS-T2 cases)", "", refine_table(config["refine"]), "",
+             "### Training data: memory and start-up (benchmarks/training_memory.py)", "",
+             training_memory_table()]
     protocol = sorted(RESULTS.glob("protocol_*.md"))
     if protocol:
         parts += ["", "### Few-shot protocol (papers' EP1/EP2)", ""]

@@ -69,6 +69,10 @@ class TaskRunner:
             fraction, message = self.task.status()
         except Exception as exc:  # noqa: BLE001 - the timer must not go on firing at a broken job
             logging.exception("FewShotSeg: polling the job failed")
+            try:
+                self.task.cancel()                # a job nobody polls must not run on unseen
+            except Exception:  # noqa: BLE001 - the job is already broken; the message says so
+                logging.exception("FewShotSeg: cancelling the broken job failed")
             self._finish(failure=exc)
             return
         self.progressBar.setValue(int(round(100 * fraction)))
