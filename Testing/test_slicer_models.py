@@ -169,3 +169,27 @@ def test_shipped_refiner_is_not_offered_as_a_few_shot_model(home, tmp_path):
         pytest.skip("no shipped refiner in Resources/Models")
     assert DEFAULT_REFINER not in [m.name for m in ModelCatalog().models()]
     assert FewShotSegLogic().refinerPath().stem == DEFAULT_REFINER
+
+
+def test_pytorch_that_cannot_be_downloaded_is_one_line_saying_how_to_install_it_offline(monkeypatch):
+    """A hospital without internet: PyTorch's installer fails inside pip; the user gets what
+    to do instead of pip's traceback. (PyTorchUtils is the PyTorch extension's module, not
+    part of slicer-core: its installer is stood in for by one that fails as pip does.)"""
+    import subprocess
+    import types
+    from FewShotSegSlicerLib import dependencies
+
+    def install_torch(self, askConfirmation=False, torchVersionRequirement=None):
+        raise subprocess.CalledProcessError(1, ["pip", "install", "light-the-torch>=0.5"])
+
+    stand_in = types.ModuleType("PyTorchUtils")
+    stand_in.PyTorchUtilsLogic = type("PyTorchUtilsLogic", (), {"torchInstalled": staticmethod(lambda: False),
+                                                                  "installTorch": install_torch})
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", stand_in)
+    monkeypatch.setattr(dependencies, "torchAvailable", lambda: False)
+    with pytest.raises(FewShotSegError) as raised:
+        dependencies.ensureEngineDependencies(askConfirmation=False)
+    message = str(raised.value)
+    assert "\n" not in message and "could not be downloaded" in message
+    assert f"Python {sys.version_info.major}.{sys.version_info.minor}" in message
+    assert "pip download torch" in message and "--no-index" in message

@@ -64,9 +64,27 @@ def ensureEngineDependencies(askConfirmation: bool = True) -> bool:
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
             try:
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.1")
-            except TypeError:  # older PyTorchUtils without version arguments
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation)
+                try:
+                    torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.1")
+                except TypeError:  # older PyTorchUtils without version arguments
+                    torch = torchLogic.installTorch(askConfirmation=askConfirmation)
+            except Exception as exc:  # noqa: BLE001 - pip's failure (offline, proxy) becomes what to do
+                logging.exception("FewShotSeg: installing PyTorch failed")
+                from FewShotSegLib.errors import FewShotSegError
+
+                raise FewShotSegError(offlineTorchHelp(exc)) from None
             if torch is None:
                 return False
     return ensurePackages(askConfirmation)
+
+
+def offlineTorchHelp(exc: BaseException) -> str:
+    """One line: why PyTorch did not install and how to install it without internet."""
+    import sys
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (f"PyTorch could not be downloaded ({type(exc).__name__}; no internet?). Without internet: on a "
+            f"computer with internet and the same operating system and Python {python}, run "
+            "'pip download torch --index-url https://download.pytorch.org/whl/cpu -d torch_wheels', copy the "
+            "torch_wheels folder here, run slicer.util.pip_install(['--no-index', '--find-links', FOLDER, 'torch']) "
+            "in Slicer's Python console, and restart Slicer")
