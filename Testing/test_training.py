@@ -383,3 +383,26 @@ def test_fewshotseg_train_command_passes_its_options_to_train_py(tmp_path, chaos
     assert load_checkpoint(tmp_path / "run" / "test-model.pt").provenance["steps"] == 2
     assert cli_main(["train", "--config", str(path), "--resume", "--steps", "3"]) == 0
     assert load_checkpoint(tmp_path / "run" / "test-model.pt").provenance["steps"] == 3
+
+
+def test_prepare_only_fills_the_cache_with_worker_processes(tmp_path, chaos_dir, capsys):
+    """A large collection is prepared once, several volumes at a time, before any training;
+    the training that follows reads no scan."""
+    images = [str(chaos_dir / f"image_{case}.nii.gz") for case in (5, 8)]
+    config = write_config(tmp_path, chaos_dir, data={"images": images, "axis": "axial", "preprocess": {"size": 64},
+                                                    "cache_dir": str(tmp_path / "cache")})
+    assert main(["--config", str(config), "--prepare-only", "--prepare-workers", "2"]) == 0
+    assert "prepared 2 files: 2 volumes" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4
+    assert not (tmp_path / "run").exists()                     # nothing trained
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    assert main(["--config", str(config), "--prepare-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
+
+
+def test_prepare_only_without_a_cache_folder_is_one_line(tmp_path, chaos_dir, capsys):
+    config = write_config(tmp_path, chaos_dir, data={"images": [str(chaos_dir / "image_5.nii.gz")], "axis": "axial",
+                                                    "cache_dir": None})
+    assert main(["--config", str(config), "--prepare-only"]) == 2
+    assert "needs data.cache_dir" in capsys.readouterr().err

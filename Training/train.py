@@ -300,6 +300,11 @@ class _VolumeProgress:
                 bar.update(1)
         return update
 
+    def volume_done(self, image) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(Path(image).name)
+            self.bar.update(1)
+
     def __enter__(self):
         return self
 
@@ -307,6 +312,31 @@ class _VolumeProgress:
         if self.bar is not None:
             self.bar.close()
         return False
+
+
+def _cache_volume(job: tuple) -> str:
+    """One volume into the cache, in a worker process of `fill_cache`."""
+    image, preprocess, axis, cache = job
+    torch.set_num_threads(1)
+    VolumeSlices(Path(image), PreprocessConfig.from_dict(preprocess), axis, Path(cache))
+    return image
+
+
+def fill_cache(images: list, preprocess: PreprocessConfig, axis: str, cache, rank: int = 0,
+               workers: int = 1) -> None:
+    """Compute what is not cached yet of ``images`` (superpixels: about 5 s per CHAOS-T2 volume,
+    a minute per CT on one core), ``workers`` processes at once; then a start only maps files."""
+    with _VolumeProgress(images, rank) as bar:
+        if workers <= 1:
+            for p in images:
+                VolumeSlices(p, preprocess, axis, cache, progress=bar.slice_done(p))
+            return
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+        jobs = [(str(p), preprocess.to_dict(), axis, str(cache)) for p in images]
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for done in pool.map(_cache_volume, jobs):
+                bar.volume_done(done)
 
 
 def build_sampler(config: dict, rank: int, world: int = 1, device=None):
@@ -330,10 +360,9 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
         raise FewShotSegError("the config lists no training images (data.images, data.packs or data.labels)")
     cache = data.get("cache_dir")
     cache = (ROOT / cache) if cache and not os.path.isabs(cache) else cache
-    if world > 1 and cache:
-        with _VolumeProgress(images[rank::world], rank) as bar:
-            for p in images[rank::world]:
-                VolumeSlices(p, preprocess, data["axis"], cache, progress=bar.slice_done(p))
+    workers = int(config.get("_prepare_workers") or 1)
+    if cache and (world > 1 or workers > 1):       # the ranks (and their workers) share the work
+        fill_cache(images[rank::world], preprocess, data["axis"], cache, rank, workers)
         _barrier(device)
     excluding = _exclusion_labels(data.get("exclude_labels"), images, bases)
     with _VolumeProgress(images, rank) as bar:
@@ -578,6 +607,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: the cores / processes on this node)")
+    parser.add_argument("--prepare-workers", type=int, default=1, metavar="N",
+                        help="compute the cache (superpixels) of N volumes at once before training (default 1)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="fill the cache (data.cache_dir) and stop: a later start reads no scan")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `fewshotseg train -- --config ...` hands the separator on
         argv = argv[1:]
@@ -589,6 +622,11 @@ def main(argv=None) -> int:
     try:
         config = load_config(Path(args.config), {"steps": args.steps, "out": out, "device": args.device,
                                                      "num_threads": args.threads})
+        if args.prepare_workers < 1:
+            raise FewShotSegError("--prepare-workers must be at least 1")
+        config["_prepare_workers"] = args.prepare_workers
+        if args.prepare_only:
+            return prepare(config)
         path = train(config, resume=args.resume, argv=argv)
     except FewShotSegError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -598,6 +636,16 @@ def main(argv=None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
+    return 0
+
+
+def prepare(config: dict) -> int:
+    """``--prepare-only``: the cache filled, checked as training would read it, nothing trained."""
+    if not config["data"].get("cache_dir"):
+        raise FewShotSegError("--prepare-only needs data.cache_dir in the config: the cache is what it fills")
+    sampler, files, _ = build_sampler(config, 0)
+    print(f"prepared {len(files)} files: {len(sampler.volumes)} volumes with training slices, "
+          f"cache {config['data']['cache_dir']}")
     return 0
 
 
