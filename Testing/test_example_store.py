@@ -2,6 +2,9 @@
 (Training/example_store.py): what lets a thousand scans' examples train on eight ranks."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +67,19 @@ def test_bad_example_files_are_one_clear_error_and_write_nothing(tmp_path):
         consolidate(folder)
     with pytest.raises(FewShotSegError, match="no step examples"):
         ExampleStore([tmp_path / "empty"])
+
+
+def test_a_read_only_folder_is_consolidated_in_the_run_folder(tmp_path, monkeypatch):
+    """A shared, read-only collection: its consolidation goes to the run's folder. (The
+    permission is reported as missing, as it is for a user who cannot write there; these
+    tests may run as root, which writes anywhere.)"""
+    import Training.example_store as store_module
+    shared = tmp_path / "shared"
+    expected = _write(shared, "one.npz", 4, 0)
+    real_access = os.access
+    monkeypatch.setattr(store_module.os, "access",
+                        lambda path, mode: False if Path(path) == shared else real_access(path, mode))
+    consolidate(shared, spare=tmp_path / "run")
+    store = ExampleStore([shared], spare=tmp_path / "run")
+    assert not list(shared.glob("examples*")) and len(list((tmp_path / "run").glob("examples-*.npy"))) == 2
+    np.testing.assert_array_equal(store.batch(torch.tensor([3]))[0].numpy()[0], expected[0][3].astype(np.float32))

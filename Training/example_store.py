@@ -4,14 +4,17 @@ Why: `Training.step_pairs` writes one ``.npz`` per source volume; from a thousan
 is tens of gigabytes of examples. Loaded into memory, every DDP rank would hold its own
 copy of all of them. Consolidated once into two plain ``.npy`` files beside the examples
 (``examples.inputs.npy``, ``examples.targets.npy`` and a manifest naming every source file
-by size and modification time), they are memory-mapped: a batch reads its 16 examples
+by size and modification time; for a read-only folder, in the run's folder instead), they
+are memory-mapped: a batch reads its 16 examples
 from the page cache, which the ranks of a machine share, and a later run (or ``--resume``)
 starts at once. A folder whose files changed is consolidated again.
 """
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -47,15 +50,21 @@ def _manifest(files: list[Path]) -> list[dict]:
     return [{"name": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
 
-def _paths(folder: Path) -> tuple[Path, Path, Path]:
-    return folder / f"{PREFIX}.inputs.npy", folder / f"{PREFIX}.targets.npy", folder / f"{PREFIX}.json"
+def _paths(folder: Path, spare: Path | None = None) -> tuple[Path, Path, Path]:
+    """Where a folder's consolidated files live: in it, or, where it is read-only (a shared
+    collection), in ``spare`` under a name made from the folder's path."""
+    where, stem = Path(folder), PREFIX
+    if spare is not None and not os.access(where, os.W_OK):
+        where = Path(spare)
+        stem = f"{PREFIX}-{hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:12]}"
+    return where / f"{stem}.inputs.npy", where / f"{stem}.targets.npy", where / f"{stem}.json"
 
 
-def consolidate(folder: Path) -> None:
+def consolidate(folder: Path, spare: Path | None = None) -> None:
     """Write the folder's consolidated arrays, unless they are there for exactly these files."""
     folder = Path(folder)
     files = sorted(folder.glob("*.npz"))
-    inputs_path, targets_path, manifest_path = _paths(folder)
+    inputs_path, targets_path, manifest_path = _paths(folder, spare)
     if not files:
         return
     manifest = {"format": FORMAT, "files": _manifest(files)}
@@ -91,14 +100,15 @@ class ExampleStore:
     """Every example of some folders: inputs [n, 4, c, c] float16, targets [n, c, c] uint8,
     memory-mapped; ``batch(index)`` gathers rows across folders."""
 
-    def __init__(self, folders: list[Path], oversample: dict | None = None):
+    def __init__(self, folders: list[Path], oversample: dict | None = None, spare: Path | None = None):
         """``oversample``: a file-name glob -> weight, e.g. {"image_*": 4} to draw a scarce
-        modality's examples more often. Call `consolidate` on each folder first (rank 0)."""
+        modality's examples more often. Call `consolidate` on each folder first (rank 0),
+        with the same ``spare``."""
         self.inputs, self.targets, self.files, weights = [], [], [], []
         for folder in map(Path, folders):
             if not any(folder.glob("*.npz")):
                 continue
-            inputs_path, targets_path, manifest_path = _paths(folder)
+            inputs_path, targets_path, manifest_path = _paths(folder, spare)
             try:
                 manifest = json.loads(manifest_path.read_text())
                 inputs = np.load(inputs_path, mmap_mode="r")

@@ -142,10 +142,10 @@ def main(argv=None) -> int:
     start_weights = _initial_weights(args.init) if args.init else None   # a wrong file: before loading
     if rank == 0:                                      # the others wait, then map the same files
         for folder in args.examples:
-            consolidate(folder)
+            consolidate(folder, spare=args.out)
     if world > 1:
         _barrier(device)
-    examples = ExampleStore(args.examples, oversample)
+    examples = ExampleStore(args.examples, oversample, spare=args.out)
     crop, files, weights = examples.crop, examples.files, examples.weights
     torch.manual_seed(args.seed)
     widths, likelihood, presence = [int(w) for w in args.widths.split(",")], args.likelihood, args.presence
