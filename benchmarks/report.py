@@ -358,15 +358,16 @@ def training_memory_table(name: str = "training_memory.json") -> str:
     result = _load(name)
     if result is None:
         return "_not run yet: `python benchmarks/training_memory.py`_"
-    lines = ["| data | size | layout | start s | private MB per process | resident MB | per draw ms |",
-             "|---|---|---|---|---|---|---|"]
-    for kind, label, size, draw in (("few_shot", "few-shot episodes", "{volumes} volumes, {slices} slices",
-                                     "episode_ms"),
-                                    ("step_network", "step-network examples", "{examples} examples", "batch_ms")):
-        for layout, text in (("mapped", "memory-mapped (now)"), ("in_memory", "copied in (before)")):
-            r = result[kind][layout]
-            lines.append(f"| {label} | {size.format(**r)}, {r['data_mb']:.0f} MB | {text} | {r['start_seconds']:.2f} | "
-                         f"{r['private_mb']:.0f} | {r['resident_mb']:.0f} | {r[draw]:.2f} |")
+    kinds = (("few_shot", "few-shot episodes", "{volumes} volumes, {slices} slices", "episode_ms"),
+             ("step_network", "step-network examples", "{examples} examples", "batch_ms"))
+    layouts = (("mapped", "memory-mapped (now)"), ("in_memory", "copied in (before)"))
+    cells = [(label, f"{size.format(**r)}, {r['data_mb']:.0f} MB", text, f"{r['start_seconds']:.2f}",
+              f"{r['private_mb']:.0f}", f"{r['resident_mb']:.0f}", f"{r[draw]:.2f}")
+             for kind, label, size, draw in kinds for layout, text in layouts
+             for r in [result[kind][layout]]]
+    lines = ["| " + " | ".join(row) + " |" for row in
+             [("data", "size", "layout", "start s", "private MB per process", "resident MB", "per draw ms"),
+              ("---",) * 7] + cells]
     first = result["step_network"].get("consolidate_seconds_first_time")
     note = (f" The step examples were consolidated once beforehand in {first:.1f} s." if first is not None else "")
     return (f"Hardware: {result['hardware']}. Private memory is paid by every DDP rank, the mapped files' "
