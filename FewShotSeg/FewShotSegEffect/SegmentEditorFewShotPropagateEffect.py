@@ -345,7 +345,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
             raise FewShotSegError("the selected segment changed while refining; nothing was written")
         write = lambda mask: self.writeSelectedSegment(  # noqa: E731
-            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode))
+            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode, crop=True))
         summary = self.logic.applyRefine(job, result, write=write)
         showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
         hint = " (Next jumps there)" if summary.topSlices else ""

@@ -144,6 +144,12 @@ def _removeTemp(node, colorTablesBefore=None) -> None:
 
 def segmentToArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
     """The segment as a bool array on the volume's grid (resampled if the geometries differ)."""
+    direct = _segmentOnGridArray(segmentationNode, segmentId, volumeNode)
+    return direct if direct is not None else _exportedSegmentArray(segmentationNode, segmentId, volumeNode)
+
+
+def _exportedSegmentArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
+    """The segment exported onto the volume's grid by Slicer (resampled where needed)."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segmentId)
     colorTablesBefore = _colorTableIds(volumeNode.GetScene())
@@ -163,12 +169,70 @@ def segmentToArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
         _removeTemp(labelmap, colorTablesBefore)
 
 
-def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None):
+def _segmentOnGridArray(segmentationNode, segmentId, volumeNode) -> np.ndarray | None:
+    """The segment's stored voxels copied onto the volume's grid, when they lie on it (the
+    usual case: a segmentation made on this volume), else None. Why: Slicer's export writes
+    and reads back the whole volume through a temporary node (a third of a second on a
+    512x512x300 CT); the stored labelmap covers only the segment's own extent."""
+    from vtk.util import numpy_support
+
+    segmentation = segmentationNode.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
+              else segmentation.GetMasterRepresentationName())
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if source != binary or image is None or not segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
+        return None
+    shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
+    out = np.zeros(shape, bool)
+    extent = image.GetExtent()
+    if any(high < low for low, high in zip(extent[::2], extent[1::2])) or image.GetPointData().GetScalars() is None:
+        return out                                  # an empty segment
+    segmentMatrix, volumeMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(segmentMatrix)
+    volumeToSegmentation = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation)
+    volumeNode.GetIJKToRASMatrix(volumeMatrix)
+    vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, volumeMatrix, volumeMatrix)
+    seg = np.array([[segmentMatrix.GetElement(r, c) for c in range(3)] + [segmentMatrix.GetElement(r, 3)]
+                    for r in range(3)])
+    vol = np.array([[volumeMatrix.GetElement(r, c) for c in range(3)] + [volumeMatrix.GetElement(r, 3)]
+                    for r in range(3)])
+    offset = np.round(np.linalg.solve(vol[:, :3], seg[:, 3] - vol[:, 3])).astype(int)   # (i, j, k) voxels
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    label = segmentation.GetSegment(segmentId).GetLabelValue()
+    # volume index of the stored voxel (0, 0, 0) of the extent, per axis (i, j, k) -> array (k, j, i)
+    starts = [int(offset[a] + extent[2 * a]) for a in range(3)]
+    src, dst = [], []
+    for a in (2, 1, 0):
+        low, high = max(0, starts[a]), min(shape[2 - a], starts[a] + dims[a])
+        if high <= low:
+            return out                              # the segment lies outside the volume
+        src.append(slice(low - starts[a], high - starts[a]))
+        dst.append(slice(low, high))
+    out[tuple(dst)] = values[tuple(src)] == label
+    return out
+
+
+def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None, crop: bool = False):
     """A uint8 vtkOrientedImageData on the volume's grid, in the segmentation's coordinates
-    (what modifySelectedSegmentByLabelmap expects); parent transforms are accounted for."""
+    (what modifySelectedSegmentByLabelmap expects); parent transforms are accounted for.
+
+    ``crop``: only the box holding the mask's voxels (its extent says where). Replacing a
+    segment (Slicer's MODE_REPLACE, the editor's Set mode) clears it outside the modifier's
+    extent too, so the box writes the same segment, without passes over the whole volume
+    (a third of a second on a 512x512x300 CT)."""
+    start = (0, 0, 0)
+    if crop:
+        box = _maskBox(mask)
+        start = tuple(b.start for b in box)
+        mask = mask[box]
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     image = slicer.vtkOrientedImageData()
-    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    image.SetExtent(start[2], start[2] + mask.shape[2] - 1, start[1], start[1] + mask.shape[1] - 1,
+                    start[0], start[0] + mask.shape[0] - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     from vtk.util import numpy_support
 
@@ -185,6 +249,15 @@ def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None):
     vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, matrix, matrix)
     image.SetImageToWorldMatrix(matrix)
     return image
+
+
+def _maskBox(mask: np.ndarray) -> tuple:
+    """The (k, j, i) slices of the smallest box holding the mask's voxels; one voxel at the
+    origin for an empty mask (a modifier cannot be empty)."""
+    found = [np.flatnonzero(np.asarray(mask).any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    if any(f.size == 0 for f in found):
+        return (slice(0, 1),) * 3
+    return tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
 
 
 def orientedImageToArray(image, volumeNode, segmentationNode) -> np.ndarray:
@@ -230,7 +303,7 @@ def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> N
     use) rather than a temporary labelmap node: with a transformed volume, importing a
     transformed labelmap node into an empty segmentation applies the transform twice.
     """
-    image = arrayToOrientedImage(mask, volumeNode, segmentationNode)
+    image = arrayToOrientedImage(mask, volumeNode, segmentationNode, crop=True)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise FewShotSegError(f"could not write the result into segment "

@@ -381,7 +381,8 @@ class FewShotSegLogic(RefineMixin):
 
     def resultAsOrientedImage(self, job: PropagationJob, result):
         """The result as vtkOrientedImageData, for modifySelectedSegmentByLabelmap in the effect."""
-        return geometry.arrayToOrientedImage(self.finalMask(job, result), job.volumeNode, job.segmentationNode)
+        return geometry.arrayToOrientedImage(self.finalMask(job, result), job.volumeNode, job.segmentationNode,
+                                             crop=True)
 
     def checkUnchanged(self, job, doing: str = "propagating") -> None:
         """Refuse to overwrite edits made while the worker ran (or nodes that went away)."""
@@ -445,7 +446,7 @@ class FewShotSegLogic(RefineMixin):
     def _applyWithEditorMasking(self, job, mask: np.ndarray, editorNode) -> None:
         """Honour the editor's editable area and overwrite mode (Slicer's C++ editor logic)."""
         with _editorLogic(job.volumeNode, job.segmentationNode, job.segmentId, editorNode) as logic:
-            modifier = geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode)
+            modifier = geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode, crop=True)
             logic.ModifySegmentByLabelmap(job.segmentationNode, job.segmentId, modifier,
                                           logic.ModificationModeSet, True, False)
 
