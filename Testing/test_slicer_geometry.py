@@ -16,7 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.headless import segmentIds  # noqa: E402
-from test_slicer_logic import sharedCore  # noqa: E402  (one SlicerCore per process)
+from test_slicer_logic import coarseSegmentation, sharedCore  # noqa: E402  (one SlicerCore per process)
 
 
 @pytest.fixture
@@ -74,19 +74,10 @@ def test_the_direct_copy_equals_slicers_export(scene, data_dir):
 
 def test_a_segmentation_on_another_grid_is_exported(scene, data_dir):
     """Stored twice as coarse in-plane: the direct copy declines and Slicer resamples."""
-    import vtk
     volume = scene.load(data_dir / "chaos_t2" / "image_15.nii.gz")
     labels = slicer.util.arrayFromVolume(scene.load(data_dir / "chaos_t2" / "label_15.nii.gz", labelmap=True))
-    coarse = scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse grid")
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    for r in range(3):
-        for c in range(2):
-            matrix.SetElement(r, c, 2 * matrix.GetElement(r, c))
-    coarse.SetIJKToRASMatrix(matrix)
-    slicer.util.updateVolumeFromArray(coarse, labels[:, ::2, ::2].astype(np.uint8))
-    segmentation = scene.segmentation(coarse, "coarse segmentation")
-    liver = scene.importLabels(coarse, segmentation)[1]
+    segmentation, ids = coarseSegmentation(scene, volume, labels[:, ::2, ::2])
+    liver = ids[1]
     assert not geometry.segmentOnVolumeGrid(segmentation, liver, volume)
     assert geometry._segmentOnGridArray(segmentation, liver, volume) is None
     array = geometry.segmentToArray(segmentation, liver, volume)
