@@ -42,6 +42,7 @@ from FewShotSegLib.preprocessing import PreprocessConfig  # noqa: E402
 from Training.episodes import (AugmentConfig, EpisodeDataset, EpisodeSampler, VolumeSlices,  # noqa: E402
                                worker_init)
 from Training.slice_packs import load_pack  # noqa: E402
+from Training.volume_cache import VolumeProgress, fill_cache  # noqa: E402
 from FewShotSegLib.model_store import sha256_of  # noqa: E402
 from Training.provenance import cores, display_path, git_commit, hardware  # noqa: E402
 
@@ -276,69 +277,6 @@ def _unused_parameters(loss_module, batch) -> list[str]:
     return names
 
 
-class _VolumeProgress:
-    """A bar over the training volumes on rank 0: the first run computes each volume's
-    superpixels (about 2 minutes for CHAOS-T2's 20 scans on a laptop CPU) before step 1;
-    later runs read them from the cache in seconds."""
-
-    def __init__(self, images: list, rank: int):
-        self.bar = None
-        if rank == 0 and images:
-            from tqdm import tqdm
-            self.bar = tqdm(total=len(images), unit="volume", file=sys.stderr, leave=False,
-                            desc="train: preparing volumes (superpixels, cached)")
-
-    def slice_done(self, image):
-        if self.bar is None:
-            return None
-        self.bar.set_postfix_str(Path(image).name)
-        bar = self.bar
-
-        def update(done: int, total: int) -> None:
-            bar.set_postfix_str(f"{Path(image).name}: slice {done}/{total}")
-            if done == total:
-                bar.update(1)
-        return update
-
-    def volume_done(self, image) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(Path(image).name)
-            self.bar.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-        return False
-
-
-def _cache_volume(job: tuple) -> str:
-    """One volume into the cache, in a worker process of `fill_cache`."""
-    image, preprocess, axis, cache = job
-    torch.set_num_threads(1)
-    VolumeSlices(Path(image), PreprocessConfig.from_dict(preprocess), axis, Path(cache))
-    return image
-
-
-def fill_cache(images: list, preprocess: PreprocessConfig, axis: str, cache, rank: int = 0,
-               workers: int = 1) -> None:
-    """Compute what is not cached yet of ``images`` (superpixels: about 5 s per CHAOS-T2 volume,
-    a minute per CT on one core), ``workers`` processes at once; then a start only maps files."""
-    with _VolumeProgress(images, rank) as bar:
-        if workers <= 1:
-            for p in images:
-                VolumeSlices(p, preprocess, axis, cache, progress=bar.slice_done(p))
-            return
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-        jobs = [(str(p), preprocess.to_dict(), axis, str(cache)) for p in images]
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for done in pool.map(_cache_volume, jobs):
-                bar.volume_done(done)
-
-
 def build_sampler(config: dict, rank: int, world: int = 1, device=None):
     """The episode sampler of this rank, the data files (for the provenance), the pre-processing.
 
@@ -365,7 +303,7 @@ def build_sampler(config: dict, rank: int, world: int = 1, device=None):
         fill_cache(images[rank::world], preprocess, data["axis"], cache, rank, workers)
         _barrier(device)
     excluding = _exclusion_labels(data.get("exclude_labels"), images, bases)
-    with _VolumeProgress(images, rank) as bar:
+    with VolumeProgress(images, rank) as bar:
         volumes = [VolumeSlices(p, preprocess, data["axis"], cache, exclude_labels=excluding.get(p),
                                 progress=bar.slice_done(p)) for p in images]
     volumes += [VolumeSlices(i, preprocess, data["axis"], cache, label_path=lab) for i, lab in pairs]
