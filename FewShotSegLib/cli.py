@@ -92,6 +92,9 @@ def _propagate_medsam(args, image, support, exclude, value, inputs, editable=Non
     from .propagation import resolve_device
     if args.refine or args.probability:
         raise FewShotSegError("--mode medsam gives a mask only: --refine and --probability need another mode")
+    if args.model:
+        raise FewShotSegError(f"--mode medsam runs LiteMedSAM, its own model: --model {args.model} is for the "
+                              "other modes")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -135,6 +135,9 @@ def test_cli_mode_medsam_writes_the_mask(monkeypatch, tmp_path, capsys):
     code = main(["propagate", paths["image"], "--support", paths["support"], "--mode", "medsam", "-q",
                  "--refine", "-o", paths["out"]])
     assert code == 2 and "--mode medsam gives a mask only" in capsys.readouterr().err
+    code = main(["propagate", paths["image"], "--support", paths["support"], "--mode", "medsam", "-q",
+                 "--model", "fewshotseg-default", "-o", paths["out"]])
+    assert code == 2 and "LiteMedSAM, its own model" in capsys.readouterr().err
 
 
 @needs_extra
