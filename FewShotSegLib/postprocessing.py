@@ -40,7 +40,7 @@ def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(mask | ~open_to_edge[background], 0, axis)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple | None:
+def bounding_box(mask: np.ndarray) -> tuple | None:
     """Slices of the smallest box holding every True voxel, or None if there is none.
 
     The first axis is read as contiguous rows; the others only inside that slab, which
@@ -83,8 +83,8 @@ def clean_mask(mask: np.ndarray, painted: np.ndarray, axis: int) -> np.ndarray:
     even a logical or) would dominate the time.
     """
     mask, painted = np.asarray(mask, bool), np.asarray(painted, bool)
-    painted_box = _bounding_box(painted)
-    boxes = [b for b in (_bounding_box(mask), painted_box) if b is not None]
+    painted_box = bounding_box(painted)
+    boxes = [b for b in (bounding_box(mask), painted_box) if b is not None]
     out = np.zeros(mask.shape, bool)            # calloc: untouched pages cost nothing
     if not boxes:
         return out
@@ -122,7 +122,7 @@ def intensity_gated(mask: np.ndarray, image: np.ndarray, probs: np.ndarray,
     vessels and bowel beside the liver) lies far from it. ``within``: only those voxels
     (bool, e.g. EP1's scored slices) give the statistics; nothing outside the mask is added."""
     mask = np.asarray(mask, bool)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return mask.copy()
     inner, image, probs = mask[box], np.asarray(image)[box], np.asarray(probs)[box]   # a CT organ: a small box

@@ -181,25 +181,14 @@ def _segmentOnGridArray(segmentationNode, segmentId, volumeNode) -> np.ndarray |
     source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
               else segmentation.GetMasterRepresentationName())
     image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
-    if source != binary or image is None or not segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
+    offset = segmentVoxelOffset(segmentationNode, segmentId, volumeNode) if image is not None else None
+    if source != binary or offset is None:
         return None
     shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
     out = np.zeros(shape, bool)
     extent = image.GetExtent()
     if any(high < low for low, high in zip(extent[::2], extent[1::2])) or image.GetPointData().GetScalars() is None:
         return out                                  # an empty segment
-    segmentMatrix, volumeMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(segmentMatrix)
-    volumeToSegmentation = vtk.vtkMatrix4x4()
-    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
-        volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation)
-    volumeNode.GetIJKToRASMatrix(volumeMatrix)
-    vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, volumeMatrix, volumeMatrix)
-    seg = np.array([[segmentMatrix.GetElement(r, c) for c in range(3)] + [segmentMatrix.GetElement(r, 3)]
-                    for r in range(3)])
-    vol = np.array([[volumeMatrix.GetElement(r, c) for c in range(3)] + [volumeMatrix.GetElement(r, 3)]
-                    for r in range(3)])
-    offset = np.round(np.linalg.solve(vol[:, :3], seg[:, 3] - vol[:, 3])).astype(int)   # (i, j, k) voxels
     dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
     values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
     label = segmentation.GetSegment(segmentId).GetLabelValue()
@@ -226,7 +215,9 @@ def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None, cr
     (a third of a second on a 512x512x300 CT)."""
     start = (0, 0, 0)
     if crop:
-        box = _maskBox(mask)
+        from FewShotSegLib.postprocessing import bounding_box
+
+        box = bounding_box(np.asarray(mask, bool)) or (slice(0, 1),) * 3   # a modifier cannot be empty
         start = tuple(b.start for b in box)
         mask = mask[box]
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
@@ -249,15 +240,6 @@ def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None, cr
     vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, matrix, matrix)
     image.SetImageToWorldMatrix(matrix)
     return image
-
-
-def _maskBox(mask: np.ndarray) -> tuple:
-    """The (k, j, i) slices of the smallest box holding the mask's voxels; one voxel at the
-    origin for an empty mask (a modifier cannot be empty)."""
-    found = [np.flatnonzero(np.asarray(mask).any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
-    if any(f.size == 0 for f in found):
-        return (slice(0, 1),) * 3
-    return tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
 
 
 def orientedImageToArray(image, volumeNode, segmentationNode) -> np.ndarray:
@@ -310,27 +292,34 @@ def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> N
                               f"'{_segmentName(segmentationNode, segmentId)}'")
 
 
-def segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode) -> bool:
-    """Whether the segment's stored labelmap shares the volume's voxel grid (same axes and
-    spacing, whole-voxel offset); otherwise reading it onto the volume resamples it."""
+def segmentVoxelOffset(segmentationNode, segmentId, volumeNode):
+    """(i, j, k) whole voxels from the volume's grid to the segment's stored labelmap when
+    they share axes and spacing and differ by whole voxels, else None (or (0, 0, 0) when
+    nothing is stored)."""
     image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
     if image is None:
-        return True
+        return np.zeros(3, int)
     segmentMatrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(segmentMatrix)
     volumeToSegmentation = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
             volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation):
-        return False
+        return None
     volumeMatrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(volumeMatrix)
     vtk.vtkMatrix4x4.Multiply4x4(volumeToSegmentation, volumeMatrix, volumeMatrix)
     seg = np.array([[segmentMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     vol = np.array([[volumeMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     if not np.allclose(seg[:3, :3], vol[:3, :3], atol=1e-4):
-        return False
+        return None
     offset = np.linalg.solve(vol[:3, :3], seg[:3, 3] - vol[:3, 3])  # in volume voxels
-    return bool(np.allclose(offset, np.round(offset), atol=1e-3))
+    return np.round(offset).astype(int) if np.allclose(offset, np.round(offset), atol=1e-3) else None
+
+
+def segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode) -> bool:
+    """Whether the segment's stored labelmap shares the volume's voxel grid (same axes and
+    spacing, whole-voxel offset); otherwise reading it onto the volume resamples it."""
+    return segmentVoxelOffset(segmentationNode, segmentId, volumeNode) is not None
 
 
 AXIS_NAMES = ("axial", "coronal", "sagittal")
