@@ -116,3 +116,43 @@ def test_a_cropped_write_replaces_the_whole_segment(scene, data_dir, path):
         for sid in ids.values():
             if sid != liver:
                 assert np.array_equal(geometry.segmentToArray(segmentation, sid, volume), before[sid])
+
+
+@pytest.mark.parametrize("masking", ["intensity range", "editable area"])
+def test_a_masked_write_keeps_the_voxels_outside_the_editable_area(scene, data_dir, masking):
+    """With the editor masking the write, Set mode keeps the segment's voxels outside the
+    editable area only inside the modifier's extent: the Logic then writes the whole grid
+    (a box would erase the protected voxels outside it; checked on Slicer's own logic)."""
+    from types import SimpleNamespace
+
+    from FewShotSegSlicerLib.logic import FewShotSegLogic
+
+    if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+        pytest.skip("this Slicer has no C++ segment editor logic (before 5.9)")
+    volume = scene.load(data_dir / "chaos_t2" / "image_15.nii.gz")
+    labels = scene.load(data_dir / "chaos_t2" / "label_15.nii.gz", labelmap=True)
+    segmentation = scene.segmentation(volume)
+    ids = scene.importLabels(labels, segmentation)
+    liver, spleen = ids[1], ids[4]
+    before = geometry.segmentToArray(segmentation, liver, volume)
+    image = slicer.util.arrayFromVolume(volume)
+    editor = scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    if masking == "intensity range":
+        low = float(np.percentile(image[before], 30))
+        editor.SetSourceVolumeIntensityMask(True)
+        editor.SetSourceVolumeIntensityMaskRange(low, 1e5)
+        protected = before & (image < low)
+    else:   # editable only inside the spleen's segment: the liver's voxels are all outside it
+        editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+        editor.SetMaskSegmentID(spleen)
+        protected = before
+    assert geometry.editorMasks(editor) and protected.sum() > 1000
+    result = np.zeros_like(before)
+    result[10:12, 100:120, 90:110] = True                 # a small result far from most of the liver
+    job = SimpleNamespace(volumeNode=volume, segmentationNode=segmentation, segmentId=liver)
+    FewShotSegLogic(workerPython="unused").writeMask(job, result, editorNode=editor)
+    after = geometry.segmentToArray(segmentation, liver, volume)
+    assert np.array_equal(after & protected, protected), "voxels outside the editable area were erased"
+    editor.SetSourceVolumeIntensityMask(False)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    assert not geometry.editorMasks(editor) and not geometry.editorMasks(None)

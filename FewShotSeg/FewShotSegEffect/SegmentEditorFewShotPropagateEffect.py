@@ -293,7 +293,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         If another segment was selected meanwhile, the job's own segment is written directly."""
         if self._inputs()[1:] == (job.segmentationNode, job.segmentId):
             self.logic.checkUnchanged(job)
-            self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result))
+            self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result,
+                                                                       self.scriptedEffect.parameterSetNode()))
             self.logic.rememberPainted(job)  # read back: masking may have changed what was written
             summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
         else:
@@ -345,7 +346,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
             raise FewShotSegError("the selected segment changed while refining; nothing was written")
         write = lambda mask: self.writeSelectedSegment(  # noqa: E731
-            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode, crop=True))
+            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode,
+                                          crop=not geometry.editorMasks(self.scriptedEffect.parameterSetNode())))
         summary = self.logic.applyRefine(job, result, write=write)
         showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
         hint = " (Next jumps there)" if summary.topSlices else ""

@@ -212,7 +212,8 @@ def arrayToOrientedImage(mask: np.ndarray, volumeNode, segmentationNode=None, cr
     ``crop``: only the box holding the mask's voxels (its extent says where). Replacing a
     segment (Slicer's MODE_REPLACE, the editor's Set mode) clears it outside the modifier's
     extent too, so the box writes the same segment, without passes over the whole volume
-    (a third of a second on a 512x512x300 CT)."""
+    (a third of a second on a 512x512x300 CT). Not when the editor masks the write (see
+    ``editorMasks``)."""
     start = (0, 0, 0)
     if crop:
         from FewShotSegLib.postprocessing import bounding_box
@@ -276,6 +277,17 @@ def onReferenceGrid(modifier, reference):
         return modifier
     return _resampled(modifier, reference, "could not resample the result onto the segmentation's grid; "
                                            "nothing was written")
+
+
+def editorMasks(editorNode) -> bool:
+    """Whether the Segment Editor's settings mask what a write changes (an editable area other
+    than everywhere, or the source intensity range). Why: then Slicer's Set mode keeps the
+    segment's voxels outside the editable area only inside the modifier's extent, so a
+    cropped modifier would erase those outside its box; such a write takes the whole grid."""
+    if editorNode is None:
+        return False
+    return (editorNode.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
+            or bool(editorNode.GetSourceVolumeIntensityMask()))
 
 
 def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> None:

@@ -379,8 +379,9 @@ class FewShotSegLogic(RefineMixin):
             mask &= ~job.exclude
         return mask
 
-    def resultAsOrientedImage(self, job: PropagationJob, result):
-        """The result as vtkOrientedImageData, for modifySelectedSegmentByLabelmap in the effect."""
+    def resultAsOrientedImage(self, job: PropagationJob, result, editorNode=None):
+        """The result as vtkOrientedImageData, for modifySelectedSegmentByLabelmap in the effect
+        (the box of its voxels unless ``editorNode``'s settings mask the write)."""
         return geometry.arrayToOrientedImage(self.finalMask(job, result), job.volumeNode, job.segmentationNode,
                                              crop=True)
 
@@ -446,7 +447,8 @@ class FewShotSegLogic(RefineMixin):
     def _applyWithEditorMasking(self, job, mask: np.ndarray, editorNode) -> None:
         """Honour the editor's editable area and overwrite mode (Slicer's C++ editor logic)."""
         with _editorLogic(job.volumeNode, job.segmentationNode, job.segmentId, editorNode) as logic:
-            modifier = geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode, crop=True)
+            modifier = geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode,
+                                                     crop=not geometry.editorMasks(editorNode))
             logic.ModifySegmentByLabelmap(job.segmentationNode, job.segmentId, modifier,
                                           logic.ModificationModeSet, True, False)
 
