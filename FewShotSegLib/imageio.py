@@ -388,6 +388,11 @@ def _label_counts(arr: np.ndarray) -> dict:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
+def labels_present(mask_array: np.ndarray) -> list[int]:
+    """The label values of a painting, in increasing order (a bool mask holds label 1)."""
+    return sorted(_label_counts(mask_array))
+
+
 def select_label(mask_array: np.ndarray, label: Optional[int] = None) -> np.ndarray:
     """The voxels of one label as a bool array.
 
@@ -405,7 +410,8 @@ def select_label(mask_array: np.ndarray, label: Optional[int] = None) -> np.ndar
     present = ", ".join(str(v) for v in sorted(counts))
     if label is None:
         if len(counts) > 1:
-            raise FewShotSegError(f"support mask holds several labels ({present}); choose one with --label")
+            raise FewShotSegError(f"support mask holds several labels ({present}); choose one with --label, "
+                                  "or propagate them all together")
         label = next(iter(counts))
     elif label not in counts:
         raise FewShotSegError(f"label {label} is not in the support mask (labels present: {present})")

@@ -180,7 +180,7 @@ def test_bad_input_is_refused_cleanly(problem, case, tiny_model, capsys, tmp_pat
     extra = []
     ref = sitk.ReadImage(str(image))
     match = {"missing_image": "not found", "missing_support": "not found", "empty_support": "empty",
-             "several_labels": "label", "absent_label": "label", "no_overlap": "overlap",
+             "several_labels": "takes one structure", "absent_label": "label", "no_overlap": "overlap",
              "image_2d": "2", "image_4d": "4", "nan_voxels": "non-finite", "output_is_input": "also an input",
              "corrupt_model": "corrupt.pt", "refiner_as_model": "refiner", "unknown_model": "no model named"}[problem]
     if problem == "missing_image":
@@ -192,8 +192,8 @@ def test_bad_input_is_refused_cleanly(problem, case, tiny_model, capsys, tmp_pat
         empty.CopyInformation(ref)
         support = tmp_path / "empty.nii.gz"
         sitk.WriteImage(empty, str(support))
-    elif problem == "several_labels":
-        support = case["multi"]
+    elif problem == "several_labels":   # propagated together, but not refined together
+        support, extra = case["multi"], ["--refine"]
     elif problem == "absent_label":
         extra = ["--label", "7"]
     elif problem == "no_overlap":
