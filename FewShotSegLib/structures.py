@@ -119,15 +119,17 @@ def propagate_structures(image: sitk.Image, support_labels: np.ndarray, model,
                          options: Optional[PropagationOptions] = None,
                          progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCallback] = None,
                          exclude: Union[None, np.ndarray, dict] = None,
-                         editable: Optional[np.ndarray] = None,
-                         session: Optional[PropagationSession] = None) -> StructuresResult:
+                         editable: Union[None, np.ndarray, dict] = None,
+                         session: Optional[PropagationSession] = None,
+                         axes: Optional[dict] = None) -> StructuresResult:
     """Propagate every structure painted in ``support_labels`` (an integer label map, volume
     array order), each from its own painting, and resolve the voxels two of them claim.
 
     ``exclude``: a bool array for every structure, or value -> bool array (that structure's
-    erased voxels and absent slices). ``editable`` holds for every structure. ``session``:
-    one for all the structures of this image (the image is prepared once; walks are keyed
-    by their painting, so a correction recomputes only that structure's spans)."""
+    erased voxels and absent slices); ``editable`` the same. ``axes``: value -> the axis of
+    that structure's slices (else ``options.axis``). ``session``: one for all the structures
+    of this image (the image is prepared once; walks are keyed by their painting, so a
+    correction recomputes only that structure's spans)."""
     start = time.perf_counter()
     support_labels = np.asarray(support_labels)
     values = painted_values(support_labels)
@@ -142,9 +144,11 @@ def propagate_structures(image: sitk.Image, support_labels: np.ndarray, model,
         def part(fraction, message, k=k, value=value):
             report((k + fraction) / len(values), f"label {value}: {message}")
         support = support_labels == value
-        own_exclude = exclude.get(value) if isinstance(exclude, dict) else exclude
-        result = propagate(image, support, model, replace(options), progress=part, cancel=cancel,
-                           exclude=own_exclude, session=session, editable=editable)
+        own = {name: (given.get(value) if isinstance(given, dict) else given)
+               for name, given in (("exclude", exclude), ("editable", editable))}
+        axis = (axes or {}).get(value, options.axis)
+        result = propagate(image, support, model, replace(options, axis=axis), progress=part, cancel=cancel,
+                           session=session, **own)
         claims.append(_claim(value, result, support, spacing_zyx))
         results[value] = replace(result, mask=None, probability=None)
     labels, contested, reassigned = resolve_overlaps(claims, support_labels.shape)

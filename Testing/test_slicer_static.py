@@ -24,7 +24,7 @@ MODULE = ROOT / "FewShotSeg"
 MODULE_FILES_IGNORED = {"CMakeLists.txt"}
 QT_FREE = [MODULE / "FewShotSegSlicerLib" / f for f in
            ("__init__.py", "logic.py", "refinelogic.py", "geometry.py", "models.py", "tasks.py", "dependencies.py",
-            "refinement.py", "userslices.py", "engine.py", "worker.py", "workerclient.py")]
+            "refinement.py", "userslices.py", "engine.py", "worker.py", "workerclient.py", "segmentslogic.py")]
 CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                 "build_subdirectory", "enabled", "tier"}  # Slicer's catalog-entry schema v1.0.1
 CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"

@@ -68,6 +68,31 @@ def run(image, support: np.ndarray, model, mode: str, axisIndex: int, axisName: 
     return result
 
 
+def runStructures(image, parts: list, model, mode: str, device: str, intensityGate: bool, session=None,
+                  progress: Optional[Callable] = None, cancel: Optional[Callable] = None, walkStepMm: float = 0.0):
+    """Several segments in one run (FewShotSegLib.structures): ``parts`` holds per segment
+    {"support", "exclude", "editable", "axisIndex"}; part k is label k + 1 of the result's
+    label map, whose voxels two segments claimed went to the one painted nearest."""
+    from FewShotSegLib.propagation import PropagationOptions
+    from FewShotSegLib.structures import propagate_structures
+
+    if getattr(model, "kind", None) == "propagator":
+        mode = "learned"
+    options = PropagationOptions(mode=mode, device=device, intensity_gate=bool(intensityGate),
+                                 walk_step_mm=float(walkStepMm))
+    labels = np.zeros(parts[0]["support"].shape, np.uint16)
+    excludes, editables, axes = {}, {}, {}
+    for value, part in enumerate(parts, start=1):
+        labels[part["support"]] = value
+        axes[value] = int(part["axisIndex"])
+        for name, into in (("exclude", excludes), ("editable", editables)):
+            if part.get(name) is not None:
+                into[value] = part[name]
+    result = propagate_structures(image, labels, model, options, progress=progress, cancel=cancel,
+                                  exclude=excludes, editable=editables, session=session, axes=axes)
+    return result
+
+
 def refine(image, coarse: np.ndarray, keep: Optional[np.ndarray], refiner, samples: int, steps: int, axisName: str,
            device: str, progress: Optional[Callable] = None, cancel: Optional[Callable] = None):
     """The refiner's refine() with the Logic's options; mask and uncertainty on the volume grid."""

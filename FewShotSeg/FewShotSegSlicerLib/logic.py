@@ -35,6 +35,7 @@ from FewShotSegSlicerLib import geometry, userslices
 from FewShotSegSlicerLib.models import ModelCatalog
 from FewShotSegSlicerLib.refinelogic import RefineMixin
 from FewShotSegSlicerLib.refinement import RefineJob, RefineSummary
+from FewShotSegSlicerLib.segmentslogic import SegmentsMixin
 
 MODES = ("auto", "chained", "direct")   # auto: the model's own (a step network runs 'learned')
 AXES = ("auto", "axial", "coronal", "sagittal")
@@ -106,7 +107,7 @@ class PropagationSummary:
                 f"({self.axis}, {self.mode}, {self.device}) in {self.seconds:.1f} s")
 
 
-class FewShotSegLogic(RefineMixin):
+class FewShotSegLogic(RefineMixin, SegmentsMixin):
     """Propagates a painted segment through its volume with a few-shot checkpoint.
 
     Not derived from ScriptedLoadableModuleLogic: that module imports Qt, and this class

@@ -15,6 +15,8 @@ Protocol (one JSON object per line). In, on stdin::
     {"cmd": "refine", "id": 2, "volumeKey": "...", "volume": ..., "geometry": {...}, "shape": [...],
      "coarse": "c.npy", "keep": "k.npy" | null, "refiner": "r.pt", "device": "cpu",
      "samples": 4, "steps": 4, "axisName": "axial", "out": "folder"}
+    {"cmd": "structures", "id": 3, ... as "job", but "parts": [{"support": "s0.npy", "exclude": ..., "editable": ...,
+     "axisIndex": 0}, ...] instead of one support}     (several segments at once)
     {"cmd": "load", "id": "warm", "model": "m.pt", "device": "cpu"}   (load before the first job)
     {"cmd": "cancel", "id": 1}
     {"cmd": "quit"}                      (or stdin closed)
@@ -27,6 +29,7 @@ Out, on the original stdout (anything the engine prints goes to stderr)::
     {"type": "done", "id": 1, "mask": "folder/mask-1.npy", "result": {...}}
     {"type": "done", "id": 2, "mask": "...", "uncertainty": "folder/uncertainty-2.npy" | null,
      "box": [[k0, k1], [j0, j1], [i0, i1]], "result": {...}}     (a refine: the uncertainty's box)
+    {"type": "done", "id": 3, "labels": "folder/labels-3.npy", "result": {"parts": [{...}, ...], ...}}
     {"type": "error", "id": 1, "kind": "cancelled" | "fewshot" | "other", "message": "...", "trace": "..."}
 
 Arrays travel as .npy files in the client's private temporary folder ("shape" gives the
@@ -116,7 +119,7 @@ class Worker:
             command = message.get("cmd")
             if command == "cancel":
                 self.cancelled.add(message.get("id"))
-            elif command in ("job", "refine", "load"):
+            elif command in ("job", "structures", "refine", "load"):
                 self.jobs.put(message)
             elif command == "quit":
                 break
@@ -174,6 +177,30 @@ class Worker:
                             walkStepMm=float(job.get("walkStepMm", 0.0)))
         return {"mask": saveMask(job, result.mask), "result": engine.summary(result)}
 
+    def structures(self, job: dict, image, progress, cancel) -> dict:
+        """Several segments in one run (engine.runStructures); the label map comes back."""
+        import numpy as np
+
+        from FewShotSegLib.propagation import PropagationCancelled
+        from FewShotSegSlicerLib import engine
+
+        model = self.loadModel(job["model"], job["device"])
+        if cancel():
+            raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
+        shape = job["shape"]
+        parts = [{"support": unpack(part["support"], shape), "axisIndex": part["axisIndex"],
+                  "exclude": unpack(part["exclude"], shape) if part.get("exclude") else None,
+                  "editable": unpack(part["editable"], shape) if part.get("editable") else None}
+                 for part in job["parts"]]
+        result = engine.runStructures(image, parts, model, job["mode"], job["device"], job["intensityGate"],
+                                      session=self.session(job["sessionKey"]), progress=progress, cancel=cancel,
+                                      walkStepMm=float(job.get("walkStepMm", 0.0)))
+        path = os.path.join(job["out"], f"labels-{job['id']}.npy")
+        np.save(path, result.labels)
+        return {"labels": path, "result": {"seconds": float(result.seconds), "contested": int(result.contested),
+                                           "parts": [engine.summary(result.results[v])
+                                                     for v in range(1, len(parts) + 1)]}}
+
     def refine(self, job: dict, image, progress, cancel) -> dict:
         import numpy as np
 
@@ -215,7 +242,8 @@ class Worker:
             progress(0.0, "loading the volume" if job.get("volume") else
                      "loading the refiner" if refining else "loading the model")
             image = self.loadVolume(job)
-            answer = (self.refine if refining else self.propagate)(job, image, progress, cancel)
+            run = {"refine": self.refine, "structures": self.structures}.get(job.get("cmd"), self.propagate)
+            answer = run(job, image, progress, cancel)
             fields = answer["result"]
             fields["worker_seconds"] = time.perf_counter() - started  # from the job's arrival to its answer
             fields["worker_cpu_seconds"] = time.process_time() - startedCpu

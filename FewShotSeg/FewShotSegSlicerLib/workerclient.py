@@ -371,6 +371,22 @@ class RefineHandle(JobHandle):
         return EngineResult(mask, message.get("result", {}), uncertainty)
 
 
+class StructuresHandle(PropagationHandle):
+    """Several segments propagated in one run; its result is one engine.EngineResult per
+    segment of the job, in order (mask: that segment's label in the returned label map)."""
+
+    def _readResult(self, message: dict):
+        from FewShotSegSlicerLib.engine import EngineResult
+
+        labels = np.load(message["labels"])
+        os.remove(message["labels"])
+        shape = tuple(self.job.support.shape)
+        if labels.shape != shape:
+            raise ValueError(f"label map of shape {labels.shape}, expected {shape}")
+        fields = message.get("result", {})
+        return [EngineResult(labels == value, part) for value, part in enumerate(fields.get("parts", []), start=1)]
+
+
 class WorkerClient:
     """Owns at most one worker process and one running job."""
 
@@ -402,6 +418,15 @@ class WorkerClient:
             "model": str(job.modelPath), "mode": job.mode, "axisIndex": int(job.axisIndex),
             "intensityGate": bool(job.intensityGate), "walkStepMm": float(job.walkStepMm)})
 
+    def startStructures(self, job, volumeArray, geometry: dict, volumeKey: str, sessionKey: str) -> StructuresHandle:
+        """Send several segments' propagation (a segmentslogic.SegmentsJob) as one job."""
+        first = job.jobs[0]
+        return self._submit(StructuresHandle, job, volumeArray, geometry, volumeKey, {
+            "cmd": "structures", "sessionKey": sessionKey, "model": str(first.modelPath), "mode": first.mode,
+            "intensityGate": bool(first.intensityGate), "walkStepMm": float(first.walkStepMm),
+            "parts": [{"support": j.support, "exclude": j.exclude, "editable": j.editable,
+                       "axisIndex": int(j.axisIndex)} for j in job.jobs]})
+
     def startRefine(self, job, volumeArray, geometry: dict, volumeKey: str) -> RefineHandle:
         """Send a refinement (refinement.RefineJob); the volume only if the worker does not hold it."""
         return self._submit(RefineHandle, job, volumeArray, geometry, volumeKey, {
@@ -426,10 +451,16 @@ class WorkerClient:
         message = {"id": jobId, "volumeKey": volumeKey, "volume": None, "geometry": geometry,
                    "shape": list(job.support.shape), "device": job.device, "axisName": job.axis,
                    "out": worker.folder}
-        for name, value in fields.items():
+        def packed(name, value):
             if isinstance(value, np.ndarray):
-                value = save(name, np.packbits(value.astype(bool, copy=False)))
-            message[name] = value
+                return save(name, np.packbits(value.astype(bool, copy=False)))
+            if isinstance(value, list):      # parts of a several-segment job
+                return [{key: packed(f"{name}{k}-{key}", v) for key, v in part.items()}
+                        for k, part in enumerate(value)]
+            return value
+
+        for name, value in fields.items():
+            message[name] = packed(name, value)
         if worker.heldVolume != volumeKey:
             message["volume"] = save("volume", volumeArray)
         try:
