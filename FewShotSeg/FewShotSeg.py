@@ -62,6 +62,7 @@ class FewShotSegParameterNode:
     intensityGate: bool = True
     fastThinSlices: bool = False
     outsideOtherSegments: bool = False
+    allSegments: bool = False
     # the ranges again here: connecting the panel replaces the .ui's spin box limits
     refineSamples: Annotated[int, WithinRange(1, 32)] = 4
     refineSteps: Annotated[int, WithinRange(1, 50)] = 4
@@ -162,7 +163,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for i, device in enumerate(["cpu", "cuda", "mps"]):
             self.ui.deviceComboBox.model().item(i).setEnabled(device in self.logic.availableDevices())
         inputs = bool(p.inputVolume and p.segmentation and p.segmentId)
-        self.ui.propagateButton.enabled = (inputs and bool(p.model) and not self.refineRunner.running
+        self.ui.propagateButton.enabled = ((inputs or p.allSegments and p.inputVolume and p.segmentation)
+                                           and bool(p.model) and not self.refineRunner.running
                                            or self.runner.running)
         if self.runner.running or self.refineRunner.running:   # a download shares the propagation's runner
             self.ui.downloadModelButton.enabled = False
@@ -217,18 +219,21 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- propagation ---------------------------------------------------------------------
     def onPropagateButton(self):
         p = self._parameterNode
+        options = dict(model=p.model, mode=p.mode, axis=p.axis, device=p.device, intensityGate=p.intensityGate,
+                       forWorker=True, walkStepMm=FAST_STEP_MM if p.fastThinSlices else 0.0,
+                       outsideOtherSegments=p.outsideOtherSegments)
+        if p.allSegments:   # every segment holding voxels, in one run
+            prepare = lambda: self.logic.prepareSegments(p.inputVolume, p.segmentation, **options)  # noqa: E731
+            send, onResult = self.logic.startSegments, self.onSegmentsResult
+        else:
+            prepare = lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, **options)  # noqa: E731
+            send, onResult = self.logic.startPropagation, self.onResult
 
         def start(job):
             self.showUncertainSlices([])
-            return self.logic.startPropagation(job)
+            return send(job)
 
-        self._startOrCancel(self.runner, "Cannot propagate.",
-                            lambda: self.logic.prepare(p.inputVolume, p.segmentation, p.segmentId, model=p.model,
-                                                       mode=p.mode, axis=p.axis, device=p.device,
-                                                       intensityGate=p.intensityGate, forWorker=True,
-                                                       walkStepMm=FAST_STEP_MM if p.fastThinSlices else 0.0,
-                                                       outsideOtherSegments=p.outsideOtherSegments),
-                            start, self.onResult)
+        self._startOrCancel(self.runner, "Cannot propagate.", prepare, start, onResult)
 
     def _startOrCancel(self, runner, errorTitle, prepare, start, onResult):
         """The button of a running job cancels it; otherwise prepare on the GUI thread (errors
@@ -255,6 +260,15 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for warning in summary.warnings:
             logging.warning("FewShotSeg: %s", warning)
         self.showUncertainSlices(summary.suggestions)  # where to look next; click one to jump there
+
+    def onSegmentsResult(self, job, results):
+        undo = self.editorUndo(job.jobs[0].segmentationNode)
+        summary = self.logic.applySegments(job, results, saveStateForUndo=undo)
+        self.ui.statusLabel.text = (summary.statusText() + (" (Undo in the Segment Editor)" if undo else "")
+                                    + "".join("\n" + w for w in summary.warnings))
+        for warning in summary.warnings:
+            logging.warning("FewShotSeg: %s", warning)
+        self.showUncertainSlices(summary.suggestions)
 
     # -- refinement ----------------------------------------------------------------------------
     def onRefineButton(self):

@@ -75,6 +75,10 @@ def test_all_painted_segments_in_one_click(logic, organs, worker):
         assert np.array_equal(results[value], engine.labels == value), f"{ORGANS[value]} differs from the engine's"
     assert np.mean([dice(results[v], organs.label == v) for v in ORGANS]) > 0.8
     assert "Filled 4 segments" in summary.statusText()
+    labels = [look.label for look in summary.suggestions]
+    assert labels and labels == [look.label for look in summary.suggestions]   # named once, by segment
+    names = {organs.seg.GetSegmentation().GetSegment(sid).GetName() for sid in organs.ids.values()}
+    assert all(label.split(": ")[0] in names and label.split(": ")[1] not in names for label in labels)
 
 
 def test_a_correction_keeps_every_segments_drawn_slices(logic, organs):

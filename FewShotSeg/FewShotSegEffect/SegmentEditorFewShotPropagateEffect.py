@@ -79,6 +79,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.deviceComboBox = qt.QComboBox()
         self.deviceComboBox.addItem("cpu")  # cuda / mps added on activate(): no torch import here
         self.previewCheckBox = qt.QCheckBox("Preview before applying")
+        self.allCheckBox = qt.QCheckBox("All painted segments at once")
+        self.allCheckBox.toolTip = ("Propagate every segment that holds voxels in one run, each from the slices "
+                                    "drawn in it; where two results meet, the voxels go to the segment drawn "
+                                    "nearest. Applied without a preview")
         self.gateCheckBox = qt.QCheckBox("Intensity gate")
         self.gateCheckBox.toolTip = ("Drop filled voxels whose intensity lies far from that of the structure's "
                                      "confident core (leaks onto fat, muscle or bowel). Few-shot models and "
@@ -93,6 +97,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
         self.scriptedEffect.addOptionsWidget(self.gateCheckBox)
         self.scriptedEffect.addOptionsWidget(self.fastCheckBox)
+        self.scriptedEffect.addOptionsWidget(self.allCheckBox)
         self.scriptedEffect.addOptionsWidget(self.previewCheckBox)
 
         self.propagateButton = qt.QPushButton("Propagate")
@@ -140,7 +145,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.refreshModels()
         for combo in (self.modelComboBox, self.modeComboBox, self.axisComboBox, self.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        for checkBox in (self.previewCheckBox, self.gateCheckBox, self.fastCheckBox):
+        for checkBox in (self.previewCheckBox, self.gateCheckBox, self.fastCheckBox, self.allCheckBox):
             checkBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         for spinBox in (self.refineSamplesSpinBox, self.refineStepsSpinBox):
             spinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
@@ -177,6 +182,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Preview", 0)
         self.scriptedEffect.setParameterDefault("IntensityGate", 1)
         self.scriptedEffect.setParameterDefault("FastThinSlices", 0)
+        self.scriptedEffect.setParameterDefault("AllSegments", 0)
         self.scriptedEffect.setParameterDefault("RefineSamples", 4)
         self.scriptedEffect.setParameterDefault("RefineSteps", 4)
 
@@ -194,7 +200,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             combo.setCurrentIndex(max(index, 0))
             combo.blockSignals(wasBlocked)
         for checkBox, name in ((self.previewCheckBox, "Preview"), (self.gateCheckBox, "IntensityGate"),
-                               (self.fastCheckBox, "FastThinSlices")):
+                               (self.fastCheckBox, "FastThinSlices"), (self.allCheckBox, "AllSegments")):
             wasBlocked = checkBox.blockSignals(True)
             checkBox.checked = self.scriptedEffect.integerParameter(name) != 0
             checkBox.blockSignals(wasBlocked)
@@ -220,6 +226,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("Preview", 1 if self.previewCheckBox.checked else 0)
         self.scriptedEffect.setParameter("IntensityGate", 1 if self.gateCheckBox.checked else 0)
         self.scriptedEffect.setParameter("FastThinSlices", 1 if self.fastCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("AllSegments", 1 if self.allCheckBox.checked else 0)
         self.scriptedEffect.setParameter("RefineSamples", self.refineSamplesSpinBox.value)
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
@@ -270,13 +277,18 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                 return
             volume, segmentation, segmentId = self._inputs()
             p = self._text
-            job = self.logic.prepare(volume, segmentation, segmentId, model=p("Model") or None,
-                                     mode=p("Mode"), axis=p("Axis"), device=p("Device"),
-                                     intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
-                                     forWorker=True, walkStepMm=FAST_STEP_MM
-                                     if self.scriptedEffect.integerParameter("FastThinSlices") else 0.0,
-                                     editorNode=self.scriptedEffect.parameterSetNode())
+            options = dict(model=p("Model") or None, mode=p("Mode"), axis=p("Axis"), device=p("Device"),
+                           intensityGate=self.scriptedEffect.integerParameter("IntensityGate") != 0,
+                           forWorker=True, walkStepMm=FAST_STEP_MM
+                           if self.scriptedEffect.integerParameter("FastThinSlices") else 0.0,
+                           editorNode=self.scriptedEffect.parameterSetNode())
             self.showSuggestions([])
+            if self.scriptedEffect.integerParameter("AllSegments"):
+                job = self.logic.prepareSegments(volume, segmentation, **options)
+                self.runner.startHandle(self.logic.startSegments(job),
+                                        lambda results: self.applySegmentsResult(job, results))
+                return
+            job = self.logic.prepare(volume, segmentation, segmentId, **options)
             self.runner.startHandle(self.logic.startPropagation(job), lambda result: self.onResult(job, result))
 
     def onResult(self, job, result):
@@ -299,6 +311,16 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
         else:
             summary = self.logic.apply(job, result, saveStateForUndo=self.scriptedEffect.saveStateForUndo)
+        self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
+        for warning in summary.warnings:
+            logging.warning("FewShotSeg: %s", warning)
+        self.showSuggestions(summary.suggestions)
+
+    def applySegmentsResult(self, job, results):
+        """Every painted segment at once: one undo state, the editor's masking when it masks."""
+        node = self.scriptedEffect.parameterSetNode()
+        summary = self.logic.applySegments(job, results, saveStateForUndo=self.scriptedEffect.saveStateForUndo,
+                                           editorNode=node if geometry.editorMasks(node) else None)
         self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
         for warning in summary.warnings:
             logging.warning("FewShotSeg: %s", warning)

@@ -8,7 +8,7 @@ together after one undo state; if any segment changed meanwhile, none is written
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -64,11 +64,9 @@ class SegmentsSummary:
     @property
     def suggestions(self) -> list:
         """Every segment's slices to check, the most likely wrong first, named by segment."""
-        items = [(self.names[sid], look) for sid, s in self.summaries.items() for look in s.suggestions]
-        items.sort(key=lambda item: -item[1].score)
-        for name, look in items:
-            look.label = f"{name}: {look.label}"
-        return [look for _, look in items]
+        items = [replace(look, label=f"{self.names[sid]}: {look.label}")
+                 for sid, s in self.summaries.items() for look in s.suggestions]
+        return sorted(items, key=lambda look: -look.score)
 
 
 class SegmentsMixin:
