@@ -332,7 +332,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
     def test_widget(self):
         widget = slicer.util.getModuleWidget("FewShotSeg")
         for name in ("inputVolumeSelector", "segmentSelector", "modelComboBox", "propagateButton",
-                     "refineButton", "samplesSpinBox", "stepsSpinBox", "uncertainSlicesList"):
+                     "refineButton", "samplesSpinBox", "stepsSpinBox", "uncertainSlicesList", "allSegmentsCheckBox"):
             self.assertTrue(hasattr(widget.ui, name), name)
 
     def _blob(self, name):

@@ -338,6 +338,32 @@ def stop_section() -> list:
             "Settings chosen on development data (never the held-out sets):", "", dev_choices_table(), ""]
 
 
+def structures_section() -> list:
+    """Every structure of a scan painted and propagated at once (structures_benchmark.py)."""
+    rows = ["| data | structures | propagated | 1 | 2 | 3 | 4 | 6 | first click s | later clicks s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for dataset, title in (("chaos", "CHAOS-T2, 10 held-out cases"), ("totalseg", "TotalSegmentator CT"),
+                           ("totalseg_mr", "TotalSegmentator MR")):
+        result = _load(f"structures_{dataset}.json")
+        if result is None:
+            continue
+        for method, label in (("alone", "each alone"), ("together", "all at once")):
+            m = result["summary"][method]
+            rows.append(f"| {title} | {m['structures']} | {label} | " + " | ".join(
+                f"{m['mean_dice'][n]:.3f}" for n in ("1", "2", "3", "4", "6"))
+                + f" | {m['seconds_first_click']:.1f} | {m['seconds_later_clicks']:.1f} |")
+    return ["### Several structures of a scan at once (benchmarks/structures_benchmark.py)", "",
+            "Every scored structure of a scan painted on its largest axial slice, then each round every "
+            "structure's worst slice painted (or marked absent for it), as the single-structure user above; "
+            "'each alone': every structure propagated by itself (the rows of the step network above), 'all "
+            "at once': one run (`fewshotseg propagate` with a painting of several labels, Slicer's *All painted "
+            "segments at once*), where the voxels two results claim go to the structure painted nearest (in "
+            "mm along its slice axis; equally near: the higher probability). The rule was chosen on the "
+            "development sets (dev_choices.json) before these runs. Seconds are for all the scan's "
+            "structures per click, measured while a second benchmark shared the two cores.", "",
+            "\n".join(rows), ""]
+
+
 def main_loop_table(name: str = "slicer_main_loop.json") -> str:
     """Apply -> filled segment through the Slicer Logic under a GIL-holding main loop."""
     result = _load(name)
@@ -439,6 +465,7 @@ def render(config: dict) -> str:
              interactive_table("interactive_chaos_area015.json"), "",
              "![Mean Dice against painted slices](../benchmarks/results/interactive.png)", "",
              *learned_section(),
+             *structures_section(),
              "### Slicer's main loop: Apply -> filled segment (benchmarks/slicer_main_loop.py)", "",
              "The Logic on PyPI's slicer-core, the engine in its worker process, the main thread waiting "
              "in `usleep` (which holds the GIL, as Slicer's event loop does) between 100 ms polls; against "
