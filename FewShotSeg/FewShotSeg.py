@@ -19,7 +19,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FewShotSegSlicerLib.logic import AXES, FAST_STEP_MM, MODES, sharedLogic
+from FewShotSegSlicerLib.logic import AXES, FAST_STEP_MM, MODES, sharedLogic, shutdownSharedLogic
 
 
 class FewShotSeg(ScriptedLoadableModule):
@@ -39,6 +39,8 @@ class FewShotSeg(ScriptedLoadableModule):
             "See <a href='https://github.com/fewshotseg/SlicerFewShotSeg'>the project page</a>.")
         self.parent.acknowledgementText = "Models follow SSL-ALPNet / CRTPNet few-shot segmentation."
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+        # once per session, whether the panel or only the effect was used
+        slicer.app.connect("aboutToQuit()", shutdownSharedLogic)
 
     def registerEditorEffect(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -86,7 +88,6 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = sharedLogic()  # the effect uses the same one: one model, one worker
-        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
         self.runner = TaskRunner(self.ui.propagateButton, self.ui.progressBar, self.ui.statusLabel)
         self.refineRunner = TaskRunner(self.ui.refineButton, self.ui.progressBar, self.ui.statusLabel,
                                        startText="Refine")
@@ -131,8 +132,9 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(FewShotSegParameterNode(self.logic.getParameterNode()))
         p = self._parameterNode
-        if not p.inputVolume:
-            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.inputVolume:   # not a labelmap (a subclass the volume selector does not show)
+            p.inputVolume = next((node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                                  if not node.IsA("vtkMRMLLabelMapVolumeNode")), None)
         if not p.segmentation:
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
         if not p.model:
@@ -154,15 +156,29 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        self.ui.segmentSelector.setCurrentNode(p.segmentation)
-        if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
-            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        # the selector announces no change when a segmentation has no segment, and picks its
+        # first segment when the remembered one is not in it: keep the parameter's, if it exists
+        wanted = p.segmentId
+        if self.ui.segmentSelector.currentNode() != p.segmentation:
+            wasBlocked = self.ui.segmentSelector.blockSignals(True)
+            self.ui.segmentSelector.setCurrentNode(p.segmentation)
+            self.ui.segmentSelector.blockSignals(wasBlocked)
+        segmentation = p.segmentation.GetSegmentation() if p.segmentation else None
+        exists = bool(segmentation and wanted and segmentation.GetSegment(wanted))
+        if exists and self.ui.segmentSelector.currentSegmentID() != wanted:
+            self.ui.segmentSelector.setCurrentSegmentID(wanted)
+        elif not exists:
+            shown = self.ui.segmentSelector.currentSegmentID() or ""
+            shown = shown if segmentation and shown and segmentation.GetSegment(shown) else ""
+            if p.segmentId != shown:
+                p.segmentId = shown    # updates the panel again, through the parameter node
+                return
         index = self.ui.modelComboBox.findData(p.model)
         if index >= 0 and index != self.ui.modelComboBox.currentIndex:
             self.ui.modelComboBox.setCurrentIndex(index)
         for i, device in enumerate(["cpu", "cuda", "mps"]):
             self.ui.deviceComboBox.model().item(i).setEnabled(device in self.logic.availableDevices())
-        inputs = bool(p.inputVolume and p.segmentation and p.segmentId)
+        inputs = bool(p.inputVolume and p.segmentation and exists)
         self.ui.propagateButton.enabled = ((inputs or p.allSegments and p.inputVolume and p.segmentation)
                                            and bool(p.model) and not self.refineRunner.running
                                            or self.runner.running)

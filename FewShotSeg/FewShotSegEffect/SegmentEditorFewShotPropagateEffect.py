@@ -156,6 +156,14 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.nextButton.connect("clicked()", self.onNext)
         self.showSuggestions([])
         self.updatePreviewButtons()
+        # an effect hears of no scene close: a job running then must not write into the next scene
+        self._closeTag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self._onSceneStartClose)
+
+    def _onSceneStartClose(self, caller=None, event=None):
+        for runner in (self.runner, self.refineRunner):
+            runner.stop()
+        self.discardPreview()
+        self.showSuggestions([])
 
     def refreshModels(self):
         """The installed models now (one added or downloaded in the module panel shows up
@@ -257,10 +265,16 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             if runner is not None:
                 runner.stop()
                 runner.timer.stop()
+        if getattr(self, "_closeTag", None) is not None:
+            slicer.mrmlScene.RemoveObserver(self._closeTag)
+            self._closeTag = None
+        self.discardPreview()
 
     # -- propagation ----------------------------------------------------------------------
     def _inputs(self):
         node = self.scriptedEffect.parameterSetNode()
+        if node is None:
+            raise FewShotSegError("the Segment Editor has no segmentation now; nothing was written")
         volume = node.GetSourceVolumeNode() if hasattr(node, "GetSourceVolumeNode") else node.GetMasterVolumeNode()
         return volume, node.GetSegmentationNode(), node.GetSelectedSegmentID()
 
@@ -309,8 +323,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                                                                        self.scriptedEffect.parameterSetNode()))
             self.logic.rememberPainted(job)  # read back: masking may have changed what was written
             summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
-        else:
-            summary = self.logic.apply(job, result, saveStateForUndo=self.scriptedEffect.saveStateForUndo)
+        else:   # the editor's undo covers the segmentation it shows: only then can it undo this
+            summary = self.logic.apply(job, result, saveStateForUndo=self._undoFor(job.segmentationNode))
         self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
         for warning in summary.warnings:
             logging.warning("FewShotSeg: %s", warning)
@@ -319,12 +333,18 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
     def applySegmentsResult(self, job, results):
         """Every painted segment at once: one undo state, the editor's masking when it masks."""
         node = self.scriptedEffect.parameterSetNode()
-        summary = self.logic.applySegments(job, results, saveStateForUndo=self.scriptedEffect.saveStateForUndo,
+        summary = self.logic.applySegments(job, results, saveStateForUndo=self._undoFor(job.jobs[0].segmentationNode),
                                            editorNode=node if geometry.editorMasks(node) else None)
         self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
         for warning in summary.warnings:
             logging.warning("FewShotSeg: %s", warning)
         self.showSuggestions(summary.suggestions)
+
+    def _undoFor(self, segmentationNode):
+        """The editor's saveStateForUndo when the editor shows ``segmentationNode``, else None."""
+        node = self.scriptedEffect.parameterSetNode()
+        shown = node.GetSegmentationNode() if node is not None else None
+        return self.scriptedEffect.saveStateForUndo if shown == segmentationNode else None
 
     def showSuggestions(self, items):
         self.suggestions.set(items)

@@ -136,6 +136,7 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
             node.UnRegister(None)  # CreateNodeByClass hands over a reference; the wrapper holds its own
             node.SetSingletonTag(self.moduleName)
             node.SetModuleName(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)   # what Slicer's own parameter nodes carry
             node.SetName(scene.GenerateUniqueName(self.moduleName))
             node = scene.AddNode(node)
         return node
@@ -566,6 +567,12 @@ def sharedLogic() -> FewShotSegLogic:
     return _SHARED[0]
 
 
+def shutdownSharedLogic() -> None:
+    """Stop the shared Logic's worker if there is one (Slicer quits; nothing is created)."""
+    if _SHARED:
+        _SHARED[0].shutdown()
+
+
 def segmentationHistory(segmentationNode):
     """A vtkSegmentationHistory on the node, for undo outside the Segment Editor (console, tests)."""
     history = slicer.vtkSegmentationHistory()
@@ -574,4 +581,4 @@ def segmentationHistory(segmentationNode):
 
 
 __all__ = ["FewShotSegLogic", "LookAt", "PropagationJob", "PropagationSummary", "RefineJob", "RefineSummary",
-           "segmentationHistory", "sharedLogic", "MODES", "AXES"]
+           "segmentationHistory", "sharedLogic", "shutdownSharedLogic", "MODES", "AXES"]
