@@ -16,7 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.headless import segmentIds  # noqa: E402
-from test_slicer_logic import coarseSegmentation, sharedCore  # noqa: E402  (one SlicerCore per process)
+from test_slicer_logic import coarseSegmentation, data_dir, sharedCore  # noqa: E402,F401  (one SlicerCore per process)
 
 
 @pytest.fixture
@@ -25,14 +25,6 @@ def scene(data_dir):
     core.scene.Clear(0)
     yield core
     core.scene.Clear(0)
-
-
-@pytest.fixture
-def data_dir():
-    path = ROOT.parent / "shared" / "data"
-    if not (path / "chaos_t2").is_dir():
-        pytest.skip(f"real test volumes not found at {path} (see shared/data/README.md)")
-    return path
 
 
 def _shifted_reference(scene, volume, voxels: tuple):
