@@ -29,6 +29,7 @@ WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "r
                 "walk_step_mm", "step_registration_weight", "zero_motion_max_mm", "presence")
 KEEP_WALKS = 64
 KEEP_WALK_BYTES = 256 << 20      # the walks' probabilities kept, at most (256 KB a 256x256 slice)
+MAX_STRUCTURES_KEPT = 4          # several structures at once: the bound grows up to 4x (1 GB)
 
 
 def image_fingerprint(image: sitk.Image) -> tuple:
@@ -61,6 +62,15 @@ class PropagationSession:
         self.walks: dict[tuple, Walk] = {}
         self.chains: dict[tuple, list] = {}  # (painted slice, its mask, upward) -> the steps walked
         self.reused = self.computed = 0     # walks, in the last run
+        self.keep_walks, self.keep_bytes = KEEP_WALKS, KEEP_WALK_BYTES
+
+    def hold_structures(self, count: int) -> None:
+        """Keep the walks of ``count`` structures (propagated together, one after another).
+        Why: the cache is least-recently-used, and one structure's walks each pushed out the
+        next one's, so a correction of one of fourteen CT structures recomputed them all
+        (11 s, as the first run); the bound grows with the count, up to 4x."""
+        factor = max(1, min(int(count), MAX_STRUCTURES_KEPT))
+        self.keep_walks, self.keep_bytes = KEEP_WALKS * factor, KEEP_WALK_BYTES * factor
 
     def _same_image(self, image: sitk.Image) -> bool:
         """The same object, or the same voxels and geometry (checksummed only then: a CT
@@ -101,7 +111,7 @@ class PropagationSession:
         longer walk from there continues them (`walks.walk`'s ``memory``)."""
         if key not in self.chains:
             self.chains[key] = []
-            while len(self.chains) > KEEP_WALKS:
+            while len(self.chains) > self.keep_walks:
                 self.chains.pop(next(iter(self.chains)))
         else:
             self.chains[key] = self.chains.pop(key)
@@ -116,7 +126,7 @@ class PropagationSession:
         result = compute()
         self.computed += 1
         self.walks[key] = result
-        while len(self.walks) > 1 and (len(self.walks) > KEEP_WALKS or self._walk_bytes() > KEEP_WALK_BYTES):
+        while len(self.walks) > 1 and (len(self.walks) > self.keep_walks or self._walk_bytes() > self.keep_bytes):
             self.walks.pop(next(iter(self.walks)))
             if len(self.chains) > 1:
                 self.chains.pop(next(iter(self.chains)))

@@ -121,13 +121,14 @@ def propagate_structures(image: sitk.Image, support_labels: np.ndarray, model,
                          exclude: Union[None, np.ndarray, dict] = None,
                          editable: Union[None, np.ndarray, dict] = None,
                          session: Optional[PropagationSession] = None,
-                         axes: Optional[dict] = None) -> StructuresResult:
+                         axes: Optional[dict] = None, names: Optional[dict] = None) -> StructuresResult:
     """Propagate every structure painted in ``support_labels`` (an integer label map, volume
     array order), each from its own painting, and resolve the voxels two of them claim.
 
     ``exclude``: a bool array for every structure, or value -> bool array (that structure's
     erased voxels and absent slices); ``editable`` the same. ``axes``: value -> the axis of
-    that structure's slices (else ``options.axis``). ``session``: one for all the structures
+    that structure's slices (else ``options.axis``); ``names``: value -> the name progress
+    messages give it (else "label N"). ``session``: one for all the structures
     of this image (the image is prepared once; walks are keyed by their painting, so a
     correction recomputes only that structure's spans)."""
     start = time.perf_counter()
@@ -137,12 +138,13 @@ def propagate_structures(image: sitk.Image, support_labels: np.ndarray, model,
         raise FewShotSegError("support mask is empty: paint the structure on at least one slice")
     options = options or PropagationOptions()
     session = session if session is not None else PropagationSession()
+    session.hold_structures(len(values))
     report = progress or (lambda fraction, message: None)
     spacing_zyx = image.GetSpacing()[::-1]
     claims, results = [], {}
     for k, value in enumerate(values):
-        def part(fraction, message, k=k, value=value):
-            report((k + fraction) / len(values), f"label {value}: {message}")
+        def part(fraction, message, k=k, name=(names or {}).get(value, f"label {value}")):
+            report((k + fraction) / len(values), f"{name}: {message}")
         support = support_labels == value
         own = {name: (given.get(value) if isinstance(given, dict) else given)
                for name, given in (("exclude", exclude), ("editable", editable))}

@@ -60,9 +60,9 @@ def test_all_painted_segments_in_one_click(logic, organs, worker):
     from FewShotSegLib.checkpoints import load_for_mode
     from FewShotSegLib.structures import propagate_structures
 
-    undo = []
+    undo, messages = [], []
     summary = logic.propagateSegments(organs.image, organs.seg, saveStateForUndo=lambda: undo.append(1),
-                                      worker=worker)
+                                      worker=worker, progress=lambda fraction, message: messages.append(message))
     assert undo == [1] and set(summary.summaries) == set(organs.ids.values())   # the empty one left out
     results = {value: geometry.segmentToArray(organs.seg, sid, organs.image) for value, sid in organs.ids.items()}
     assert not geometry.segmentToArray(organs.seg, "empty", organs.image).any()
@@ -75,6 +75,8 @@ def test_all_painted_segments_in_one_click(logic, organs, worker):
         assert np.array_equal(results[value], engine.labels == value), f"{ORGANS[value]} differs from the engine's"
     assert np.mean([dice(results[v], organs.label == v) for v in ORGANS]) > 0.8
     assert "Filled 4 segments" in summary.statusText()
+    spleenName = organs.seg.GetSegmentation().GetSegment(organs.ids[4]).GetName()
+    assert any(m.startswith(f"{spleenName}: ") for m in messages), messages[-5:]   # progress names the segment
     labels = [look.label for look in summary.suggestions]
     assert labels and labels == [look.label for look in summary.suggestions]   # named once, by segment
     names = {organs.seg.GetSegmentation().GetSegment(sid).GetName() for sid in organs.ids.values()}
@@ -127,3 +129,25 @@ def test_no_painted_segment_is_one_clear_error(logic, scene, data_dir):
     seg.GetSegmentation().AddEmptySegment("empty", "empty")
     with pytest.raises(FewShotSegError, match="no segment of"):
         logic.propagateSegments(image, seg)
+
+
+@pytest.mark.skipif(not hasattr(slicer, "vtkSlicerSegmentEditorLogic"),
+                    reason="this Slicer has no C++ segment editor logic (before 5.9)")
+def test_all_segments_through_the_editors_intensity_range(logic, scene, organs):
+    """The effect's path with masking on: each segment's walks stay inside the range and
+    each write goes through Slicer's editor logic (Set mode, whole grid), so no segment
+    holds a voxel outside the range beyond what was drawn."""
+    values = slicer.util.arrayFromVolume(organs.image)
+    low = float(np.percentile(values[organs.label > 0], 5))
+    editor = scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(low, float(values.max()))
+    undo = []
+    summary = logic.propagateSegments(organs.image, organs.seg, editorNode=editor,
+                                      saveStateForUndo=lambda: undo.append(1))
+    assert undo == [1] and len(summary.summaries) == 4
+    for value, sid in organs.ids.items():
+        result = geometry.segmentToArray(organs.seg, sid, organs.image)
+        drawn = organs.painted == value
+        assert not (result & ~drawn & (values < low)).any(), ORGANS[value]
+        assert dice(result, organs.label == value) > 0.6, ORGANS[value]

@@ -137,3 +137,28 @@ def test_the_command_propagates_every_painted_label(chaos_dir, tmp_path, capsys)
                  "--exclude", str(tmp_path / "exclude.nii.gz"), "-q", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "label(s) 7" in err[0] and not out.exists()
+
+
+def test_a_correction_of_one_structure_reuses_the_others_walks(shared_data, default_model, monkeypatch):
+    """The session keeps every structure's walks: the cache bound grows with their number
+    (least recently used: each structure's walks pushed the next one's out, and a correction
+    of one of fourteen CT structures took as long as the first run)."""
+    from FewShotSegLib import session as session_module
+    from FewShotSegLib.propagation import PropagationSession
+    image, label = load_chaos_case(shared_data, "21")
+    support = np.zeros(label.shape, np.uint8)
+    for value in (1, 2, 3, 4):
+        painted, _ = largest_slice_support(label == value, 0)
+        support[painted] = value
+    probe = PropagationSession()
+    propagate_structures(image, support, default_model, session=probe)
+    held = probe._walk_bytes()
+    monkeypatch.setattr(session_module, "KEEP_WALK_BYTES", held // 3)   # one structure fits, four do not
+    session = PropagationSession()
+    propagate_structures(image, support, default_model, session=session)
+    spleen = np.flatnonzero((label == 4).any(axis=(1, 2)))
+    k = int(spleen[len(spleen) // 4])
+    support[k][label[k] == 4] = 4                          # the user paints one more spleen slice
+    again = propagate_structures(image, support, default_model, session=session)
+    assert [again.results[v].walks_computed for v in (1, 2, 3)] == [0, 0, 0]
+    assert again.results[4].walks_computed > 0

@@ -81,15 +81,17 @@ def runStructures(image, parts: list, model, mode: str, device: str, intensityGa
     options = PropagationOptions(mode=mode, device=device, intensity_gate=bool(intensityGate),
                                  walk_step_mm=float(walkStepMm))
     labels = np.zeros(parts[0]["support"].shape, np.uint16)
-    excludes, editables, axes = {}, {}, {}
+    excludes, editables, axes, names = {}, {}, {}, {}
     for value, part in enumerate(parts, start=1):
         labels[part["support"]] = value
         axes[value] = int(part["axisIndex"])
+        names[value] = part.get("name") or f"segment {value}"
         for name, into in (("exclude", excludes), ("editable", editables)):
             if part.get(name) is not None:
                 into[value] = part[name]
     result = propagate_structures(image, labels, model, options, progress=progress, cancel=cancel,
-                                  exclude=excludes, editable=editables, session=session, axes=axes)
+                                  exclude=excludes, editable=editables, session=session, axes=axes,
+                                  names=names)
     return result
 
 

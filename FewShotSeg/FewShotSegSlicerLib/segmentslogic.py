@@ -45,6 +45,10 @@ class SegmentsJob:
     def axis(self) -> str:
         return self.jobs[0].axis
 
+    def names(self) -> list:
+        """The segments' names, for progress messages."""
+        return [_name(job) for job in self.jobs]
+
 
 @dataclass
 class SegmentsSummary:
@@ -119,8 +123,8 @@ class SegmentsMixin:
         if first.image is None:
             raise FewShotSegError("this job was prepared for the worker process: use startSegments")
         model = self.loadModel(first.modelPath, first.device)
-        parts = [{"support": j.support, "exclude": j.exclude, "editable": j.editable, "axisIndex": j.axisIndex}
-                 for j in job.jobs]
+        parts = [{"support": j.support, "exclude": j.exclude, "editable": j.editable, "axisIndex": j.axisIndex,
+                  "name": name} for j, name in zip(job.jobs, job.names())]
         result = engine.runStructures(first.image, parts, model, first.mode, first.device, first.intensityGate,
                                       progress=progress, cancel=cancel, walkStepMm=first.walkStepMm)
         return [engine.EngineResult(result.labels == value, engine.summary(result.results[value]))

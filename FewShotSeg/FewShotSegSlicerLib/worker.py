@@ -188,7 +188,7 @@ class Worker:
         if cancel():
             raise PropagationCancelled("propagation cancelled; the segmentation was not changed")
         shape = job["shape"]
-        parts = [{"support": unpack(part["support"], shape), "axisIndex": part["axisIndex"],
+        parts = [{"support": unpack(part["support"], shape), "axisIndex": part["axisIndex"], "name": part.get("name"),
                   "exclude": unpack(part["exclude"], shape) if part.get("exclude") else None,
                   "editable": unpack(part["editable"], shape) if part.get("editable") else None}
                  for part in job["parts"]]

@@ -425,7 +425,7 @@ class WorkerClient:
             "cmd": "structures", "sessionKey": sessionKey, "model": str(first.modelPath), "mode": first.mode,
             "intensityGate": bool(first.intensityGate), "walkStepMm": float(first.walkStepMm),
             "parts": [{"support": j.support, "exclude": j.exclude, "editable": j.editable,
-                       "axisIndex": int(j.axisIndex)} for j in job.jobs]})
+                       "axisIndex": int(j.axisIndex), "name": name} for j, name in zip(job.jobs, job.names())]})
 
     def startRefine(self, job, volumeArray, geometry: dict, volumeKey: str) -> RefineHandle:
         """Send a refinement (refinement.RefineJob); the volume only if the worker does not hold it."""
