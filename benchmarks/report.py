@@ -347,8 +347,13 @@ def structures_section() -> list:
         result = _load(f"structures_{dataset}.json")
         if result is None:
             continue
-        for method, label in (("alone", "each alone"), ("together", "all at once")):
-            m = result["summary"][method]
+        runs = [(result, "alone", "each alone"), (result, "together", "all at once")]
+        registration = _load(f"structures_registration_{dataset}.json")
+        if registration is not None:
+            runs += [(registration, "alone", "registration alone, each alone"),
+                     (registration, "together", "registration alone, all at once")]
+        for source, method, label in runs:
+            m = source["summary"][method]
             rows.append(f"| {title} | {m['structures']} | {label} | " + " | ".join(
                 f"{m['mean_dice'][n]:.3f}" for n in ("1", "2", "3", "4", "6"))
                 + f" | {m['seconds_first_click']:.1f} | {m['seconds_later_clicks']:.1f} |")
@@ -359,8 +364,10 @@ def structures_section() -> list:
             "at once': one run (`fewshotseg propagate` with a painting of several labels, Slicer's *All painted "
             "segments at once*), where the voxels two results claim go to the structure painted nearest (in "
             "mm along its slice axis; equally near: the higher probability). The rule was chosen on the "
-            "development sets (dev_choices.json) before these runs. Seconds are for all the scan's "
-            "structures per click, measured while a second benchmark shared the two cores.", "",
+            "development sets (dev_choices.json) before these runs. 'Registration alone': the same users "
+            "with no network (`--mode registration`). Seconds are for all the scan's structures per click "
+            "(every structure corrected each round), measured while a second benchmark shared the two "
+            "cores.", "",
             "\n".join(rows), ""]
 
 

@@ -16,6 +16,7 @@ sets (never reported as results; see interactive_benchmark.py).
 
     python benchmarks/structures_benchmark.py --dataset chaos        # -> benchmarks/results/structures_chaos.json
     python benchmarks/structures_benchmark.py --dataset dev --out out/dev/structures_dev.json
+    python benchmarks/structures_benchmark.py --dataset chaos --mode registration --out benchmarks/results/structures_registration_chaos.json
 """
 from __future__ import annotations
 
@@ -96,11 +97,11 @@ def run_together(image, model, options, user: User, session) -> dict:
     return {organ: result.labels == value for organ, (value, _) in user.organs.items()}
 
 
-def run_scan(dataset, case, image, organs, model, rounds: int) -> list:
+def run_scan(dataset, case, image, organs, model, rounds: int, mode: str = "auto") -> list:
     from FewShotSegLib.evaluation import painting_axis
     from FewShotSegLib.metrics import dice
     from FewShotSegLib.propagation import PropagationOptions, PropagationSession
-    options = PropagationOptions()
+    options = PropagationOptions(mode=mode)
     axis = painting_axis(image, options)
     records = []
     for method, runner in (("alone", run_alone), ("together", run_together)):
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--mode", default="auto", choices=["auto", "registration"],
+                        help="registration: no network (the baseline the step network must beat)")
     args = parser.parse_args(argv)
     import torch
     from FewShotSegLib.checkpoints import load_for_mode
@@ -157,11 +160,12 @@ def main(argv=None) -> int:
     model = load_for_mode(None, "auto")
     records = []
     for case, image, organs in scans(args.dataset, data_dir):
-        records += run_scan(args.dataset, case, image, organs, model, args.rounds)
+        records += run_scan(args.dataset, case, image, organs, model, args.rounds, args.mode)
     payload = {"benchmark": __doc__.splitlines()[0], "dataset": args.dataset,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "commit": ib.git_commit(), "hardware": ib.hardware(args.threads),
-               "settings": {"rounds": args.rounds, "model": "the shipped default", "plane": "axial"},
+               "settings": {"rounds": args.rounds, "plane": "axial",
+                            "model": "the shipped default" if args.mode == "auto" else "none (registration alone)"},
                "summary": summarise(records)}
     text = json.dumps(payload, indent=2)
     rows = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in records)
