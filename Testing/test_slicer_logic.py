@@ -133,14 +133,21 @@ def logic():
     return FewShotSegLogic()
 
 
+def loadChaosCase(scene, data_dir, case: str):
+    """(volume node, label map node, label array on the volume's grid) of a CHAOS-T2 case."""
+    folder = data_dir / "chaos_t2"
+    image = scene.load(folder / f"image_{case}.nii.gz")
+    labelNode = scene.load(folder / f"label_{case}.nii.gz", labelmap=True)
+    label = slicer.util.arrayFromVolume(labelNode).copy()
+    assert label.shape == slicer.util.arrayFromVolume(image).shape
+    return image, labelNode, label
+
+
 @pytest.fixture
 def chaos(scene, data_dir):
     """CHAOS case: liver painted on its largest slice only, spleen complete as a bystander."""
     folder = data_dir / "chaos_t2"
-    image = scene.load(folder / f"image_{CHAOS_CASE}.nii.gz")
-    labelNode = scene.load(folder / f"label_{CHAOS_CASE}.nii.gz", labelmap=True)
-    label = slicer.util.arrayFromVolume(labelNode).copy()
-    assert label.shape == slicer.util.arrayFromVolume(image).shape
+    image, labelNode, label = loadChaosCase(scene, data_dir, CHAOS_CASE)
     k = int(np.argmax((label == LIVER).sum((1, 2))))
     painted = np.zeros_like(label)
     painted[k][label[k] == LIVER] = LIVER

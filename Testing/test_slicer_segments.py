@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 from FewShotSegLib.errors import FewShotSegError  # noqa: E402
 from FewShotSegSlicerLib import geometry  # noqa: E402
 from FewShotSegSlicerLib.logic import FewShotSegLogic  # noqa: E402
-from test_slicer_logic import (assertSameSegments, core, data_dir, dice,  # noqa: E402,F401
+from test_slicer_logic import (assertSameSegments, core, data_dir, dice, loadChaosCase,  # noqa: E402,F401
                                private_model_home, scene, snapshot)
 
 CASE = "20"            # a development case: there the spleen's walk runs onto the left kidney
@@ -37,10 +37,7 @@ def logic():
 @pytest.fixture
 def organs(scene, data_dir):
     """Four segments, each organ drawn on its own largest slice, and an empty fifth."""
-    folder = data_dir / "chaos_t2"
-    image = scene.load(folder / f"image_{CASE}.nii.gz")
-    labelNode = scene.load(folder / f"label_{CASE}.nii.gz", labelmap=True)
-    label = slicer.util.arrayFromVolume(labelNode).copy()
+    image, labelNode, label = loadChaosCase(scene, data_dir, CASE)
     painted = np.zeros_like(label)
     slices = {}
     for value in ORGANS:

@@ -162,3 +162,19 @@ def test_a_correction_of_one_structure_reuses_the_others_walks(shared_data, defa
     again = propagate_structures(image, support, default_model, session=session)
     assert [again.results[v].walks_computed for v in (1, 2, 3)] == [0, 0, 0]
     assert again.results[4].walks_computed > 0
+
+
+def test_structures_painted_in_different_planes_each_walk_their_own_axis(case_20, default_model):
+    """The liver painted on an axial slice, the spleen on a coronal one: each is carried
+    across its own slices, each painting comes back exactly, no voxel is in both."""
+    image, label, _ = case_20
+    support = np.zeros(label.shape, np.uint8)
+    liver_axial, k = largest_slice_support(label == 1, 0)
+    spleen_coronal, j = largest_slice_support(label == 4, 1)
+    support[liver_axial] = 1
+    support[spleen_coronal & ~liver_axial] = 4
+    result = propagate_structures(image, support, default_model)
+    assert result.results[1].axis_index == 0 and result.results[4].axis_index == 1
+    assert np.array_equal(result.labels[k] == 1, support[k] == 1)
+    assert np.array_equal(result.labels[:, j] == 4, support[:, j] == 4)
+    assert dice(result.labels == 1, label == 1) > 0.7 and dice(result.labels == 4, label == 4) > 0.6
