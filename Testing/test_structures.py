@@ -178,3 +178,21 @@ def test_structures_painted_in_different_planes_each_walk_their_own_axis(case_20
     assert np.array_equal(result.labels[k] == 1, support[k] == 1)
     assert np.array_equal(result.labels[:, j] == 4, support[:, j] == 4)
     assert dice(result.labels == 1, label == 1) > 0.7 and dice(result.labels == 4, label == 4) > 0.6
+
+
+def test_a_wall_and_its_cavity_painted_together_stay_apart(default_model):
+    """A ring and what it encloses (myocardium and the blood pool, a bladder wall and its
+    lumen), each painted on one slice: the ring keeps its hole, the cavity fills it."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_engine import _ring_volume
+    array, wall, cavity = _ring_volume()
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.5, 1.5, 6.0))
+    support = np.zeros(wall.shape, np.uint8)
+    support[12][wall[12]] = 2
+    support[12][cavity[12]] = 1
+    result = propagate_structures(image, support, default_model)
+    assert dice(result.labels == 2, wall) > 0.95 and dice(result.labels == 1, cavity) > 0.95
+    assert ((result.labels == 2) & cavity).sum() < 0.02 * cavity.sum()
