@@ -305,3 +305,15 @@ def test_bad_anchor_input_is_refused(case, capsys, tmp_path):
     code, _, err = run_cli(["propagate", case["image"], "--support", strips_path, "--mode", "registration",
                             "-o", out, "-q"], capsys)
     assert_refused(code, err, out, "as strips side by side")
+
+
+def test_the_demo_runs_and_propagates_the_organs_alone_and_at_once(shared_data, tmp_path, capsys):
+    """The README's first command: each organ of CHAOS-T2 case 21 alone, then all at once."""
+    import re
+    code = main(["demo", "--data", str(shared_data), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    alone = float(re.search(r"mean Dice (\d\.\d+), total propagation time", out).group(1))
+    together = float(re.search(r"all at once .*mean Dice (\d\.\d+)", out).group(1))
+    assert alone > 0.8 and together > alone
+    assert (tmp_path / "chaos_21_prediction.nii.gz").is_file() and (tmp_path / "chaos_21_overview.png").is_file()
