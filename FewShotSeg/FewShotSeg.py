@@ -315,7 +315,10 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         row = self.ui.uncertainSlicesList.row(item)
         if 0 <= row < len(self._uncertainSlices):
-            jumpSlicesTo(self._uncertainSlices[row].position)
+            item = self._uncertainSlices[row]
+            jumpSlicesTo(item.position)
+            if getattr(item, "segmentId", "") and self._parameterNode:
+                self._parameterNode.segmentId = item.segmentId   # several segments: the one listed
 
     @staticmethod
     def editorUndo(segmentationNode):

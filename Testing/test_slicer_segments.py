@@ -78,6 +78,8 @@ def test_all_painted_segments_in_one_click(logic, organs, worker):
     assert labels and labels == [look.label for look in summary.suggestions]   # named once, by segment
     names = {organs.seg.GetSegmentation().GetSegment(sid).GetName() for sid in organs.ids.values()}
     assert all(label.split(": ")[0] in names and label.split(": ")[1] not in names for label in labels)
+    for look in summary.suggestions:        # each names the segment to correct there
+        assert organs.seg.GetSegmentation().GetSegment(look.segmentId).GetName() == look.label.split(": ")[0]
 
 
 def test_a_correction_keeps_every_segments_drawn_slices(logic, organs):

@@ -354,6 +354,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
 
     def onNext(self):
         item = self.suggestions.next()
+        node = self.scriptedEffect.parameterSetNode()
+        if item is not None and getattr(item, "segmentId", "") and node is not None:
+            node.SetSelectedSegmentID(item.segmentId)   # the segment to correct there, ready to paint
         if item is not None:
             self.suggestionLabel.text = f"{self.suggestions.index + 1}/{len(self.suggestions.items)}: {item.label}"
 

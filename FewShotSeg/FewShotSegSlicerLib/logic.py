@@ -83,6 +83,7 @@ class LookAt:
     position: tuple               # world RAS
     reason: str = ""
     score: float = 0.0
+    segmentId: str = ""           # with several segments: the one to correct there
 
 
 @dataclass

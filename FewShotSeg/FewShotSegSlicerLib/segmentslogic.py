@@ -68,7 +68,7 @@ class SegmentsSummary:
     @property
     def suggestions(self) -> list:
         """Every segment's slices to check, the most likely wrong first, named by segment."""
-        items = [replace(look, label=f"{self.names[sid]}: {look.label}")
+        items = [replace(look, label=f"{self.names[sid]}: {look.label}", segmentId=sid)
                  for sid, s in self.summaries.items() for look in s.suggestions]
         return sorted(items, key=lambda look: -look.score)
 
