@@ -343,7 +343,8 @@ def structures_section() -> list:
     rows = ["| data | structures | propagated | 1 | 2 | 3 | 4 | 6 | first click s | later clicks s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for dataset, title in (("chaos", "CHAOS-T2, 10 held-out cases"), ("totalseg", "TotalSegmentator CT"),
-                           ("totalseg_mr", "TotalSegmentator MR")):
+                           ("totalseg_mr", "TotalSegmentator MR"), ("coronal_totalseg", "CT, painted coronally"),
+                           ("coronal_totalseg_mr", "MR, painted coronally")):
         result = _load(f"structures_{dataset}.json")
         if result is None:
             continue

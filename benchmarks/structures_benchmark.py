@@ -97,12 +97,13 @@ def run_together(image, model, options, user: User, session) -> dict:
     return {organ: result.labels == value for organ, (value, _) in user.organs.items()}
 
 
-def run_scan(dataset, case, image, organs, model, rounds: int, mode: str = "auto") -> list:
+def run_scan(dataset, case, image, organs, model, rounds: int, mode: str = "auto", plane: str = "axial") -> list:
     from FewShotSegLib.evaluation import painting_axis
     from FewShotSegLib.metrics import dice
     from FewShotSegLib.propagation import PropagationOptions, PropagationSession
+    from FewShotSegLib.imageio import array_axis_for
     options = PropagationOptions(mode=mode)
-    axis = painting_axis(image, options)
+    axis = painting_axis(image, options) if plane == "axial" else int(array_axis_for(image, plane))
     records = []
     for method, runner in (("alone", run_alone), ("together", run_together)):
         user, session = User(organs, axis), PropagationSession()
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
+                        help="the plane every structure is painted in")
     parser.add_argument("--mode", default="auto", choices=["auto", "registration"],
                         help="registration: no network (the baseline the step network must beat)")
     args = parser.parse_args(argv)
@@ -156,15 +159,16 @@ def main(argv=None) -> int:
     from FewShotSegLib.evaluation import shared_data_dir
     torch.set_num_threads(args.threads)
     data_dir = shared_data_dir(args.data)
-    out = Path(args.out) if args.out else ib.RESULTS / f"structures_{args.dataset}.json"
+    plane = "" if args.plane == "axial" else f"{args.plane}_"
+    out = Path(args.out) if args.out else ib.RESULTS / f"structures_{plane}{args.dataset}.json"
     model = load_for_mode(None, "auto")
     records = []
     for case, image, organs in scans(args.dataset, data_dir):
-        records += run_scan(args.dataset, case, image, organs, model, args.rounds, args.mode)
+        records += run_scan(args.dataset, case, image, organs, model, args.rounds, args.mode, args.plane)
     payload = {"benchmark": __doc__.splitlines()[0], "dataset": args.dataset,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "commit": ib.git_commit(), "hardware": ib.hardware(args.threads),
-               "settings": {"rounds": args.rounds, "plane": "axial",
+               "settings": {"rounds": args.rounds, "plane": args.plane,
                             "model": "the shipped default" if args.mode == "auto" else "none (registration alone)"},
                "summary": summarise(records)}
     text = json.dumps(payload, indent=2)
