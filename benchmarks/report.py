@@ -359,7 +359,8 @@ def structures_section() -> list:
                 f"{m['mean_dice'][n]:.3f}" for n in ("1", "2", "3", "4", "6"))
                 + f" | {m['seconds_first_click']:.1f} | {m['seconds_later_clicks']:.1f} |")
     return ["### Several structures of a scan at once (benchmarks/structures_benchmark.py)", "",
-            "Every scored structure of a scan painted on its largest axial slice, then each round every "
+            "Every scored structure of a scan painted on its largest axial slice (coronal where the row "
+            "says so), then each round every "
             "structure's worst slice painted (or marked absent for it), as the single-structure user above; "
             "'each alone': every structure propagated by itself (the rows of the step network above), 'all "
             "at once': one run (`fewshotseg propagate` with a painting of several labels, Slicer's *All painted "
