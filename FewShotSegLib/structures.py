@@ -25,7 +25,8 @@ import SimpleITK as sitk
 from .anchors import slices_holding
 from .errors import FewShotSegError
 from .postprocessing import bounding_box
-from .propagation import CancelCallback, ProgressCallback, PropagationOptions, PropagationResult, propagate
+from .propagation import (CancelCallback, ProgressCallback, PropagationCancelled, PropagationOptions,
+                          PropagationResult, propagate)
 from .session import PropagationSession
 
 
@@ -149,8 +150,13 @@ def propagate_structures(image: sitk.Image, support_labels: np.ndarray, model,
         own = {name: (given.get(value) if isinstance(given, dict) else given)
                for name, given in (("exclude", exclude), ("editable", editable))}
         axis = (axes or {}).get(value, options.axis)
-        result = propagate(image, support, model, replace(options, axis=axis), progress=part, cancel=cancel,
-                           session=session, **own)
+        try:
+            result = propagate(image, support, model, replace(options, axis=axis), progress=part, cancel=cancel,
+                               session=session, **own)
+        except PropagationCancelled:
+            raise
+        except FewShotSegError as error:     # say which structure, in the one line
+            raise FewShotSegError(f"{(names or {}).get(value, f'label {value}')}: {error}") from error
         claims.append(_claim(value, result, support, spacing_zyx))
         results[value] = replace(result, mask=None, probability=None)
     labels, contested, reassigned = resolve_overlaps(claims, support_labels.shape)

@@ -109,6 +109,16 @@ def test_two_segments_drawn_on_the_same_voxels_are_refused(logic, organs):
     assertSameSegments(before, snapshot(organs.seg, organs.image))
 
 
+def test_a_segment_that_cannot_be_propagated_is_named(logic, organs):
+    """An axis that disagrees with the painting: one line naming the first segment it fails on."""
+    name = organs.seg.GetSegmentation().GetSegment(organs.ids[1]).GetName()
+    before = snapshot(organs.seg, organs.image)
+    with pytest.raises(FewShotSegError) as error:
+        logic.propagateSegments(organs.image, organs.seg, axis="coronal")
+    assert name in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assertSameSegments(before, snapshot(organs.seg, organs.image))
+
+
 def test_a_segment_edited_while_running_leaves_every_segment(logic, organs):
     job = logic.prepareSegments(organs.image, organs.seg, forWorker=False)
     results = logic.computeSegments(job)

@@ -196,3 +196,20 @@ def test_a_wall_and_its_cavity_painted_together_stay_apart(default_model):
     result = propagate_structures(image, support, default_model)
     assert dice(result.labels == 2, wall) > 0.95 and dice(result.labels == 1, cavity) > 0.95
     assert ((result.labels == 2) & cavity).sum() < 0.02 * cavity.sum()
+
+
+def test_a_structure_that_cannot_be_propagated_is_named_in_one_line(chaos_dir, tmp_path, capsys):
+    label_img = sitk.ReadImage(str(chaos_dir / "label_21.nii.gz"))
+    label = sitk.GetArrayFromImage(label_img)
+    support = np.zeros_like(label)
+    for value in (2, 4):
+        painted, _ = largest_slice_support(label == value, 0)
+        support[painted] = value
+    sup = sitk.GetImageFromArray(support)
+    sup.CopyInformation(label_img)
+    sitk.WriteImage(sup, str(tmp_path / "support.nii.gz"))
+    out = tmp_path / "out.nii.gz"
+    code = main(["propagate", str(chaos_dir / "image_21.nii.gz"), "--support", str(tmp_path / "support.nii.gz"),
+                 "--axis", "coronal", "-q", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "label 2: " in err[0] and "disagrees" in err[0] and not out.exists()

@@ -97,7 +97,14 @@ class SegmentsMixin:
         if not ids:
             raise FewShotSegError(f"no segment of '{segmentationNode.GetName()}' holds voxels on this volume: "
                                   "paint each structure on one slice first")
-        jobs = [self.prepare(volumeNode, segmentationNode, sid, **options) for sid in ids]
+        jobs = []
+        for sid in ids:
+            try:
+                jobs.append(self.prepare(volumeNode, segmentationNode, sid, **options))
+            except FewShotSegError as error:   # say which of the segments, once
+                segment = segmentationNode.GetSegmentation().GetSegment(sid)
+                name = segment.GetName() if segment is not None else sid
+                raise error if f"'{name}'" in str(error) else FewShotSegError(f"segment '{name}': {error}") from error
         painted = np.zeros(jobs[0].support.shape, np.int32)
         for k, job in enumerate(jobs, start=1):
             both = painted[job.support]
