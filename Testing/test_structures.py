@@ -109,7 +109,9 @@ def test_a_slice_marked_absent_for_one_structure_leaves_the_others(case_20, defa
     assert (result.labels[absent] == 3).any()
 
 
-def test_the_command_propagates_every_painted_label(chaos_dir, tmp_path, capsys):
+def _support_file_21(chaos_dir, folder):
+    """CHAOS-T2 case 21's right kidney (2) and spleen (4) painted on their largest slices, as
+    one label file; returns the label image, its array and the file."""
     label_img = sitk.ReadImage(str(chaos_dir / "label_21.nii.gz"))
     label = sitk.GetArrayFromImage(label_img)
     support = np.zeros_like(label)
@@ -118,7 +120,12 @@ def test_the_command_propagates_every_painted_label(chaos_dir, tmp_path, capsys)
         support[painted] = value
     sup = sitk.GetImageFromArray(support)
     sup.CopyInformation(label_img)
-    sitk.WriteImage(sup, str(tmp_path / "support.nii.gz"))
+    sitk.WriteImage(sup, str(folder / "support.nii.gz"))
+    return label_img, label, folder / "support.nii.gz"
+
+
+def test_the_command_propagates_every_painted_label(chaos_dir, tmp_path, capsys):
+    label_img, label, _ = _support_file_21(chaos_dir, tmp_path)
     out = tmp_path / "out.nii.gz"
     code = main(["propagate", str(chaos_dir / "image_21.nii.gz"), "--support", str(tmp_path / "support.nii.gz"),
                  "-q", "-o", str(out)])
@@ -199,15 +206,7 @@ def test_a_wall_and_its_cavity_painted_together_stay_apart(default_model):
 
 
 def test_a_structure_that_cannot_be_propagated_is_named_in_one_line(chaos_dir, tmp_path, capsys):
-    label_img = sitk.ReadImage(str(chaos_dir / "label_21.nii.gz"))
-    label = sitk.GetArrayFromImage(label_img)
-    support = np.zeros_like(label)
-    for value in (2, 4):
-        painted, _ = largest_slice_support(label == value, 0)
-        support[painted] = value
-    sup = sitk.GetImageFromArray(support)
-    sup.CopyInformation(label_img)
-    sitk.WriteImage(sup, str(tmp_path / "support.nii.gz"))
+    _support_file_21(chaos_dir, tmp_path)
     out = tmp_path / "out.nii.gz"
     code = main(["propagate", str(chaos_dir / "image_21.nii.gz"), "--support", str(tmp_path / "support.nii.gz"),
                  "--axis", "coronal", "-q", "-o", str(out)])
