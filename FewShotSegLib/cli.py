@@ -105,10 +105,10 @@ def _exclusions_by_label(exclude_arr, support_arr, path) -> dict:
 def _propagate_structures(args, image, support_arr, options, exclude, editable, inputs) -> int:
     """Every label of the painting propagated, the voxels two structures claim resolved
     (structures.py); one label map out, each structure with its painted value."""
-    import numpy as np
     from .checkpoints import load_for_mode
+    from .imageio import labels_present
     from .structures import propagate_structures
-    values = ", ".join(str(v) for v in np.unique(support_arr) if v > 0)
+    values = ", ".join(map(str, labels_present(support_arr)))
     for flag, given in (("--mode medsam", args.mode == "medsam"), ("--refine", args.refine),
                         ("--probability", args.probability)):
         if given:

@@ -55,8 +55,8 @@ class StructuresResult:
 
 def painted_values(labels: np.ndarray) -> list[int]:
     """The label values painted (positive), in increasing order."""
-    values = np.unique(np.asarray(labels))
-    return [int(v) for v in values if v > 0]
+    from .imageio import labels_present
+    return labels_present(labels)
 
 
 def _claim(value: int, result: PropagationResult, support: np.ndarray, spacing_zyx) -> Claim:

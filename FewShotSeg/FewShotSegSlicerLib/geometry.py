@@ -68,7 +68,7 @@ def volumeToSitk(volumeNode):
     return image
 
 
-def _segmentName(segmentationNode, segmentId) -> str:
+def segmentName(segmentationNode, segmentId) -> str:
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     return segment.GetName() if segment else str(segmentId)
 
@@ -158,7 +158,7 @@ def _exportedSegmentArray(segmentationNode, segmentId, volumeNode) -> np.ndarray
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
             segmentationNode, ids, labelmap, volumeNode)
         if not ok:
-            raise FewShotSegError(f"could not export segment '{_segmentName(segmentationNode, segmentId)}' "
+            raise FewShotSegError(f"could not export segment '{segmentName(segmentationNode, segmentId)}' "
                                   f"onto the grid of volume '{volumeNode.GetName()}'")
         array = slicer.util.arrayFromVolume(labelmap) > 0
         expected = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
@@ -301,7 +301,7 @@ def writeSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode) -> N
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
         raise FewShotSegError(f"could not write the result into segment "
-                              f"'{_segmentName(segmentationNode, segmentId)}'")
+                              f"'{segmentName(segmentationNode, segmentId)}'")
 
 
 def segmentVoxelOffset(segmentationNode, segmentId, volumeNode):

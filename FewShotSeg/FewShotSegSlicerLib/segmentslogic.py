@@ -76,15 +76,13 @@ class SegmentsSummary:
 class SegmentsMixin:
     """FewShotSegLogic's several-segment propagation (uses its prepare, compute pieces and writers)."""
 
-    def paintedSegmentIds(self, segmentationNode, volumeNode) -> list:
-        """The segments holding voxels on the volume, in the segmentation's order."""
-        ids = []
+    def paintedSegmentIds(self, segmentationNode) -> list:
+        """The segments holding voxels, in the segmentation's order (read where they are
+        stored: ``prepare`` reads each onto the volume's grid once, and says so when one lies
+        outside the volume)."""
         segmentation = segmentationNode.GetSegmentation()
-        for index in range(segmentation.GetNumberOfSegments()):
-            sid = segmentation.GetNthSegmentID(index)
-            if geometry.segmentToArray(segmentationNode, sid, volumeNode).any():
-                ids.append(sid)
-        return ids
+        ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+        return [sid for sid in ids if geometry.segmentHasVoxels(segmentationNode, sid)]
 
     def prepareSegments(self, volumeNode, segmentationNode, segmentIds=None, **options) -> SegmentsJob:
         """Prepare each segment as ``prepare`` does (``options`` are its keyword arguments);
@@ -93,7 +91,7 @@ class SegmentsMixin:
         start = time.perf_counter()
         if segmentationNode is None or volumeNode is None:
             raise FewShotSegError("choose a volume and a segmentation first")
-        ids = self.paintedSegmentIds(segmentationNode, volumeNode) if segmentIds is None else list(segmentIds)
+        ids = self.paintedSegmentIds(segmentationNode) if segmentIds is None else list(segmentIds)
         if not ids:
             raise FewShotSegError(f"no segment of '{segmentationNode.GetName()}' holds voxels on this volume: "
                                   "paint each structure on one slice first")
@@ -102,8 +100,7 @@ class SegmentsMixin:
             try:
                 jobs.append(self.prepare(volumeNode, segmentationNode, sid, **options))
             except FewShotSegError as error:   # say which of the segments, once
-                segment = segmentationNode.GetSegmentation().GetSegment(sid)
-                name = segment.GetName() if segment is not None else sid
+                name = geometry.segmentName(segmentationNode, sid)
                 raise error if f"'{name}'" in str(error) else FewShotSegError(f"segment '{name}': {error}") from error
         painted = np.zeros(jobs[0].support.shape, np.int32)
         for k, job in enumerate(jobs, start=1):
@@ -152,8 +149,8 @@ class SegmentsMixin:
             self.rememberPainted(one, mask if editorNode is None else None)
             out.summaries[one.segmentId] = self.summarize(one, result, mask)
             out.names[one.segmentId] = _name(one)
-        out.seconds = job.prepareSeconds + max((float(r.seconds) for r in results), default=0.0) + \
-            time.perf_counter() - start
+        # the segments ran one after another in the engine
+        out.seconds = job.prepareSeconds + sum(float(r.seconds) for r in results) + time.perf_counter() - start
         return out
 
     def propagateSegments(self, volumeNode, segmentationNode, segmentIds=None, saveStateForUndo=None,
@@ -171,5 +168,4 @@ class SegmentsMixin:
 
 
 def _name(job) -> str:
-    segment = job.segmentationNode.GetSegmentation().GetSegment(job.segmentId)
-    return segment.GetName() if segment is not None else job.segmentId
+    return geometry.segmentName(job.segmentationNode, job.segmentId)
