@@ -100,10 +100,15 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
         self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
         self.ui.uncertainSlicesList.connect("itemClicked(QListWidgetItem*)", self.onUncertainSliceClicked)
+        self.devicesTimer = qt.QTimer()
+        self.devicesTimer.setInterval(250)
+        self.devicesTimer.connect("timeout()", self.onDevicesPoll)
+        self._devicesPolls = 0
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self):
+        self.devicesTimer.stop()
         self.runner.stop()
         self.refineRunner.stop()
         self.removeObservers()
@@ -115,6 +120,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p and dependencies.torchAvailable() and not dependencies.missingPackages():
             self.logic.warmUp(p.model or None, p.device)  # the worker loads the model while the user paints
+        if self.logic.knownDevices() is None:   # the worker lists them once it has imported PyTorch
+            self.devicesTimer.start()
 
     def exit(self):
         self.setParameterNode(None)
@@ -139,8 +146,26 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
         if not p.model:
             p.model = self.logic.catalog.defaultModelName()
-        if p.device not in self.logic.availableDevices():
+        self._checkChosenDevice()
+
+    def _checkChosenDevice(self):
+        """A device this computer lacks (a scene saved elsewhere) becomes the default one,
+        once the devices are known (no PyTorch import on the GUI thread: see onDevicesPoll)."""
+        known = self.logic.knownDevices()
+        p = self._parameterNode
+        if p and known is not None and p.device not in known:
             p.device = self.logic.defaultDevice()
+
+    def onDevicesPoll(self):
+        """Until the worker process has listed the devices (a few seconds after the panel
+        opens), every quarter second; then the device list is updated once."""
+        self._devicesPolls += 1
+        if self.logic.knownDevices() is None and self._devicesPolls < 240:
+            return
+        self.devicesTimer.stop()
+        self._devicesPolls = 0
+        self._checkChosenDevice()
+        self.updateGUI()
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -176,8 +201,9 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = self.ui.modelComboBox.findData(p.model)
         if index >= 0 and index != self.ui.modelComboBox.currentIndex:
             self.ui.modelComboBox.setCurrentIndex(index)
+        known = self.logic.knownDevices()
         for i, device in enumerate(["cpu", "cuda", "mps"]):
-            self.ui.deviceComboBox.model().item(i).setEnabled(device in self.logic.availableDevices())
+            self.ui.deviceComboBox.model().item(i).setEnabled(device in (known or ["cpu", p.device]))
         inputs = bool(p.inputVolume and p.segmentation and exists)
         self.ui.propagateButton.enabled = ((inputs or p.allSegments and p.inputVolume and p.segmentation)
                                            and bool(p.model) and not self.refineRunner.running
@@ -263,7 +289,6 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(errorTitle, waitCursor=True):
             if not dependencies.ensureEngineDependencies(askConfirmation=True):
                 return
-            self.logic.availableDevices(refresh=True)
             job = prepare()
             runner.startHandle(start(job), lambda result: onResult(job, result), self.updateGUI)
             self.updateGUI()

@@ -276,6 +276,62 @@ def test_warm_up_loads_the_model_before_the_first_click(tiny_checkpoint, chaos):
         logic.shutdown()
 
 
+DEVICES_WITHOUT_TORCH = r"""
+import sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from FewShotSegSlicerLib.logic import FewShotSegLogic
+logic = FewShotSegLogic()
+assert logic.knownDevices() is None and logic.defaultDevice() == "cpu"   # no worker yet: not known, not imported
+assert logic.warmUp(sys.argv[3])
+end = time.time() + 300
+while logic.knownDevices() is None and time.time() < end:
+    time.sleep(0.05)
+devices = logic.knownDevices()
+torch_here = "torch" in sys.modules
+logic.shutdown()
+print(devices, torch_here)
+"""
+
+
+def test_devices_are_listed_by_the_worker_without_importing_torch_in_slicers_process(tiny_checkpoint, tmp_path):
+    """Opening the panel or the effect must not freeze Slicer for the seconds PyTorch takes
+    to import: the devices come from the worker process. A fresh interpreter, since this
+    one has imported PyTorch already."""
+    import subprocess
+
+    script = tmp_path / "devices.py"
+    script.write_text(DEVICES_WITHOUT_TORCH)
+    out = subprocess.run([sys.executable, str(script), str(ROOT / "FewShotSeg"), str(ROOT), str(tiny_checkpoint)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    devices, torch_here = out.stdout.strip().rsplit(" ", 1)
+    import torch
+
+    expected = ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    assert devices.startswith(str(expected)[:-1]) and torch_here == "False"
+
+
+def test_a_device_the_worker_lacks_is_one_line(chaos, tiny_checkpoint):
+    """A scene saved on a computer with a GPU, opened on a laptop: the device is refused
+    in one line (by the worker, which listed its devices), the segmentation unchanged."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this computer has CUDA")
+    logic = FewShotSegLogic()
+    before = snapshot(chaos.seg, chaos.image)
+    try:
+        with pytest.raises(FewShotSegError, match=r"^device 'cuda' is not available (to PyTorch )?here "
+                                                  r"\(available: cpu"):
+            logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, device="cuda", worker=True)
+        assert logic.knownDevices() == ["cpu"]      # listed by the worker meanwhile
+        with pytest.raises(FewShotSegError, match=r"^device 'cuda' is not available here \(available: cpu\)$"):
+            logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, device="cuda", worker=True)
+    finally:
+        logic.shutdown()
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
 def test_worker_that_cannot_start_or_import(chaos, tiny_checkpoint, tmp_path):
     """A missing interpreter, or one without the engine's packages: one clear message each,
     nothing written."""

@@ -239,16 +239,30 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter("RefineSteps", self.refineStepsSpinBox.value)
 
     def activate(self):
-        """Refresh the model list; list the GPU devices once (imports PyTorch if present);
-        start the worker and load the model while the user paints."""
+        """Refresh the model list; start the worker and load the model while the user
+        paints; list the GPU devices once the worker has (no PyTorch import on the GUI thread)."""
         self.refreshModels()
         self.updateGUIFromMRML()
         if dependencies.torchAvailable() and not dependencies.missingPackages():
             self.logic.warmUp(self._text("Model") or None,
                               self.scriptedEffect.parameter("Device") or "cpu")
-        if dependencies.torchAvailable() and self.deviceComboBox.count == 1:
+        self._devicesPolls = 0
+        self.onDevicesPoll()
+
+    def onDevicesPoll(self):
+        """Adds cuda / mps to the device list once they are known; until then (the worker
+        imports PyTorch, seconds) asks again every quarter second, for at most a minute."""
+        if self.logic is None or getattr(self, "_cleanedUp", False):   # the editor was deleted meanwhile
+            return
+        known = self.logic.knownDevices()
+        if known is None:
+            self._devicesPolls += 1
+            if self._devicesPolls < 240:
+                qt.QTimer.singleShot(250, self.onDevicesPoll)
+            return
+        if self.deviceComboBox.count == 1 and len(known) > 1:
             wasBlocked = self.deviceComboBox.blockSignals(True)
-            for device in self.logic.availableDevices()[1:]:
+            for device in known[1:]:
                 self.deviceComboBox.addItem(device)
             self.deviceComboBox.blockSignals(wasBlocked)
             self.updateGUIFromMRML()
@@ -261,6 +275,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
     def cleanup(self):
         """The editor widget is being deleted (Slicer calls this first): stop polling, so no
         timer fires at deleted widgets; a running job is cancelled and its result dropped."""
+        self._cleanedUp = True
         for runner in (getattr(self, "runner", None), getattr(self, "refineRunner", None)):
             if runner is not None:
                 runner.stop()

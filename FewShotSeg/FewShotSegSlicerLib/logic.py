@@ -20,6 +20,8 @@ refill every other slice. Refinement (refinelogic.py) has the same three steps.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -153,24 +155,33 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
 
     def availableDevices(self, refresh: bool = False) -> list[str]:
         """cpu, then cuda / mps where this PyTorch build can use them (cached; refresh after
-        PyTorch was installed in this session)."""
+        PyTorch was installed in this session). Imports PyTorch into this process, seconds
+        of a frozen GUI the first time: the panels ask knownDevices() instead."""
         if self._devices is None or refresh:
-            devices = ["cpu"]
-            try:
-                import torch
+            from FewShotSegSlicerLib.worker import torchDevices
 
-                if torch.cuda.is_available():
-                    devices.append("cuda")
-                mps = getattr(torch.backends, "mps", None)
-                if mps is not None and mps.is_available():
-                    devices.append("mps")
-            except ImportError:
-                pass
-            self._devices = devices
+            self._devices = torchDevices()
+        return list(self._devices)
+
+    def knownDevices(self) -> Optional[list[str]]:
+        """The devices, where that needs no PyTorch import in this process: listed before,
+        PyTorch imported already, no PyTorch at all (cpu), or as the worker process listed
+        them when it started (warmUp starts it); else None, and the caller asks again later."""
+        if self._devices is None:
+            if "torch" in sys.modules:
+                return self.availableDevices()
+            if importlib.util.find_spec("torch") is None:
+                return ["cpu"]         # not kept: PyTorch may be installed later in this session
+            reported = self.worker.devices()
+            if reported is None:
+                return None
+            self._devices = reported
         return list(self._devices)
 
     def defaultDevice(self) -> str:
-        return self.availableDevices()[-1] if len(self.availableDevices()) > 1 else "cpu"
+        """The GPU when one is known to be there, else cpu."""
+        devices = self.knownDevices() or ["cpu"]
+        return devices[-1] if len(devices) > 1 else "cpu"
 
     def modelPath(self, model=None) -> Path:
         """A catalog name, a .pt path, or None for the default shipped model."""
@@ -211,10 +222,15 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
         geometry.checkSegment(segmentationNode, segmentId)
         return segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
 
-    def _checkDevice(self, device: str) -> None:
-        if device not in self.availableDevices():
-            raise FewShotSegError(f"device '{device}' is not available here "
-                                  f"(available: {', '.join(self.availableDevices())})")
+    def _checkDevice(self, device: str, forWorker: bool = False) -> None:
+        """A device PyTorch cannot use here is one clear line; the CPU is always there. For
+        the worker process, against the devices it listed (PyTorch is not imported in
+        Slicer's process for this): before it has, its own load reports the same line."""
+        if device == "cpu":
+            return
+        devices = self.knownDevices() if forWorker else self.availableDevices()
+        if devices is not None and device not in devices:
+            raise FewShotSegError(f"device '{device}' is not available here (available: {', '.join(devices)})")
 
     def prepare(self, volumeNode, segmentationNode, segmentId, model=None, mode: str = "auto",
                 axis: str = "auto", device: str = "cpu", intensityGate: bool = True,
@@ -244,8 +260,7 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
             raise FewShotSegError(f"walkStepMm must be a number of mm in [0, 100], not {walkStepMm!r}")
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         modelPath = self.modelPath(model)
-        if device != "cpu":  # the CPU is always there: PyTorch need not be imported in Slicer's process
-            self._checkDevice(device)
+        self._checkDevice(device, forWorker)
         current = geometry.paintedSegmentArray(
             segmentationNode, segmentId, volumeNode, segmentName,
             outside=("is painted only outside", "paint it on a slice of that volume"),

@@ -63,7 +63,7 @@ class RefineMixin:
         RefineOptions(samples=samples, steps=steps).validate()
         segmentName = self._checkInputs(volumeNode, segmentationNode, segmentId, axis)
         refinerPath = self.refinerPath(refiner)
-        self._checkDevice(device)
+        self._checkDevice(device, forWorker)
         coarse = geometry.paintedSegmentArray(
             segmentationNode, segmentId, volumeNode, segmentName,
             outside=("lies entirely outside", "nothing to refine on that volume"),

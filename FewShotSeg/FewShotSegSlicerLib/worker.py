@@ -24,6 +24,7 @@ Protocol (one JSON object per line). In, on stdin::
 Out, on the original stdout (anything the engine prints goes to stderr)::
 
     {"type": "ready", "pid": 123}
+    {"type": "devices", "devices": ["cpu", "cuda"]}      (once, before the first job is taken)
     {"type": "progress", "id": 1, "fraction": 0.4, "message": "..."}
     {"type": "loaded", "id": "warm"}
     {"type": "done", "id": 1, "mask": "folder/mask-1.npy", "result": {...}}
@@ -94,6 +95,23 @@ def loadBox(path, box, shape, dtype="float32"):
     return out
 
 
+def torchDevices() -> list:
+    """cpu, then cuda / mps where this PyTorch build can use them. Listed here, not in
+    Slicer's process: importing PyTorch takes seconds, a frozen GUI when a panel opens."""
+    devices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            devices.append("mps")
+    except Exception:  # no PyTorch, or a broken one: the job that needs it reports that
+        pass
+    return devices
+
+
 class Worker:
     def __init__(self, out):
         self.out = out
@@ -103,6 +121,7 @@ class Worker:
         self.models = {}           # checkpoint kind ("fewshot", "refiner") -> (key, checkpoint)
         self.volume = None         # (key, SimpleITK image)
         self.sessions = {}         # session key -> PropagationSession, for the held volume only
+        self.devices = None        # listed once, when serving starts
 
     def send(self, message: dict) -> None:
         with self.outLock:
@@ -132,6 +151,11 @@ class Worker:
         from FewShotSegLib.checkpoints import PROPAGATION_KINDS, load_checkpoint
 
         key = (os.path.realpath(path), os.stat(path).st_mtime_ns, device)
+        if self.devices is not None and device not in self.devices:
+            from FewShotSegLib.errors import FewShotSegError
+
+            raise FewShotSegError(f"device '{device}' is not available to PyTorch here "
+                                  f"(available: {', '.join(self.devices)})")
         if kind not in self.models or self.models[kind][0] != key:
             self.models.pop(kind, None)  # free the previous one before loading
             accepted = PROPAGATION_KINDS if kind == "fewshot" else kind   # the propagation's model: either kind
@@ -268,6 +292,8 @@ class Worker:
             self.send({"type": "loaded", "id": job.get("id"), "error": f"{type(exc).__name__}: {exc}"})
 
     def serve(self) -> None:
+        self.devices = torchDevices()
+        self.send({"type": "devices", "devices": self.devices})
         while True:
             job = self.jobs.get()
             if job is None:

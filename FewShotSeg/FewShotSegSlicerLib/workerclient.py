@@ -132,6 +132,7 @@ class WorkerProcess:
         self.heldVolume: Optional[str] = None
         self.lastId = 0
         self.warm = None   # True once a warm-up load answered (or its error text)
+        self.devices: Optional[list] = None   # as the worker listed them when it started
 
     def send(self, message: dict) -> None:
         try:
@@ -147,6 +148,8 @@ class WorkerProcess:
                 self.pid = int(message.get("pid", 0)) or None
             elif message.get("type") == "loaded":
                 self.warm = message.get("error") or True
+            elif message.get("type") == "devices":
+                self.devices = [str(d) for d in message.get("devices") or ["cpu"]]
             else:
                 out.append(message)
         return out
@@ -481,6 +484,15 @@ class WorkerClient:
             self.ensureWorker().send({"cmd": "load", "id": "warm", "model": str(modelPath), "device": device})
         except (FewShotSegError, OSError):
             pass
+
+    def devices(self) -> Optional[list]:
+        """The devices the running worker listed (None before it did, or with no worker).
+        Never blocks; a running job's poll reads the message too."""
+        if self.worker is None:
+            return None
+        if self.current is None and self.worker.devices is None:
+            self.worker.messages()
+        return None if self.worker.devices is None else list(self.worker.devices)
 
     def waitWarm(self, timeout: float = 120.0) -> bool:
         """Blocking, for scripts and benchmarks: True once the warm-up load answered."""
