@@ -71,6 +71,10 @@ def _second_plane(support: np.ndarray, best: int, counts: list[int]) -> Optional
 # adjacent painted slices "fit together edge to edge" when they share at most this fraction
 # of the smaller one's voxels and touch: strips of one stroke cut by the volume's slices
 STRIP_OVERLAP = 0.05
+# ... or, four or more slices in a row, at most this fraction in the median pair: a stroke
+# resampled onto a grid rotated against it (nearest neighbour) gives strips that overlap a
+# little, small ones at the stroke's ends; slices painted on purpose in a row overlap more
+STRIP_OVERLAP_ROW = 0.25
 # smaller paintings are left alone: a thin vessel painted on two adjacent slices may move by
 # its own width between them
 MIN_STRIP_VOXELS = 20
@@ -78,9 +82,10 @@ MIN_STRIP_VOXELS = 20
 
 def _strips(support: np.ndarray, axis_index: int) -> list[int]:
     """The painted slices, when two or more of them are adjacent and every adjacent pair
-    fits together edge to edge (else []): a stroke painted in a slice view that is not
-    aligned with the volume's slices falls into several slices as strips side by side,
-    where slices painted on purpose overlap their painted neighbours."""
+    fits together edge to edge, or four or more in a row mostly do (else []): a stroke
+    painted in a slice view that is not aligned with the volume's slices falls into several
+    slices as strips side by side, where slices painted on purpose overlap their painted
+    neighbours."""
     from scipy import ndimage
 
     painted = slices_holding(support, axis_index)
@@ -88,14 +93,27 @@ def _strips(support: np.ndarray, axis_index: int) -> list[int]:
     if not pairs:
         return []
     moved = np.moveaxis(support, axis_index, 0)
+    overlaps, small = [], False
     for a, b in pairs:
         first, second = moved[a], moved[b]
         smaller = min(int(first.sum()), int(second.sum()))
-        if smaller < MIN_STRIP_VOXELS or int((first & second).sum()) > STRIP_OVERLAP * smaller:
-            return []
         if not (ndimage.binary_dilation(first, np.ones((3, 3), bool)) & second).any():
             return []
-    return [int(i) for i in painted]
+        if smaller < MIN_STRIP_VOXELS:
+            small = True
+        else:
+            overlaps.append(int((first & second).sum()) / smaller)
+    if not overlaps:
+        return []
+    if not small and max(overlaps) <= STRIP_OVERLAP:
+        return [int(i) for i in painted]
+    longest = run = 1
+    for (_, b), (c, _) in zip(pairs, pairs[1:]):
+        run = run + 1 if b == c else 1
+        longest = max(longest, run)
+    if longest >= 3 and len(overlaps) >= 3 and float(np.median(overlaps)) <= STRIP_OVERLAP_ROW:
+        return [int(i) for i in painted]
+    return []
 
 
 def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, None] = "auto",

@@ -22,9 +22,10 @@ def cmd_propagate(args) -> int:
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
+    from .imageio import check_outputs
+
     inputs = [p for p in (args.image, args.support, args.exclude, args.editable) if p]
-    out_paths = [p for p in (args.output, args.probability, args.uncertainty) if p]
-    _refuse_overwriting_inputs(out_paths, inputs)
+    check_outputs([args.output, args.probability, args.uncertainty], inputs)   # before any work
     if args.uncertainty and not args.refine:
         raise FewShotSegError("--uncertainty needs --refine (the uncertainty comes from the refiner's samples)")
     mode = "registration" if args.mode == "medsam" else args.mode   # medsam: only the shared options checked
@@ -38,6 +39,7 @@ def cmd_propagate(args) -> int:
         options.registration_weight = args.registration_weight
     options.validate()
     image = read_image(args.image)
+    _check_contrast(image, args.image)
     support_img = read_mask_like(args.support, image)
     support_arr = sitk.GetArrayViewFromImage(support_img)
     if args.exclude and not support_arr.any():
@@ -49,13 +51,13 @@ def cmd_propagate(args) -> int:
         value = args.label if args.label else int(support_arr[support].max())  # keep the painted value
     exclude = None
     if args.exclude:
-        exclude_arr = sitk.GetArrayFromImage(read_mask_like(args.exclude, image))
+        exclude_arr = sitk.GetArrayFromImage(read_mask_like(args.exclude, image, "exclusion mask"))
         exclude = _exclusions_by_label(exclude_arr, support_arr, args.exclude) if several else exclude_arr != 0
         if not several and not exclude.any():
             exclude = None
     editable = None
     if args.editable:
-        editable = sitk.GetArrayFromImage(read_mask_like(args.editable, image)) != 0
+        editable = sitk.GetArrayFromImage(read_mask_like(args.editable, image, "editable-area mask")) != 0
         check_editable(support_arr != 0, editable)
     if several:
         return _propagate_structures(args, image, support_arr, options, exclude, editable, inputs)
@@ -86,6 +88,17 @@ def cmd_propagate(args) -> int:
     print(f"{result.slices_done} slices propagated{what} in {result.seconds:.2f} s -> {args.output}")
     _print_review(result)
     return 0
+
+
+def _check_contrast(image, path) -> None:
+    """An image of one value everywhere (a blank export, a wrong series) has nothing to
+    follow from slice to slice: one line, instead of the painting copied through it."""
+    import SimpleITK as sitk
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if stats.GetMinimum() == stats.GetMaximum():
+        raise FewShotSegError(f"image {path} holds one value everywhere ({stats.GetMinimum():g}): "
+                              "nothing to propagate along; check that it is the right image")
 
 
 def _exclusions_by_label(exclude_arr, support_arr, path) -> dict:
@@ -181,10 +194,12 @@ def _label_array(mask, value: int):
 
 
 def _write_outputs(reference, inputs, *items) -> None:
-    """Write (path, array) pairs with the reference image's geometry; labels stay integer."""
+    """Write (path, array) pairs with the reference image's geometry, all or nothing;
+    labels stay integer."""
     import numpy as np
     import SimpleITK as sitk
-    from .imageio import label_image_like, write_image
+    from .imageio import label_image_like, write_images
+    images = []
     for path, array in items:
         if not path or array is None:
             continue
@@ -193,14 +208,22 @@ def _write_outputs(reference, inputs, *items) -> None:
         else:
             img = sitk.GetImageFromArray(array.astype(np.float32))
             img.CopyInformation(reference)
-        write_image(img, path, inputs=inputs)
+        images.append((img, path))
+    write_images(images, inputs=inputs, written=_WRITTEN)
 
 
-def _refuse_overwriting_inputs(outputs, inputs) -> None:
-    resolved = {Path(p).resolve() for p in inputs if p}
-    for out in outputs:
-        if Path(out).resolve() in resolved:
-            raise FewShotSegError(f"output path {out} is also an input; choose another file name")
+_WRITTEN: list = []   # the files this run has put in place (what an interrupt then tells)
+
+
+def _label_values(text: str) -> list[int]:
+    """``--labels 1,3``: whole numbers separated by commas."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise FewShotSegError(f"--labels takes label values separated by commas (e.g. 1,3), not '{text}'") from None
+    if any(v <= 0 for v in values):
+        raise FewShotSegError(f"--labels: label values are positive whole numbers, not '{text}'")
+    return values
 
 
 def cmd_evaluate(args) -> int:
@@ -209,9 +232,16 @@ def cmd_evaluate(args) -> int:
     from .metrics import evaluate_labels
 
     truth = read_image(args.label, label=True)
-    pred = read_mask_like(args.prediction, truth)
+    pred = read_mask_like(args.prediction, truth, "prediction")
     pa, ta = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth)
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    labels = _label_values(args.labels) if args.labels else None
+    if labels:
+        from .imageio import labels_present
+        present = set(labels_present(pa)) | set(labels_present(ta))
+        absent = [v for v in labels if v not in present]
+        if absent:
+            raise FewShotSegError(f"label {', '.join(map(str, absent))} is in neither file (labels present: "
+                                  f"{', '.join(map(str, sorted(present))) or 'none'})")
     scores = evaluate_labels(pa, ta, spacing=truth.GetSpacing()[::-1], labels=labels)
     if args.json:
         print(json.dumps(scores, indent=2))
@@ -363,19 +393,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    """SIGTERM (`timeout`, a process manager) ends the run as Ctrl-C does: temporary files
+    removed, nothing half-written."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv[:1] if argv[:1] == ["train"] else argv)
-    if argv[:1] == ["train"]:  # Training/train.py parses its own options
-        args.train_args = argv[1:]
+    previous = None
     try:
+        if hasattr(signal, "SIGTERM") and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:          # not the main thread (called from a program): its own handlers stand
+        pass
+    _WRITTEN.clear()
+    try:
+        args = build_parser().parse_args(argv[:1] if argv[:1] == ["train"] else argv)
+        if argv[:1] == ["train"]:  # Training/train.py parses its own options
+            args.train_args = argv[1:]
         return args.func(args)
     except FewShotSegError as exc:
         print(f"fewshotseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fewshotseg: interrupted; nothing was written", file=sys.stderr)
+        if _WRITTEN:
+            print(f"fewshotseg: interrupted after writing {', '.join(map(str, _WRITTEN))}", file=sys.stderr)
+        else:
+            print("fewshotseg: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ Arrays are always in SimpleITK order (k, j, i); SimpleITK sizes and spacings are
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import os
+import signal
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -304,19 +307,20 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(np.all(np.abs(np.array(a.GetOrigin()) - np.array(b.GetOrigin())) <= tol))
 
 
-def read_mask_like(path: Union[PathLike, sitk.Image], reference: sitk.Image) -> sitk.Image:
+def read_mask_like(path: Union[PathLike, sitk.Image], reference: sitk.Image, what: str = "support mask") -> sitk.Image:
     """A label map on the grid of ``reference`` (UInt8 / UInt16 / UInt32).
 
     ``path`` is a label file / DICOM folder, or an already loaded `sitk.Image`. When its
     grid differs from the reference's it is resampled there with nearest neighbour in
     physical space (identity transform), so flipped axes and other origins are handled.
-    A mask with labelled voxels none of which fall inside the reference is an error.
+    A mask with labelled voxels none of which fall inside the reference is an error;
+    ``what`` names the mask in messages.
     """
     if isinstance(path, sitk.Image):
-        name = "support mask"
+        name = what
         mask = _to_label_image(_as_3d_scalar(path, name), name)
     else:
-        name = f"support mask {path}"
+        name = f"{what} {path}"
         mask = read_image(path, label=True)
     if reference.GetDimension() != 3:
         raise FewShotSegError(f"the reference image is {reference.GetDimension()}D; a 3D volume is needed")
@@ -472,24 +476,81 @@ def _segmentation_metadata(image: sitk.Image) -> sitk.Image:
     return tagged
 
 
-def write_image(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
-    """Write ``image`` to ``path`` atomically and return the path.
-
-    The image goes to a temporary file with the same extension in the target folder and is
-    moved into place with `os.replace`; on failure nothing is left behind (not even a
-    folder this call created) and an existing file stays as it was. Refuses a path that
-    resolves to one of ``inputs``. Extensions: .nii.gz, .nii, .nrrd, .seg.nrrd, .mha.
-    """
-    path = Path(path)
-    ext = _extension(path)
-    if ext is None:
-        raise FewShotSegError(f"cannot write {path}: use one of the extensions "
-                              f"{', '.join(sorted(WRITE_EXTENSIONS))}")
-    for inp in inputs:
-        if inp is not None and str(inp) != "" and _same_file(path, Path(inp)):
+def check_outputs(paths: Iterable[PathLike], inputs: Iterable[PathLike] = ()) -> None:
+    """Refuse, before any work, output paths that `write_images` would refuse after it: an
+    unknown extension, a folder, an input, the same file twice, a folder that cannot be
+    written or created. Why: a bad ``-o`` found after minutes of propagation wastes them."""
+    paths = [Path(p) for p in paths if p is not None and str(p) != ""]
+    inputs = [Path(p) for p in inputs if p is not None and str(p) != ""]
+    seen = []
+    for path in paths:
+        if _extension(path) is None:
+            raise FewShotSegError(f"cannot write {path}: use one of the extensions "
+                                  f"{', '.join(sorted(WRITE_EXTENSIONS))}")
+        if any(_same_file(path, inp) for inp in inputs):
             raise FewShotSegError(f"output path {path} is also an input; choose another file name")
-    if path.is_dir():
-        raise FewShotSegError(f"cannot write {path}: it is a folder")
+        if any(_same_file(path, other) for other in seen):
+            raise FewShotSegError(f"{path} is named for two outputs; give each output its own file")
+        seen.append(path)
+        if path.is_dir():
+            raise FewShotSegError(f"cannot write {path}: it is a folder")
+        probe = path.parent.resolve()
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise FewShotSegError(f"cannot write {path}: {probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise FewShotSegError(f"cannot write {path}: Permission denied")
+
+
+def write_images(items: Iterable[tuple], *, inputs: Iterable[PathLike] = (), written: Optional[list] = None) -> list[Path]:
+    """Write several (image, path) pairs all or nothing: each goes to a temporary file next
+    to its target first; only when every one is written are they moved into place, with
+    Ctrl-C and SIGTERM held back for those moments. On failure nothing is left behind and
+    existing files stay as they were. ``written``: each path is appended once in place (a
+    Ctrl-C held back until the end still knows that the files were written)."""
+    items = [(image, Path(path)) for image, path in items]
+    inputs = list(inputs)
+    check_outputs([path for _, path in items], inputs)
+    staged = []
+    try:
+        for image, path in items:
+            staged.append((_stage(image, path), path))
+        with _signals_held():
+            for tmp, path in staged:
+                os.replace(tmp, path)
+                if written is not None:
+                    written.append(path)
+            staged = []
+    except OSError as exc:
+        raise FewShotSegError(f"cannot write {path}: {exc.strerror or 'the move failed'}") from None
+    finally:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return [path for _, path in items]
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block ends (POSIX main thread; elsewhere nothing)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _stage(image: sitk.Image, path: Path) -> str:
+    """``image`` written to a new temporary file beside ``path`` (the folder created if
+    needed); its name. On failure nothing is left, not even a folder made here."""
+    ext = _extension(path)
     parent = path.parent
     created = []
     probe = parent.resolve()
@@ -504,8 +565,8 @@ def write_image(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike]
         out = _segmentation_metadata(image) if ext == ".seg.nrrd" else image
         sitk.WriteImage(out, tmp, useCompression=ext != ".nii")
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
         done = True
+        return tmp
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the writer failed"
         raise FewShotSegError(f"cannot write {path}: {reason}") from None
@@ -521,4 +582,14 @@ def write_image(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike]
                     folder.rmdir()
                 except OSError:
                     break
-    return path
+
+
+def write_image(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
+    """Write ``image`` to ``path`` atomically and return the path.
+
+    The image goes to a temporary file with the same extension in the target folder and is
+    moved into place with `os.replace`; on failure nothing is left behind (not even a
+    folder this call created) and an existing file stays as it was. Refuses a path that
+    resolves to one of ``inputs``. Extensions: .nii.gz, .nii, .nrrd, .seg.nrrd, .mha.
+    """
+    return write_images([(image, path)], inputs=inputs)[0]

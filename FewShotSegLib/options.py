@@ -116,6 +116,8 @@ class PropagationOptions:
             raise FewShotSegError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FewShotSegError("batch size must be at least 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise FewShotSegError(f"threads must be at least 1 (got {self.num_threads})")
         if not 0.0 < self.threshold < 1.0:
             raise FewShotSegError("threshold must lie strictly between 0 and 1")
         for name in ("registration_weight", "registration_walk_weight", "step_registration_weight"):

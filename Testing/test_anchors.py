@@ -10,7 +10,7 @@ import torch
 from FewShotSegLib.anchors import plan_spans, resolve_axis
 from FewShotSegLib.checkpoints import load_checkpoint
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegLib.imageio import read_image
+from FewShotSegLib.imageio import read_image, read_mask_like
 from FewShotSegLib.metrics import dice
 from FewShotSegLib.model_store import resolve_model_path
 from FewShotSegLib.propagation import PropagationOptions, PropagationSession, propagate
@@ -213,6 +213,27 @@ def test_a_stroke_painted_in_a_view_rotated_against_the_slices_is_named(chaos_di
             resolve_axis(image, stroke, axis)
     z0 = int(np.argmax(liver.sum((1, 2))))
     assert resolve_axis(image, painted(liver, [z0, z0 + 1])) == 0
+
+
+def test_a_slice_painted_on_a_grid_rotated_against_the_image_is_named(chaos_dir):
+    """A mask painted on one slice of the scan, given with an image whose axes are turned
+    30 degrees: resampled (nearest neighbour) it falls into many slices as strips that
+    overlap a little, small ones at its ends. One line, not a run of 2 filled slices. True
+    masks of four adjacent slices are painted on purpose and are not refused."""
+    image = read_image(chaos_dir / "image_1.nii.gz")
+    liver = sitk.GetArrayFromImage(read_image(chaos_dir / "label_1.nii.gz", label=True)) == 1
+    z0 = int(np.argmax(liver.sum((1, 2))))
+    mask = sitk.GetImageFromArray(painted(liver, [z0]).astype(np.uint8))
+    mask.CopyInformation(image)
+    turned = sitk.Image(image)
+    rotation = sitk.VersorTransform((1, 0, 0), np.radians(30)).GetMatrix()
+    turned.SetDirection(tuple((np.array(rotation).reshape(3, 3) @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    resampled = read_mask_like(mask, turned)
+    support = sitk.GetArrayFromImage(resampled) > 0
+    assert len(np.flatnonzero(support.any((1, 2)))) >= 4
+    with pytest.raises(FewShotSegError, match=r"as strips side by side"):
+        resolve_axis(turned, support)
+    assert resolve_axis(image, painted(liver, [z0 - 1, z0, z0 + 1, z0 + 2])) == 0
 
 
 def test_reoriented_volume_gives_the_same_mask(kidney, model):

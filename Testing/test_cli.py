@@ -92,6 +92,110 @@ def test_evaluate_without_labels_scores_the_labels_in_either_file(capsys, tmp_pa
     assert sorted(scores) == ["1", "2"] and scores["1"]["dice"] == 1.0 and scores["2"]["dice"] == 0.0
 
 
+@pytest.mark.parametrize("labels, match", [("9", "label 9 is in neither file (labels present: 1, 2)"),
+                                           ("liver", "--labels takes label values separated by commas"),
+                                           ("1,", "--labels takes label values"), ("-1", "positive whole numbers")])
+def test_evaluate_refuses_labels_it_cannot_score(labels, match, capsys, tmp_path):
+    """A typo in --labels scored a perfect 1.0 (a label in neither file) or was a traceback."""
+    truth, pred = np.zeros((4, 16, 16), np.uint8), np.zeros((4, 16, 16), np.uint8)
+    truth[1:3, 2:8, 2:8] = 1
+    pred[1:3, 10:14, 10:14] = 2
+    paths = []
+    for name, array in (("pred", pred), ("truth", truth)):
+        paths.append(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(paths[-1]))
+    code, stdout, err = run_cli(["evaluate", *paths, "--labels", labels], capsys)
+    assert_refused(code, err, tmp_path / "none", match)
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("problem", ["bad_extension", "folder_is_a_file", "probability_bad_extension",
+                                     "probability_is_output", "probability_in_a_file", "threads"])
+def test_outputs_are_checked_before_the_work_and_written_all_or_nothing(problem, case, capsys, tmp_path):
+    """A bad output path was found only after the whole run (minutes on a CT), and an error
+    on the second output left the first written. Now: refused at once, nothing written."""
+    import time
+
+    out, extra = tmp_path / "out.nii.gz", []
+    blocker = tmp_path / "blocker"          # a file where a folder is needed
+    blocker.write_text("")
+    match = {"bad_extension": "use one of the extensions", "folder_is_a_file": "is a file, not a folder",
+             "probability_bad_extension": "use one of the extensions", "threads": "threads must be at least 1",
+             "probability_is_output": "named for two outputs", "probability_in_a_file": "is a file, not a folder"}[problem]
+    if problem == "bad_extension":
+        out = tmp_path / "out.xyz"
+    elif problem == "folder_is_a_file":
+        out = blocker / "out.nii.gz"
+    elif problem == "probability_bad_extension":
+        extra = ["--probability", tmp_path / "p.xyz"]
+    elif problem == "probability_is_output":
+        extra = ["--probability", out]
+    elif problem == "probability_in_a_file":
+        extra = ["--probability", blocker / "p.nii.gz"]
+    elif problem == "threads":
+        extra = ["--threads", "-2"]
+    start = time.perf_counter()
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "-q", "-o", out] + extra,
+                           capsys)
+    assert_refused(code, err, out, match)
+    assert time.perf_counter() - start < 5        # refused before reading the scan and propagating
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
+def test_a_failure_after_staging_leaves_no_output(case, capsys, tmp_path, monkeypatch):
+    """Two outputs: the second fails while written, the first is not left behind."""
+    from FewShotSegLib import imageio
+
+    original = imageio._stage
+
+    def failing(image, path):
+        if path.name.startswith("p"):
+            raise imageio.FewShotSegError(f"cannot write {path}: No space left on device")
+        return original(image, path)
+
+    monkeypatch.setattr(imageio, "_stage", failing)
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["support"], "-q", "-o", out,
+                            "--probability", tmp_path / "p.nii.gz"], capsys)
+    assert_refused(code, err, out, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_of_one_value_is_refused(case, capsys, tmp_path):
+    ref = sitk.ReadImage(str(case["image"]))
+    blank = sitk.Image(ref.GetSize(), sitk.sitkInt16)
+    blank.CopyInformation(ref)
+    image = tmp_path / "blank.nii.gz"
+    sitk.WriteImage(blank, str(image))
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(["propagate", image, "--support", case["support"], "-q", "-o", out], capsys)
+    assert_refused(code, err, out, "holds one value everywhere (0)")
+
+
+def test_sigterm_mid_run_leaves_nothing_and_says_so(case, tmp_path):
+    """`timeout` and process managers send SIGTERM: handled as Ctrl-C is (one line, no
+    temporary file, no output)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out.nii.gz"
+    proc = subprocess.Popen([sys.executable, "-m", "FewShotSegLib.cli", "propagate", str(case["image"]),
+                             "--support", str(case["support"]), "--mode", "registration", "-o", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first, end = b"", time.perf_counter() + 120
+    while not first and proc.poll() is None and time.perf_counter() < end:   # the progress bar: inside the run
+        first = os.read(proc.stderr.fileno(), 65536)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = (first + err).decode(errors="replace")
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "fewshotseg: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_propagate_and_evaluate_with_the_shipped_model(case, capsys):
     if DEFAULT_MODEL not in [e.name for e in list_model_files()]:
         pytest.fail(f"the shipped model {DEFAULT_MODEL}.pt is missing from Resources/Models")

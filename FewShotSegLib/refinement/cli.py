@@ -3,7 +3,6 @@ its uncertainty. The lead wires `add_refine_parser` into `FewShotSegLib/cli.py`.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ..errors import FewShotSegError
 from ..progress import progress_bar
@@ -14,31 +13,26 @@ def cmd_refine(args) -> int:
     import SimpleITK as sitk
 
     from ..checkpoints import load_checkpoint
-    from ..imageio import label_image_like, read_image, read_mask_like, select_label, write_image
+    from ..imageio import check_outputs, label_image_like, read_image, read_mask_like, select_label, write_images
     from ..model_store import DEFAULT_REFINER, resolve_model_path
     from .sampling import RefineOptions, refine
 
     inputs = [p for p in (args.image, args.mask, args.keep) if p]
     outputs = [p for p in (args.output, args.uncertainty, args.probability) if p]
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    for out in outputs:                       # before any work: never overwrite an input
-        if Path(out).resolve() in resolved_inputs:
-            raise FewShotSegError(f"output path {out} is also an input; choose another file name")
-    if len({Path(p).resolve() for p in outputs}) != len(outputs):
-        raise FewShotSegError("the output, uncertainty and probability files must differ")
+    check_outputs(outputs, inputs)            # before any work: never overwrite an input, nor one output another
     options = RefineOptions(samples=args.samples, steps=args.steps, start_t=args.start_t, seed=args.seed,
                             axis=args.axis, margin_mm=args.margin_mm, device=args.device,
                             uncertainty=args.uncertainty_kind, num_threads=args.threads,
                             neighbours=not args.no_neighbours)
     options.validate()                        # bad K / steps fail before the files are read
     image = read_image(args.image)
-    coarse_img = read_mask_like(args.mask, image)          # another grid: resampled (nearest)
+    coarse_img = read_mask_like(args.mask, image, "coarse mask")          # another grid: resampled (nearest)
     coarse_arr = sitk.GetArrayViewFromImage(coarse_img)
     coarse = select_label(coarse_arr, args.label)
     value = args.label if args.label else int(coarse_arr[coarse].max())  # keep the label value
     keep = None
     if args.keep:
-        keep = sitk.GetArrayFromImage(read_mask_like(args.keep, image)) != 0
+        keep = sitk.GetArrayFromImage(read_mask_like(args.keep, image, "kept-slices mask")) != 0
     refiner = load_checkpoint(resolve_model_path(args.model, default=DEFAULT_REFINER),
                               expect_kind="refiner", device="cpu")
     update, close = progress_bar(not args.quiet)
@@ -46,12 +40,14 @@ def cmd_refine(args) -> int:
         result = refine(image, coarse, refiner, options, progress=update, keep=keep)
     finally:
         close()
-    write_image(label_image_like(result.mask.astype(np.uint8 if value < 256 else np.uint32) * value, image), args.output, inputs=inputs)
+    images = [(label_image_like(result.mask.astype(np.uint8 if value < 256 else np.uint32) * value, image), args.output)]
     for path, array in ((args.uncertainty, result.uncertainty), (args.probability, result.probability)):
         if path:
             img = sitk.GetImageFromArray(array.astype(np.float32))
             img.CopyInformation(image)
-            write_image(img, path, inputs=inputs)
+            images.append((img, path))
+    from ..cli import _WRITTEN
+    write_images(images, inputs=inputs, written=_WRITTEN)
     print(f"{result.slices_done} slices refined in {result.seconds:.2f} s "
           f"({result.seconds_per_slice:.2f} s per slice, K={options.samples}, {options.steps} steps) -> {args.output}")
     return 0

@@ -54,6 +54,8 @@ class RefineOptions:
             raise FewShotSegError(f"samples must be an integer from 1 to {MAX_SAMPLES} (got {self.samples})")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise FewShotSegError(f"steps must be an integer from 1 to {MAX_STEPS} (got {self.steps})")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise FewShotSegError(f"threads must be at least 1 (got {self.num_threads})")
         if not 0.0 < float(self.start_t) <= 1.0:
             raise FewShotSegError(f"start_t must lie in (0, 1] (got {self.start_t})")
         if self.margin_mm < 0:
