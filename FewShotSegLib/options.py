@@ -47,6 +47,9 @@ class PropagationOptions:
     # data, it kept what the network trims across thin slices (CHAOS-T2 painted coronally
     # +0.012) and the registration's leaks across 7.7 mm ones (-0.008; dev_choices.json)
     step_registration_weight: float = 0.0
+    # learned mode: parts of a mask lying apart in a slice get crops of their own
+    # (models.slicestep.crop_boxes); research opt-in until chosen on development data
+    split_crops: bool = False
     # learned, on walks between two painted slices at most this many mm apart (0 = never):
     # the network's logits shifted so that the painted slice, stepping onto itself, keeps
     # its painted area (models.slicestep.zero_motion_offset). The network trims a mask a

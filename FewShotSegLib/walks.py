@@ -202,7 +202,8 @@ def _step(ctx: WalkContext, chain: list[int], k: int, prev_mask: torch.Tensor, f
     if ctx.stepper is not None:
         start = time.perf_counter()
         prev_image, next_image = ctx.slices([chain[k], i])
-        fg, net_features = next_mask_step(ctx.stepper, prev_image, next_image, prev_mask, carried, offset, features)
+        fg, net_features = next_mask_step(ctx.stepper, prev_image, next_image, prev_mask, carried, offset, features,
+                                          split=opts.split_crops)
         ctx.network_seconds += time.perf_counter() - start
         disagreement = float(((fg >= opts.threshold) != (carried >= opts.threshold)).sum())
         if opts.step_registration_weight:

@@ -12,7 +12,7 @@ from FewShotSegLib.errors import FewShotSegError
 from FewShotSegLib.metrics import dice
 from FewShotSegLib.model_store import DEFAULT_PROPAGATOR, list_model_files, resolve_model_path
 from FewShotSegLib.models import build_model
-from FewShotSegLib.models.slicestep import crop_box, next_mask_probability, paste, step_inputs
+from FewShotSegLib.models.slicestep import crop_box, crop_boxes, next_mask_probability, next_mask_step, paste, step_inputs
 from FewShotSegLib.preprocessing import PreprocessConfig, prepare_volume
 from FewShotSegLib.propagation import PropagationOptions, propagate
 
@@ -74,6 +74,30 @@ def test_crop_and_paste_round_trip():
     assert crop_box(torch.zeros(8, 8), torch.zeros(8, 8), 8) is None
     net = build_model("slicestep").eval()
     assert float(next_mask_probability(net, image, image, torch.zeros(64, 64), torch.zeros(64, 64)).sum()) == 0.0
+
+
+def test_parts_lying_apart_get_crops_of_their_own():
+    """Two parts far apart: a crop each (together far smaller than the one crop round both),
+    and the untrained network (which returns the carried mask) gives each part back in its
+    place; parts close together, or one part, keep the one crop."""
+    mask = torch.zeros(256, 256)
+    mask[20:40, 20:40] = 1
+    mask[200:230, 180:220] = 1
+    boxes = crop_boxes(mask, mask, 256)
+    assert len(boxes) == 2
+    for (y0, y1, x0, x1), (py, px) in zip(sorted(boxes), [(30, 30), (215, 200)]):
+        assert y0 <= py < y1 and x0 <= px < x1
+    near = torch.zeros(256, 256)
+    near[20:40, 20:40] = 1
+    near[45:60, 30:50] = 1
+    assert crop_boxes(near, near, 256) == [crop_box(near, near, 256)]
+    assert crop_boxes(torch.zeros(8, 8), torch.zeros(8, 8), 8) == []
+    net = build_model("slicestep").eval()
+    image = torch.rand(256, 256)
+    split, _ = next_mask_step(net, image, image, mask, mask, split=True)
+    whole, _ = next_mask_step(net, image, image, mask, mask)
+    assert dice(split.numpy() > 0.5, mask.numpy() > 0) > dice(whole.numpy() > 0.5, mask.numpy() > 0) > 0.8
+    assert dice(split.numpy() > 0.5, mask.numpy() > 0) > 0.97
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path):

@@ -14,6 +14,7 @@ training and for inference alike (one pre-processing path).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,11 +146,60 @@ def crop_box(prev_mask: torch.Tensor, carried: torch.Tensor, size: int) -> tuple
     cols = torch.nonzero(present.any(0)).flatten()
     if rows.numel() == 0:
         return None
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return _square_box(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1, size)
+
+
+def _square_box(y0: int, y1: int, x0: int, x1: int, size: int) -> tuple[int, int, int, int]:
+    """The crop's square around an extent: its longer side plus margins, clipped to the slice."""
     side = int(max(y1 - y0, x1 - x0) * (1 + 2 * CROP_MARGIN)) + 2 * CROP_PAD
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     y0, x0 = max(0, cy - side // 2), max(0, cx - side // 2)
     return y0, min(size, y0 + side), x0, min(size, x0 + side)
+
+
+# parts of a mask lying apart get crops of their own when these together cover under this
+# fraction of the one crop around them all
+SPLIT_AREA = 0.5
+
+
+def crop_boxes(prev_mask: torch.Tensor, carried: torch.Tensor, size: int) -> list:
+    """The crops of one step: `crop_box`, or one per group of the masks' parts lying apart
+    (parts whose crops overlap are one group). Why: a structure seen as several parts in a
+    slice (bowel loops, a colon's two sides, both kidneys painted as one segment) fills
+    one crop far larger than each part, and an 80-pixel crop of it shrinks every part to
+    a few pixels."""
+    from scipy import ndimage
+
+    one = crop_box(prev_mask, carried, size)
+    if one is None:
+        return []
+    present = ((prev_mask > 0.5) | (carried > 0.5)).numpy()
+    labels, count = ndimage.label(present, np.ones((3, 3), bool))
+    if count < 2:
+        return [one]
+    extents = [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(labels)]
+    merged = True
+    while merged and len(extents) > 1:
+        merged = False
+        boxes = [_square_box(*e, size) for e in extents]
+        for a in range(len(extents)):
+            for b in range(a + 1, len(extents)):
+                if _overlap(boxes[a], boxes[b]):
+                    ea, eb = extents[a], extents.pop(b)
+                    extents[a] = (min(ea[0], eb[0]), max(ea[1], eb[1]), min(ea[2], eb[2]), max(ea[3], eb[3]))
+                    merged = True
+                    break
+            if merged:
+                break
+    if len(extents) < 2:
+        return [one]
+    boxes = [_square_box(*e, size) for e in extents]
+    area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in boxes)
+    return boxes if area < SPLIT_AREA * (one[1] - one[0]) * (one[3] - one[2]) else [one]
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
 
 
 def _resize(t: torch.Tensor, shape, mode: str = "bilinear") -> torch.Tensor:
@@ -251,15 +301,45 @@ def zero_motion_offset(net: SliceStepNet, image: torch.Tensor, mask: torch.Tenso
 
 @torch.inference_mode()
 def next_mask_step(net: SliceStepNet, prev_image, next_image, prev_mask, carried, offset: float = 0.0,
-                   features: bool = False):
+                   features: bool = False, split: bool = False):
     """The walk's step: ([H, W] probability of the next slice's mask (model grid), what it
     tells of the structure's presence (`_crop_logits`) or None). ``offset``: added to the
-    logits (`zero_motion_offset`)."""
+    logits (`zero_motion_offset`). ``split``: parts lying apart get crops of their own
+    (`crop_boxes`), one batch."""
+    boxes = crop_boxes(prev_mask, carried, prev_image.shape[-1]) if split else []
+    if len(boxes) > 1:
+        return _split_step(net, prev_image, next_image, prev_mask, carried, boxes, offset, features)
     found = _crop_logits(net, prev_image, next_image, prev_mask, carried, offset, features)
     if found is None:
         return torch.zeros_like(prev_image), None
     logits, box, feats = found
     return paste(torch.sigmoid(logits), box, prev_image.shape[-1]), feats
+
+
+def _split_step(net: SliceStepNet, prev_image, next_image, prev_mask, carried, boxes: list, offset: float,
+                features: bool):
+    """`next_mask_step` over crops that do not overlap; the presence read-out from the crop
+    holding most of the masks."""
+    crop = int(net.config["crop"])
+    inputs = torch.stack([step_inputs(prev_image, next_image, prev_mask, carried, box, crop) for box in boxes])
+    inputs = inputs.to(next(net.parameters()).device).contiguous(memory_format=torch.channels_last)
+    logits, deep, top = net.logits_and_features(inputs)
+    logits = (logits + offset).float().cpu()
+    size = prev_image.shape[-1]
+    full = prev_image.new_zeros((size, size))
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        full[y0:y1, x0:x1] = _resize(torch.sigmoid(logits[k:k + 1]), (y1 - y0, x1 - x0))[0, 0]
+    found = None
+    if features:
+        k = int(torch.argmax(inputs[:, 2:4].sum((1, 2, 3))))
+        row = (slice(k, k + 1),)
+        if net.config.get("presence"):
+            found = {"features": None,
+                     "present": float(torch.sigmoid(net.presence_logit(inputs[row], deep[row], top[row]))[0])}
+        else:
+            found = {"features": presence_features(inputs[row], logits[row].to(inputs.device), deep[row],
+                                                   top[row])[0].cpu(), "present": None}
+    return full, found
 
 
 def next_mask_probability(net: SliceStepNet, prev_image, next_image, prev_mask, carried,
