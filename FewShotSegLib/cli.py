@@ -14,6 +14,11 @@ from .errors import FewShotSegError
 from .progress import progress_bar
 
 
+# more painted structures than this in one --support is an image given as the painting
+# (a full-body atlas holds ~120 labels)
+MAX_STRUCTURES = 255
+
+
 def cmd_propagate(args) -> int:
     import SimpleITK as sitk
     from .checkpoints import load_checkpoint, load_for_mode
@@ -45,7 +50,11 @@ def cmd_propagate(args) -> int:
     if args.exclude and not support_arr.any():
         raise FewShotSegError(f"there are exclusions ({args.exclude}) but no painted voxel in {args.support}: "
                               "paint the structure on at least one slice")
-    several = args.label is None and len(labels_present(support_arr)) > 1
+    painted_labels = labels_present(support_arr) if args.label is None else []
+    if len(painted_labels) > MAX_STRUCTURES:
+        raise FewShotSegError(f"{args.support} holds {len(painted_labels)} different values: it looks like an "
+                              "image, not a label map of painted structures; give the painting as --support")
+    several = len(painted_labels) > 1
     if not several:
         support = select_label(support_arr, args.label)
         value = args.label if args.label else int(support_arr[support].max())  # keep the painted value

@@ -161,6 +161,12 @@ def test_a_failure_after_staging_leaves_no_output(case, capsys, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_image_given_as_the_painting_is_named(case, capsys, tmp_path):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(["propagate", case["image"], "--support", case["image"], "-q", "-o", out], capsys)
+    assert_refused(code, err, out, "it looks like an image, not a label map of painted structures")
+
+
 def test_an_image_of_one_value_is_refused(case, capsys, tmp_path):
     ref = sitk.ReadImage(str(case["image"]))
     blank = sitk.Image(ref.GetSize(), sitk.sitkInt16)
