@@ -60,7 +60,8 @@ model output, so Dice there is agreement with it). ``totalseg_mr`` = the TotalSe
 slices of 3 mm), every structure of ``TOTALSEG_MR_STRUCTURES`` (>= 1000 voxels).
 ``dev`` (for choosing settings; never reported as a result) = the ten CHAOS cases the step
 network trained on, and ``dev_ct``: the scored CT structures (>= 1000 voxels) on the two
-other TotalSegmentator CT examples, which no network here trained on.
+other TotalSegmentator CT examples, which no network here trained on; ``dev_ct_all``: every
+class labelled there (>= 1000 voxels: 45 structures, colon, small bowel, lungs and ribs included).
 Chosen CT structures: the 14 of
 ``TOTALSEG_STRUCTURES`` -- the four CHAOS organs, stomach, duodenum, urinary bladder,
 vertebra L3, aorta, inferior vena cava, left hip bone, left gluteus maximus, left
@@ -152,14 +153,18 @@ def totalseg_structures(data_dir: Path, organs=None, dataset: str = "totalseg"):
     from FewShotSegLib.evaluation import label_array
     from FewShotSegLib.imageio import read_image
     folder = data_dir / "totalseg"
-    if dataset == "dev_ct":
+    if dataset in ("dev_ct", "dev_ct_all"):
+        table = TOTALSEG_STRUCTURES
+        if dataset == "dev_ct_all":   # every class TotalSegmentator labels, colon and bowel included
+            names = json.loads((folder / "labels_total.json").read_text())
+            table = {name: int(value) for value, name in names.items()}
         for case in DEV_CT_CASES:
             image = read_image(folder / case) if (folder / case).is_dir() else read_image(folder / f"{case}.nii.gz")
             label = label_array(folder / f"{case}_seg.nii.gz", image)
-            for organ, value in TOTALSEG_STRUCTURES.items():
+            for organ, value in table.items():
                 if (organs is None or organ in organs) and int((label == value).sum()) >= 1000:
-                    yield dataset, case, organ, image, label == value, lambda v=value: np.isin(
-                        label, [x for x in TOTALSEG_STRUCTURES.values() if x != v])
+                    yield dataset, case, organ, image, label == value, lambda v=value, t=table: np.isin(
+                        label, [x for x in t.values() if x != v])
         return
     case, table = (TOTALSEG_MR_CASE, TOTALSEG_MR_STRUCTURES) if dataset == "totalseg_mr" \
         else (TOTALSEG_CASE, TOTALSEG_STRUCTURES)
@@ -529,9 +534,11 @@ def plot(paths: list, out_png: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "totalseg_mr", "both", "all", "dev", "dev_ct"],
+    parser.add_argument("--dataset", default="chaos", choices=["chaos", "totalseg", "totalseg_mr", "both", "all", "dev", "dev_ct",
+                                                      "dev_ct_all"],
                         help="dev / dev_ct: data for choosing settings (CHAOS cases the step network trained "
-                             "on, CT scans and structures never reported), not results")
+                             "on, CT scans and structures never reported), not results; dev_ct_all: every "
+                             "labelled class of those CT scans (>= 1000 voxels), colon and bowel included")
     parser.add_argument("--cases", default=None, help="comma-separated CHAOS ids (default: all 20)")
     parser.add_argument("--organs", default=None, help="comma-separated structure names (default: all)")
     parser.add_argument("--methods", default="fewshot,fill", help=f"comma-separated, of {', '.join(METHODS)}")
