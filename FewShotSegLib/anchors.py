@@ -160,7 +160,7 @@ def resolve_axis(image: sitk.Image, support: np.ndarray, axis: Union[str, int, N
         chosen = array_axis_for(image, str(key))
     if counts[chosen] > counts[best]:
         raise FewShotSegError(
-            f"axis '{key}' disagrees with the painting: it lies in {counts[best]} "
+            f"axis '{axis_name(image, chosen).split(' slices')[0]}' disagrees with the painting: it lies in {counts[best]} "
             f"{axis_name(image, best)} but in {counts[chosen]} {axis_name(image, chosen)}; "
             "leave the axis out (auto) or paint in that view")
     return chosen

@@ -120,6 +120,9 @@ def _subsample(array: np.ndarray, count: int) -> np.ndarray:
     return array[(slice(None, None, step),) * array.ndim].reshape(-1)
 
 
+_LARGEST_VALUE = 1e15    # |intensity| beyond this is a broken scaling (float32 squares would overflow)
+
+
 def _slabs(array: np.ndarray, voxels: int):
     """Views of consecutive slabs along the first axis, about ``voxels`` voxels each."""
     array = np.asarray(array)
@@ -180,6 +183,9 @@ class IntensityNormalizer:
         total = total_sq = 0.0
         # clipping is monotonic: the clipped minimum is the clipped minimum voxel (NaN stays NaN)
         clipped_min = float(np.clip(np.float64(array.min()), low, high))
+        if math.isfinite(clipped_min) and math.isfinite(high) and max(abs(clipped_min), abs(high)) > _LARGEST_VALUE:
+            raise FewShotSegError(f"the image holds values up to {max(abs(clipped_min), abs(high)):.3g}, beyond any "
+                                  "scan's range: check its scaling (rescale slope) or its pixel type")
         # a CT of 512x512x300 is 78 M voxels: every k-th slice gives its mean and SD to
         # ~0.01 SD (the normalised values move by less than that) in a tenth of the time
         sample = array[::-(-array.size // (_STATS_EXACT_UP_TO >> 1))] \

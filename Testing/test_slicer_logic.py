@@ -457,6 +457,79 @@ def test_a_stroke_in_a_view_rotated_against_the_volume_is_named(logic, scene, ch
     assert userslices.read(chaos.seg, segmentId) is None
 
 
+def test_a_painting_in_two_planes_is_named(logic, scene, chaos, tiny_checkpoint):
+    """An axial slice and a coronal one painted: the axial slices the coronal stroke crosses
+    were taken as drawn slices (Dice 0.19); now the engine's one line, nothing written."""
+    liver = chaos.label == LIVER
+    both = chaos.painted.copy()
+    j = int(np.argmax(liver.sum((0, 2))))
+    both[:, j] |= liver[:, j]
+    segmentId = chaos.seg.GetSegmentation().AddEmptySegment("two planes")
+    geometry.writeSegment(chaos.seg, segmentId, both.astype(np.uint8), chaos.image)
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match=r"^the painting lies in two planes: axial .* and coronal"):
+        logic.propagate(chaos.image, chaos.seg, segmentId, model=tiny_checkpoint, mode="direct")
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_a_segment_reaching_beyond_the_volume_is_not_erased(logic, scene, chaos, tiny_checkpoint):
+    """A segmentation drawn on the whole scan, propagated on a cropped copy: the result
+    replaces the whole segment, so what lies outside the crop would be lost. Refused."""
+    cropped = scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "cropped")
+    lo = max(0, chaos.k - 6)
+    array = slicer.util.arrayFromVolume(chaos.image)[lo:chaos.k + 6].copy()
+    matrix = vtk.vtkMatrix4x4()
+    chaos.image.GetIJKToRASMatrix(matrix)
+    shifted = [matrix.GetElement(r, 3) + matrix.GetElement(r, 2) * lo for r in range(3)]
+    cropped.SetIJKToRASMatrix(matrix)
+    cropped.SetOrigin(*shifted)
+    slicer.util.updateVolumeFromArray(cropped, array)
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match=r"^segment '.*' has \d+ voxels outside volume 'cropped'"):
+        logic.propagate(cropped, chaos.seg, chaos.spleen, model=tiny_checkpoint, mode="direct")
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_a_segmentation_kept_as_surfaces_is_refused(logic, scene, chaos, tiny_checkpoint):
+    """Its source representation a closed surface (loaded from a model): a result written as
+    a labelmap is lost at the next conversion. Refused, with how to switch."""
+    chaos.seg.CreateClosedSurfaceRepresentation()
+    chaos.seg.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName())
+    with pytest.raises(FewShotSegError, match="keeps its segments as 'Closed surface'.*'Binary labelmap'"):
+        logic.propagate(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct")
+
+
+@pytest.mark.parametrize("change", ["spacing", "transform", "voxels"])
+def test_a_volume_changed_while_running_is_not_written_on(logic, scene, chaos, tiny_checkpoint, change):
+    """The volume's spacing, transform or voxels changed between the click and the result:
+    the result was computed for another grid; nothing is written."""
+    job = logic.prepare(chaos.image, chaos.seg, chaos.liver, model=tiny_checkpoint)
+    if change == "spacing":
+        chaos.image.SetSpacing(*[2 * v for v in chaos.image.GetSpacing()])
+    elif change == "transform":
+        transform = scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 40.0)
+        transform.SetMatrixTransformToParent(matrix)
+        chaos.image.SetAndObserveTransformNodeID(transform.GetID())
+    else:
+        slicer.util.arrayFromVolume(chaos.image)[chaos.k] += 1
+        slicer.util.arrayFromVolumeModified(chaos.image)
+    before = snapshot(chaos.seg, chaos.image)
+    with pytest.raises(FewShotSegError, match="the volume's voxels or geometry changed while propagating"):
+        logic.apply(job, fakeResult(chaos.painted))
+    assertSameSegments(before, snapshot(chaos.seg, chaos.image))
+
+
+def test_a_volume_of_one_value_is_refused(logic, scene, chaos, tiny_checkpoint):
+    blank = scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "blank")
+    blank.CopyOrientation(chaos.image)
+    slicer.util.updateVolumeFromArray(blank, np.zeros_like(slicer.util.arrayFromVolume(chaos.image)))
+    with pytest.raises(FewShotSegError, match="^volume 'blank' holds one value everywhere"):
+        logic.propagate(blank, chaos.seg, chaos.liver, model=tiny_checkpoint, mode="direct")
+
+
 def test_one_slice_volume(logic, scene, chaos, tiny_checkpoint):
     """The painted slice of the CHAOS volume, cut out as a volume of its own."""
     one = scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "one slice")

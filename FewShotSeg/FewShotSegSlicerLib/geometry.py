@@ -50,6 +50,11 @@ def checkScalarVolume(volumeNode) -> None:
     if image.GetNumberOfScalarComponents() != 1:
         raise FewShotSegError(f"volume '{name}' has {image.GetNumberOfScalarComponents()} components; "
                               "a single-channel (grayscale) volume is needed")
+    sitkGeometry(volumeNode)                     # a zero voxel spacing is named before anything is read
+    low, high = image.GetScalarRange()
+    if low == high:
+        raise FewShotSegError(f"volume '{name}' holds one value everywhere ({low:g}): nothing to propagate "
+                              "along; check that it is the right volume")
 
 
 def volumeToSitk(volumeNode):
@@ -89,13 +94,95 @@ def paintedSegmentArray(segmentationNode, segmentId, volumeNode, segmentName: st
     elsewhere, else ``empty`` (what to do)."""
     from FewShotSegLib.errors import FewShotSegError
 
+    checkBinarySource(segmentationNode)
     array = segmentToArray(segmentationNode, segmentId, volumeNode)
     if not array.any():
         if segmentHasVoxels(segmentationNode, segmentId):
             raise FewShotSegError(f"segment '{segmentName}' {outside[0]} volume '{volumeNode.GetName()}': "
                                   f"{outside[1]}")
         raise FewShotSegError(f"segment '{segmentName}' is empty: {empty}")
+    beyond = voxelsOutsideVolume(segmentationNode, segmentId, volumeNode)
+    if beyond:
+        raise FewShotSegError(f"segment '{segmentName}' has {beyond} voxels outside volume '{volumeNode.GetName()}' "
+                              "(drawn on a larger volume?): the result replaces the whole segment and would "
+                              "erase them; use the volume it was drawn on")
     return array
+
+
+def checkBinarySource(segmentationNode) -> None:
+    """A segmentation whose source representation is not the binary labelmap (made from a
+    model or a surface file) keeps no result written as a labelmap: the next conversion
+    from its source (saving, reloading) restores the surface. The Segment Editor asks to
+    switch the source before editing; this says how."""
+    segmentation = segmentationNode.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    source = (segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName")
+              else segmentation.GetMasterRepresentationName())
+    if source != binary:
+        raise FewShotSegError(f"segmentation '{segmentationNode.GetName()}' keeps its segments as '{source}' "
+                              "(made from a model or a surface): a result would not be kept; make 'Binary "
+                              "labelmap' its source representation (Segmentations module, Representations) first")
+
+
+def voxelsOutsideVolume(segmentationNode, segmentId, volumeNode) -> int:
+    """How many of the segment's stored voxels have their centres outside the volume (more
+    than half a voxel beyond its extent). Why: a result replaces the whole segment, so a
+    segment drawn on a larger volume (this one cropped from it) would lose them. Corners of
+    the voxels' box first; every voxel only when the box reaches outside."""
+    from vtk.util import numpy_support
+
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        return 0
+    extent = image.GetExtent()
+    if any(high < low for low, high in zip(extent[::2], extent[1::2])):
+        return 0
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    mine = values == label
+    volumeToSegmentation = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation):
+        return 0                                   # non-linear: refused where it is written
+    segmentMatrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(segmentMatrix)
+    toVolume = np.linalg.inv(np.array([[volumeToSegmentation.GetElement(r, c) for c in range(4)] for r in range(4)])
+                             @ ijkToRasArray(volumeNode))
+    toVolume = toVolume @ np.array([[segmentMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    size = np.array(volumeNode.GetImageData().GetDimensions(), float)
+
+    def outside(kji: np.ndarray) -> np.ndarray:
+        ijk = np.c_[kji[:, ::-1] + np.array(extent[::2]), np.ones(len(kji))] @ toVolume.T
+        return ((ijk[:, :3] < -0.5 - 1e-3) | (ijk[:, :3] > size - 0.5 + 1e-3)).any(1)
+
+    from FewShotSegLib.postprocessing import bounding_box
+
+    box = bounding_box(mine)
+    if box is None:
+        return 0
+    corners = np.array([[b.start if c == 0 else b.stop - 1 for b, c in zip(box, bits)]
+                        for bits in np.ndindex(2, 2, 2)], float)
+    if not outside(corners).any():
+        return 0
+    return int(sum(outside(np.argwhere(mine[box[0].start + k:box[0].start + k + 16, box[1], box[2]])
+                           + [box[0].start + k, box[1].start, box[2].start]).sum()
+                   for k in range(0, box[0].stop - box[0].start, 16)))
+
+
+def volumeStamp(volumeNode) -> tuple:
+    """What the result's grid depends on: the volume's IJK-to-RAS matrix, its size, its
+    parent transform, and its voxels' modification time. A result computed for one stamp
+    written after another lands on the wrong voxels."""
+    image = volumeNode.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    toWorld = vtk.vtkMatrix4x4()
+    transform = volumeNode.GetParentTransformNode()
+    if transform is not None:
+        transform.GetMatrixTransformToWorld(toWorld)
+    return (tuple(ijkToRasArray(volumeNode).ravel()), image.GetDimensions() if image is not None else None,
+            tuple(toWorld.GetElement(r, c) for r in range(4) for c in range(4)),
+            scalars.GetMTime() if scalars is not None else None)
 
 
 def segmentHasVoxels(segmentationNode, segmentId) -> bool:

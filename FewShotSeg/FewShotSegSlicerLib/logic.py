@@ -74,6 +74,7 @@ class PropagationJob:
     editedSlices: list = field(default_factory=list)    # of those, changed since the last run
     endSlices: list = field(default_factory=list)       # user slices erased to empty
     stamp: Optional[tuple] = None             # geometry.segmentStamp at prepare()
+    volumeStamp: Optional[tuple] = None       # geometry.volumeStamp at prepare()
 
 
 @dataclass
@@ -286,7 +287,8 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
                              current=current, exclude=exclude, userSlices=list(users.user),
                              editedSlices=list(users.edited),
                              endSlices=[i for i in users.user if i not in set(painted)],
-                             stamp=geometry.segmentStamp(segmentationNode, segmentId))
+                             stamp=geometry.segmentStamp(segmentationNode, segmentId),
+                             volumeStamp=geometry.volumeStamp(volumeNode))
         if outsideOtherSegments and editorNode is None:
             if getattr(slicer, "vtkSlicerSegmentEditorLogic", None) is None:
                 raise FewShotSegError("'Stay outside other segments' needs Slicer 5.9 or later; use the "
@@ -311,21 +313,11 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
             users = userslices.classify(current, record, record.axis, grid)
             if not users.fresh:
                 return users
-        return userslices.classify(current, None, self._autoAxis(axisImage, current), grid)
+        # the engine's rule: the axis across which the painting lies in the fewest slices; a
+        # painting in two planes, or strips of a view turned against the slices, is one line
+        from FewShotSegLib.anchors import resolve_axis
 
-    @staticmethod
-    def _autoAxis(axisImage, painted: np.ndarray) -> int:
-        """The array axis across which the painting covers the fewest slices (the slice view
-        it was painted in); axial, then coronal, then sagittal on ties."""
-        from FewShotSegLib.imageio import array_axis_for
-
-        best = None
-        for name in geometry.AXIS_NAMES:
-            index = int(array_axis_for(axisImage, name))
-            count = len(userslices.nonEmptySlices(painted, index))
-            if best is None or count < best[0]:
-                best = (count, index)
-        return best[1]
+        return userslices.classify(current, None, resolve_axis(axisImage, current, "auto"), grid)
 
     def rememberedSlices(self, volumeNode, segmentationNode, segmentId):
         """(axis index, user slices incl. edits since the last run) from the segment's
@@ -410,6 +402,10 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
                 raise FewShotSegError(f"the {what} was removed while {doing}; nothing was written")
         if job.segmentationNode.GetSegmentation().GetSegment(job.segmentId) is None:
             raise FewShotSegError(f"the segment was deleted while {doing}; nothing was written")
+        volumeStamp = getattr(job, "volumeStamp", None)
+        if volumeStamp is not None and geometry.volumeStamp(job.volumeNode) != volumeStamp:
+            raise FewShotSegError(f"the volume's voxels or geometry changed while {doing}; nothing was written: "
+                                  "run again")
         stamp = getattr(job, "stamp", None)
         if stamp is not None and geometry.segmentStamp(job.segmentationNode, job.segmentId) == stamp:
             return  # the labelmap was neither modified nor replaced: no need to read it back

@@ -84,6 +84,9 @@ class RefineMixin:
         if keepSlices is None:
             keepSlices = record[1] if record and record[0] == axisIndex else []
         n = coarse.shape[axisIndex]
+        if isinstance(keepSlices, (str, bytes)) or not hasattr(keepSlices, "__iter__") or any(
+                isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in keepSlices):
+            raise FewShotSegError(f"keepSlices is a list of slice numbers, not {keepSlices!r}")
         wrong = [i for i in keepSlices if not 0 <= int(i) < n]
         if wrong:
             raise FewShotSegError(f"slices to keep {wrong} lie outside the {n} {axisName} slices "
@@ -96,6 +99,7 @@ class RefineMixin:
             np.moveaxis(keep, axisIndex, 0)[kept] = moved[kept]
         job = RefineJob(volumeNode, segmentationNode, segmentId, segmentName, image, coarse, keep, refinerPath,
                         samples, steps, axisName, axisIndex, device, kept)
+        job.volumeStamp = geometry.volumeStamp(volumeNode)
         if not geometry.segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
             job.notes.append("The segment was resampled onto the volume's grid")
         job.prepareSeconds = time.perf_counter() - start

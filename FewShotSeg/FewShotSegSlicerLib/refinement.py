@@ -45,6 +45,7 @@ class RefineJob:
     keptSlices: list = field(default_factory=list)
     prepareSeconds: float = 0.0
     notes: list = field(default_factory=list)
+    volumeStamp: Optional[tuple] = None    # geometry.volumeStamp at prepare
 
     @property
     def support(self) -> np.ndarray:

@@ -91,7 +91,12 @@ class SegmentsMixin:
         start = time.perf_counter()
         if segmentationNode is None or volumeNode is None:
             raise FewShotSegError("choose a volume and a segmentation first")
+        if isinstance(segmentIds, str):
+            raise FewShotSegError("segmentIds is a list of segment IDs (or None for every painted segment), "
+                                  f"not one ID: use [{segmentIds!r}]")
         ids = self.paintedSegmentIds(segmentationNode) if segmentIds is None else list(segmentIds)
+        if len(set(ids)) != len(ids):
+            raise FewShotSegError(f"segment IDs listed twice: {sorted({i for i in ids if ids.count(i) > 1})}")
         if not ids:
             raise FewShotSegError(f"no segment of '{segmentationNode.GetName()}' holds voxels on this volume: "
                                   "paint each structure on one slice first")
