@@ -187,11 +187,12 @@ def test_sigterm_mid_run_leaves_nothing_and_says_so(case, tmp_path):
 
     out = tmp_path / "out.nii.gz"
     proc = subprocess.Popen([sys.executable, "-m", "FewShotSegLib.cli", "propagate", str(case["image"]),
-                             "--support", str(case["support"]), "--mode", "registration", "-o", str(out)],
+                             "--support", str(case["support"]), "--refine", "-o", str(out)],   # ~15 s of work
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first, end = b"", time.perf_counter() + 120
     while not first and proc.poll() is None and time.perf_counter() < end:   # the progress bar: inside the run
         first = os.read(proc.stderr.fileno(), 65536)
+    time.sleep(0.3)     # past the bar's first draw: inside the propagation
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     err = (first + err).decode(errors="replace")

@@ -138,9 +138,6 @@ def voxelsOutsideVolume(segmentationNode, segmentId, volumeNode) -> int:
     if any(high < low for low, high in zip(extent[::2], extent[1::2])):
         return 0
     dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
-    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
-    label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
-    mine = values == label
     volumeToSegmentation = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
             volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation):
@@ -156,8 +153,13 @@ def voxelsOutsideVolume(segmentationNode, segmentId, volumeNode) -> int:
         ijk = np.c_[kji[:, ::-1] + np.array(extent[::2]), np.ones(len(kji))] @ toVolume.T
         return ((ijk[:, :3] < -0.5 - 1e-3) | (ijk[:, :3] > size - 0.5 + 1e-3)).any(1)
 
+    whole = np.array([[(0, d - 1)[c] for d, c in zip(dims[::-1], bits)] for bits in np.ndindex(2, 2, 2)], float)
+    if not outside(whole).any():
+        return 0                                   # the usual case: its whole stored extent lies inside
     from FewShotSegLib.postprocessing import bounding_box
 
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    mine = values == segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
     box = bounding_box(mine)
     if box is None:
         return 0
