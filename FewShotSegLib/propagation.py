@@ -64,6 +64,10 @@ class PropagationCancelled(FewShotSegError):
     """The user pressed Cancel; nothing was written."""
 
 
+# a painting under this many voxels on its largest slice is no cross-section of a structure
+FEW_PAINTED_VOXELS = 5
+
+
 @dataclass
 class PropagationResult:
     mask: np.ndarray              # uint8, volume array order, 1 = structure
@@ -257,6 +261,10 @@ class Propagator:
         suggestions, warnings = rank_slices(self.spans, walks, set(self.painted), set(self.ends), self.n,
                                             model=ranking, features_out=slice_features)
         warnings += [note] if note else []
+        largest = max((int(np.moveaxis(self.support, self.axis_index, 0)[p].sum()) for p in self.painted), default=0)
+        if 0 < largest < FEW_PAINTED_VOXELS:
+            warnings.insert(0, f"the painting holds {largest} voxel{'s' * (largest > 1)} on its largest slice: a stray "
+                               "click? paint the structure's whole cross-section on a slice")
         for name in ("trim_unlike", "presence"):
             if getattr(opts, name) and opts.mode != "learned":
                 warnings.append(f"{name} applies to the step network (mode learned) only; not applied in mode {opts.mode}")

@@ -367,6 +367,23 @@ def test_exclude_ends_the_structure_and_the_review_is_printed(case, capsys, tmp_
     assert "check next" in stdout and "slice" in stdout.split("check next", 1)[1]
 
 
+def test_a_stray_click_as_the_painting_is_warned_about(case, capsys, tmp_path):
+    """One painted voxel: it runs, and the first warning says it is no cross-section (the
+    walks' own warnings called it a structure 'still large')."""
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case["label"])))
+    dot = np.zeros(label.shape, bool)
+    dot[tuple(np.argwhere(label == 4)[0])] = True
+    out = tmp_path / "out.nii.gz"
+    code, stdout, err = run_cli(["propagate", case["image"], "--support", _label_file(dot, case["label"],
+                                 tmp_path / "dot.nii.gz"), "--mode", "registration", "-o", out, "-q"], capsys)
+    assert code == 0, err
+    warnings = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    assert warnings and "holds 1 voxel on its largest slice: a stray click?" in warnings[0]
+    code, stdout, _ = run_cli(["propagate", case["image"], "--support", case["support"], "--mode", "registration",
+                               "-o", out, "-q"], capsys)
+    assert code == 0 and "stray click" not in stdout
+
+
 def test_editable_keeps_the_result_inside_and_an_empty_area_is_refused(case, capsys, tmp_path):
     """--editable: no voxel outside it in the result; an area with no voxel is one line
     and no file."""
