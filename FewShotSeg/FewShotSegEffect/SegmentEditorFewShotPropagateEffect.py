@@ -246,8 +246,9 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if dependencies.torchAvailable() and not dependencies.missingPackages():
             self.logic.warmUp(self._text("Model") or None,
                               self.scriptedEffect.parameter("Device") or "cpu")
-        self._devicesPolls = 0
-        self.onDevicesPoll()
+        if not getattr(self, "_devicesPolling", False):   # one chain of polls, however often activated
+            self._devicesPolls = 0
+            self.onDevicesPoll()
 
     def onDevicesPoll(self):
         """Adds cuda / mps to the device list once they are known; until then (the worker
@@ -255,9 +256,10 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self.logic is None or getattr(self, "_cleanedUp", False):   # the editor was deleted meanwhile
             return
         known = self.logic.knownDevices()
+        self._devicesPolling = known is None and self._devicesPolls < 240
         if known is None:
             self._devicesPolls += 1
-            if self._devicesPolls < 240:
+            if self._devicesPolling:
                 qt.QTimer.singleShot(250, self.onDevicesPoll)
             return
         if self.deviceComboBox.count == 1 and len(known) > 1:
