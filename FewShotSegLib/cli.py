@@ -61,7 +61,7 @@ def cmd_propagate(args) -> int:
     exclude = None
     if args.exclude:
         exclude_arr = sitk.GetArrayFromImage(read_mask_like(args.exclude, image, "exclusion mask"))
-        exclude = _exclusions_by_label(exclude_arr, support_arr, args.exclude) if several else exclude_arr != 0
+        exclude = _exclusions_by_label(exclude_arr, painted_labels, args.exclude) if several else exclude_arr != 0
         if not several and not exclude.any():
             exclude = None
     editable = None
@@ -69,7 +69,7 @@ def cmd_propagate(args) -> int:
         editable = sitk.GetArrayFromImage(read_mask_like(args.editable, image, "editable-area mask")) != 0
         check_editable(support_arr != 0, editable)
     if several:
-        return _propagate_structures(args, image, support_arr, options, exclude, editable, inputs)
+        return _propagate_structures(args, image, support_arr, painted_labels, options, exclude, editable, inputs)
     if args.mode == "medsam":
         return _propagate_medsam(args, image, support, exclude, value, inputs, editable)
     model = load_for_mode(args.model, args.mode)
@@ -110,11 +110,11 @@ def _check_contrast(image, path) -> None:
                               "nothing to propagate along; check that it is the right image")
 
 
-def _exclusions_by_label(exclude_arr, support_arr, path) -> dict:
+def _exclusions_by_label(exclude_arr, painted_labels, path) -> dict:
     """With several structures the exclusions are a label map too: value v holds what was
     erased from structure v (and slices where v is absent); any other value is an error."""
     from .imageio import labels_present
-    painted = set(labels_present(support_arr))
+    painted = set(painted_labels)
     erased = labels_present(exclude_arr) if exclude_arr.any() else []
     stray = [v for v in erased if v not in painted]
     if stray:
@@ -124,13 +124,12 @@ def _exclusions_by_label(exclude_arr, support_arr, path) -> dict:
     return {v: exclude_arr == v for v in erased}
 
 
-def _propagate_structures(args, image, support_arr, options, exclude, editable, inputs) -> int:
+def _propagate_structures(args, image, support_arr, painted_labels, options, exclude, editable, inputs) -> int:
     """Every label of the painting propagated, the voxels two structures claim resolved
     (structures.py); one label map out, each structure with its painted value."""
     from .checkpoints import load_for_mode
-    from .imageio import labels_present
     from .structures import propagate_structures
-    values = ", ".join(map(str, labels_present(support_arr)))
+    values = ", ".join(map(str, painted_labels))
     for flag, given in (("--mode medsam", args.mode == "medsam"), ("--refine", args.refine),
                         ("--probability", args.probability)):
         if given:
