@@ -390,7 +390,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         seg.CreateDefaultDisplayNodes()
         seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        return inside, volume, seg, seg.GetSegmentation().AddEmptySegment("blob")
+        return inside, volume, seg, seg.GetSegmentation().AddEmptySegment("blob", "blob")
 
     def _ready(self):
         from FewShotSegSlicerLib import dependencies
@@ -407,7 +407,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         if not self._ready():
             return
         inside, volume, seg, segId = self._blob("FewShotSegTestVolume")
-        otherId = seg.GetSegmentation().AddEmptySegment("other")
+        otherId = seg.GetSegmentation().AddEmptySegment("other", "other")
         painted = np.zeros_like(inside)
         painted[12] = inside[12]
         other = np.zeros_like(inside)
@@ -435,7 +435,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         across[14] = True
         slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), seg, segId, volume)
         slicer.util.updateSegmentBinaryLabelmapFromArray(
-            across.astype(np.uint8), seg, seg.GetSegmentation().AddEmptySegment("across"), volume)
+            across.astype(np.uint8), seg, seg.GetSegmentation().AddEmptySegment("across", "across"), volume)
         editor = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
         editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
         sharedLogic().propagate(volume, seg, segId, axis="axial", worker=True, editorNode=editor)
@@ -467,7 +467,7 @@ class FewShotSegTest(ScriptedLoadableModuleTest):
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         seg.CreateDefaultDisplayNodes()
         seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        segId = seg.GetSegmentation().AddEmptySegment("blob")
+        segId = seg.GetSegmentation().AddEmptySegment("blob", "blob")
         slicer.util.updateSegmentBinaryLabelmapFromArray(shrunk.astype(np.uint8), seg, segId, volume)
         job = logic.prepareRefine(volume, seg, segId, samples=2, steps=2, forWorker=True)
         result = logic.startRefine(job).follow()  # what the Refine button runs, minus its timer

@@ -639,6 +639,10 @@ def test_parameter_node_is_a_scene_singleton(logic, scene):
     node = logic.getParameterNode(scene.scene)
     assert node.GetModuleName() == "FewShotSeg" and node.GetSingletonTag() == "FewShotSeg"
     assert logic.getParameterNode(scene.scene).GetID() == node.GetID()
+    scene.scene.Clear(0)        # File > Close scene: the singleton stays, reset (its module name gone)
+    again = logic.getParameterNode(scene.scene)
+    assert again.GetID() == node.GetID() and again.GetModuleName() == "FewShotSeg"
+    assert again.GetAttribute("ModuleName") == "FewShotSeg"
 
 
 def test_result_image_for_the_effect_sits_on_the_volume_grid(logic, scene, chaos, tiny_checkpoint):

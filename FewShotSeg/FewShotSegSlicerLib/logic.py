@@ -132,9 +132,13 @@ class FewShotSegLogic(RefineMixin, SegmentsMixin):
         self.worker = WorkerClient(workerPython)
 
     def getParameterNode(self, scene=None):
-        """The module's singleton vtkMRMLScriptedModuleNode (created on first use)."""
+        """The module's singleton vtkMRMLScriptedModuleNode (created on first use). A scene close
+        resets it, module name included: restored, as Slicer's ScriptedLoadableModuleLogic does."""
         scene = scene or slicer.mrmlScene
         node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is not None and node.GetModuleName() != self.moduleName:
+            node.SetModuleName(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
         if node is None:
             node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
             node.UnRegister(None)  # CreateNodeByClass hands over a reference; the wrapper holds its own

@@ -1,0 +1,211 @@
+"""Stand-ins for the CTK and Slicer widgets our .ui file names, on the real MRML scene.
+
+Why: ``ctkCollapsibleButton``, ``qMRMLNodeComboBox`` and ``qMRMLSegmentSelectorWidget`` are
+C++ widgets of Slicer with no PyPI build. Each stand-in has the properties, signals and
+methods our panel uses, with the behaviour of Slicer's classes that the panel depends on
+(checked against Slicer's source): a node combo box lists the scene's nodes of its types
+(subclasses only with ``showChildNodeTypes``, never nodes hidden from editors) and, with
+``noneEnabled`` off, always selects one when there is one; the segment selector picks the
+first segment of a segmentation and says nothing when the segmentation has none.
+"""
+from __future__ import annotations
+
+import slicer
+import vtk
+from PySide6 import QtCore, QtWidgets
+
+from .pythonqt import PythonQtObject
+
+
+def _boolProperty(name: str, default: bool):
+    def getter(self):
+        return getattr(self, "_" + name, default)
+
+    def setter(self, value):
+        PythonQtObject.__setattr__(self, "_" + name, bool(value))
+    return QtCore.Property(bool, getter, setter)
+
+
+def _forget(observed, tags):
+    """A deleted widget's observers go with it (Slicer's widgets remove theirs in their destructor)."""
+    if observed is not None:
+        for tag in tags:
+            observed.RemoveObserver(tag)
+    tags.clear()
+
+
+class ctkCollapsibleButton(PythonQtObject, QtWidgets.QWidget):
+    def _text(self):
+        return getattr(self, "_textValue", "")
+
+    def _setText(self, value):
+        PythonQtObject.__setattr__(self, "_textValue", str(value))
+    text = QtCore.Property(str, _text, _setText)
+    collapsed = _boolProperty("collapsed", False)
+
+
+class qMRMLWidget(PythonQtObject, QtWidgets.QWidget):
+    mrmlSceneChanged = QtCore.Signal(object)
+
+    def setMRMLScene(self, scene):
+        PythonQtObject.__setattr__(self, "_scene", scene)
+        self.mrmlSceneChanged.emit(scene)
+
+    def mrmlScene(self):
+        return getattr(self, "_scene", None)
+
+
+class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
+    currentNodeChanged = QtCore.Signal(object)
+    mrmlSceneChanged = QtCore.Signal(object)
+
+    def __init__(self, parent=None):
+        QtWidgets.QWidget.__init__(self, parent)
+        state = {"scene": None, "types": [], "current": None, "tags": []}
+        PythonQtObject.__setattr__(self, "_state", state)
+        self.destroyed.connect(lambda *args: _forget(state["scene"], state["tags"]))
+
+    def _types(self):
+        return list(self._state["types"])
+
+    def _setTypes(self, value):
+        self._state["types"] = [str(v) for v in value]
+        self._refresh()
+    nodeTypes = QtCore.Property("QStringList", _types, _setTypes)
+    showChildNodeTypes = _boolProperty("showChildNodeTypes", True)
+    noneEnabled = _boolProperty("noneEnabled", False)
+    addEnabled = _boolProperty("addEnabled", True)
+    removeEnabled = _boolProperty("removeEnabled", True)
+    editEnabled = _boolProperty("editEnabled", False)
+    renameEnabled = _boolProperty("renameEnabled", False)
+    showHidden = _boolProperty("showHidden", False)
+    selectNodeUponCreation = _boolProperty("selectNodeUponCreation", True)
+
+    def setMRMLScene(self, scene):
+        state = self._state
+        for tag in state["tags"]:
+            state["scene"].RemoveObserver(tag)
+        state["scene"], state["tags"] = scene, []
+        if scene is not None:
+            state["tags"] = [scene.AddObserver(event, lambda caller, event: self._refresh())
+                             for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent)]
+        self.mrmlSceneChanged.emit(scene)
+        self._refresh()
+
+    def mrmlScene(self):
+        return self._state["scene"]
+
+    def nodes(self) -> list:
+        """The nodes the list shows, in scene order."""
+        scene, types = self._state["scene"], self._state["types"]
+        if scene is None:
+            return []
+        out = []
+        for i in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(i)
+            shown = any(node.IsA(t) if self.showChildNodeTypes else node.GetClassName() == t for t in types)
+            if shown and (self.showHidden or not node.GetHideFromEditors()):
+                out.append(node)
+        return out
+
+    def _refresh(self):
+        nodes = self.nodes()
+        if self._state["current"] is not None and self._state["current"] not in nodes:
+            self._select(None)
+        if self._state["current"] is None and not self.noneEnabled and nodes:
+            self._select(nodes[0])
+
+    def _select(self, node):
+        if node is self._state["current"]:
+            return
+        self._state["current"] = node
+        if not self.signalsBlocked():
+            self.currentNodeChanged.emit(node)
+
+    def currentNode(self):
+        return self._state["current"]
+
+    def currentNodeID(self):
+        node = self._state["current"]
+        return node.GetID() if node is not None else ""
+
+    def setCurrentNode(self, node):
+        if node is not None and node not in self.nodes():
+            return          # Slicer's combo box ignores a node it does not list
+        if node is None and not self.noneEnabled and self.nodes():
+            return
+        self._select(node)
+
+
+class qMRMLSegmentSelectorWidget(qMRMLWidget):
+    currentNodeChanged = QtCore.Signal(object)
+    currentSegmentChanged = QtCore.Signal(str)
+    segmentationNodeSelectorVisible = _boolProperty("segmentationNodeSelectorVisible", True)
+    noneEnabled = _boolProperty("noneEnabled", False)
+    editEnabled = _boolProperty("editEnabled", False)
+
+    def __init__(self, parent=None):
+        qMRMLWidget.__init__(self, parent)
+        sel = {"node": None, "segment": "", "tags": []}
+        PythonQtObject.__setattr__(self, "_sel", sel)
+        self.destroyed.connect(lambda *args: _forget(sel["node"], sel["tags"]))
+
+    def currentNode(self):
+        return self._sel["node"]
+
+    def currentNodeID(self):
+        node = self._sel["node"]
+        return node.GetID() if node is not None else ""
+
+    def setCurrentNode(self, node):
+        sel = self._sel
+        if node is sel["node"]:
+            return
+        if sel["node"] is not None:
+            for tag in sel["tags"]:
+                sel["node"].RemoveObserver(tag)
+        sel["node"], sel["tags"] = node, []
+        if node is not None:
+            events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                      vtk.vtkCommand.ModifiedEvent)
+            sel["tags"] = [node.AddObserver(event, lambda caller, event: self._segmentsChanged()) for event in events]
+        if not self.signalsBlocked():
+            self.currentNodeChanged.emit(node)
+        ids = self.segmentIDs()
+        if ids:
+            self._setSegment(ids[0])
+        else:
+            sel["segment"] = ""   # Slicer's selector empties its list without a signal
+
+    def segmentIDs(self) -> list:
+        node = self._sel["node"]
+        if node is None:
+            return []
+        s = node.GetSegmentation()
+        return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+
+    def _segmentsChanged(self):
+        ids = self.segmentIDs()
+        if self._sel["segment"] not in ids:
+            if ids:
+                self._setSegment(ids[0])
+            else:
+                self._sel["segment"] = ""
+
+    def _setSegment(self, segmentId):
+        if segmentId == self._sel["segment"]:
+            return
+        self._sel["segment"] = segmentId
+        if not self.signalsBlocked():
+            self.currentSegmentChanged.emit(segmentId)
+
+    def currentSegmentID(self):
+        return self._sel["segment"]
+
+    def setCurrentSegmentID(self, segmentId):
+        if segmentId in self.segmentIDs():
+            self._setSegment(segmentId)
+
+
+WIDGETS = {cls.__name__: cls for cls in (ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox,
+                                         qMRMLSegmentSelectorWidget)}
