@@ -223,6 +223,11 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         for info in self.logic.catalog.models():
             combo.addItem(info.label, info.name)
+        # refilled, the list stands on its first item: back to the chosen model (an unchanged
+        # parameter sends no event that would do it)
+        wanted = select or (self._parameterNode.model if self._parameterNode else "")
+        if combo.findData(wanted) >= 0:
+            combo.setCurrentIndex(combo.findData(wanted))
         combo.blockSignals(wasBlocked)
         if select and self._parameterNode:
             self._parameterNode.model = select

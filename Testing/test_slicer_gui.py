@@ -11,6 +11,7 @@ them. Needs PySide6 (the ``test`` extra), slicer-core and ../shared/data; skips 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,84 @@ def test_effect_deleted_mid_run_writes_nothing_and_the_next_editor_works(gui, ed
     assert again.python.statusLabel.text.startswith("Filled "), again.python.statusLabel.text
     again.delete()
     assert gui.app.errors == []
+
+
+# -- defects found by clicking through both panels (each failed before its fix) --------------
+def test_effect_preview_of_a_segment_deleted_mid_run_is_one_line_and_no_node(gui, editor, chaos, scene):
+    effect = editor.python
+    effect.previewCheckBox.checked = True
+    effect.propagateButton.click()
+    chaos.seg.GetSegmentation().RemoveSegment(chaos.liver)
+    runUntilIdle(gui, effect.runner)
+    assert gui.app.errors[0].endswith("the segment was deleted while propagating; nothing was written")
+    assert scene.scene.GetFirstNodeByName("FewShotSeg preview") is None
+    assert effect.statusLabel.text.startswith("Not written: the segment was deleted")
+
+
+def test_panel_status_says_a_result_was_not_written(gui, panel, chaos):
+    panel._parameterNode.segmentId = chaos.liver
+    panel.ui.propagateButton.click()
+    chaos.seg.GetSegmentation().RemoveSegment(chaos.liver)
+    runUntilIdle(gui, panel.runner)
+    assert panel.ui.statusLabel.text == "Not written: the segment was deleted while propagating; nothing was written"
+
+
+def test_refine_before_any_propagate_says_the_painting_was_redrawn(gui, panel, chaos):
+    p = panel._parameterNode
+    p.segmentId, p.refineSamples, p.refineSteps = chaos.liver, 2, 2
+    panel.ui.refineButton.click()
+    runUntilIdle(gui, panel.refineRunner)
+    assert "Nothing propagated yet, so the painted slices were redrawn too" in panel.ui.statusLabel.text
+    assert gui.app.errors == []
+
+
+def test_effect_refine_result_goes_to_its_segment_when_another_is_selected(gui, editor, chaos):
+    effect = editor.python
+    effect.refineSamplesSpinBox.value, effect.refineStepsSpinBox.value = 2, 2
+    effect.propagateButton.click()
+    runUntilIdle(gui, effect.runner)
+    before, spleen = segmentArray(chaos, chaos.liver), segmentArray(chaos, chaos.spleen)
+    effect.refineButton.click()
+    editor.leave()
+    editor.effect.parameterSetNode().SetSelectedSegmentID(chaos.spleen)
+    runUntilIdle(gui, effect.refineRunner)
+    assert gui.app.errors == [] and effect.statusLabel.text.startswith("Refined")
+    assert not np.array_equal(segmentArray(chaos, chaos.liver), before)
+    assert np.array_equal(segmentArray(chaos, chaos.spleen), spleen)
+
+
+def test_effect_refused_apply_drops_the_stale_preview(gui, editor, chaos, scene):
+    effect = editor.python
+    effect.previewCheckBox.checked = True
+    effect.propagateButton.click()
+    runUntilIdle(gui, effect.runner)
+    edited = chaos.painted.copy()
+    edited[chaos.k + 3] = chaos.label[chaos.k + 3] == LIVER
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), chaos.seg, chaos.liver, chaos.image)
+    effect.applyButton.click()
+    assert np.array_equal(segmentArray(chaos, chaos.liver), edited)
+    assert effect.statusLabel.text.startswith("Preview not applied: the segment was edited")
+    assert not shown(effect.applyButton) and scene.scene.GetFirstNodeByName("FewShotSeg preview") is None
+
+
+def test_panel_adding_the_same_checkpoint_twice_keeps_it_chosen(gui, panel, tiny_checkpoint, monkeypatch):
+    import qt
+
+    monkeypatch.setattr(qt.QFileDialog, "getOpenFileName", staticmethod(lambda *args: str(tiny_checkpoint)))
+    panel.ui.addModelButton.click()
+    panel.ui.addModelButton.click()
+    assert gui.app.errors == []
+    assert panel._parameterNode.model == tiny_checkpoint.stem == panel.ui.modelComboBox.currentData
+
+
+def test_panel_cancel_clicked_after_the_job_ended_but_before_it_was_applied(gui, panel, chaos):
+    panel._parameterNode.segmentId = chaos.liver
+    before = segmentArray(chaos, chaos.liver)
+    panel.ui.propagateButton.click()
+    panel.runner.timer.stop()                        # the job ends between two polls:
+    time.sleep(8)                                    # its result waits in the pipe, unread
+    panel.ui.propagateButton.click()                 # Cancel, before the next poll applies it
+    panel.runner.timer.start()
+    runUntilIdle(gui, panel.runner)
+    assert panel.ui.statusLabel.text == "Cancelled: the segmentation was not changed."
+    assert np.array_equal(segmentArray(chaos, chaos.liver), before)

@@ -59,7 +59,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Paint the selected segment on one (or a few) slices, then click "
                 "<b>Propagate</b>: a few-shot model fills the other slices of the same segment. "
                 "<b>Refine</b> redraws the selected segment with the refiner (K samples, a few steps) "
-                "and shows its uncertainty as a coloured overlay; the painted slices stay as they are. "
+                "and shows its uncertainty as a coloured overlay; the slices you painted for the last Propagate "
+                "stay as they are. "
                 "To correct, paint or erase any slice and click <b>Propagate</b> again: the slices you "
                 "drew stay exactly, a slice you erased to empty is where the structure ends, the rest is "
                 "refilled. <b>Next</b> jumps to the slices most worth checking. "
@@ -405,12 +406,15 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
                                           lambda result: self.applyRefineResult(job, result))
 
     def applyRefineResult(self, job, result):
-        if self._inputs()[1:] != (job.segmentationNode, job.segmentId):
-            raise FewShotSegError("the selected segment changed while refining; nothing was written")
-        write = lambda mask: self.writeSelectedSegment(  # noqa: E731
-            geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode,
-                                          crop=not geometry.editorMasks(self.scriptedEffect.parameterSetNode())))
-        summary = self.logic.applyRefine(job, result, write=write)
+        """Through the editor (its masking and undo) while it shows the job's segment; if
+        another segment was selected meanwhile, into the job's own segment, as Propagate does."""
+        if self._inputs()[1:] == (job.segmentationNode, job.segmentId):
+            write = lambda mask: self.writeSelectedSegment(  # noqa: E731
+                geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode,
+                                              crop=not geometry.editorMasks(self.scriptedEffect.parameterSetNode())))
+            summary = self.logic.applyRefine(job, result, write=write)
+        else:
+            summary = self.logic.applyRefine(job, result, saveStateForUndo=self._undoFor(job.segmentationNode))
         showUncertaintyOverlay(job.volumeNode, summary.uncertaintyVolume)
         hint = " (Next jumps there)" if summary.topSlices else ""
         self.statusLabel.text = summary.statusText() + hint
@@ -418,6 +422,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
 
     # -- preview ----------------------------------------------------------------------------
     def showPreview(self, job, result):
+        self.logic.checkUnchanged(job)   # a deleted or edited input: the one line, and no preview node
         scene = job.volumeNode.GetScene()
         self.previewNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NAME)
         self.previewNode.SetHideFromEditors(True)
@@ -437,9 +442,13 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self.pending is None:
             return
         job, result = self.pending
-        with slicer.util.tryWithErrorDisplay("Could not apply the preview.", waitCursor=True):
-            self.applyResult(job, result)
-        self.discardPreview()
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not apply the preview.", waitCursor=True):
+                self.applyResult(job, result)
+        except FewShotSegError as exc:   # shown already; the stale preview must not stay on screen
+            self.statusLabel.text = f"Preview not applied: {exc}"
+        finally:
+            self.discardPreview()
 
     def discardPreview(self):
         if self.previewNode is not None and self.previewNode.GetScene() is not None:

@@ -91,11 +91,11 @@ class TaskRunner:
             if failure is not None:
                 self.statusLabel.text = f"Failed: {failure}"
                 slicer.util.errorDisplay(f"Failed: {failure}")
-            elif task.error is None:
-                with slicer.util.tryWithErrorDisplay("Could not write the result.", waitCursor=True):
-                    onSuccess(task.result)
-            elif type(task.error).__name__ in ("PropagationCancelled", "RefineCancelled") or task.cancelRequested:
+            elif task.cancelRequested or type(task.error).__name__ in ("PropagationCancelled", "RefineCancelled"):
+                # also when the job ended between the Cancel click and this poll: not applied
                 self.statusLabel.text = "Cancelled: the segmentation was not changed."
+            elif task.error is None:
+                self._apply(onSuccess, task.result)
             elif isinstance(task.error, FewShotSegError):
                 self.statusLabel.text = str(task.error)
                 slicer.util.errorDisplay(str(task.error))
@@ -106,6 +106,18 @@ class TaskRunner:
         finally:
             if onEnd is not None:
                 onEnd()
+
+    def _apply(self, onSuccess: Callable, result) -> None:
+        """Write the result; when that is refused (the segment was edited or deleted meanwhile)
+        the status line says so, not the job's last progress message."""
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not write the result.", waitCursor=True):
+                onSuccess(result)
+        except FewShotSegError as exc:   # shown to the user already; nothing was written
+            self.statusLabel.text = f"Not written: {exc}"
+        except Exception as exc:
+            self.statusLabel.text = f"Could not write the result: {exc}"
+            raise                        # a defect: Slicer's console prints the traceback
 
     def stop(self) -> None:
         """Scene cleared or module reloaded: cancel and forget the result (never called when

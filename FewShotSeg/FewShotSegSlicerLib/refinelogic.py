@@ -25,6 +25,10 @@ Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
 
 
+# a segment on this many slices or fewer, never propagated, is a painting (not a segmentation
+# made elsewhere, which Refine is meant to redraw): the status line says Refine redrew it
+PAINTING_SLICES = 3
+
 class RefineMixin:
     """Methods of FewShotSegLogic; they use its _computeLock, _checkInputs, _checkDevice,
     isBusy, checkUnchanged, writeMask and rememberedSlices."""
@@ -100,6 +104,9 @@ class RefineMixin:
         job = RefineJob(volumeNode, segmentationNode, segmentId, segmentName, image, coarse, keep, refinerPath,
                         samples, steps, axisName, axisIndex, device, kept)
         job.volumeStamp = geometry.volumeStamp(volumeNode)
+        if record is None and not kept and int(moved.reshape(n, -1).any(1).sum()) <= PAINTING_SLICES:
+            job.notes.append("Nothing propagated yet, so the painted slices were redrawn too: paint, Propagate, "
+                             "then Refine to keep them")
         if not geometry.segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode):
             job.notes.append("The segment was resampled onto the volume's grid")
         job.prepareSeconds = time.perf_counter() - start
