@@ -11,7 +11,7 @@ vtkMRMLSegmentEditorNode), ``updateGUIFromMRML`` on every Modified event of that
 deleted. Parameters are the node's attributes ``<effect name>.<parameter>``.
 
 Not reproduced: the editor's masking in ``modifySelectedSegmentByLabelmap`` (the labelmap
-replaces the segment inside its extent, as Set mode does with no mask) and its undo stack
+replaces the whole segment, as Set mode does where no mask applies) and its undo stack
 (``saveStateForUndo`` calls are counted).
 """
 from __future__ import annotations
@@ -126,9 +126,11 @@ class qSlicerSegmentEditorScriptedEffect:
         if mode != MODIFICATION_MODE_SET:
             raise NotImplementedError("only Set mode is reproduced")
         node = self._node
+        # Set mode with no mask: the whole segment is replaced by the labelmap (voxels of the
+        # segment outside the labelmap's extent are erased), as Slicer's Set mode does
         ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, node.GetSegmentationNode(), node.GetSelectedSegmentID(),
-            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, labelmap.GetExtent())
+            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
         if not ok:
             raise RuntimeError("SetBinaryLabelmapToSegment failed")
 
