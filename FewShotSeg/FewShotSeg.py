@@ -78,6 +78,7 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._guiObserver = None
         self._uncertainSlices = []
+        self._listRebuilt = False
 
     def setup(self):
         from FewShotSegSlicerLib.qtsupport import TaskRunner
@@ -213,8 +214,22 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refineButton.enabled = inputs and not self.runner.running or self.refineRunner.running
 
     def onSegmentChanged(self, segmentId):
-        if self._parameterNode:
-            self._parameterNode.segmentId = segmentId or ""
+        """Slicer's selector rebuilds its list on every segment added, removed or modified (a
+        paint stroke, the record written after each run): it announces "" and then its first
+        segment. The user's segment stays chosen while it exists."""
+        p = self._parameterNode
+        if not p:
+            return
+        segmentation = p.segmentation.GetSegmentation() if p.segmentation else None
+        if not segmentId and segmentation and segmentation.GetNumberOfSegments():
+            self._listRebuilt = True            # its first segment is announced next
+            return
+        rebuilt, self._listRebuilt = self._listRebuilt, False
+        if rebuilt and p.segmentId and segmentation.GetSegment(p.segmentId):
+            if segmentId != p.segmentId:
+                self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+            return
+        p.segmentId = segmentId or ""
 
     # -- models ------------------------------------------------------------------------
     def refreshModels(self, select=None):

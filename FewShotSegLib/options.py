@@ -69,6 +69,9 @@ class PropagationOptions:
     # shrunk by this factor, for this many iterations (registration.py)
     registration_shrink: int = REGISTRATION_SHRINK
     registration_iterations: int = DEMONS_ITERATIONS
+    # > registration_shrink: a first demons estimate on a grid shrunk this much starts the
+    # fine one (research option, 0 = off; dev_choices.json)
+    registration_coarse_shrink: int = 0
     # the structure has ended when fewer than this fraction of a slice's mask has
     # intensities inside the painted region's 5-95 % band (0 = area rule only)
     min_intensity_agreement: float = 0.5
@@ -130,6 +133,8 @@ class PropagationOptions:
             raise FewShotSegError("min_intensity_agreement must lie in [0, 1)")
         if not (_whole(self.registration_shrink, 1) and _whole(self.registration_iterations, 1)):
             raise FewShotSegError("registration_shrink and registration_iterations must be whole numbers >= 1")
+        if not _whole(self.registration_coarse_shrink, 0):
+            raise FewShotSegError("registration_coarse_shrink must be a whole number >= 0 (0: off)")
         if not (isinstance(self.walk_step_mm, (int, float)) and 0.0 <= self.walk_step_mm <= 100.0):
             raise FewShotSegError("walk_step_mm must lie in [0, 100] (mm; 0 = one step per slice)")
         if not (isinstance(self.zero_motion_max_mm, (int, float)) and 0.0 <= self.zero_motion_max_mm <= 100.0):

@@ -82,16 +82,16 @@ class _Warper:
 
 
 def demons_fields(fixed: torch.Tensor, moving: torch.Tensor, iterations: int = DEMONS_ITERATIONS,
-                  sigma: float = DEMONS_SMOOTHING) -> torch.Tensor:
+                  sigma: float = DEMONS_SMOOTHING, init: torch.Tensor | None = None) -> torch.Tensor:
     """Displacements [B,2(y,x),H,W] (pixels) such that ``moving[b](x + u(x))`` matches
     ``fixed[b](x)``, for a batch of [B,H,W] pairs. Pixels whose target falls outside
-    ``moving`` get no force (ITK's edge-padding rule)."""
+    ``moving`` get no force (ITK's edge-padding rule). ``init``: a starting field."""
     grad = _gradient(fixed)
     grad_sq = (grad ** 2).sum(1)
     smooth_rows = _smoothing_matrix(fixed.shape[-2], sigma)
     smooth_cols = _smoothing_matrix(fixed.shape[-1], sigma).T
     warp = _Warper(fixed.shape[-2:])
-    field = torch.zeros((fixed.shape[0], 2) + tuple(fixed.shape[-2:]))
+    field = torch.zeros((fixed.shape[0], 2) + tuple(fixed.shape[-2:])) if init is None else init.clone()
     for _ in range(iterations):
         field = smooth_rows @ field @ smooth_cols   # ITK smooths before each update, not after
         grid = warp.grid(field)
@@ -108,11 +108,20 @@ def demons_fields(fixed: torch.Tensor, moving: torch.Tensor, iterations: int = D
 
 
 def slice_fields(fixed: torch.Tensor, moving: torch.Tensor, shrink: int = REGISTRATION_SHRINK,
-                 iterations: int = DEMONS_ITERATIONS) -> torch.Tensor:
+                 iterations: int = DEMONS_ITERATIONS, coarse_shrink: int = 0) -> torch.Tensor:
     """Full-resolution fields [B,2,H,W] for [B,H,W] slice pairs, estimated on a grid shrunk
-    by ``shrink`` (demons cost follows the pixel count) and brought back bilinearly."""
+    by ``shrink`` (demons cost follows the pixel count) and brought back bilinearly.
+    ``coarse_shrink`` > ``shrink``: a first estimate on that coarser grid starts the fine one
+    (larger motions are found before the fine grid's local minima can hold them)."""
     shrink = int(shrink)
-    field = demons_fields(_shrunk(fixed, shrink), _shrunk(moving, shrink), int(iterations))
+    small_fixed, small_moving = _shrunk(fixed, shrink), _shrunk(moving, shrink)
+    init = None
+    if coarse_shrink and int(coarse_shrink) > shrink:
+        coarse = demons_fields(_shrunk(fixed, int(coarse_shrink)), _shrunk(moving, int(coarse_shrink)),
+                               int(iterations))
+        init = F.interpolate(coarse, size=tuple(small_fixed.shape[-2:]), mode="bilinear",
+                             align_corners=False) * (int(coarse_shrink) / shrink)
+    field = demons_fields(small_fixed, small_moving, int(iterations), init=init)
     if shrink == 1:
         return field
     return F.interpolate(field, size=tuple(fixed.shape[-2:]), mode="bilinear", align_corners=False) * shrink

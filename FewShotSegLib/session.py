@@ -24,7 +24,8 @@ from .walks import FeatureCache, FieldCache, SliceImages, Walk
 
 # options that change what a walk produces (batch size, threads and device do not)
 WALK_OPTIONS = ("mode", "threshold", "search_margin_mm", "min_area_fraction", "registration_weight",
-                "registration_shrink", "registration_iterations", "min_intensity_agreement",
+                "registration_shrink", "registration_iterations", "registration_coarse_shrink",
+                "min_intensity_agreement",
                 "query_prototypes", "support_refinement_steps", "multi_scale", "adapt_steps", "stop",
                 "walk_step_mm", "step_registration_weight", "zero_motion_max_mm", "presence")
 KEEP_WALKS = 64
@@ -98,7 +99,8 @@ class PropagationSession:
         self.prepared = make_prepared()
         self.slices = SliceImages(self.prepared)
         self.features = None
-        self.fields = FieldCache(self.slices, options.registration_shrink, options.registration_iterations)
+        self.fields = FieldCache(self.slices, options.registration_shrink, options.registration_iterations,
+                                 options.registration_coarse_shrink)
 
     def feature_cache(self, net, device, batch_size: int) -> FeatureCache:
         if self.features is None or self.features.net is not net:

@@ -85,8 +85,8 @@ class FieldCache:
     """Demons fields of slice pairs (from, to), estimated ``FIELD_BATCH`` pairs of a walk
     at a time ahead of need; they depend on the images only, never on the masks."""
 
-    def __init__(self, slices: SliceImages, shrink: int, iterations: int):
-        self.slices, self.shrink, self.iterations = slices, shrink, iterations
+    def __init__(self, slices: SliceImages, shrink: int, iterations: int, coarse_shrink: int = 0):
+        self.slices, self.shrink, self.iterations, self.coarse_shrink = slices, shrink, iterations, coarse_shrink
         self.fields: dict[tuple[int, int], torch.Tensor] = {}
 
     def carry(self, chain: list[int], step: int, mask) -> np.ndarray:
@@ -97,7 +97,8 @@ class FieldCache:
             todo = [p for p in todo if p not in self.fields]
             fixed = self.slices([b for _, b in todo])
             moving = self.slices([a for a, _ in todo])
-            self.fields.update(zip(todo, slice_fields(fixed, moving, self.shrink, self.iterations)))
+            self.fields.update(zip(todo, slice_fields(fixed, moving, self.shrink, self.iterations,
+                                                      self.coarse_shrink)))
         return warp_mask(mask, self.fields[pair])
 
 

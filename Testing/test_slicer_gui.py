@@ -394,3 +394,27 @@ def test_panel_cancel_clicked_after_the_job_ended_but_before_it_was_applied(gui,
     runUntilIdle(gui, panel.runner)
     assert panel.ui.statusLabel.text == "Cancelled: the segmentation was not changed."
     assert np.array_equal(segmentArray(chaos, chaos.liver), before)
+
+
+def test_panel_keeps_its_segment_when_the_segment_list_is_rebuilt(gui, panel, chaos):
+    """Slicer's segment selector rebuilds its list, selecting the first segment, on every
+    segment added, removed or modified (a stroke, the tag written after each run): the panel
+    must stay on the segment the user chose."""
+    s = chaos.seg.GetSegmentation()
+    kidney = s.AddEmptySegment("kidney", "kidney")
+    label = chaos.label == 2
+    k = int(np.argmax(label.sum((1, 2))))
+    painted = np.zeros_like(label)
+    painted[k] = label[k]
+    panel._parameterNode.segmentId = kidney
+    slicer.util.updateSegmentBinaryLabelmapFromArray(painted.astype(np.uint8), chaos.seg, kidney, chaos.image)
+    assert panel._parameterNode.segmentId == kidney == panel.ui.segmentSelector.currentSegmentID()
+    panel.ui.propagateButton.click()
+    runUntilIdle(gui, panel.runner)
+    assert panel.ui.statusLabel.text.startswith("Filled "), panel.ui.statusLabel.text
+    assert panel._parameterNode.segmentId == kidney == panel.ui.segmentSelector.currentSegmentID()
+    s.AddEmptySegment("another", "another")         # the user adds a segment in the Segment Editor
+    assert panel._parameterNode.segmentId == kidney == panel.ui.segmentSelector.currentSegmentID()
+    s.RemoveSegment(kidney)                          # the chosen one deleted: the list's first is taken
+    assert panel._parameterNode.segmentId == panel.ui.segmentSelector.currentSegmentID() == chaos.liver
+    assert gui.app.errors == []

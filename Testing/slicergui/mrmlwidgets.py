@@ -138,6 +138,12 @@ class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
 
 
 class qMRMLSegmentSelectorWidget(qMRMLWidget):
+    """As Slicer's (qMRMLSegmentSelectorWidget.cxx, single selection): every SegmentAdded,
+    SegmentRemoved and SegmentModified of the segmentation (a paint stroke, a tag or status
+    set on a segment) and every change of segmentation rebuild the segment list: the list is
+    cleared, which announces "" while it held items, then the first segment is selected and
+    announced. A segmentation without segments announces nothing more."""
+
     currentNodeChanged = QtCore.Signal(object)
     currentSegmentChanged = QtCore.Signal(str)
     segmentationNodeSelectorVisible = _boolProperty("segmentationNodeSelectorVisible", True)
@@ -146,7 +152,7 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
 
     def __init__(self, parent=None):
         qMRMLWidget.__init__(self, parent)
-        sel = {"node": None, "segment": "", "tags": []}
+        sel = {"node": None, "segment": "", "listed": [], "tags": []}
         PythonQtObject.__setattr__(self, "_sel", sel)
         self.destroyed.connect(lambda *args: _forget(sel["node"], sel["tags"]))
 
@@ -162,20 +168,15 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
         if node is sel["node"]:
             return
         if sel["node"] is not None:
-            for tag in sel["tags"]:
-                sel["node"].RemoveObserver(tag)
+            _forget(sel["node"], sel["tags"])
         sel["node"], sel["tags"] = node, []
         if node is not None:
             events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
-                      vtk.vtkCommand.ModifiedEvent)
-            sel["tags"] = [node.AddObserver(event, lambda caller, event: self._segmentsChanged()) for event in events]
+                      slicer.vtkSegmentation.SegmentModified)
+            sel["tags"] = [node.AddObserver(event, lambda caller, event: self._populate()) for event in events]
         if not self.signalsBlocked():
             self.currentNodeChanged.emit(node)
-        ids = self.segmentIDs()
-        if ids:
-            self._setSegment(ids[0])
-        else:
-            sel["segment"] = ""   # Slicer's selector empties its list without a signal
+        self._populate()
 
     def segmentIDs(self) -> list:
         node = self._sel["node"]
@@ -184,17 +185,17 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
         s = node.GetSegmentation()
         return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
 
-    def _segmentsChanged(self):
+    def _populate(self):
+        sel = self._sel
+        if sel["listed"]:                    # QComboBox::clear() with items: currentIndexChanged(-1)
+            sel["listed"] = []
+            self._announce("")
         ids = self.segmentIDs()
-        if self._sel["segment"] not in ids:
-            if ids:
-                self._setSegment(ids[0])
-            else:
-                self._sel["segment"] = ""
+        sel["listed"] = ids
+        if ids:
+            self._announce(ids[0])
 
-    def _setSegment(self, segmentId):
-        if segmentId == self._sel["segment"]:
-            return
+    def _announce(self, segmentId):
         self._sel["segment"] = segmentId
         if not self.signalsBlocked():
             self.currentSegmentChanged.emit(segmentId)
@@ -203,8 +204,8 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
         return self._sel["segment"]
 
     def setCurrentSegmentID(self, segmentId):
-        if segmentId in self.segmentIDs():
-            self._setSegment(segmentId)
+        if segmentId in self._sel["listed"] and segmentId != self._sel["segment"]:
+            self._announce(segmentId)
 
 
 WIDGETS = {cls.__name__: cls for cls in (ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox,
