@@ -72,13 +72,14 @@ class FewShotSegParameterNode:
 
 class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
+        # first: given no parent, Slicer's base class calls setup() from its __init__
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._guiObserver = None
         self._uncertainSlices = []
         self._listRebuilt = False
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         from FewShotSegSlicerLib.qtsupport import TaskRunner

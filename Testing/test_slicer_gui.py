@@ -42,13 +42,13 @@ def gui():
 
 @pytest.fixture
 def panel(gui, chaos):
-    widget = gui.modules["FewShotSeg"].FewShotSegWidget()
-    widget.setup()
-    widget.parent.isEntered = True
-    widget.enter()
+    from slicergui import application
+
+    widget = slicer.modules.fewshotseg.newPanel()
+    application.enterPanel(widget)
     gui.app.errors.clear()
     yield widget
-    widget.exit()
+    application.exitPanel(widget)
     widget.cleanup()
 
 
@@ -418,3 +418,32 @@ def test_panel_keeps_its_segment_when_the_segment_list_is_rebuilt(gui, panel, ch
     s.RemoveSegment(kidney)                          # the chosen one deleted: the list's first is taken
     assert panel._parameterNode.segmentId == panel.ui.segmentSelector.currentSegmentID() == chaos.liver
     assert gui.app.errors == []
+
+
+def test_panel_made_without_a_parent_sets_itself_up_once(gui, chaos):
+    """As in Slicer's Python console: FewShotSegWidget() makes its own parent and runs setup()."""
+    widget = gui.modules["FewShotSeg"].FewShotSegWidget()
+    assert widget.logic is not None and widget._parameterNode is not None
+    assert widget.ui.propagateButton.text == "Propagate"
+    widget.cleanup()
+
+
+@pytest.mark.parametrize("overwrite", ["OverwriteAllSegments", "OverwriteNone"])
+def test_effect_result_follows_the_editors_overwrite_setting(gui, editor, chaos, overwrite):
+    node = editor.effect.parameterSetNode()
+    node.SetOverwriteMode(getattr(slicer.vtkMRMLSegmentEditorNode, overwrite))
+    spleen = segmentArray(chaos, chaos.spleen)
+    # the spleen segment also covers a band of the liver next to the painted slice
+    grown = spleen.copy()
+    band = chaos.label == LIVER
+    band[:chaos.k + 1] = False
+    grown |= band
+    slicer.util.updateSegmentBinaryLabelmapFromArray(grown.astype(np.uint8), chaos.seg, chaos.spleen, chaos.image)
+    editor.python.propagateButton.click()
+    runUntilIdle(gui, editor.python.runner)
+    liver, after = segmentArray(chaos, chaos.liver), segmentArray(chaos, chaos.spleen)
+    assert liver.sum() > chaos.painted.sum()
+    if overwrite == "OverwriteNone":
+        assert np.array_equal(after, grown)
+    else:
+        assert not (liver & after).any() and np.array_equal(after, grown & ~liver)

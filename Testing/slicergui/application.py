@@ -86,14 +86,23 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """As Slicer's: given no parent it makes one (a qMRMLWidget on the scene) and calls
+    setup() itself; Slicer's C++ passes a parent and calls setup() after (``newPanel``)."""
+
     def __init__(self, parent=None):
-        if parent is None:
-            parent = qt.QWidget()
-            parent.setLayout(qt.QVBoxLayout())
-        self.parent = parent
-        self.layout = parent.layout()
+        import slicer
+
         self.moduleName = type(self).__name__[:-len("Widget")]
-        self.parent.isEntered = False
+        if not parent:
+            self.parent = mrmlwidgets.qMRMLWidget()
+            self.parent.setLayout(qt.QVBoxLayout())
+            self.parent.setMRMLScene(slicer.mrmlScene)
+        else:
+            self.parent = parent
+        self.layout = self.parent.layout()
+        if not parent:
+            self.setup()
+            self.parent.show()
 
     def resourcePath(self, filename):
         module = sys.modules[type(self).__module__]
@@ -160,6 +169,16 @@ class qSlicerScriptedLoadableModuleWidget:
         return self._widget
 
 
+def enterPanel(widget):
+    widget.parent.isEntered = True
+    widget.enter()
+
+
+def exitPanel(widget):
+    widget.parent.isEntered = False
+    widget.exit()
+
+
 class LoadedModule:
     """``slicer.modules.<name>``: the module object (kept alive, as Slicer's C++ module
     keeps it) and its panel, made and set up the first time it is asked for."""
@@ -169,11 +188,22 @@ class LoadedModule:
         self.instance = getattr(pythonModule, name)(self)
         self._panel = None
 
+    def newPanel(self):
+        """The module's panel as Slicer's C++ makes it: a parent widget on the scene, the
+        Python widget on it, then setup()."""
+        import slicer
+
+        parent = mrmlwidgets.qMRMLWidget()
+        parent.setLayout(qt.QVBoxLayout())
+        parent.setMRMLScene(slicer.mrmlScene)
+        parent.isEntered = False           # Slicer sets it before enter() and clears it before exit()
+        widget = getattr(self.pythonModule, self.name + "Widget")(parent)
+        widget.setup()
+        return widget
+
     def widgetRepresentation(self):
         if self._panel is None:
-            widget = getattr(self.pythonModule, self.name + "Widget")()
-            widget.setup()
-            self._panel = qSlicerScriptedLoadableModuleWidget(widget)
+            self._panel = qSlicerScriptedLoadableModuleWidget(self.newPanel())
         return self._panel
 
     def deletePanel(self):

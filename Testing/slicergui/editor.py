@@ -4,15 +4,14 @@ Why: our effect is Python that Slicer's ``qSlicerSegmentEditorScriptedEffect`` (
 from its file and drives. This reproduces what our effect relies on, read against Slicer's
 qSlicerSegmentEditorAbstractEffect / qSlicerSegmentEditorScriptedEffect / the editor widget:
 the effect is loaded by ``setPythonSource`` (the class named after the file), registered,
-and each editor works on a clone; the editor calls ``setupOptionsFrame`` once, then
-``setMRMLDefaults`` and ``updateGUIFromMRML`` when it gets its parameter node (a real
-vtkMRMLSegmentEditorNode), ``updateGUIFromMRML`` on every Modified event of that node,
-``activate``/``deactivate`` when the effect is chosen or left, ``cleanup`` before it is
-deleted. Parameters are the node's attributes ``<effect name>.<parameter>``.
+and each editor works on a clone of it on a real vtkMRMLSegmentEditorNode; the call order
+is the editor's (``SegmentEditor``); parameters are the node's attributes
+``<effect name>.<parameter>``, an empty one counts as not set, and setting one sends
+EffectParameterModified, not Modified.
 
 Not reproduced: the editor's masking in ``modifySelectedSegmentByLabelmap`` (the labelmap
-replaces the whole segment, as Set mode does where no mask applies) and its undo stack
-(``saveStateForUndo`` calls are counted).
+replaces the whole segment, as Set mode does where no mask applies; the overwrite mode is
+applied) and its undo stack (``saveStateForUndo`` calls are counted).
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import types
 from pathlib import Path
 
 import slicer
-import vtk
 
 from .pythonqt import qt
 
@@ -74,14 +72,19 @@ class qSlicerSegmentEditorScriptedEffect:
     def _attribute(self, name):
         return f"{self.name}.{name}"
 
+    def commonParameterDefined(self, attribute):
+        value = self._node.GetAttribute(attribute) if self._node is not None else None
+        return bool(value)                   # Slicer: an empty value is not defined
+
     def parameterDefined(self, name):
-        return self._node is not None and self._node.GetAttribute(self._attribute(name)) is not None
+        return self.commonParameterDefined(self._attribute(name))
 
     def parameter(self, name):
-        if not self.parameterDefined(name):
-            logging.error(f"qSlicerSegmentEditorAbstractEffect::parameter: parameter {name} not found")
-            return ""
-        return self._node.GetAttribute(self._attribute(name))
+        for attribute in (self._attribute(name), name):   # then the editor-wide parameter
+            if self.commonParameterDefined(attribute):
+                return self._node.GetAttribute(attribute)
+        logging.error(f"qSlicerSegmentEditorAbstractEffect::parameter: parameter {name} not found")
+        return ""
 
     def integerParameter(self, name):
         try:
@@ -90,10 +93,19 @@ class qSlicerSegmentEditorScriptedEffect:
             return 0
 
     def setParameter(self, name, value):
-        text = str(value)
-        if self._node.GetAttribute(self._attribute(name)) != text:
-            self._node.SetAttribute(self._attribute(name), text)
-            self._node.Modified()
+        self.setCommonParameter(self._attribute(name), value)
+
+    def setCommonParameter(self, attribute, value):
+        """As Slicer's: nothing when unchanged (or empty and not stored); the attribute set
+        with Modified events off, then EffectParameterModified (deferred inside StartModify)."""
+        text, old = str(value), self._node.GetAttribute(attribute)
+        if (old is None and text == "") or text == old:
+            return
+        disabled = self._node.GetDisableModifiedEvent()
+        self._node.SetDisableModifiedEvent(1)
+        self._node.SetAttribute(attribute, text)
+        self._node.SetDisableModifiedEvent(disabled)
+        self._node.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
 
     def setParameterDefault(self, name, value):
         if not self.parameterDefined(name):
@@ -123,44 +135,71 @@ class qSlicerSegmentEditorScriptedEffect:
         return image
 
     def modifySelectedSegmentByLabelmap(self, labelmap, mode):
+        """Set mode with no mask: the whole segment is replaced by the labelmap; then, by the
+        editor's overwrite mode (default: all segments), the written voxels leave the other
+        segments, as Slicer's effect does."""
         if mode != MODIFICATION_MODE_SET:
             raise NotImplementedError("only Set mode is reproduced")
         node = self._node
-        # Set mode with no mask: the whole segment is replaced by the labelmap (voxels of the
-        # segment outside the labelmap's extent are erased), as Slicer's Set mode does
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            labelmap, node.GetSegmentationNode(), node.GetSelectedSegmentID(),
-            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-        if not ok:
+        segmentationNode, selected = node.GetSegmentationNode(), node.GetSelectedSegmentID()
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, selected, logic.MODE_REPLACE):
             raise RuntimeError("SetBinaryLabelmapToSegment failed")
+        overwrite = node.GetOverwriteMode()
+        if overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
+            return
+        display = segmentationNode.GetDisplayNode()
+        segmentation = segmentationNode.GetSegmentation()
+        written = None
+        for i in range(segmentation.GetNumberOfSegments()):
+            other = segmentation.GetNthSegmentID(i)
+            if other == selected or (overwrite == slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments
+                                     and display is not None and not display.GetSegmentVisibility(other)):
+                continue
+            if written is None:
+                written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, selected, self._sourceVolume()) > 0
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, other, self._sourceVolume()) > 0
+            if (mask & written).any():
+                slicer.util.updateSegmentBinaryLabelmapFromArray((mask & ~written).astype("uint8"), segmentationNode,
+                                                                 other, self._sourceVolume())
+
+    def _sourceVolume(self):
+        node = self._node
+        return node.GetSourceVolumeNode() if hasattr(node, "GetSourceVolumeNode") else node.GetMasterVolumeNode()
 
 
 class SegmentEditor:
-    """One Segment Editor widget with one effect: its own clone of the registered effect."""
+    """One Segment Editor widget with one effect: its own clone of the registered effect,
+    driven in Slicer's order (qMRMLSegmentEditorWidget: an editor that has its node calls
+    setMRMLDefaults before setupOptionsFrame; updateGUIFromMRML reaches the effect only
+    while it is active, on EffectParameterModified; deletion calls cleanup alone)."""
 
     def __init__(self, registered, editorNode):
         self.effect = registered.self().clone()
         self.python = self.effect.self()
-        self.python.setupOptionsFrame()
         self.effect._node = editorNode
         self.python.setMRMLDefaults()
-        self.python.updateGUIFromMRML()
-        self._tag = editorNode.AddObserver(vtk.vtkCommand.ModifiedEvent,
-                                           lambda caller, event: self.python.updateGUIFromMRML())
+        self.python.setupOptionsFrame()
+        self._tag = editorNode.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,
+                                           lambda caller, event: self.updateGUIFromMRML())
+
+    def updateGUIFromMRML(self):
+        if self.effect._active:             # qSlicerSegmentEditorScriptedEffect returns early else
+            self.python.updateGUIFromMRML()
 
     def select(self):
-        self.effect._active = True
+        self.effect._active = True          # Superclass::activate: active, then the GUI from MRML
+        self.updateGUIFromMRML()
         self.python.activate()
+        self.updateGUIFromMRML()            # the editor once more after activating
 
     def leave(self):
-        self.effect._active = False
         self.python.deactivate()
+        self.effect._active = False
 
     def delete(self):
         if self._tag is None:
             return
-        if self.effect._active:
-            self.leave()
         self.python.cleanup()
         self.effect._node.RemoveObserver(self._tag)
         self._tag = None

@@ -109,10 +109,18 @@ class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
         return out
 
     def _refresh(self):
-        nodes = self.nodes()
-        if self._state["current"] is not None and self._state["current"] not in nodes:
-            self._select(None)
-        if self._state["current"] is None and not self.noneEnabled and nodes:
+        """After a node was added or removed: a removed current node gives way to its
+        neighbour in the list (Qt moves a combo box's current row so), and with ``noneEnabled``
+        off an empty choice takes the first node."""
+        state = self._state
+        before, nodes = state.get("listed", []), self.nodes()
+        state["listed"] = nodes
+        current = state["current"]
+        if current is not None and current not in nodes:
+            row = before.index(current) if current in before else 0
+            remaining = [n for n in before if n in nodes]
+            self._select(remaining[min(row, len(remaining) - 1)] if remaining else None)
+        if state["current"] is None and not self.noneEnabled and nodes:
             self._select(nodes[0])
 
     def _select(self, node):
@@ -130,11 +138,9 @@ class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
         return node.GetID() if node is not None else ""
 
     def setCurrentNode(self, node):
-        if node is not None and node not in self.nodes():
-            return          # Slicer's combo box ignores a node it does not list
-        if node is None and not self.noneEnabled and self.nodes():
-            return
-        self._select(node)
+        """A node the list does not show, or None, leaves no node chosen (Slicer's combo box
+        sets no row then, and says so)."""
+        self._select(node if node is not None and node in self.nodes() else None)
 
 
 class qMRMLSegmentSelectorWidget(qMRMLWidget):

@@ -59,17 +59,22 @@ class _Parameter:
         return self.kind(text)
 
     def write(self, node, value):
+        """Refused, as Slicer's NotNone / IsInstance validators refuse them: None for a plain
+        type, a value of another type (no conversion: "False" is not a bool)."""
+        if _isNode(self.kind):
+            if value is not None and not isinstance(value, self.kind):
+                raise ValueError(f"{self.name}: a {type(value).__name__} is not a {self.kind.__name__}")
+        elif value is None or not isinstance(value, self.kind):
+            raise ValueError(f"{self.name}: {value!r} is not a {self.kind.__name__}")
         for check in self.annotations:
             check.validate(value)
         if _isNode(self.kind):
-            if value is not None and not value.IsA(self.kind.__name__):
-                raise ValueError(f"{self.name}: a {value.GetClassName()} is not a {self.kind.__name__}")
             node.SetNodeReferenceID(self.name, value.GetID() if value is not None else None)
         else:
-            node.SetParameter(self.name, str(self.kind(value)))
+            node.SetParameter(self.name, str(value))
 
     def isIn(self, node) -> bool:
-        return node.GetNodeReferenceID(self.name) is not None if _isNode(self.kind) else node.GetParameter(self.name) != ""
+        return node.GetNodeReferenceID(self.name) is not None if _isNode(self.kind) else node.HasParameter(self.name)
 
 
 # -- connectors: (widget class name, test on the parameter) -> read / write / change signal ----
