@@ -110,9 +110,11 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        """Before the panel is deleted (reload, quit): nothing may call into its widgets after."""
         self.devicesTimer.stop()
         self.runner.stop()
         self.refineRunner.stop()
+        self.setParameterNode(None)    # the parameter node outlives the panel: disconnect its widgets
         self.removeObservers()
 
     def enter(self):
@@ -146,8 +148,8 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                   if not node.IsA("vtkMRMLLabelMapVolumeNode")), None)
         if not p.segmentation:
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-        if not p.model:
-            p.model = self.logic.catalog.defaultModelName()
+        if not p.model or p.model not in [info.name for info in self.logic.catalog.models()]:
+            p.model = self.logic.catalog.defaultModelName()   # e.g. a scene saved where another was installed
         self._checkChosenDevice()
 
     def _checkChosenDevice(self):

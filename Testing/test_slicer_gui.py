@@ -447,3 +447,67 @@ def test_effect_result_follows_the_editors_overwrite_setting(gui, editor, chaos,
         assert np.array_equal(after, grown)
     else:
         assert not (liver & after).any() and np.array_equal(after, grown & ~liver)
+
+
+def test_effect_a_stored_device_this_computer_lacks_becomes_the_one_shown(gui, editor, chaos):
+    node = editor.effect.parameterSetNode()
+    editor.leave()
+    node.SetAttribute("Few-shot propagate.Device", "cuda")     # a scene saved on a GPU machine
+    editor.select()
+    effect = editor.python
+    assert gui.app.runFor(RUN_SECONDS, lambda: effect.logic.knownDevices() is not None)
+    gui.app.runFor(1)
+    if "cuda" in effect.logic.knownDevices():
+        pytest.skip("this computer has a CUDA device")
+    assert node.GetAttribute("Few-shot propagate.Device") == effect.deviceComboBox.currentText == "cpu"
+    effect.propagateButton.click()
+    runUntilIdle(gui, effect.runner)
+    assert gui.app.errors == [] and effect.statusLabel.text.startswith("Filled ")
+
+
+def test_a_stored_model_no_longer_installed_becomes_the_default(gui, editor, chaos):
+    node = editor.effect.parameterSetNode()
+    editor.leave()
+    node.SetAttribute("Few-shot propagate.Model", "some-removed-model")
+    editor.select()
+    effect = editor.python
+    assert node.GetAttribute("Few-shot propagate.Model") == effect.modelComboBox.currentText \
+        == effect.logic.catalog.defaultModelName()
+    from slicergui import application
+    widget = slicer.modules.fewshotseg.newPanel()
+    widget.logic.getParameterNode().SetParameter("model", "some-removed-model")
+    application.enterPanel(widget)
+    try:
+        assert widget._parameterNode.model == widget.ui.modelComboBox.currentData \
+            == widget.logic.catalog.defaultModelName()
+    finally:
+        application.exitPanel(widget)
+        widget.cleanup()
+    assert gui.app.errors == []
+
+
+def test_effect_result_written_over_another_segment_keeps_its_record_right(gui, editor, chaos):
+    """With the editor's default 'Overwrite all', B's result takes voxels of A: A's record is
+    brought up to date, so those slices do not count as drawn by the user at A's next run."""
+    node = editor.effect.parameterSetNode()
+    node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments)
+    s = chaos.seg.GetSegmentation()
+    mid = int(np.median(np.flatnonzero(chaos.painted[chaos.k].any(1))))
+    a = chaos.painted.copy()
+    a[:, mid:, :] = False                            # A and B split the painted liver slice
+    b = chaos.painted.copy()
+    b[:, :mid, :] = False
+    slicer.util.updateSegmentBinaryLabelmapFromArray(a.astype(np.uint8), chaos.seg, chaos.liver, chaos.image)
+    bId = s.AddEmptySegment("B", "B")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(b.astype(np.uint8), chaos.seg, bId, chaos.image)
+    effect = editor.python
+    node.SetSelectedSegmentID(chaos.liver)
+    effect.propagateButton.click()
+    runUntilIdle(gui, effect.runner)
+    assert effect.logic.rememberedSlices(chaos.image, chaos.seg, chaos.liver)[1] == [chaos.k]
+    node.SetSelectedSegmentID(bId)
+    effect.propagateButton.click()
+    runUntilIdle(gui, effect.runner)
+    assert (segmentArray(chaos, chaos.liver) != a).any()   # B did take voxels of A
+    assert effect.logic.rememberedSlices(chaos.image, chaos.seg, chaos.liver)[1] == [chaos.k]
+    assert gui.app.errors == []

@@ -23,7 +23,7 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from FewShotSegLib.errors import FewShotSegError
-from FewShotSegSlicerLib import dependencies, geometry
+from FewShotSegSlicerLib import dependencies, geometry, userslices
 from FewShotSegSlicerLib.logic import AXES, FAST_STEP_MM, MODES, sharedLogic
 from FewShotSegSlicerLib.qtsupport import SuggestionList, TaskRunner, showUncertaintyOverlay
 
@@ -243,6 +243,7 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         """Refresh the model list; start the worker and load the model while the user
         paints; list the GPU devices once the worker has (no PyTorch import on the GUI thread)."""
         self.refreshModels()
+        self._checkStoredChoices()
         self.updateGUIFromMRML()
         if dependencies.torchAvailable() and not dependencies.missingPackages():
             self.logic.warmUp(self._text("Model") or None,
@@ -250,6 +251,18 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if not getattr(self, "_devicesPolling", False):   # one chain of polls, however often activated
             self._devicesPolls = 0
             self.onDevicesPoll()
+
+    def _checkStoredChoices(self):
+        """A scene saved elsewhere may name a model not installed here or a device this
+        computer lacks: the stored value becomes the default, so what is shown is what runs."""
+        if self.scriptedEffect.parameterSetNode() is None:
+            return
+        model = self._text("Model")
+        if model and self.modelComboBox.findText(model) < 0:
+            self.scriptedEffect.setParameter("Model", self.logic.catalog.defaultModelName())
+        known = self.logic.knownDevices()
+        if known is not None and self._text("Device") not in known:
+            self.scriptedEffect.setParameter("Device", self.logic.defaultDevice())
 
     def onDevicesPoll(self):
         """Adds cuda / mps to the device list once they are known; until then (the worker
@@ -268,7 +281,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
             for device in known[1:]:
                 self.deviceComboBox.addItem(device)
             self.deviceComboBox.blockSignals(wasBlocked)
-            self.updateGUIFromMRML()
+        self._checkStoredChoices()
+        self.updateGUIFromMRML()
 
     def deactivate(self):
         """Another effect or module was chosen: a running job goes on and its result is
@@ -337,10 +351,12 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         If another segment was selected meanwhile, the job's own segment is written directly."""
         if self._inputs()[1:] == (job.segmentationNode, job.segmentId):
             self.logic.checkUnchanged(job)
+            mask = self.logic.finalMask(job, result)
             self.writeSelectedSegment(self.logic.resultAsOrientedImage(job, result,
-                                                                       self.scriptedEffect.parameterSetNode()))
+                                                                       self.scriptedEffect.parameterSetNode()),
+                                      mask, job.axisIndex)
             self.logic.rememberPainted(job)  # read back: masking may have changed what was written
-            summary = self.logic.summarize(job, result, self.logic.finalMask(job, result), 0.0)
+            summary = self.logic.summarize(job, result, mask, 0.0)
         else:   # the editor's undo covers the segmentation it shows: only then can it undo this
             summary = self.logic.apply(job, result, saveStateForUndo=self._undoFor(job.segmentationNode))
         self.statusLabel.text = summary.statusText() + "".join("\n" + w for w in summary.warnings)
@@ -378,12 +394,36 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if item is not None:
             self.suggestionLabel.text = f"{self.suggestions.index + 1}/{len(self.suggestions.items)}: {item.label}"
 
-    def writeSelectedSegment(self, modifier):
-        """The only place the effect changes a segment: one undo state, then Set mode."""
+    def writeSelectedSegment(self, modifier, mask=None, axisIndex=None):
+        """The only place the effect changes a segment: one undo state, then Set mode.
+
+        The editor's overwrite setting may take the written voxels (``mask``, volume array
+        order) from other segments: their records of what the user drew are brought up to
+        date, else the slices it changed would count as drawn at their next Propagate (a
+        slice the user edited there since, where this result has no voxel, still counts)."""
+        node = self.scriptedEffect.parameterSetNode()
+        segmentation, selected = node.GetSegmentationNode(), node.GetSelectedSegmentID()
+        segments = segmentation.GetSegmentation()
+        recorded = {}
+        if mask is not None and node.GetOverwriteMode() != slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
+            recorded = {sid: geometry.segmentStamp(segmentation, sid)
+                        for sid in (segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments()))
+                        if sid != selected and userslices.read(segmentation, sid) is not None}
         modifier = geometry.onReferenceGrid(modifier, self.scriptedEffect.referenceGeometryImage())
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        volume = self._inputs()[0]
+        grid = userslices.gridFingerprint(volume)
+        written = set(userslices.nonEmptySlices(mask, axisIndex)) if recorded else set()
+        for sid, stamp in recorded.items():
+            record = userslices.read(segmentation, sid)
+            if geometry.segmentStamp(segmentation, sid) == stamp or record.grid != grid or record.axis != axisIndex:
+                continue
+            now = geometry.segmentToArray(segmentation, sid, volume)
+            users = userslices.classify(now, record, axisIndex, grid).user
+            self.logic.recordWritten(volume, segmentation, sid, now, axisIndex,
+                                     [i for i in users if i in record.user or i not in written])
 
     # -- refinement --------------------------------------------------------------------------
     def onRefine(self):
@@ -411,7 +451,8 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         if self._inputs()[1:] == (job.segmentationNode, job.segmentId):
             write = lambda mask: self.writeSelectedSegment(  # noqa: E731
                 geometry.arrayToOrientedImage(mask, job.volumeNode, job.segmentationNode,
-                                              crop=not geometry.editorMasks(self.scriptedEffect.parameterSetNode())))
+                                              crop=not geometry.editorMasks(self.scriptedEffect.parameterSetNode())),
+                mask, job.axisIndex)
             summary = self.logic.applyRefine(job, result, write=write)
         else:
             summary = self.logic.applyRefine(job, result, saveStateForUndo=self._undoFor(job.segmentationNode))

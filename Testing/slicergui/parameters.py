@@ -53,6 +53,8 @@ class _Parameter:
     def read(self, node):
         if _isNode(self.kind):
             return node.GetNodeReference(self.name)
+        if not self.isIn(node):        # as Slicer's wrapper: a missing value (a scene close) is the default
+            self.write(node, self.default)
         text = node.GetParameter(self.name)
         if self.kind is bool:
             return text == "True"
