@@ -285,11 +285,16 @@ def test_panel_all_painted_segments_at_once(gui, panel, chaos):
     assert gui.app.errors == []
 
 
-def test_effect_refine_after_propagate_keeps_the_drawn_slice(gui, editor, chaos):
-    effect = editor.python
+def propagateForRefine(gui, effect):
+    """Two samples of two steps (fast), then one Propagate: the segment Refine works on."""
     effect.refineSamplesSpinBox.value, effect.refineStepsSpinBox.value = 2, 2
     effect.propagateButton.click()
     runUntilIdle(gui, effect.runner)
+
+
+def test_effect_refine_after_propagate_keeps_the_drawn_slice(gui, editor, chaos):
+    effect = editor.python
+    propagateForRefine(gui, effect)
     effect.refineButton.click()
     runUntilIdle(gui, effect.refineRunner)
     assert effect.statusLabel.text.startswith("Refined"), effect.statusLabel.text
@@ -346,9 +351,7 @@ def test_refine_before_any_propagate_says_the_painting_was_redrawn(gui, panel, c
 
 def test_effect_refine_result_goes_to_its_segment_when_another_is_selected(gui, editor, chaos):
     effect = editor.python
-    effect.refineSamplesSpinBox.value, effect.refineStepsSpinBox.value = 2, 2
-    effect.propagateButton.click()
-    runUntilIdle(gui, effect.runner)
+    propagateForRefine(gui, effect)
     before, spleen = segmentArray(chaos, chaos.liver), segmentArray(chaos, chaos.spleen)
     effect.refineButton.click()
     editor.leave()

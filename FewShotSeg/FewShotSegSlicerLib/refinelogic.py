@@ -29,6 +29,7 @@ Cancel = Callable[[], bool]
 # made elsewhere, which Refine is meant to redraw): the status line says Refine redrew it
 PAINTING_SLICES = 3
 
+
 class RefineMixin:
     """Methods of FewShotSegLogic; they use its _computeLock, _checkInputs, _checkDevice,
     isBusy, checkUnchanged, writeMask and rememberedSlices."""
