@@ -60,8 +60,15 @@ def test_the_direct_copy_equals_slicers_export(scene, data_dir):
             assert direct is not None, "the stored voxels lie on the volume's grid: no export needed"
             exported = geometry._exportedSegmentArray(segmentation, sid, volume)
             assert exported.any() and np.array_equal(direct, exported), (segmentation.GetName(), sid)
+            # a box of it alone (the effect reads other segments only where a result lies)
+            box = (slice(5, 20), slice(60, 180), slice(100, 256))
+            assert np.array_equal(geometry.segmentToArray(segmentation, sid, volume, box), exported[box])
             checked += 1
     assert checked == 8
+    assert geometry.maskBox(np.zeros((3, 4, 5), bool)) is None
+    some = np.zeros((30, 40, 50), bool)
+    some[3:7, 10, 20:45] = True
+    assert geometry.maskBox(some) == (slice(3, 7), slice(10, 11), slice(20, 45))
 
 
 def test_a_segmentation_on_another_grid_is_exported(scene, data_dir):
@@ -73,6 +80,8 @@ def test_a_segmentation_on_another_grid_is_exported(scene, data_dir):
     assert not geometry.segmentOnVolumeGrid(segmentation, liver, volume)
     assert geometry._segmentOnGridArray(segmentation, liver, volume) is None
     array = geometry.segmentToArray(segmentation, liver, volume)
+    box = (slice(2, 9), slice(10, 200), slice(0, 128))
+    assert np.array_equal(geometry.segmentToArray(segmentation, liver, volume, box), array[box])
     truth = labels == 1
     assert array.shape == truth.shape and 2 * (array & truth).sum() / (array.sum() + truth.sum()) > 0.9
 

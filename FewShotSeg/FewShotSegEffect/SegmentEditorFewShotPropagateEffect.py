@@ -403,23 +403,21 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         slice the user edited there since, where this result has no voxel, still counts)."""
         node = self.scriptedEffect.parameterSetNode()
         segmentation, selected = node.GetSegmentationNode(), node.GetSelectedSegmentID()
-        segments = segmentation.GetSegmentation()
-        recorded = {}
-        if mask is not None and node.GetOverwriteMode() != slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
-            recorded = {sid: geometry.segmentStamp(segmentation, sid)
-                        for sid in (segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments()))
-                        if sid != selected and userslices.read(segmentation, sid) is not None}
+        segments, volume = segmentation.GetSegmentation(), self._inputs()[0]
+        grid, box = userslices.gridFingerprint(volume), None if mask is None else geometry.maskBox(mask)
+        overlapped = {}     # recorded segments holding voxels the result takes (read in its box only)
+        if box is not None and node.GetOverwriteMode() != slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
+            for sid in (segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())):
+                record = userslices.read(segmentation, sid) if sid != selected else None
+                if (record is not None and record.grid == grid and record.axis == axisIndex
+                        and (geometry.segmentToArray(segmentation, sid, volume, box) & mask[box]).any()):
+                    overlapped[sid] = record
         modifier = geometry.onReferenceGrid(modifier, self.scriptedEffect.referenceGeometryImage())
         self.scriptedEffect.saveStateForUndo()
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-        volume = self._inputs()[0]
-        grid = userslices.gridFingerprint(volume)
-        written = set(userslices.nonEmptySlices(mask, axisIndex)) if recorded else set()
-        for sid, stamp in recorded.items():
-            record = userslices.read(segmentation, sid)
-            if geometry.segmentStamp(segmentation, sid) == stamp or record.grid != grid or record.axis != axisIndex:
-                continue
+        written = set(userslices.nonEmptySlices(mask, axisIndex)) if overlapped else set()
+        for sid, record in overlapped.items():
             now = geometry.segmentToArray(segmentation, sid, volume)
             users = userslices.classify(now, record, axisIndex, grid).user
             self.logic.recordWritten(volume, segmentation, sid, now, axisIndex,

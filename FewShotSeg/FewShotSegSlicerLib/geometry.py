@@ -231,10 +231,25 @@ def _removeTemp(node, colorTablesBefore=None) -> None:
             scene.RemoveNode(scene.GetNodeByID(nodeId))
 
 
-def segmentToArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
-    """The segment as a bool array on the volume's grid (resampled if the geometries differ)."""
-    direct = _segmentOnGridArray(segmentationNode, segmentId, volumeNode)
-    return direct if direct is not None else _exportedSegmentArray(segmentationNode, segmentId, volumeNode)
+def maskBox(mask: np.ndarray) -> tuple | None:
+    """Slices (array order) of the smallest box holding every True voxel; None if none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def segmentToArray(segmentationNode, segmentId, volumeNode, box: tuple | None = None) -> np.ndarray:
+    """The segment as a bool array on the volume's grid (resampled if the geometries differ);
+    ``box`` (slices, array order): only that part (read alone when the segment is on the grid)."""
+    direct = _segmentOnGridArray(segmentationNode, segmentId, volumeNode, box)
+    if direct is not None:
+        return direct
+    whole = _exportedSegmentArray(segmentationNode, segmentId, volumeNode)
+    return whole if box is None else whole[box].copy()
 
 
 def _exportedSegmentArray(segmentationNode, segmentId, volumeNode) -> np.ndarray:
@@ -258,7 +273,7 @@ def _exportedSegmentArray(segmentationNode, segmentId, volumeNode) -> np.ndarray
         _removeTemp(labelmap, colorTablesBefore)
 
 
-def _segmentOnGridArray(segmentationNode, segmentId, volumeNode) -> np.ndarray | None:
+def _segmentOnGridArray(segmentationNode, segmentId, volumeNode, box: tuple | None = None) -> np.ndarray | None:
     """The segment's stored voxels copied onto the volume's grid, when they lie on it (the
     usual case: a segmentation made on this volume), else None. Why: Slicer's export writes
     and reads back the whole volume through a temporary node (a third of a second on a
@@ -274,7 +289,8 @@ def _segmentOnGridArray(segmentationNode, segmentId, volumeNode) -> np.ndarray |
     if source != binary or offset is None:
         return None
     shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
-    out = np.zeros(shape, bool)
+    box = box or tuple(slice(0, n) for n in shape)
+    out = np.zeros(tuple(b.stop - b.start for b in box), bool)
     extent = image.GetExtent()
     if any(high < low for low, high in zip(extent[::2], extent[1::2])) or image.GetPointData().GetScalars() is None:
         return out                                  # an empty segment
@@ -285,11 +301,12 @@ def _segmentOnGridArray(segmentationNode, segmentId, volumeNode) -> np.ndarray |
     starts = [int(offset[a] + extent[2 * a]) for a in range(3)]
     src, dst = [], []
     for a in (2, 1, 0):
-        low, high = max(0, starts[a]), min(shape[2 - a], starts[a] + dims[a])
+        part = box[2 - a]
+        low, high = max(part.start, starts[a]), min(part.stop, starts[a] + dims[a])
         if high <= low:
-            return out                              # the segment lies outside the volume
+            return out                              # the segment lies outside the volume (or the box)
         src.append(slice(low - starts[a], high - starts[a]))
-        dst.append(slice(low, high))
+        dst.append(slice(low - part.start, high - part.start))
     out[tuple(dst)] = values[tuple(src)] == label
     return out
 
