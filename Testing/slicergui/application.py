@@ -10,7 +10,8 @@ them a wait that holds the GIL (``ctypes.PyDLL(None).usleep``), as Slicer's loop
 
 What it is not: PythonQt and Slicer's C++ widgets are stand-ins (``pythonqt.py``,
 ``mrmlwidgets.py``); Slicer's views, undo stack and modal dialogs do not exist here
-(errors are logged, as Slicer does in testing mode, and recorded in ``app.errors``).
+(Slicer's own errorDisplay logs the message where there is no main window; every logged
+error and every exception out of a slot is recorded in ``app.errors``).
 """
 from __future__ import annotations
 
