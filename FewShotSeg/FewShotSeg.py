@@ -228,7 +228,7 @@ class FewShotSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._listRebuilt = True            # its first segment is announced next
             return
         rebuilt, self._listRebuilt = self._listRebuilt, False
-        if rebuilt and p.segmentId and segmentation.GetSegment(p.segmentId):
+        if rebuilt and segmentation and p.segmentId and segmentation.GetSegment(p.segmentId):
             if segmentId != p.segmentId:
                 self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
             return

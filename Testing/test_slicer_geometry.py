@@ -65,10 +65,6 @@ def test_the_direct_copy_equals_slicers_export(scene, data_dir):
             assert np.array_equal(geometry.segmentToArray(segmentation, sid, volume, box), exported[box])
             checked += 1
     assert checked == 8
-    assert geometry.maskBox(np.zeros((3, 4, 5), bool)) is None
-    some = np.zeros((30, 40, 50), bool)
-    some[3:7, 10, 20:45] = True
-    assert geometry.maskBox(some) == (slice(3, 7), slice(10, 11), slice(20, 45))
 
 
 def test_a_segmentation_on_another_grid_is_exported(scene, data_dir):

@@ -401,10 +401,12 @@ class SegmentEditorFewShotPropagateEffect(AbstractScriptedSegmentEditorEffect):
         order) from other segments: their records of what the user drew are brought up to
         date, else the slices it changed would count as drawn at their next Propagate (a
         slice the user edited there since, where this result has no voxel, still counts)."""
+        from FewShotSegLib.postprocessing import bounding_box   # a job ran: the engine's packages are there
+
         node = self.scriptedEffect.parameterSetNode()
         segmentation, selected = node.GetSegmentationNode(), node.GetSelectedSegmentID()
         segments, volume = segmentation.GetSegmentation(), self._inputs()[0]
-        grid, box = userslices.gridFingerprint(volume), None if mask is None else geometry.maskBox(mask)
+        grid, box = userslices.gridFingerprint(volume), None if mask is None else bounding_box(mask)
         overlapped = {}     # recorded segments holding voxels the result takes (read in its box only)
         if box is not None and node.GetOverwriteMode() != slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
             for sid in (segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())):

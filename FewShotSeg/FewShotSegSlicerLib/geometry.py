@@ -231,17 +231,6 @@ def _removeTemp(node, colorTablesBefore=None) -> None:
             scene.RemoveNode(scene.GetNodeByID(nodeId))
 
 
-def maskBox(mask: np.ndarray) -> tuple | None:
-    """Slices (array order) of the smallest box holding every True voxel; None if none."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
 def segmentToArray(segmentationNode, segmentId, volumeNode, box: tuple | None = None) -> np.ndarray:
     """The segment as a bool array on the volume's grid (resampled if the geometries differ);
     ``box`` (slices, array order): only that part (read alone when the segment is on the grid)."""
