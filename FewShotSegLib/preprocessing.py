@@ -136,17 +136,31 @@ def _slabs(array: np.ndarray, voxels: int):
 def detect_modality(array: np.ndarray) -> str:
     """'ct' when the intensities look like Hounsfield units, else 'mr'.
 
-    CT: the minimum is at most -500 and at least 1% of the voxels lie below -200 HU (air,
-    lung, bowel gas, the padding outside the scan field). MR magnitudes are not negative
-    beyond noise. Force the modality in `PreprocessConfig` when this guess is wrong.
+    CT: the minimum is at most -500, at least 1% of the voxels lie below -200 HU (air,
+    lung, bowel gas, the padding outside the scan field), and most of what is not air
+    lies in the soft-tissue window (`CT_SOFT_TISSUE_HU`: fat, muscle, organs, blood; over
+    90% in the abdominal and DICOM CTs here). An MR stored with an offset or as z-scores
+    (background at -500 or -1000) passes the first two and fails the third (under 30%):
+    taken as a CT, the window left it almost constant and the result was silently wrong.
+    Force the modality in `PreprocessConfig` when this guess is wrong.
     """
     sample = _subsample(array, _DETECT_SAMPLE)
     if sample.size == 0:
         raise FewShotSegError("the image is empty")
     low = min(float(sample.min()), float(np.asarray(array).min()))
-    if low > -500:
+    if low > -500 or float(np.count_nonzero(sample < -200)) < 0.01 * sample.size:
         return "mr"
-    return "ct" if float(np.count_nonzero(sample < -200)) >= 0.01 * sample.size else "mr"
+    body = sample[sample > -500]
+    if body.size < 0.01 * sample.size:
+        return "mr"               # nothing above air: the CT window would leave one value
+    lo, hi = CT_SOFT_TISSUE_HU
+    soft = float(np.count_nonzero((body >= lo) & (body <= hi))) / body.size
+    return "ct" if soft >= CT_SOFT_TISSUE_SHARE else "mr"
+
+
+# what is not air in a CT: mostly fat, muscle, organs and blood, in Hounsfield units
+CT_SOFT_TISSUE_HU = (-150.0, 300.0)
+CT_SOFT_TISSUE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
