@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -251,8 +252,9 @@ def cmd_evaluate(args) -> int:
             raise FewShotSegError(f"label {', '.join(map(str, absent))} is in neither file (labels present: "
                                   f"{', '.join(map(str, sorted(present))) or 'none'})")
     scores = evaluate_labels(pa, ta, spacing=truth.GetSpacing()[::-1], labels=labels)
-    if args.json:
-        print(json.dumps(scores, indent=2))
+    if args.json:   # strict JSON: an infinite distance (one mask empty) is null
+        print(json.dumps({value: {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                  for k, v in s.items()} for value, s in scores.items()}, indent=2))
     else:
         print(f"{'label':>6} {'Dice':>7} {'IoU':>7} {'HD95 mm':>8}")
         for value, s in scores.items():

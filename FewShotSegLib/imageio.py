@@ -72,17 +72,18 @@ def read_image(path: PathLike, label: bool = False) -> sitk.Image:
     if not path.exists():
         kind = "label" if label else "image"
         raise FewShotSegError(f"{kind} file {path} not found")
-    image = _read_dicom_folder(path) if path.is_dir() else _read_file(path)
+    image = _read_dicom_folder(path) if path.is_dir() else _read_file(path, label)
     image = _as_3d_scalar(image, path)
     for key in image.GetMetaDataKeys():  # format-specific keys only cause writer warnings
         image.EraseMetaData(key)
     bad = _count_nonfinite(image)
     if bad:
-        raise FewShotSegError(f"image {path} contains {bad} non-finite voxels (NaN or inf)")
+        raise FewShotSegError(f"{'label map' if label else 'image'} {path} contains {bad} non-finite voxels "
+                              "(NaN or inf)")
     return _to_label_image(image, path) if label else _to_float32(image)
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _read_file(path: Path, label: bool = False) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -98,7 +99,8 @@ def _read_file(path: Path) -> sitk.Image:
     _check_3d_scalar(reader.GetDimension(), list(reader.GetSize()), reader.GetNumberOfComponents(), path)
     nonfinite = _check_nifti(path) if _is_nifti(path) else 0
     if nonfinite:
-        raise FewShotSegError(f"image {path} contains {nonfinite} non-finite voxels (NaN or inf)")
+        raise FewShotSegError(f"{'label map' if label else 'image'} {path} contains {nonfinite} non-finite voxels "
+                              "(NaN or inf)")
     try:
         return reader.Execute()
     except RuntimeError:

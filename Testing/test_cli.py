@@ -88,8 +88,9 @@ def test_evaluate_without_labels_scores_the_labels_in_either_file(capsys, tmp_pa
         sitk.WriteImage(sitk.GetImageFromArray(array), str(paths[-1]))
     code, stdout, err = run_cli(["evaluate", *paths, "--json"], capsys)
     assert code == 0, err
-    scores = json.loads(stdout)
+    scores = json.loads(stdout, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
     assert sorted(scores) == ["1", "2"] and scores["1"]["dice"] == 1.0 and scores["2"]["dice"] == 0.0
+    assert scores["2"]["hd95"] is None           # no distance to an empty mask: null, not Infinity
 
 
 @pytest.mark.parametrize("labels, match", [("9", "label 9 is in neither file (labels present: 1, 2)"),

@@ -251,6 +251,8 @@ def test_nonfinite_voxels_refused(tmp_path, ext):
     sitk.WriteImage(sitk.GetImageFromArray(arr.astype(np.float64)), str(path))
     with pytest.raises(FewShotSegError, match="contains 2 non-finite voxels"):
         read_image(path)
+    with pytest.raises(FewShotSegError, match=r"^label map .* contains 2 non-finite"):   # a painting
+        read_image(path, label=True)
 
 
 def test_truncated_float_nifti(tmp_path):
