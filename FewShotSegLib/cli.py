@@ -28,7 +28,7 @@ def cmd_propagate(args) -> int:
     from .model_store import DEFAULT_REFINER, resolve_model_path
     from .propagation import PropagationOptions, propagate
 
-    from .imageio import check_outputs
+    from .imageio import check_nifti_geometry, check_outputs
 
     inputs = [p for p in (args.image, args.support, args.exclude, args.editable) if p]
     check_outputs([args.output, args.probability, args.uncertainty], inputs)   # before any work
@@ -45,6 +45,7 @@ def cmd_propagate(args) -> int:
         options.registration_weight = args.registration_weight
     options.validate()
     image = read_image(args.image)
+    check_nifti_geometry(image, [args.output, args.probability, args.uncertainty])   # before any work
     _check_contrast(image, args.image)
     support_img = read_mask_like(args.support, image)
     support_arr = sitk.GetArrayViewFromImage(support_img)

@@ -73,7 +73,7 @@ def read_image(path: PathLike, label: bool = False) -> sitk.Image:
         kind = "label" if label else "image"
         raise FewShotSegError(f"{kind} file {path} not found")
     image = _read_dicom_folder(path) if path.is_dir() else _read_file(path, label)
-    image = _as_3d_scalar(image, path)
+    image = _as_3d_scalar(image, path, "label map" if label else "image")
     for key in image.GetMetaDataKeys():  # format-specific keys only cause writer warnings
         image.EraseMetaData(key)
     bad = _count_nonfinite(image)
@@ -96,7 +96,8 @@ def _read_file(path: Path, label: bool = False) -> sitk.Image:
         if series is not None:  # one file of a series: read the whole series
             return series
     # refuse 2D / 4D / vector images before loading the voxels
-    _check_3d_scalar(reader.GetDimension(), list(reader.GetSize()), reader.GetNumberOfComponents(), path)
+    _check_3d_scalar(reader.GetDimension(), list(reader.GetSize()), reader.GetNumberOfComponents(), path,
+                     "label map" if label else "image")
     nonfinite = _check_nifti(path) if _is_nifti(path) else 0
     if nonfinite:
         raise FewShotSegError(f"{'label map' if label else 'image'} {path} contains {nonfinite} non-finite voxels "
@@ -142,19 +143,19 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
                               "slices do not form one volume") from None
 
 
-def _check_3d_scalar(dim: int, size: list, components: int, path) -> None:
+def _check_3d_scalar(dim: int, size: list, components: int, path, kind: str = "image") -> None:
     if components != 1:
-        raise FewShotSegError(f"image {path} has {components} values per voxel (vector/colour image); "
+        raise FewShotSegError(f"{kind} {path} has {components} values per voxel (vector/colour image); "
                               "a 3D scalar volume is needed")
     if dim == 4 and size[3] == 1:
         return  # one time point: a 3D volume
     if dim != 3:
-        raise FewShotSegError(f"image {path} is {dim}D (size {tuple(size)}); a 3D scalar volume is needed")
+        raise FewShotSegError(f"{kind} {path} is {dim}D (size {tuple(size)}); a 3D scalar volume is needed")
 
 
-def _as_3d_scalar(image: sitk.Image, path) -> sitk.Image:
+def _as_3d_scalar(image: sitk.Image, path, kind: str = "image") -> sitk.Image:
     size = list(image.GetSize())
-    _check_3d_scalar(image.GetDimension(), size, image.GetNumberOfComponentsPerPixel(), path)
+    _check_3d_scalar(image.GetDimension(), size, image.GetNumberOfComponentsPerPixel(), path, kind)
     if image.GetDimension() == 4:  # a 4D file with a single time point is a 3D volume
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     return image
@@ -505,6 +506,17 @@ def check_outputs(paths: Iterable[PathLike], inputs: Iterable[PathLike] = ()) ->
             raise FewShotSegError(f"cannot write {path}: Permission denied")
 
 
+def check_nifti_geometry(image: sitk.Image, paths: Iterable[PathLike]) -> None:
+    """Refuse NIfTI outputs for an image whose axes are not perpendicular (a CT with gantry
+    tilt read from NRRD or MetaImage): NIfTI cannot hold such a direction, ITK coerces it
+    to another one and the mask lands elsewhere in the patient."""
+    nifti = [Path(p) for p in paths if p is not None and str(p) != "" and _is_nifti(Path(p))]
+    direction = np.asarray(image.GetDirection(), float).reshape(image.GetDimension(), -1)
+    if nifti and not np.allclose(direction.T @ direction, np.eye(direction.shape[0]), atol=1e-4):
+        raise FewShotSegError(f"cannot write {nifti[0]}: the image's axes are not perpendicular (sheared, e.g. a "
+                              "gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
+
+
 def write_images(items: Iterable[tuple], *, inputs: Iterable[PathLike] = (), written: Optional[list] = None) -> list[Path]:
     """Write several (image, path) pairs all or nothing: each goes to a temporary file next
     to its target first; only when every one is written are they moved into place, with
@@ -514,6 +526,8 @@ def write_images(items: Iterable[tuple], *, inputs: Iterable[PathLike] = (), wri
     items = [(image, Path(path)) for image, path in items]
     inputs = list(inputs)
     check_outputs([path for _, path in items], inputs)
+    for image, path in items:
+        check_nifti_geometry(image, [path])
     staged = []
     try:
         for image, path in items:

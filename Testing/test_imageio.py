@@ -222,6 +222,8 @@ def test_two_d_image_refused(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.float32)), str(path))
     with pytest.raises(FewShotSegError, match="2D"):
         read_image(path)
+    with pytest.raises(FewShotSegError, match=r"^label map .*flat.nii.gz is 2D"):   # named as what it is
+        read_mask_like(path, sitk.Image(6, 5, 4, sitk.sitkFloat32))
 
 
 def test_four_d_image_refused(tmp_path):
