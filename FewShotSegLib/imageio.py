@@ -70,20 +70,19 @@ def read_image(path: PathLike, label: bool = False) -> sitk.Image:
     """
     path = Path(path)
     if not path.exists():
-        kind = "label" if label else "image"
-        raise FewShotSegError(f"{kind} file {path} not found")
-    image = _read_dicom_folder(path) if path.is_dir() else _read_file(path, label)
-    image = _as_3d_scalar(image, path, "label map" if label else "image")
+        raise FewShotSegError(f"{'label' if label else 'image'} file {path} not found")
+    kind = "label map" if label else "image"      # what the messages call it
+    image = _read_dicom_folder(path) if path.is_dir() else _read_file(path, kind)
+    image = _as_3d_scalar(image, path, kind)
     for key in image.GetMetaDataKeys():  # format-specific keys only cause writer warnings
         image.EraseMetaData(key)
     bad = _count_nonfinite(image)
     if bad:
-        raise FewShotSegError(f"{'label map' if label else 'image'} {path} contains {bad} non-finite voxels "
-                              "(NaN or inf)")
+        raise FewShotSegError(f"{kind} {path} contains {bad} non-finite voxels (NaN or inf)")
     return _to_label_image(image, path) if label else _to_float32(image)
 
 
-def _read_file(path: Path, label: bool = False) -> sitk.Image:
+def _read_file(path: Path, kind: str = "image") -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -96,12 +95,10 @@ def _read_file(path: Path, label: bool = False) -> sitk.Image:
         if series is not None:  # one file of a series: read the whole series
             return series
     # refuse 2D / 4D / vector images before loading the voxels
-    _check_3d_scalar(reader.GetDimension(), list(reader.GetSize()), reader.GetNumberOfComponents(), path,
-                     "label map" if label else "image")
+    _check_3d_scalar(reader.GetDimension(), list(reader.GetSize()), reader.GetNumberOfComponents(), path, kind)
     nonfinite = _check_nifti(path) if _is_nifti(path) else 0
     if nonfinite:
-        raise FewShotSegError(f"{'label map' if label else 'image'} {path} contains {nonfinite} non-finite voxels "
-                              "(NaN or inf)")
+        raise FewShotSegError(f"{kind} {path} contains {nonfinite} non-finite voxels (NaN or inf)")
     try:
         return reader.Execute()
     except RuntimeError:
